@@ -1,0 +1,404 @@
+//! Configuration: defaults, a TOML file, `ORDERLY_*` environment variables,
+//! and command-line flags, applied in that order.
+//!
+//! Every knob has a default that works in `orderly demo`. An invalid value
+//! fails at start with the field's name. Environment variables map to
+//! top-level fields by upper-casing: `ORDERLY_IN_FLIGHT_HIGH=1000` sets
+//! `in_flight_high`, and `ORDERLY_KAFKA__SESSION_TIMEOUT_MS=6000` sets the
+//! librdkafka property `session.timeout.ms` (a double underscore enters a
+//! table; in `kafka`, single underscores become dots).
+
+use crate::envelope::ContentType;
+use crate::handler::ReduceOp;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// A configuration error, naming the field or the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or a field has the wrong type or name.
+    #[error("invalid configuration: {0}")]
+    Parse(String),
+    /// A field's value is out of range.
+    #[error("invalid configuration: field `{field}`: {reason}")]
+    Invalid {
+        /// The field.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Per event type settings.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TypeConfig {
+    /// The built-in reducer's operation for this type.
+    pub reducer: ReduceOp,
+}
+
+/// orderly's configuration. See the README's configuration reference.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Kafka bootstrap servers.
+    pub brokers: String,
+    /// The input topic; keys are entity ids.
+    pub topic: String,
+    /// The consumer group.
+    pub group: String,
+    /// The directory of the sled store.
+    pub data_dir: PathBuf,
+    /// Where dead letters are published.
+    pub dead_letter_topic: String,
+    /// The wire format of input messages.
+    pub content_type: ContentType,
+    /// Number of shards (actix Arbiters, one thread each); 0 means one per core.
+    pub shards: usize,
+    /// Idle time after which an entity actor is passivated, in ms.
+    pub idle_timeout_ms: u64,
+    /// Events kept in each entity's log for re-folding late events.
+    pub retention_events: usize,
+    /// Most write intents in one store batch.
+    pub batch_max: usize,
+    /// Pause consumption when this many events are received but not durable.
+    pub in_flight_high: usize,
+    /// Resume consumption when in-flight events fall below this.
+    pub in_flight_low: usize,
+    /// How long a revoked partition may take to drain before it is released, in ms.
+    pub drain_timeout_ms: u64,
+    /// How long shutdown may take to drain and checkpoint, in ms.
+    pub shutdown_grace_ms: u64,
+    /// sled page cache size, in MiB.
+    pub store_cache_mb: u64,
+    /// The reducer for event types not listed in `types`.
+    pub default_reducer: ReduceOp,
+    /// Settings per event type.
+    pub types: BTreeMap<String, TypeConfig>,
+    /// Extra librdkafka consumer properties, for example `"session.timeout.ms" = "6000"`.
+    pub kafka: BTreeMap<String, String>,
+}
+
+/// Default input topic.
+pub const fn default_batch_max() -> usize {
+    // Large enough that one fsync covers thousands of events at full speed,
+    // small enough that a batch's intents stay in cache.
+    4096
+}
+
+/// Default in-flight high mark.
+pub const fn default_in_flight_high() -> usize {
+    // About 20 MB of queued events at 400 B each: bounded memory, yet deep
+    // enough to keep every shard busy while a flush is running.
+    50_000
+}
+
+/// Default log retention per entity.
+pub const fn default_retention_events() -> usize {
+    // Late events usually trail by a handful of events; 32 keeps records
+    // small (one record per entity, rewritten per batch) while covering that.
+    32
+}
+
+/// Default passivation timeout.
+pub const fn default_idle_timeout_ms() -> u64 {
+    // A minute: hot entities stay in memory, the long tail does not.
+    60_000
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let in_flight_high = default_in_flight_high();
+        Config {
+            brokers: "localhost:9092".into(),
+            topic: "orderly.events".into(),
+            group: "orderly".into(),
+            data_dir: PathBuf::from("orderly-data"),
+            dead_letter_topic: "orderly.dead-letters".into(),
+            content_type: ContentType::Auto,
+            shards: 0,
+            idle_timeout_ms: default_idle_timeout_ms(),
+            retention_events: default_retention_events(),
+            batch_max: default_batch_max(),
+            in_flight_high,
+            in_flight_low: in_flight_high / 2,
+            drain_timeout_ms: 30_000,
+            shutdown_grace_ms: 30_000,
+            store_cache_mb: 256,
+            default_reducer: ReduceOp::Set,
+            types: BTreeMap::new(),
+            kafka: BTreeMap::new(),
+        }
+    }
+}
+
+/// Flags that override the file and the environment.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    /// `--brokers`.
+    pub brokers: Option<String>,
+    /// `--topic`.
+    pub topic: Option<String>,
+    /// `--group`.
+    pub group: Option<String>,
+    /// `--data-dir`.
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Config {
+    /// Loads the configuration: defaults, then `file`, then `ORDERLY_*`
+    /// variables from `env`, then `overrides`; and validates it.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &Overrides,
+    ) -> Result<Config, ConfigError> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Parse(format!("{}: {e}", path.display())))?
+            }
+            None => toml::Table::new(),
+        };
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix("ORDERLY_") else {
+                continue;
+            };
+            let rest = rest.to_ascii_lowercase();
+            let (section, field) = match rest.split_once("__") {
+                Some((s, f)) if s == "kafka" => (Some(s.to_owned()), f.replace('_', ".")),
+                Some((s, f)) => (Some(s.to_owned()), f.to_owned()),
+                None => (None, rest),
+            };
+            if section.is_none() && !KNOWN_FIELDS.contains(&field.as_str()) {
+                // Not ours (ORDERLY_CONFIG, ORDERLY_FAILPOINTS, ...): leave it alone.
+                continue;
+            }
+            let parsed = scalar(&value, section.as_deref() == Some("kafka"));
+            match section {
+                Some(s) => {
+                    let t = table
+                        .entry(s.clone())
+                        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                    match t.as_table_mut() {
+                        Some(t) => {
+                            t.insert(field, parsed);
+                        }
+                        None => {
+                            return Err(ConfigError::Parse(format!(
+                                "`{s}` must be a table (set by {name})"
+                            )))
+                        }
+                    }
+                }
+                None => {
+                    table.insert(field, parsed);
+                }
+            }
+        }
+        let mut set = |k: &str, v: toml::Value| {
+            table.insert(k.to_owned(), v);
+        };
+        if let Some(v) = &overrides.brokers {
+            set("brokers", v.clone().into());
+        }
+        if let Some(v) = &overrides.topic {
+            set("topic", v.clone().into());
+        }
+        if let Some(v) = &overrides.group {
+            set("group", v.clone().into());
+        }
+        if let Some(v) = &overrides.data_dir {
+            set("data_dir", v.display().to_string().into());
+        }
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks ranges and relations between fields.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field, reason: &str| {
+            Err(ConfigError::Invalid {
+                field,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.brokers.trim().is_empty() {
+            return bad("brokers", "must name at least one host:port");
+        }
+        if self.topic.trim().is_empty() {
+            return bad("topic", "must not be empty");
+        }
+        if self.group.trim().is_empty() {
+            return bad("group", "must not be empty");
+        }
+        if self.dead_letter_topic.trim().is_empty() {
+            return bad("dead_letter_topic", "must not be empty");
+        }
+        if self.dead_letter_topic == self.topic {
+            return bad(
+                "dead_letter_topic",
+                "must differ from `topic`, or dead letters would be consumed again",
+            );
+        }
+        if self.retention_events == 0 {
+            return bad("retention_events", "must be at least 1");
+        }
+        if self.batch_max == 0 {
+            return bad("batch_max", "must be at least 1");
+        }
+        if self.in_flight_high == 0 {
+            return bad("in_flight_high", "must be at least 1");
+        }
+        if self.in_flight_low >= self.in_flight_high {
+            return bad("in_flight_low", "must be below in_flight_high");
+        }
+        if self.idle_timeout_ms == 0 {
+            return bad("idle_timeout_ms", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The number of shards to run: `shards`, or one per core.
+    pub fn shard_count(&self) -> usize {
+        if self.shards > 0 {
+            self.shards
+        } else {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+        }
+    }
+
+    /// The built-in handlers for the configured types.
+    pub fn handlers(&self) -> crate::handler::Handlers {
+        use crate::handler::{FieldReducer, Handlers};
+        let mut h = Handlers::default()
+            .with_default(std::sync::Arc::new(FieldReducer(self.default_reducer)));
+        for (t, c) in &self.types {
+            h = h.with_handler(t.clone(), std::sync::Arc::new(FieldReducer(c.reducer)));
+        }
+        h
+    }
+
+    /// The event types of the synthetic CRM workload and their reducers.
+    pub fn crm_types() -> BTreeMap<String, TypeConfig> {
+        [
+            ("lead.created", ReduceOp::Set),
+            ("lead.updated", ReduceOp::Set),
+            ("lead.deleted", ReduceOp::Delete),
+            ("conversion.recorded", ReduceOp::Inc),
+            ("appointment.scheduled", ReduceOp::Set),
+            ("appointment.rescheduled", ReduceOp::Set),
+            ("appointment.completed", ReduceOp::Set),
+        ]
+        .into_iter()
+        .map(|(t, r)| (t.to_owned(), TypeConfig { reducer: r }))
+        .collect()
+    }
+}
+
+/// The top-level fields, for mapping `ORDERLY_*` variables.
+const KNOWN_FIELDS: &[&str] = &[
+    "brokers",
+    "topic",
+    "group",
+    "data_dir",
+    "dead_letter_topic",
+    "content_type",
+    "shards",
+    "idle_timeout_ms",
+    "retention_events",
+    "batch_max",
+    "in_flight_high",
+    "in_flight_low",
+    "drain_timeout_ms",
+    "shutdown_grace_ms",
+    "store_cache_mb",
+    "default_reducer",
+];
+
+fn scalar(v: &str, always_string: bool) -> toml::Value {
+    if always_string {
+        return toml::Value::String(v.to_owned());
+    }
+    if let Ok(i) = v.parse::<i64>() {
+        return toml::Value::Integer(i);
+    }
+    match v {
+        "true" => toml::Value::Boolean(true),
+        "false" => toml::Value::Boolean(false),
+        _ => toml::Value::String(v.to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_apply_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("orderly.toml");
+        std::fs::write(
+            &file,
+            "topic = \"from-file\"\nbatch_max = 7\n[types.\"x.y\"]\nreducer = \"inc\"\n",
+        )
+        .unwrap();
+        let env = vec![
+            ("ORDERLY_BATCH_MAX".to_string(), "9".to_string()),
+            (
+                "ORDERLY_KAFKA__SESSION_TIMEOUT_MS".to_string(),
+                "6000".to_string(),
+            ),
+            ("ORDERLY_CONFIG".to_string(), "ignored".to_string()),
+        ];
+        let o = Overrides {
+            group: Some("g2".into()),
+            ..Default::default()
+        };
+        let c = Config::load(Some(&file), env, &o).unwrap();
+        assert_eq!(c.topic, "from-file");
+        assert_eq!(c.batch_max, 9);
+        assert_eq!(c.group, "g2");
+        assert_eq!(c.kafka["session.timeout.ms"], "6000");
+        assert_eq!(c.types["x.y"].reducer, ReduceOp::Inc);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let env = vec![("ORDERLY_BATCH_MAX".to_string(), "lots".to_string())];
+        let err = Config::load(None, env, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("batch_max"), "{err}");
+        let env = vec![("ORDERLY_IN_FLIGHT_LOW".to_string(), "999999".to_string())];
+        let err = Config::load(None, env, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("in_flight_low"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "bogus_knob = 1\n").unwrap();
+        let err = Config::load(Some(&file), vec![], &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bogus_knob"), "{err}");
+    }
+}

@@ -1,0 +1,64 @@
+//! The dead-letter record: an event orderly could not process, with enough
+//! context for an operator to understand, fix and replay it.
+//!
+//! Records are written to the store in the same batch as the offset they
+//! cover, and published to the dead-letter topic through the store's outbox.
+
+use serde::{Deserialize, Serialize};
+
+/// One dead-lettered message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// Unique id, assigned by the store.
+    pub id: u64,
+    /// A stable reason code, for example `bad_json` or `handler_permanent`.
+    pub code: String,
+    /// The full reason, for a person.
+    pub reason: String,
+    /// How many times processing was attempted.
+    pub attempts: u32,
+    /// The topic the message was read from.
+    pub topic: String,
+    /// Its partition.
+    pub partition: i32,
+    /// Its offset.
+    pub offset: i64,
+    /// Its key, if any.
+    pub key: Option<Vec<u8>>,
+    /// Its value, as received.
+    pub value: Option<Vec<u8>>,
+    /// Its headers, as received.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// The entity, when the message decoded far enough to name it.
+    pub entity_id: Option<String>,
+    /// The event id, when known.
+    pub event_id: Option<String>,
+    /// The event type, when known.
+    pub event_type: Option<String>,
+    /// When it was dead-lettered, ms since the Unix epoch.
+    pub created_at: i64,
+}
+
+impl DeadLetter {
+    /// The JSON form published to the dead-letter topic and printed by the CLI.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "id": self.id,
+            "code": self.code,
+            "reason": self.reason,
+            "attempts": self.attempts,
+            "topic": self.topic,
+            "partition": self.partition,
+            "offset": self.offset,
+            "key": self.key.as_deref().map(String::from_utf8_lossy),
+            "value": self.value.as_deref().map(String::from_utf8_lossy),
+            "headers": self.headers.iter()
+                .map(|(k, v)| serde_json::json!([k, String::from_utf8_lossy(v)]))
+                .collect::<Vec<_>>(),
+            "entity_id": self.entity_id,
+            "event_id": self.event_id,
+            "event_type": self.event_type,
+            "created_at": self.created_at,
+        })
+    }
+}

@@ -1,0 +1,83 @@
+//! Fail points: named places in the commit path that tests can make fail.
+//!
+//! Set `ORDERLY_FAILPOINTS="name=action[@n],..."` before start. `action` is
+//! `exit` (the process exits at once with code 86, as a crash would, without
+//! flushing or committing anything) or `error` (the step returns an error).
+//! `@n` fires on the n-th hit instead of the first. With the variable unset
+//! every check is one relaxed atomic load.
+
+use crate::store::StoreError;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::OnceLock;
+
+/// The exit code of a process stopped by an `exit` fail point.
+pub const EXIT_CODE: i32 = 86;
+
+#[derive(Debug)]
+struct Point {
+    action: Action,
+    at: u64,
+    hits: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Action {
+    Exit,
+    Error,
+}
+
+static POINTS: OnceLock<HashMap<String, Point>> = OnceLock::new();
+
+fn points() -> &'static HashMap<String, Point> {
+    POINTS.get_or_init(|| {
+        let mut out = HashMap::new();
+        let Ok(spec) = std::env::var("ORDERLY_FAILPOINTS") else {
+            return out;
+        };
+        for item in spec.split(',').filter(|s| !s.is_empty()) {
+            let Some((name, rest)) = item.split_once('=') else {
+                continue;
+            };
+            let (action, at) = match rest.split_once('@') {
+                Some((a, n)) => (a, n.parse().unwrap_or(1)),
+                None => (rest, 1),
+            };
+            let action = match action {
+                "exit" => Action::Exit,
+                "error" => Action::Error,
+                _ => continue,
+            };
+            out.insert(
+                name.to_owned(),
+                Point {
+                    action,
+                    at,
+                    hits: AtomicU64::new(0),
+                },
+            );
+        }
+        out
+    })
+}
+
+/// Passes a fail point.
+pub fn hit(name: &'static str) -> Result<(), StoreError> {
+    let points = points();
+    if points.is_empty() {
+        return Ok(());
+    }
+    let Some(p) = points.get(name) else {
+        return Ok(());
+    };
+    if p.hits.fetch_add(1, Relaxed) + 1 != p.at {
+        return Ok(());
+    }
+    match p.action {
+        Action::Exit => {
+            eprintln!("fail point {name} fired: exiting");
+            std::process::exit(EXIT_CODE)
+        }
+        Action::Error => Err(StoreError::FailPoint(name)),
+    }
+}

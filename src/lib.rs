@@ -1,0 +1,32 @@
+//! orderly: a stateful stream processor.
+//!
+//! Events from a Kafka topic keyed by entity id are routed to one actor per
+//! entity, folded into state kept in sled, and checkpointed together with the
+//! Kafka offsets, so a crash loses nothing and applies nothing twice. Late
+//! events are re-folded; undecodable or failing events are dead-lettered; each
+//! event gets an OpenTelemetry span. See ARCHITECTURE.md for the semantics.
+//!
+//! Data flows down this list of modules; nothing low imports the CLI.
+#![deny(missing_docs)]
+
+pub mod broker;
+pub mod checkpoint;
+pub mod config;
+pub mod dead_letter;
+pub mod demo;
+pub mod entity;
+pub mod envelope;
+pub mod failpoint;
+pub mod fold;
+pub mod handler;
+pub mod metrics;
+pub mod ordering;
+pub mod pipeline;
+pub mod router;
+pub mod sink;
+pub mod source;
+pub mod store;
+pub mod telemetry;
+pub mod value;
+pub mod workload;
+pub mod writer;

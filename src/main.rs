@@ -1,0 +1,292 @@
+//! The `orderly` command line.
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use orderly::config::{Config, Overrides};
+use orderly::pipeline::Pipeline;
+use orderly::store::{SledStore, Store};
+use orderly::workload::{self, Format, ProduceOptions, Workload, WorkloadSpec};
+use std::io::Write as _;
+use std::path::PathBuf;
+
+/// orderly: Kafka -> one actor per entity -> sled, with offsets checkpointed with the state.
+#[derive(Parser)]
+#[command(name = "orderly", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the processor (production mode).
+    ///
+    /// Configuration is layered: defaults, then the TOML file (--config or
+    /// ORDERLY_CONFIG), then ORDERLY_* variables (ORDERLY_BATCH_MAX=...,
+    /// ORDERLY_KAFKA__SESSION_TIMEOUT_MS=...), then these flags. Knobs and
+    /// defaults: brokers=localhost:9092, topic=orderly.events, group=orderly,
+    /// data_dir=orderly-data, dead_letter_topic=orderly.dead-letters,
+    /// content_type=auto (auto|json|proto), shards=0 (one per core),
+    /// idle_timeout_ms=60000, retention_events=32, batch_max=4096,
+    /// in_flight_high=50000, in_flight_low=25000, drain_timeout_ms=30000,
+    /// shutdown_grace_ms=30000, store_cache_mb=256, default_reducer=set
+    /// (set|inc|delete), [types."<event type>"] reducer=..., [kafka] extra
+    /// librdkafka consumer properties. Spans go to OTLP when
+    /// OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    Run(RunArgs),
+    /// Run the whole pipeline on an embedded broker with a synthetic CRM workload.
+    Demo(DemoArgs),
+    /// Produce the synthetic CRM workload to any Kafka-protocol broker.
+    Produce(ProduceArgs),
+    /// Read entity state from a data dir (offline: stop `orderly run` first).
+    State {
+        #[command(subcommand)]
+        command: StateCommand,
+    },
+    /// Run the embedded Kafka-protocol broker stand-alone and print its address.
+    DevBroker(DevBrokerArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// TOML config file.
+    #[arg(long, env = "ORDERLY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Kafka bootstrap servers (overrides the config).
+    #[arg(long)]
+    brokers: Option<String>,
+    /// Input topic (overrides the config).
+    #[arg(long)]
+    topic: Option<String>,
+    /// Consumer group (overrides the config).
+    #[arg(long)]
+    group: Option<String>,
+    /// sled data directory (overrides the config).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Events to produce.
+    #[arg(long, default_value_t = 20_000)]
+    events: u64,
+    /// Distinct entities.
+    #[arg(long, default_value_t = 1_000)]
+    entities: u64,
+    /// Workload seed.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Keep processing after the summary until Ctrl-C.
+    #[arg(long)]
+    keep_running: bool,
+    /// Keep the state in this directory instead of a temporary one.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ProduceArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "ORDERLY_BROKERS", default_value = "localhost:9092")]
+    brokers: String,
+    /// Topic to write to.
+    #[arg(long, env = "ORDERLY_TOPIC", default_value = "orderly.events")]
+    topic: String,
+    /// Messages to produce, duplicates included.
+    #[arg(long, default_value_t = 20_000)]
+    events: u64,
+    /// Events per second (0 = as fast as possible).
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// Distinct entities.
+    #[arg(long, default_value_t = 1_000)]
+    entities: u64,
+    /// Tenants.
+    #[arg(long, default_value_t = 3)]
+    tenants: u64,
+    /// Share of events that arrive after a newer event of their entity.
+    #[arg(long, default_value_t = 0.05)]
+    late_ratio: f64,
+    /// Share of messages that repeat an earlier event.
+    #[arg(long, default_value_t = 0.01)]
+    duplicate_ratio: f64,
+    /// Wire format.
+    #[arg(long, value_enum, default_value = "proto")]
+    format: Format,
+    /// Seed, for a reproducible stream.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+#[derive(Subcommand)]
+enum StateCommand {
+    /// Print one entity's state, provenance and counters as JSON.
+    Get {
+        /// The entity id.
+        id: String,
+        /// sled data directory.
+        #[arg(long, env = "ORDERLY_DATA_DIR", default_value = "orderly-data")]
+        data_dir: PathBuf,
+    },
+    /// Print every entity as JSON Lines.
+    Dump {
+        /// sled data directory.
+        #[arg(long, env = "ORDERLY_DATA_DIR", default_value = "orderly-data")]
+        data_dir: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct DevBrokerArgs {
+    /// Topics to create, as name:partitions (repeatable).
+    #[arg(long = "topic", default_values_t = ["orderly.events:8".to_string(), "orderly.dead-letters:1".to_string()])]
+    topics: Vec<String>,
+    /// Number of brokers in the cluster.
+    #[arg(long, default_value_t = 1)]
+    brokers: i32,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(a) => run(a),
+        Command::Demo(a) => orderly::telemetry::init("demo", "warn")
+            .map_err(anyhow::Error::from)
+            .and_then(|t| {
+                let r = orderly::demo::run(orderly::demo::DemoOptions {
+                    events: a.events,
+                    entities: a.entities,
+                    seed: a.seed,
+                    keep_running: a.keep_running,
+                    data_dir: a.data_dir,
+                });
+                t.shutdown();
+                r.map(|_| ())
+            }),
+        Command::Produce(a) => produce(a),
+        Command::State { command } => state(command),
+        Command::DevBroker(a) => dev_broker(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(a: RunArgs) -> anyhow::Result<()> {
+    let overrides = Overrides {
+        brokers: a.brokers,
+        topic: a.topic,
+        group: a.group,
+        data_dir: a.data_dir,
+    };
+    let config = Config::load(a.config.as_deref(), std::env::vars(), &overrides)?;
+    let instance = format!("{}-{}", config.group, std::process::id());
+    let telemetry = orderly::telemetry::init(&instance, "info")?;
+    let handlers = config.handlers();
+    let result = actix::System::new().block_on(async move {
+        let pipeline = Pipeline::start(config, handlers)?;
+        let fatal = pipeline.fatal();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining and checkpointing"),
+            _ = term.recv() => tracing::info!("SIGTERM: draining and checkpointing"),
+            reason = fatal.raised() => tracing::error!(%reason, "stopping"),
+        }
+        pipeline.shutdown()?;
+        Ok::<_, anyhow::Error>(())
+    });
+    telemetry.shutdown();
+    result
+}
+
+fn produce(a: ProduceArgs) -> anyhow::Result<()> {
+    let spec = WorkloadSpec {
+        events: a.events,
+        entities: a.entities,
+        tenants: a.tenants,
+        late_ratio: a.late_ratio,
+        duplicate_ratio: a.duplicate_ratio,
+        seed: a.seed,
+        ..WorkloadSpec::default()
+    };
+    let opts = ProduceOptions {
+        brokers: a.brokers,
+        topic: a.topic.clone(),
+        rate: (a.rate > 0.0).then_some(a.rate),
+        format: a.format,
+    };
+    let bar = indicatif::ProgressBar::new(a.events);
+    let format = a.format;
+    let n = workload::produce(
+        &opts,
+        Workload::new(spec).map(|e| workload::message_of(&e, format)),
+        |n| {
+            if n % 1000 == 0 {
+                bar.set_position(n)
+            }
+        },
+    )
+    .with_context(|| format!("producing to {} on {}", a.topic, opts.brokers))?;
+    bar.finish_and_clear();
+    println!("produced {n} events to {}", a.topic);
+    Ok(())
+}
+
+fn open_store(dir: &std::path::Path) -> anyhow::Result<SledStore> {
+    if !dir.exists() {
+        anyhow::bail!("data dir {} does not exist", dir.display());
+    }
+    SledStore::open(dir, 64).with_context(|| {
+        format!(
+            "opening {} (is `orderly run` still using it? state commands read offline)",
+            dir.display()
+        )
+    })
+}
+
+fn state(cmd: StateCommand) -> anyhow::Result<()> {
+    let out = std::io::stdout();
+    let mut out = out.lock();
+    match cmd {
+        StateCommand::Get { id, data_dir } => {
+            let store = open_store(&data_dir)?;
+            match store.load_entity(&id)? {
+                Some(r) => writeln!(out, "{}", serde_json::to_string_pretty(&r.to_json())?)?,
+                None => anyhow::bail!("no entity {id:?} in {}", data_dir.display()),
+            }
+        }
+        StateCommand::Dump { data_dir } => {
+            let store = open_store(&data_dir)?;
+            for r in store.entities() {
+                writeln!(out, "{}", r?.to_json())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn dev_broker(a: DevBrokerArgs) -> anyhow::Result<()> {
+    let broker = orderly::broker::EmbeddedBroker::start(a.brokers)
+        .context("starting the embedded broker")?;
+    for t in &a.topics {
+        let (name, parts) = t.rsplit_once(':').unwrap_or((t.as_str(), "1"));
+        let parts: i32 = parts
+            .parse()
+            .with_context(|| format!("--topic {t}: partitions must be a number"))?;
+        broker
+            .create_topic(name, parts)
+            .with_context(|| format!("creating topic {name}"))?;
+        eprintln!("created topic {name} with {parts} partitions");
+    }
+    println!("{}", broker.bootstrap_servers());
+    std::io::stdout().flush()?;
+    eprintln!("embedded broker running; press Ctrl-C to stop");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(tokio::signal::ctrl_c())?;
+    Ok(())
+}

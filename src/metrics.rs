@@ -1,0 +1,128 @@
+//! Pipeline counters and latency histograms.
+//!
+//! Owns the numbers a run reports: how many events were received, applied,
+//! skipped as duplicates, re-folded, dead-lettered and made durable, and the
+//! end-to-end latency. Processing code records what happened through the
+//! methods here and never formats output itself.
+
+use hdrhistogram::Histogram;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+
+/// Counters of one pipeline. Cheap to update from any thread.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Messages received from the broker.
+    pub received: AtomicU64,
+    /// Events applied in order.
+    pub applied: AtomicU64,
+    /// Duplicates skipped (redeliveries and repeated event ids).
+    pub duplicates: AtomicU64,
+    /// Late events inserted and re-folded.
+    pub late_recomputed: AtomicU64,
+    /// Events older than the retained log, dropped and reported.
+    pub too_late: AtomicU64,
+    /// Messages dead-lettered.
+    pub dead_letters: AtomicU64,
+    /// Messages whose effects are durable (acknowledged).
+    pub durable: AtomicU64,
+    /// Store batches committed.
+    pub batches: AtomicU64,
+    /// Entity writes, after coalescing.
+    pub entity_writes: AtomicU64,
+    /// Entity actors alive now.
+    pub active_actors: AtomicI64,
+    /// Entity actors passivated so far.
+    pub passivations: AtomicU64,
+    /// Messages received and not yet durable.
+    pub in_flight: AtomicI64,
+    latency: Mutex<Latency>,
+}
+
+#[derive(Debug)]
+struct Latency {
+    append_to_durable: Histogram<u64>,
+    occurred_to_durable: Histogram<u64>,
+}
+
+impl Default for Latency {
+    fn default() -> Self {
+        let h = || {
+            Histogram::new_with_bounds(1, 3_600_000_000, 3)
+                .expect("static histogram bounds are valid")
+        };
+        Latency {
+            append_to_durable: h(),
+            occurred_to_durable: h(),
+        }
+    }
+}
+
+/// Latency percentiles, in microseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Percentiles {
+    /// Samples recorded.
+    pub count: u64,
+    /// Median.
+    pub p50: u64,
+    /// 95th percentile.
+    pub p95: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// Maximum.
+    pub max: u64,
+}
+
+fn percentiles(h: &Histogram<u64>) -> Percentiles {
+    Percentiles {
+        count: h.len(),
+        p50: h.value_at_quantile(0.50),
+        p95: h.value_at_quantile(0.95),
+        p99: h.value_at_quantile(0.99),
+        max: h.max(),
+    }
+}
+
+impl Stats {
+    /// Adds one to a counter.
+    pub fn incr(counter: &AtomicU64) {
+        counter.fetch_add(1, Relaxed);
+    }
+
+    /// Records the latencies of a batch of durable events, in microseconds.
+    /// `samples` holds (append → durable, occurred → durable) per event.
+    pub fn record_latencies(&self, samples: impl Iterator<Item = (Option<u64>, Option<u64>)>) {
+        let Ok(mut l) = self.latency.lock() else {
+            return;
+        };
+        for (append, occurred) in samples {
+            if let Some(us) = append {
+                l.append_to_durable.saturating_record(us.max(1));
+            }
+            if let Some(us) = occurred {
+                l.occurred_to_durable.saturating_record(us.max(1));
+            }
+        }
+    }
+
+    /// Kafka append → durable latency so far.
+    pub fn append_to_durable(&self) -> Percentiles {
+        self.latency
+            .lock()
+            .map(|l| percentiles(&l.append_to_durable))
+            .unwrap_or_default()
+    }
+
+    /// occurred_at → durable latency so far.
+    pub fn occurred_to_durable(&self) -> Percentiles {
+        self.latency
+            .lock()
+            .map(|l| percentiles(&l.occurred_to_durable))
+            .unwrap_or_default()
+    }
+
+    /// Reads a counter.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Relaxed)
+    }
+}

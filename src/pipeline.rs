@@ -1,0 +1,290 @@
+//! The pipeline: wires source → router → entity actors → writer → sink, and
+//! stops them in order.
+//!
+//! [`Pipeline::start`] must run inside an actix System (the shards are actors
+//! on their own Arbiters). [`Pipeline::shutdown`] stops consuming, waits for
+//! in-flight events to become durable, commits the final checkpoints, and
+//! stops the writer and the publisher.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use orderly::{config::Config, pipeline::Pipeline};
+//! let config = Config { brokers: "localhost:9092".into(), ..Config::default() };
+//! actix::System::new().block_on(async move {
+//!     let handlers = config.handlers();
+//!     let pipeline = Pipeline::start(config, handlers)?;
+//!     tokio::signal::ctrl_c().await?;
+//!     pipeline.shutdown()?;
+//!     Ok::<_, Box<dyn std::error::Error>>(())
+//! })
+//! # }
+//! ```
+
+use crate::checkpoint::CheckpointTracker;
+use crate::config::Config;
+use crate::entity::Shared;
+use crate::handler::Handlers;
+use crate::metrics::Stats;
+use crate::router::Router;
+use crate::sink::Publisher;
+use crate::source::{Source, SourceError, SourceParts};
+use crate::store::{SledStore, Store, StoreError};
+use crate::writer::{Writer, WriterMsg};
+use actix::Arbiter;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// A condition that stops the pipeline (the store failed, for example).
+#[derive(Debug, Default)]
+pub struct Fatal {
+    reason: Mutex<Option<String>>,
+    notify: tokio::sync::Notify,
+}
+
+impl Fatal {
+    /// Raises the condition; the first reason is kept.
+    pub fn raise(&self, reason: String) {
+        let mut r = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        if r.is_none() {
+            tracing::error!(%reason, "pipeline cannot continue");
+            *r = Some(reason);
+        }
+        self.notify.notify_waiters();
+        self.notify.notify_one();
+    }
+
+    /// The reason, if raised.
+    pub fn reason(&self) -> Option<String> {
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Resolves once raised.
+    pub async fn raised(&self) -> String {
+        loop {
+            if let Some(r) = self.reason() {
+                return r;
+            }
+            self.notify.notified().await;
+        }
+    }
+}
+
+/// A pipeline failure.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// The store could not be opened or failed.
+    #[error("store at {dir}: {source}")]
+    Store {
+        /// The data dir.
+        dir: String,
+        /// The error.
+        source: StoreError,
+    },
+    /// The consumer could not start.
+    #[error(transparent)]
+    Source(Box<SourceError>),
+    /// The producer for the outbox could not start.
+    #[error("cannot create the Kafka producer for dead letters: {0}")]
+    Producer(rdkafka::error::KafkaError),
+    /// A thread could not start.
+    #[error("cannot start thread: {0}")]
+    Thread(std::io::Error),
+    /// The pipeline stopped because of a fatal condition.
+    #[error("pipeline stopped: {0}")]
+    Fatal(String),
+}
+
+/// A running pipeline.
+pub struct Pipeline {
+    stats: Arc<Stats>,
+    fatal: Arc<Fatal>,
+    ready: Arc<AtomicBool>,
+    stop_source: Arc<AtomicBool>,
+    stop_publisher: Arc<AtomicBool>,
+    source: Option<JoinHandle<()>>,
+    writer_tx: tokio::sync::mpsc::UnboundedSender<WriterMsg>,
+    writer: Option<JoinHandle<()>>,
+    publisher: Option<JoinHandle<()>>,
+    arbiters: Vec<Arbiter>,
+    grace: Duration,
+    store: Arc<SledStore>,
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, PipelineError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map_err(PipelineError::Thread)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime needs no resources that can be missing")
+}
+
+impl Pipeline {
+    /// Opens the store and starts every stage. Call inside an actix System.
+    pub fn start(config: Config, handlers: Handlers) -> Result<Pipeline, PipelineError> {
+        let store = Arc::new(
+            SledStore::open(&config.data_dir, config.store_cache_mb).map_err(|source| {
+                PipelineError::Store {
+                    dir: config.data_dir.display().to_string(),
+                    source,
+                }
+            })?,
+        );
+        let dyn_store: Arc<dyn Store> = store.clone();
+        let stats = Arc::new(Stats::default());
+        let fatal = Arc::new(Fatal::default());
+        let tracker = Arc::new(Mutex::new(CheckpointTracker::new()));
+        let (writer_tx, writer_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (commits_tx, commits_rx) = std::sync::mpsc::channel();
+        let outbox_ready = Arc::new(tokio::sync::Notify::new());
+
+        let writer = Writer {
+            store: dyn_store.clone(),
+            tracker: tracker.clone(),
+            stats: stats.clone(),
+            dead_letter_topic: config.dead_letter_topic.clone(),
+            batch_max: config.batch_max,
+            commits: commits_tx,
+            outbox_ready: outbox_ready.clone(),
+        };
+        let writer_fatal = fatal.clone();
+        let writer = spawn("orderly-writer", move || {
+            if let Err(e) = runtime().block_on(writer.run(writer_rx)) {
+                writer_fatal.raise(e.to_string());
+            }
+        })?;
+
+        let stop_publisher = Arc::new(AtomicBool::new(false));
+        let publisher = Publisher {
+            store: dyn_store.clone(),
+            producer: crate::sink::producer(&config.brokers, &[])
+                .map_err(PipelineError::Producer)?,
+            ready: outbox_ready,
+            stop: stop_publisher.clone(),
+        };
+        let publisher = spawn("orderly-publisher", move || {
+            runtime().block_on(publisher.run())
+        })?;
+
+        let shared = Arc::new(Shared {
+            handlers,
+            store: dyn_store.clone(),
+            writer: writer_tx.clone(),
+            stats: stats.clone(),
+            retention: config.retention_events,
+            derived_topic: None,
+            fatal: fatal.clone(),
+        });
+        let arbiters: Vec<Arbiter> = (0..config.shard_count()).map(|_| Arbiter::new()).collect();
+        let router = Router::start(
+            &arbiters,
+            shared,
+            Duration::from_millis(config.idle_timeout_ms),
+        );
+
+        let ready = Arc::new(AtomicBool::new(false));
+        let source = Source::new(
+            &config,
+            SourceParts {
+                store: dyn_store,
+                tracker,
+                router,
+                writer: writer_tx.clone(),
+                stats: stats.clone(),
+                commits: commits_rx,
+                ready: ready.clone(),
+                topics: vec![config.topic.clone()],
+            },
+        )
+        .map_err(|e| PipelineError::Source(Box::new(e)))?;
+        let stop_source = Arc::new(AtomicBool::new(false));
+        let stop = stop_source.clone();
+        let grace = Duration::from_millis(config.shutdown_grace_ms);
+        let source = spawn("orderly-source", move || source.run(stop, grace))?;
+        tracing::info!(shards = arbiters.len(), topic = %config.topic, group = %config.group, data_dir = %config.data_dir.display(), "pipeline started");
+        Ok(Pipeline {
+            stats,
+            fatal,
+            ready,
+            stop_source,
+            stop_publisher,
+            source: Some(source),
+            writer_tx,
+            writer: Some(writer),
+            publisher: Some(publisher),
+            arbiters,
+            grace,
+            store,
+        })
+    }
+
+    /// The pipeline's counters.
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+
+    /// The fatal condition, for awaiting.
+    pub fn fatal(&self) -> Arc<Fatal> {
+        self.fatal.clone()
+    }
+
+    /// True while partitions are assigned and the store is open.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Relaxed) && self.fatal.reason().is_none()
+    }
+
+    /// The store, for reads while running.
+    pub fn store(&self) -> Arc<SledStore> {
+        self.store.clone()
+    }
+
+    /// Stops consuming, drains in-flight events (up to the grace period),
+    /// commits the final checkpoints, and stops every stage. Blocks.
+    pub fn shutdown(mut self) -> Result<(), PipelineError> {
+        self.stop_source.store(true, Relaxed);
+        if let Some(s) = self.source.take() {
+            let _ = s.join();
+        }
+        // Everything the source delivered is durable (or the grace ran out);
+        // a barrier makes sure the writer has finished its last batch.
+        let (tx, rx) = std::sync::mpsc::channel();
+        if self.writer_tx.send(WriterMsg::Barrier(tx)).is_ok() {
+            let _ = rx.recv_timeout(self.grace);
+        }
+        self.stop_publisher.store(true, Relaxed);
+        if let Some(p) = self.publisher.take() {
+            let _ = p.join();
+        }
+        for a in &self.arbiters {
+            a.stop();
+        }
+        for a in self.arbiters.drain(..) {
+            let _ = a.join();
+        }
+        // Actors held the last senders; with them gone the writer ends.
+        drop(self.writer_tx);
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+        let remaining = self.stats.in_flight.load(Relaxed);
+        tracing::info!(
+            remaining,
+            durable = Stats::get(&self.stats.durable),
+            "pipeline stopped"
+        );
+        match self.fatal.reason() {
+            Some(r) => Err(PipelineError::Fatal(r)),
+            None => Ok(()),
+        }
+    }
+}

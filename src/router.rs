@@ -1,0 +1,164 @@
+//! The router: entity id → shard → entity actor.
+//!
+//! Owns the placement of entities. Each shard is an actor on its own actix
+//! Arbiter (one thread); an entity always lands on the same shard, by a stable
+//! hash of its id, so its events are handled by one actor on one thread and
+//! cannot race. Shards start actors on demand and passivate those that have
+//! been idle past the timeout and whose writes are all durable, so memory
+//! follows the active set. On revocation the source asks the shards to release
+//! the actors of the revoked partitions.
+
+use crate::checkpoint::TopicPartition;
+use crate::entity::{Deliver, Delivery, EntityActor, EntityStatus, Shared};
+use actix::prelude::*;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Routes one delivery to its entity's actor.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Route(pub Delivery);
+
+/// Releases the actors of these partitions; replies with how many were released.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct Release(pub HashSet<TopicPartition>);
+
+struct Handle {
+    addr: Addr<EntityActor>,
+    status: Arc<EntityStatus>,
+    delivered: u64,
+    last_delivery: Instant,
+    tp: TopicPartition,
+}
+
+/// One shard: the entity actors on one Arbiter.
+pub struct Shard {
+    shared: Arc<Shared>,
+    idle: Duration,
+    entities: HashMap<String, Handle>,
+}
+
+impl Shard {
+    /// A shard whose actors are passivated after `idle`.
+    pub fn new(shared: Arc<Shared>, idle: Duration) -> Self {
+        Shard {
+            shared,
+            idle,
+            entities: HashMap::new(),
+        }
+    }
+
+    /// Drops idle, fully durable actors. Dropping the last address stops an actor.
+    fn passivate_idle(&mut self) {
+        let idle = self.idle;
+        let before = self.entities.len();
+        self.entities
+            .retain(|_, h| h.last_delivery.elapsed() < idle || !h.status.quiescent(h.delivered));
+        let n = before - self.entities.len();
+        if n > 0 {
+            self.shared.stats.passivations.fetch_add(n as u64, Relaxed);
+        }
+    }
+}
+
+impl Actor for Shard {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let every = (self.idle / 2).clamp(Duration::from_millis(10), Duration::from_secs(5));
+        ctx.run_interval(every, |shard, _| shard.passivate_idle());
+    }
+}
+
+impl Handler<Route> for Shard {
+    type Result = ();
+
+    fn handle(&mut self, Route(d): Route, _: &mut Self::Context) {
+        let h = match self.entities.get_mut(&d.event.entity_id) {
+            Some(h) => h,
+            None => {
+                let status = Arc::new(EntityStatus::default());
+                let actor = EntityActor::new(
+                    d.event.entity_id.clone(),
+                    self.shared.clone(),
+                    status.clone(),
+                );
+                self.entities
+                    .entry(d.event.entity_id.clone())
+                    .or_insert(Handle {
+                        addr: actor.start(),
+                        status,
+                        delivered: 0,
+                        last_delivery: Instant::now(),
+                        tp: d.tp.clone(),
+                    })
+            }
+        };
+        h.delivered += 1;
+        h.last_delivery = Instant::now();
+        if h.tp != d.tp {
+            h.tp = d.tp.clone();
+        }
+        h.addr.do_send(Deliver(d));
+    }
+}
+
+impl Handler<Release> for Shard {
+    type Result = usize;
+
+    fn handle(&mut self, Release(tps): Release, _: &mut Self::Context) -> usize {
+        let before = self.entities.len();
+        self.entities.retain(|_, h| !tps.contains(&h.tp));
+        before - self.entities.len()
+    }
+}
+
+/// Sends deliveries to the shard that owns their entity.
+#[derive(Clone)]
+pub struct Router {
+    shards: Vec<Addr<Shard>>,
+}
+
+/// The shard of an entity: FNV-1a of its id, stable across runs and machines.
+pub fn shard_of(entity_id: &str, shards: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in entity_id.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % shards.max(1) as u64) as usize
+}
+
+impl Router {
+    /// Starts one shard on each arbiter.
+    pub fn start(arbiters: &[Arbiter], shared: Arc<Shared>, idle: Duration) -> Router {
+        let shards = arbiters
+            .iter()
+            .map(|a| {
+                let shared = shared.clone();
+                Shard::start_in_arbiter(&a.handle(), move |_| Shard::new(shared, idle))
+            })
+            .collect();
+        Router { shards }
+    }
+
+    /// Routes a delivery. Mailboxes are unbounded here; memory is bounded by
+    /// the source, which pauses above the in-flight high mark.
+    pub fn route(&self, d: Delivery) {
+        let i = shard_of(&d.event.entity_id, self.shards.len());
+        self.shards[i].do_send(Route(d));
+    }
+
+    /// Releases the actors of `tps` on every shard, waiting for the shards.
+    /// Call only from outside the arbiters (the source thread).
+    pub fn release(&self, tps: &HashSet<TopicPartition>) -> usize {
+        let mut n = 0;
+        for s in &self.shards {
+            n += futures::executor::block_on(s.send(Release(tps.clone()))).unwrap_or(0);
+        }
+        n
+    }
+}

@@ -1,0 +1,496 @@
+//! The source: an rdkafka consumer in a consumer group, on its own thread.
+//!
+//! Owns the consumer. Offsets are never auto-committed: on assignment each
+//! partition starts at the checkpoint stored in sled (or the group's committed
+//! offset when the store has none), and the writer's checkpoints are committed
+//! to Kafka only after they are flushed. A revoked partition is drained (every
+//! received event made durable) and checkpointed before it is released. Above
+//! the in-flight high mark the source pauses its partitions, and resumes them
+//! below the low mark. Messages leave as [`Delivery`]s to the router, or as
+//! dead-letter intents straight to the writer when they cannot be decoded.
+
+use crate::checkpoint::{CheckpointTracker, TopicPartition};
+use crate::config::Config;
+use crate::dead_letter::DeadLetter;
+use crate::entity::Delivery;
+use crate::envelope::{self, ContentType};
+use crate::metrics::Stats;
+use crate::router::Router;
+use crate::store::Store;
+use crate::telemetry::{self, unix_ms, SpanInfo};
+use crate::writer::{Ack, CommitRequest, WriteIntent, WriterMsg};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+/// What the source shares with its rebalance callbacks.
+pub struct SourceContext {
+    store: Arc<dyn Store>,
+    tracker: Arc<Mutex<CheckpointTracker>>,
+    router: Router,
+    drain_timeout: Duration,
+    assigned: Mutex<HashSet<TopicPartition>>,
+    ready: Arc<AtomicBool>,
+}
+
+impl ClientContext for SourceContext {}
+
+impl SourceContext {
+    /// Waits until every received event of `tps` is durable, or the drain timeout.
+    fn drain(&self, tps: &HashSet<TopicPartition>) -> bool {
+        let deadline = Instant::now() + self.drain_timeout;
+        loop {
+            let drained = {
+                let t = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
+                tps.iter().all(|tp| t.drained(tp))
+            };
+            if drained {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn checkpoints_of(&self, tps: &HashSet<TopicPartition>) -> TopicPartitionList {
+        let t = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tpl = TopicPartitionList::new();
+        for tp in tps {
+            if let Some(next) = t.checkpoint(tp) {
+                let _ = tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(next));
+            }
+        }
+        tpl
+    }
+}
+
+impl ConsumerContext for SourceContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let mut stored: HashMap<String, std::collections::BTreeMap<i32, i64>> =
+                    HashMap::new();
+                let elems: Vec<(String, i32)> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_owned(), e.partition()))
+                    .collect();
+                for (topic, partition) in &elems {
+                    let cps = match stored.get(topic) {
+                        Some(c) => c,
+                        None => {
+                            let c = self.store.checkpoints(topic).unwrap_or_else(|e| {
+                                tracing::error!(%topic, error = %e, "cannot read stored checkpoints; starting from the group's committed offsets");
+                                Default::default()
+                            });
+                            stored.entry(topic.clone()).or_insert(c)
+                        }
+                    };
+                    let offset = match cps.get(partition) {
+                        Some(&o) => Offset::Offset(o),
+                        None => Offset::Stored,
+                    };
+                    let _ = tpl.set_partition_offset(topic, *partition, offset);
+                    tracing::info!(%topic, partition, ?offset, "partition assigned");
+                }
+                let r = if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "assigning partitions failed");
+                }
+                let mut a = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
+                if !cooperative {
+                    a.clear();
+                }
+                a.extend(elems.into_iter().map(|(t, p)| (Arc::from(t.as_str()), p)));
+                self.ready.store(!a.is_empty(), Relaxed);
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                let tps: HashSet<TopicPartition> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (Arc::from(e.topic()), e.partition()))
+                    .collect();
+                let drained = self.drain(&tps);
+                if !drained {
+                    tracing::warn!(partitions = tps.len(), "revoked partitions did not drain in time; their undurable events will be redelivered to the next owner");
+                }
+                let commit = self.checkpoints_of(&tps);
+                if commit.count() > 0 && !consumer.assignment_lost() {
+                    if let Err(e) = consumer.commit(&commit, CommitMode::Sync) {
+                        tracing::warn!(error = %e, "committing revoked partitions failed; the stored checkpoint stays authoritative");
+                    }
+                }
+                let released = self.router.release(&tps);
+                {
+                    let mut t = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
+                    for tp in &tps {
+                        t.forget(tp);
+                    }
+                }
+                let r = if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "unassigning partitions failed");
+                }
+                let mut a = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
+                for tp in &tps {
+                    a.remove(tp);
+                }
+                self.ready.store(!a.is_empty(), Relaxed);
+                tracing::info!(
+                    partitions = tps.len(),
+                    released,
+                    drained,
+                    "partitions revoked"
+                );
+            }
+            other => {
+                tracing::error!(error = ?other, "rebalance failed");
+                let _ = consumer.unassign();
+            }
+        }
+    }
+}
+
+/// The running source.
+pub struct Source {
+    consumer: BaseConsumer<SourceContext>,
+    topics: Vec<String>,
+    content_type: ContentType,
+    writer: tokio::sync::mpsc::UnboundedSender<WriterMsg>,
+    router: Router,
+    tracker: Arc<Mutex<CheckpointTracker>>,
+    stats: Arc<Stats>,
+    commits: mpsc::Receiver<CommitRequest>,
+    high: i64,
+    low: i64,
+    topic_names: std::cell::RefCell<HashMap<String, Arc<str>>>,
+}
+
+/// Why the source could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The consumer could not be created or subscribed.
+    #[error("cannot start the Kafka consumer ({context}): {source}")]
+    Kafka {
+        /// Configured brokers and group.
+        context: String,
+        /// The client error.
+        source: KafkaError,
+    },
+}
+
+/// Everything [`Source::new`] needs.
+pub struct SourceParts {
+    /// The store, for stored checkpoints.
+    pub store: Arc<dyn Store>,
+    /// Shared with the writer.
+    pub tracker: Arc<Mutex<CheckpointTracker>>,
+    /// Where events go.
+    pub router: Router,
+    /// The writer, for dead letters.
+    pub writer: tokio::sync::mpsc::UnboundedSender<WriterMsg>,
+    /// Counters.
+    pub stats: Arc<Stats>,
+    /// Checkpoints to commit, from the writer.
+    pub commits: mpsc::Receiver<CommitRequest>,
+    /// Set while partitions are assigned.
+    pub ready: Arc<AtomicBool>,
+    /// The topics to consume.
+    pub topics: Vec<String>,
+}
+
+impl Source {
+    /// Creates the consumer and subscribes.
+    pub fn new(config: &Config, parts: SourceParts) -> Result<Source, SourceError> {
+        let err = |source| SourceError::Kafka {
+            context: format!("brokers {:?}, group {:?}", config.brokers, config.group),
+            source,
+        };
+        let mut cc = ClientConfig::new();
+        cc.set("bootstrap.servers", &config.brokers)
+            .set("group.id", &config.group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false");
+        for (k, v) in &config.kafka {
+            cc.set(k, v);
+        }
+        let context = SourceContext {
+            store: parts.store,
+            tracker: parts.tracker.clone(),
+            router: parts.router.clone(),
+            drain_timeout: Duration::from_millis(config.drain_timeout_ms),
+            assigned: Mutex::new(HashSet::new()),
+            ready: parts.ready,
+        };
+        let consumer: BaseConsumer<SourceContext> = cc.create_with_context(context).map_err(err)?;
+        let topics: Vec<&str> = parts.topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics).map_err(err)?;
+        Ok(Source {
+            consumer,
+            topics: parts.topics.clone(),
+            content_type: config.content_type,
+            writer: parts.writer,
+            router: parts.router,
+            tracker: parts.tracker,
+            stats: parts.stats,
+            commits: parts.commits,
+            high: config.in_flight_high as i64,
+            low: config.in_flight_low as i64,
+            topic_names: Default::default(),
+        })
+    }
+
+    /// Consumes until `stop` is set, then drains for up to `grace` and commits.
+    pub fn run(self, stop: Arc<AtomicBool>, grace: Duration) {
+        tracing::info!(topics = ?self.topics, "source started");
+        let mut paused = false;
+        let mut pending_commit: HashMap<(String, i32), i64> = HashMap::new();
+        let mut last_commit = Instant::now();
+        while !stop.load(Relaxed) {
+            self.collect_commits(&mut pending_commit);
+            if !pending_commit.is_empty() && last_commit.elapsed() >= Duration::from_millis(200) {
+                self.commit(&mut pending_commit, CommitMode::Async);
+                last_commit = Instant::now();
+            }
+            let in_flight = self.stats.in_flight.load(Relaxed);
+            if !paused && in_flight >= self.high {
+                paused = self.set_paused(true);
+            } else if paused && in_flight <= self.low {
+                paused = !self.set_paused(false);
+            }
+            match self
+                .consumer
+                .poll(Duration::from_millis(if paused { 20 } else { 100 }))
+            {
+                None => {}
+                Some(Ok(m)) => self.on_message(&m),
+                Some(Err(e)) => tracing::warn!(error = %e, "consumer error; retrying"),
+            }
+        }
+        // Shutdown: nothing new is polled; wait for what is in flight.
+        let deadline = Instant::now() + grace;
+        while self.tracker.lock().map(|t| t.in_flight()).unwrap_or(0) > 0
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.collect_commits(&mut pending_commit);
+        self.commit(&mut pending_commit, CommitMode::Sync);
+        tracing::info!(
+            in_flight = self.stats.in_flight.load(Relaxed),
+            "source stopped"
+        );
+        // Dropping the consumer leaves the group; the revoke callback drains (already done) and commits.
+    }
+
+    fn set_paused(&self, pause: bool) -> bool {
+        let Ok(assignment) = self.consumer.assignment() else {
+            return false;
+        };
+        let r = if pause {
+            self.consumer.pause(&assignment)
+        } else {
+            self.consumer.resume(&assignment)
+        };
+        match r {
+            Ok(()) => {
+                tracing::debug!(
+                    pause,
+                    in_flight = self.stats.in_flight.load(Relaxed),
+                    "backpressure"
+                );
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, pause, "pausing or resuming partitions failed");
+                false
+            }
+        }
+    }
+
+    fn collect_commits(&self, pending: &mut HashMap<(String, i32), i64>) {
+        while let Ok(req) = self.commits.try_recv() {
+            for cp in req {
+                let e = pending
+                    .entry((cp.topic, cp.partition))
+                    .or_insert(cp.next_offset);
+                *e = (*e).max(cp.next_offset);
+            }
+        }
+    }
+
+    fn commit(&self, pending: &mut HashMap<(String, i32), i64>, mode: CommitMode) {
+        if pending.is_empty() {
+            return;
+        }
+        let assigned = self
+            .consumer
+            .context()
+            .assigned
+            .lock()
+            .map(|a| a.clone())
+            .unwrap_or_default();
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), offset) in pending.drain() {
+            if assigned.contains(&(Arc::from(topic.as_str()), partition)) {
+                let _ = tpl.add_partition_offset(&topic, partition, Offset::Offset(offset));
+            }
+        }
+        if tpl.count() == 0 {
+            return;
+        }
+        if let Err(e) = self.consumer.commit(&tpl, mode) {
+            tracing::warn!(error = %e, "committing offsets to Kafka failed; will retry with the next checkpoint");
+        }
+    }
+
+    fn topic_name(&self, topic: &str) -> Arc<str> {
+        let mut names = self.topic_names.borrow_mut();
+        if let Some(t) = names.get(topic) {
+            return t.clone();
+        }
+        let t: Arc<str> = Arc::from(topic);
+        names.insert(topic.to_owned(), t.clone());
+        t
+    }
+
+    fn on_message(&self, m: &BorrowedMessage<'_>) {
+        let received_at = SystemTime::now();
+        let tp: TopicPartition = (self.topic_name(m.topic()), m.partition());
+        let offset = m.offset();
+        self.tracker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .received(&tp, offset);
+        self.stats.in_flight.fetch_add(1, Relaxed);
+        Stats::incr(&self.stats.received);
+        let kafka_ts = m.timestamp().to_millis();
+        let headers: Vec<(String, Vec<u8>)> = m
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| {
+                        (
+                            h.key.to_owned(),
+                            h.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let content_type = headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+            .map(|(_, v)| v.as_slice());
+        let traced = telemetry::spans_wanted();
+        match envelope::decode(m.key(), m.payload(), content_type, self.content_type) {
+            Ok(event) => {
+                let parent = if traced {
+                    telemetry::parent_from_headers(
+                        headers.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
+                    )
+                } else {
+                    None
+                };
+                self.router.route(Delivery {
+                    event,
+                    tp,
+                    offset,
+                    kafka_ts,
+                    headers,
+                    received_at,
+                    parent,
+                    traced,
+                });
+            }
+            Err(e) => {
+                Stats::incr(&self.stats.dead_letters);
+                tracing::warn!(topic = %tp.0, partition = tp.1, offset, code = e.code(), error = %e, "undecodable message dead-lettered");
+                let now = SystemTime::now();
+                let key = m.key().map(<[u8]>::to_vec);
+                let span = traced.then(|| {
+                    Box::new(SpanInfo {
+                        parent: telemetry::parent_from_headers(
+                            headers.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
+                        ),
+                        received_at,
+                        read_start: now,
+                        write_start: now,
+                        topic: tp.0.clone(),
+                        partition: tp.1,
+                        offset,
+                        entity_id: key
+                            .as_deref()
+                            .map(|k| String::from_utf8_lossy(k).into_owned())
+                            .unwrap_or_default(),
+                        tenant_id: String::new(),
+                        event_id: String::new(),
+                        event_type: String::new(),
+                        occurred_at: 0,
+                    })
+                });
+                let dl = DeadLetter {
+                    id: 0,
+                    code: e.code().to_owned(),
+                    reason: e.to_string(),
+                    attempts: 1,
+                    topic: tp.0.to_string(),
+                    partition: tp.1,
+                    offset,
+                    entity_id: key
+                        .as_deref()
+                        .and_then(|k| std::str::from_utf8(k).ok())
+                        .map(str::to_owned),
+                    key,
+                    value: m.payload().map(<[u8]>::to_vec),
+                    headers,
+                    event_id: None,
+                    event_type: None,
+                    created_at: unix_ms(now),
+                };
+                let intent = WriteIntent {
+                    entity: None,
+                    dead_letter: Some(dl),
+                    outbox: Vec::new(),
+                    ack: Ack {
+                        tp,
+                        offset,
+                        kafka_ts,
+                        occurred_at: None,
+                        outcome: "dead-lettered",
+                        span,
+                    },
+                    durable: None,
+                };
+                let _ = self.writer.send(WriterMsg::Write(Box::new(intent)));
+            }
+        }
+    }
+}

@@ -1,0 +1,341 @@
+//! The store: the [`Store`] trait and its sled implementation.
+//!
+//! Owns the durable layout. Everything lives in one sled tree under key
+//! prefixes, so that an entity's record, the dead letters and the partition
+//! checkpoints of one batch commit atomically (`apply_batch` is atomic within
+//! one tree):
+//!
+//! | key | value |
+//! |---|---|
+//! | `e\0<entity id>` | [`EntityRecord`] |
+//! | `c\0<topic>\0<partition, i32 BE>` | checkpoint: the next offset to consume, i64 BE |
+//! | `d\0<id, u64 BE>` | [`DeadLetter`] |
+//! | `o\0<id, u64 BE>` | [`OutboxRecord`] not yet published |
+//!
+//! Every value starts with a format-version byte. This module does not decide
+//! what goes into a batch; the writer does.
+
+use crate::dead_letter::DeadLetter;
+use crate::fold::EntityRecord;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+
+/// The format version written at the start of every stored value.
+pub const FORMAT_VERSION: u8 = 1;
+
+const ENTITY: u8 = b'e';
+const CHECKPOINT: u8 = b'c';
+const DEAD_LETTER: u8 = b'd';
+const OUTBOX: u8 = b'o';
+
+/// A store failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// sled reported an I/O or internal error.
+    #[error("store I/O failed: {0}; check the data dir's disk and permissions")]
+    Sled(#[from] sled::Error),
+    /// A value could not be decoded.
+    #[error("stored value under key {key:?} is corrupt: {reason}")]
+    Corrupt {
+        /// The key, lossily printed.
+        key: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// A value was written by a newer orderly.
+    #[error("stored value under key {key:?} has format version {found}, this orderly reads {FORMAT_VERSION}; upgrade orderly")]
+    UnsupportedFormat {
+        /// The key, lossily printed.
+        key: String,
+        /// The version found.
+        found: u8,
+    },
+    /// A fail point fired (tests only).
+    #[error("fail point {0} fired")]
+    FailPoint(&'static str),
+}
+
+/// `Result` with [`StoreError`].
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A message waiting to be published (to the dead-letter topic, for example).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxRecord {
+    /// The destination topic.
+    pub topic: String,
+    /// The key.
+    pub key: Option<Vec<u8>>,
+    /// The value.
+    pub value: Vec<u8>,
+    /// The headers.
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// The checkpoint of one partition: the next offset to consume.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: i32,
+    /// The next offset to consume; every offset below it is durable.
+    pub next_offset: i64,
+}
+
+/// What one atomic commit writes.
+#[derive(Debug, Default)]
+pub struct CommitBatch {
+    /// Encoded entity records, at most one per entity.
+    pub entities: Vec<(String, Vec<u8>)>,
+    /// New dead letters (their ids already assigned).
+    pub dead_letters: Vec<DeadLetter>,
+    /// New outbox records, with ids.
+    pub outbox: Vec<(u64, OutboxRecord)>,
+    /// Partition checkpoints.
+    pub checkpoints: Vec<Checkpoint>,
+}
+
+/// A boxed future, for the async parts of the trait.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Durable storage for entity records, checkpoints, dead letters and the outbox.
+pub trait Store: Send + Sync + 'static {
+    /// Loads one entity's record.
+    fn load_entity(&self, entity_id: &str) -> Result<Option<EntityRecord>>;
+    /// Applies one batch atomically. It is durable only after [`Store::flush`].
+    fn commit(&self, batch: &CommitBatch) -> Result<()>;
+    /// Makes every committed batch durable.
+    fn flush(&self) -> BoxFuture<'_, Result<()>>;
+    /// A fresh unique id (for dead letters and outbox records).
+    fn next_id(&self) -> Result<u64>;
+    /// The stored checkpoints of `topic`, by partition.
+    fn checkpoints(&self, topic: &str) -> Result<BTreeMap<i32, i64>>;
+    /// Every entity record, in key order.
+    fn entities(&self) -> Box<dyn Iterator<Item = Result<EntityRecord>> + '_>;
+    /// Dead letters with id > `after`, at most `limit`, in id order.
+    fn dead_letters(&self, after: u64, limit: usize) -> Result<Vec<DeadLetter>>;
+    /// Unpublished outbox records, at most `limit`, oldest first.
+    fn outbox(&self, limit: usize) -> Result<Vec<(u64, OutboxRecord)>>;
+    /// Removes published outbox records.
+    fn remove_outbox(&self, ids: &[u64]) -> Result<()>;
+}
+
+/// Encodes a value with the format-version prefix.
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut out = vec![FORMAT_VERSION];
+    // Encoding our own plain data types into a Vec cannot fail.
+    bincode::serde::encode_into_std_write(value, &mut out, bincode::config::standard())
+        .expect("encoding into a Vec is infallible");
+    out
+}
+
+/// Decodes a value written by [`encode`].
+pub fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T> {
+    let key_text = || String::from_utf8_lossy(key).into_owned();
+    match bytes.first() {
+        Some(&FORMAT_VERSION) => {
+            bincode::serde::decode_from_slice(&bytes[1..], bincode::config::standard())
+                .map(|(v, _)| v)
+                .map_err(|e| StoreError::Corrupt {
+                    key: key_text(),
+                    reason: e.to_string(),
+                })
+        }
+        Some(&found) => Err(StoreError::UnsupportedFormat {
+            key: key_text(),
+            found,
+        }),
+        None => Err(StoreError::Corrupt {
+            key: key_text(),
+            reason: "empty value".into(),
+        }),
+    }
+}
+
+fn key(prefix: u8, rest: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + rest.len());
+    k.push(prefix);
+    k.push(0);
+    k.extend_from_slice(rest);
+    k
+}
+
+fn checkpoint_key(topic: &str, partition: i32) -> Vec<u8> {
+    let mut k = key(CHECKPOINT, topic.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&partition.to_be_bytes());
+    k
+}
+
+/// The sled implementation of [`Store`].
+#[derive(Clone)]
+pub struct SledStore {
+    db: sled::Db,
+    tree: sled::Tree,
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `dir`. `cache_mb` bounds sled's page cache.
+    pub fn open(dir: &Path, cache_mb: u64) -> Result<Self> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_mb.saturating_mul(1024 * 1024))
+            // orderly flushes after every batch; a timer flush would only add fsyncs.
+            .flush_every_ms(None)
+            .open()?;
+        let tree = db.open_tree("orderly")?;
+        Ok(SledStore { db, tree })
+    }
+
+    /// Overwrites one entity record directly, outside the pipeline. For
+    /// repairs and for tests that corrupt state on purpose.
+    pub fn put_entity(&self, record: &EntityRecord) -> Result<()> {
+        self.tree
+            .insert(key(ENTITY, record.entity_id.as_bytes()), encode(record))?;
+        self.tree.flush()?;
+        Ok(())
+    }
+
+    /// The size of the data dir on disk, in bytes.
+    pub fn size_on_disk(&self) -> Result<u64> {
+        Ok(self.db.size_on_disk()?)
+    }
+}
+
+impl Store for SledStore {
+    fn load_entity(&self, entity_id: &str) -> Result<Option<EntityRecord>> {
+        let k = key(ENTITY, entity_id.as_bytes());
+        match self.tree.get(&k)? {
+            Some(v) => Ok(Some(decode(&k, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn commit(&self, batch: &CommitBatch) -> Result<()> {
+        let mut b = sled::Batch::default();
+        for (id, bytes) in &batch.entities {
+            b.insert(key(ENTITY, id.as_bytes()), bytes.as_slice());
+        }
+        for dl in &batch.dead_letters {
+            b.insert(key(DEAD_LETTER, &dl.id.to_be_bytes()), encode(dl));
+        }
+        for (id, rec) in &batch.outbox {
+            b.insert(key(OUTBOX, &id.to_be_bytes()), encode(rec));
+        }
+        for cp in &batch.checkpoints {
+            b.insert(
+                checkpoint_key(&cp.topic, cp.partition),
+                cp.next_offset.to_be_bytes().to_vec(),
+            );
+        }
+        self.tree.apply_batch(b)?;
+        Ok(())
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            self.tree.flush_async().await?;
+            Ok(())
+        })
+    }
+
+    fn next_id(&self) -> Result<u64> {
+        Ok(self.db.generate_id()?)
+    }
+
+    fn checkpoints(&self, topic: &str) -> Result<BTreeMap<i32, i64>> {
+        let mut prefix = key(CHECKPOINT, topic.as_bytes());
+        prefix.push(0);
+        let mut out = BTreeMap::new();
+        for kv in self.tree.scan_prefix(&prefix) {
+            let (k, v) = kv?;
+            let corrupt = || StoreError::Corrupt {
+                key: String::from_utf8_lossy(&k).into_owned(),
+                reason: "checkpoint key or value has the wrong length".into(),
+            };
+            let p: [u8; 4] = k[prefix.len()..].try_into().map_err(|_| corrupt())?;
+            let o: [u8; 8] = v.as_ref().try_into().map_err(|_| corrupt())?;
+            out.insert(i32::from_be_bytes(p), i64::from_be_bytes(o));
+        }
+        Ok(out)
+    }
+
+    fn entities(&self) -> Box<dyn Iterator<Item = Result<EntityRecord>> + '_> {
+        Box::new(self.tree.scan_prefix(key(ENTITY, b"")).map(|kv| {
+            let (k, v) = kv?;
+            decode(&k, &v)
+        }))
+    }
+
+    fn dead_letters(&self, after: u64, limit: usize) -> Result<Vec<DeadLetter>> {
+        let start = key(DEAD_LETTER, &after.saturating_add(1).to_be_bytes());
+        let end = key(DEAD_LETTER + 1, b"");
+        self.tree
+            .range(start..end)
+            .take(limit)
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    fn outbox(&self, limit: usize) -> Result<Vec<(u64, OutboxRecord)>> {
+        self.tree
+            .scan_prefix(key(OUTBOX, b""))
+            .take(limit)
+            .map(|kv| {
+                let (k, v) = kv?;
+                let id: [u8; 8] = k[2..].try_into().map_err(|_| StoreError::Corrupt {
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    reason: "outbox key has the wrong length".into(),
+                })?;
+                Ok((u64::from_be_bytes(id), decode(&k, &v)?))
+            })
+            .collect()
+    }
+
+    fn remove_outbox(&self, ids: &[u64]) -> Result<()> {
+        let mut b = sled::Batch::default();
+        for id in ids {
+            b.remove(key(OUTBOX, &id.to_be_bytes()));
+        }
+        self.tree.apply_batch(b)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_round_trip_and_format_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 16).unwrap();
+        let rec = EntityRecord::new("lead-1", "t1");
+        let batch = CommitBatch {
+            entities: vec![("lead-1".into(), encode(&rec))],
+            checkpoints: vec![Checkpoint {
+                topic: "in".into(),
+                partition: 3,
+                next_offset: 42,
+            }],
+            ..Default::default()
+        };
+        store.commit(&batch).unwrap();
+        futures::executor::block_on(store.flush()).unwrap();
+        assert_eq!(store.load_entity("lead-1").unwrap(), Some(rec));
+        assert_eq!(store.checkpoints("in").unwrap(), BTreeMap::from([(3, 42)]));
+        assert!(store.checkpoints("other").unwrap().is_empty());
+
+        let err = decode::<EntityRecord>(b"k", &[9, 1, 2]).unwrap_err();
+        assert!(
+            matches!(err, StoreError::UnsupportedFormat { found: 9, .. }),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,110 @@
+//! `Value`: orderly's own JSON value type.
+//!
+//! bincode cannot encode `serde_json::Value` (it needs `deserialize_any`), so
+//! payloads and entity fields are stored as this enum. It converts to and from
+//! `serde_json::Value` losslessly for everything JSON can express.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// A JSON object: field name to value, ordered so encodings are deterministic.
+pub type Fields = BTreeMap<String, Value>;
+
+/// A JSON value that bincode can store.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Value {
+    /// JSON `null`.
+    Null,
+    /// JSON `true` or `false`.
+    Bool(bool),
+    /// A JSON number without a fraction that fits in an `i64`.
+    Int(i64),
+    /// Any other JSON number.
+    Float(f64),
+    /// A JSON string.
+    String(String),
+    /// A JSON array.
+    Array(Vec<Value>),
+    /// A JSON object.
+    Object(Fields),
+}
+
+impl Value {
+    /// The value as a number, if it is one.
+    pub fn as_f64(&self) -> Option<f64> {
+        match self {
+            Value::Int(i) => Some(*i as f64),
+            Value::Float(f) => Some(*f),
+            _ => None,
+        }
+    }
+
+    /// Converts into `serde_json::Value`, for display and JSON output.
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            Value::Null => serde_json::Value::Null,
+            Value::Bool(b) => serde_json::Value::Bool(*b),
+            Value::Int(i) => serde_json::Value::from(*i),
+            Value::Float(f) => serde_json::Number::from_f64(*f)
+                .map(serde_json::Value::Number)
+                .unwrap_or(serde_json::Value::Null),
+            Value::String(s) => serde_json::Value::String(s.clone()),
+            Value::Array(a) => serde_json::Value::Array(a.iter().map(Value::to_json).collect()),
+            Value::Object(o) => fields_to_json(o),
+        }
+    }
+}
+
+impl From<serde_json::Value> for Value {
+    fn from(v: serde_json::Value) -> Self {
+        match v {
+            serde_json::Value::Null => Value::Null,
+            serde_json::Value::Bool(b) => Value::Bool(b),
+            serde_json::Value::Number(n) => match n.as_i64() {
+                Some(i) => Value::Int(i),
+                None => Value::Float(n.as_f64().unwrap_or(f64::NAN)),
+            },
+            serde_json::Value::String(s) => Value::String(s),
+            serde_json::Value::Array(a) => Value::Array(a.into_iter().map(Value::from).collect()),
+            serde_json::Value::Object(o) => {
+                Value::Object(o.into_iter().map(|(k, v)| (k, Value::from(v))).collect())
+            }
+        }
+    }
+}
+
+/// Converts a field map into a JSON object.
+pub fn fields_to_json(fields: &Fields) -> serde_json::Value {
+    serde_json::Value::Object(
+        fields
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_json()))
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_round_trip_keeps_ints_and_floats_apart() {
+        let json = serde_json::json!({"a": 1, "b": 1.5, "c": [true, null, "x"], "d": {"e": -3}});
+        let v = Value::from(json.clone());
+        assert_eq!(v.to_json(), json);
+        let Value::Object(o) = v else {
+            panic!("object expected")
+        };
+        assert_eq!(o["a"], Value::Int(1));
+        assert_eq!(o["b"], Value::Float(1.5));
+    }
+
+    #[test]
+    fn bincode_round_trip() {
+        let v = Value::from(serde_json::json!({"x": [1, 2.5, "s", {"y": false}]}));
+        let bytes = bincode::serde::encode_to_vec(&v, bincode::config::standard()).unwrap();
+        let (back, _): (Value, usize) =
+            bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
+        assert_eq!(back, v);
+    }
+}

@@ -1,0 +1,217 @@
+//! The store writer: many actors' write intents, plus partition checkpoints,
+//! become one atomic store batch; it is flushed, and only then acknowledged.
+//!
+//! Runs on its own thread, so no actor's thread ever waits for an fsync.
+//! Intents for the same entity in one batch are coalesced into one write (the
+//! last one wins: each carries the entity's whole record). After the flush the
+//! writer marks the offsets durable, completes the events' spans, records
+//! latency, and asks the source to commit the new checkpoints to Kafka.
+
+use crate::checkpoint::{CheckpointTracker, TopicPartition};
+use crate::dead_letter::DeadLetter;
+use crate::metrics::Stats;
+use crate::store::{Checkpoint, CommitBatch, OutboxRecord, Store, StoreError};
+use crate::telemetry::{self, SpanInfo};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+use tokio::sync::mpsc;
+
+/// The acknowledgement one message needs once its effects are durable.
+#[derive(Debug)]
+pub struct Ack {
+    /// Its partition.
+    pub tp: TopicPartition,
+    /// Its offset.
+    pub offset: i64,
+    /// The broker's append timestamp, ms, if known.
+    pub kafka_ts: Option<i64>,
+    /// The event's external timestamp, ms, if decoded.
+    pub occurred_at: Option<i64>,
+    /// What processing did, for the span.
+    pub outcome: &'static str,
+    /// Span data, when spans are wanted.
+    pub span: Option<Box<SpanInfo>>,
+}
+
+/// What one processed message asks the store to write.
+#[derive(Debug)]
+pub struct WriteIntent {
+    /// The entity's whole encoded record, if it changed.
+    pub entity: Option<(String, Vec<u8>)>,
+    /// A dead letter to record (its id is assigned here).
+    pub dead_letter: Option<DeadLetter>,
+    /// Messages to publish once durable.
+    pub outbox: Vec<OutboxRecord>,
+    /// The acknowledgement.
+    pub ack: Ack,
+    /// Incremented once the intent is durable (the actor's write counter).
+    pub durable: Option<Arc<AtomicU64>>,
+}
+
+/// A message to the writer.
+pub enum WriterMsg {
+    /// Write and acknowledge.
+    Write(Box<WriteIntent>),
+    /// Reply once every intent sent before this one is durable.
+    Barrier(std::sync::mpsc::Sender<()>),
+}
+
+/// Checkpoints for the source to commit to Kafka.
+pub type CommitRequest = Vec<Checkpoint>;
+
+/// Everything the writer works with.
+pub struct Writer {
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// Shared with the source.
+    pub tracker: Arc<Mutex<CheckpointTracker>>,
+    /// Counters.
+    pub stats: Arc<Stats>,
+    /// Where dead letters are published.
+    pub dead_letter_topic: String,
+    /// Most intents per batch.
+    pub batch_max: usize,
+    /// Tells the source what to commit.
+    pub commits: std::sync::mpsc::Sender<CommitRequest>,
+    /// Wakes the outbox publisher.
+    pub outbox_ready: Arc<tokio::sync::Notify>,
+}
+
+/// Why the writer stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum WriterError {
+    /// The store failed; nothing after the last flush was acknowledged.
+    #[error("store writer stopped: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl Writer {
+    /// Runs until every sender is gone. Returns an error if the store fails:
+    /// the caller must stop the pipeline, since later offsets cannot be made durable.
+    pub async fn run(self, mut rx: mpsc::UnboundedReceiver<WriterMsg>) -> Result<(), WriterError> {
+        let mut msgs = Vec::with_capacity(self.batch_max);
+        loop {
+            if rx.recv_many(&mut msgs, self.batch_max).await == 0 {
+                return Ok(());
+            }
+            self.write_batch(&mut msgs).await?;
+        }
+    }
+
+    async fn write_batch(&self, msgs: &mut Vec<WriterMsg>) -> Result<(), WriterError> {
+        let mut batch = CommitBatch::default();
+        let mut index: HashMap<String, usize> = HashMap::new();
+        let mut intents = Vec::with_capacity(msgs.len());
+        let mut barriers = Vec::new();
+        for msg in msgs.drain(..) {
+            match msg {
+                WriterMsg::Write(i) => intents.push(i),
+                WriterMsg::Barrier(b) => barriers.push(b),
+            }
+        }
+        let mut touched: HashSet<TopicPartition> = HashSet::new();
+        for intent in intents.iter_mut() {
+            if let Some((id, bytes)) = intent.entity.take() {
+                match index.get(&id) {
+                    Some(&i) => batch.entities[i].1 = bytes,
+                    None => {
+                        index.insert(id.clone(), batch.entities.len());
+                        batch.entities.push((id, bytes));
+                    }
+                }
+            }
+            if let Some(mut dl) = intent.dead_letter.take() {
+                dl.id = self.store.next_id()?;
+                let mut headers = dl.headers.clone();
+                headers.push((
+                    "orderly.dead_letter.code".into(),
+                    dl.code.clone().into_bytes(),
+                ));
+                headers.push((
+                    "orderly.dead_letter.reason".into(),
+                    dl.reason.clone().into_bytes(),
+                ));
+                let record = OutboxRecord {
+                    topic: self.dead_letter_topic.clone(),
+                    key: dl.key.clone(),
+                    value: dl.to_json().to_string().into_bytes(),
+                    headers,
+                };
+                batch.outbox.push((self.store.next_id()?, record));
+                batch.dead_letters.push(dl);
+            }
+            for record in intent.outbox.drain(..) {
+                batch.outbox.push((self.store.next_id()?, record));
+            }
+            touched.insert(intent.ack.tp.clone());
+        }
+        {
+            let mut tracker = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
+            for intent in &intents {
+                tracker.written(&intent.ack.tp, intent.ack.offset);
+            }
+            for tp in &touched {
+                if let Some(next_offset) = tracker.checkpoint(tp) {
+                    batch.checkpoints.push(Checkpoint {
+                        topic: tp.0.to_string(),
+                        partition: tp.1,
+                        next_offset,
+                    });
+                }
+            }
+        }
+        crate::failpoint::hit("writer.before_commit")?;
+        self.store.commit(&batch)?;
+        crate::failpoint::hit("writer.before_flush")?;
+        self.store.flush().await?;
+        crate::failpoint::hit("writer.after_flush")?;
+        let durable_at = SystemTime::now();
+        self.acknowledge(&intents, durable_at);
+        if !batch.checkpoints.is_empty() {
+            let _ = self.commits.send(batch.checkpoints);
+        }
+        if !batch.outbox.is_empty() {
+            self.outbox_ready.notify_one();
+        }
+        self.stats.batches.fetch_add(1, Relaxed);
+        self.stats
+            .entity_writes
+            .fetch_add(batch.entities.len() as u64, Relaxed);
+        for b in barriers {
+            let _ = b.send(());
+        }
+        Ok(())
+    }
+
+    fn acknowledge(&self, intents: &[Box<WriteIntent>], durable_at: SystemTime) {
+        {
+            let mut tracker = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
+            for intent in intents {
+                tracker.durable(&intent.ack.tp, intent.ack.offset);
+            }
+        }
+        let now_us = durable_at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_micros() as i64)
+            .unwrap_or(0);
+        let since = |ms: Option<i64>| ms.map(|ms| (now_us - ms * 1000).max(0) as u64);
+        self.stats.record_latencies(
+            intents
+                .iter()
+                .map(|i| (since(i.ack.kafka_ts), since(i.ack.occurred_at))),
+        );
+        for intent in intents {
+            if let Some(d) = &intent.durable {
+                d.fetch_add(1, Relaxed);
+            }
+            if let Some(span) = &intent.ack.span {
+                telemetry::record_event_span(span, intent.ack.outcome, durable_at);
+            }
+        }
+        let n = intents.len() as u64;
+        self.stats.durable.fetch_add(n, Relaxed);
+        self.stats.in_flight.fetch_sub(n as i64, Relaxed);
+    }
+}

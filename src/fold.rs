@@ -97,8 +97,11 @@ pub struct EntityRecord {
     pub applied_offsets: BTreeMap<String, i64>,
     /// Distinct events applied (in order or re-folded).
     pub applied_events: u64,
-    /// Duplicates skipped.
+    /// Duplicates skipped (both kinds).
     pub duplicates: u64,
+    /// Of those, redeliveries: offsets at or below the last applied one, as
+    /// after a crash or rebalance.
+    pub redeliveries: u64,
     /// Late events re-folded.
     pub late_events: u64,
     /// Events older than the retained log, which could not be re-folded.
@@ -209,6 +212,7 @@ impl EntityRecord {
         if let Some(&last) = self.applied_offsets.get(&tp) {
             if origin.offset <= last {
                 self.duplicates += 1;
+                self.redeliveries += 1;
                 return Ok(Outcome::Duplicate(DuplicateKind::Redelivery));
             }
         }
@@ -419,6 +423,7 @@ impl EntityRecord {
             "applied_offsets": self.applied_offsets,
             "applied_events": self.applied_events,
             "duplicates": self.duplicates,
+            "redeliveries": self.redeliveries,
             "late_events": self.late_events,
             "too_late_events": self.too_late_events,
             "dead_lettered": self.dead_lettered,

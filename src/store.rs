@@ -11,6 +11,7 @@
 //! | `c\0<topic>\0<partition, i32 BE>` | checkpoint: the next offset to consume, i64 BE |
 //! | `d\0<id, u64 BE>` | [`DeadLetter`] |
 //! | `o\0<id, u64 BE>` | [`OutboxRecord`] not yet published |
+//! | `x\0<topic>\0<partition, i32 BE><offset, i64 BE>` | dead-letter id: one dead letter per message, even after a replay |
 //!
 //! Every value starts with a format-version byte. This module does not decide
 //! what goes into a batch; the writer does.
@@ -30,6 +31,7 @@ const ENTITY: u8 = b'e';
 const CHECKPOINT: u8 = b'c';
 const DEAD_LETTER: u8 = b'd';
 const OUTBOX: u8 = b'o';
+const DEAD_LETTER_INDEX: u8 = b'x';
 
 /// A store failure.
 #[derive(Debug, thiserror::Error)]
@@ -109,10 +111,12 @@ pub trait Store: Send + Sync + 'static {
     fn commit(&self, batch: &CommitBatch) -> Result<()>;
     /// Makes every committed batch durable.
     fn flush(&self) -> BoxFuture<'_, Result<()>>;
-    /// A fresh unique id (for dead letters and outbox records).
+    /// A fresh unique id, at least 1 (for dead letters and outbox records).
     fn next_id(&self) -> Result<u64>;
     /// The stored checkpoints of `topic`, by partition.
     fn checkpoints(&self, topic: &str) -> Result<BTreeMap<i32, i64>>;
+    /// Whether the message at this position already has a dead letter.
+    fn has_dead_letter(&self, topic: &str, partition: i32, offset: i64) -> Result<bool>;
     /// Every entity record, in key order.
     fn entities(&self) -> Box<dyn Iterator<Item = Result<EntityRecord>> + '_>;
     /// Dead letters with id > `after`, at most `limit`, in id order.
@@ -160,6 +164,14 @@ fn key(prefix: u8, rest: &[u8]) -> Vec<u8> {
     k.push(prefix);
     k.push(0);
     k.extend_from_slice(rest);
+    k
+}
+
+fn dead_letter_index_key(topic: &str, partition: i32, offset: i64) -> Vec<u8> {
+    let mut k = key(DEAD_LETTER_INDEX, topic.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&partition.to_be_bytes());
+    k.extend_from_slice(&offset.to_be_bytes());
     k
 }
 
@@ -221,6 +233,10 @@ impl Store for SledStore {
         }
         for dl in &batch.dead_letters {
             b.insert(key(DEAD_LETTER, &dl.id.to_be_bytes()), encode(dl));
+            b.insert(
+                dead_letter_index_key(&dl.topic, dl.partition, dl.offset),
+                dl.id.to_be_bytes().to_vec(),
+            );
         }
         for (id, rec) in &batch.outbox {
             b.insert(key(OUTBOX, &id.to_be_bytes()), encode(rec));
@@ -243,7 +259,8 @@ impl Store for SledStore {
     }
 
     fn next_id(&self) -> Result<u64> {
-        Ok(self.db.generate_id()?)
+        // Ids start at 1, so that paging "after 0" starts at the beginning.
+        Ok(self.db.generate_id()? + 1)
     }
 
     fn checkpoints(&self, topic: &str) -> Result<BTreeMap<i32, i64>> {
@@ -261,6 +278,12 @@ impl Store for SledStore {
             out.insert(i32::from_be_bytes(p), i64::from_be_bytes(o));
         }
         Ok(out)
+    }
+
+    fn has_dead_letter(&self, topic: &str, partition: i32, offset: i64) -> Result<bool> {
+        Ok(self
+            .tree
+            .contains_key(dead_letter_index_key(topic, partition, offset))?)
     }
 
     fn entities(&self) -> Box<dyn Iterator<Item = Result<EntityRecord>> + '_> {

@@ -123,6 +123,17 @@ impl Writer {
                 }
             }
             if let Some(mut dl) = intent.dead_letter.take() {
+                let replayed = self
+                    .store
+                    .has_dead_letter(&dl.topic, dl.partition, dl.offset)?
+                    || batch.dead_letters.iter().any(|d| {
+                        (&d.topic, d.partition, d.offset) == (&dl.topic, dl.partition, dl.offset)
+                    });
+                if replayed {
+                    // A redelivery after a crash: this message is already dead-lettered.
+                    touched.insert(intent.ack.tp.clone());
+                    continue;
+                }
                 dl.id = self.store.next_id()?;
                 let mut headers = dl.headers.clone();
                 headers.push((

@@ -1,0 +1,481 @@
+//! Scenario-test helpers: a real broker (librdkafka's mock cluster), topics
+//! with random names, event streams and an independent oracle, `orderly run`
+//! as a child process, and a real OTLP/HTTP receiver.
+#![allow(dead_code)]
+
+use orderly::broker::EmbeddedBroker;
+use orderly::envelope::Event;
+use orderly::workload::{self, Format, Outgoing, ProduceOptions};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A broker with a random topic of `partitions` partitions and a dead-letter topic.
+pub struct TestTopic {
+    pub broker: EmbeddedBroker,
+    pub brokers: String,
+    pub topic: String,
+    pub dead_letters: String,
+    pub group: String,
+    pub partitions: i32,
+}
+
+impl TestTopic {
+    pub fn new(partitions: i32) -> TestTopic {
+        let broker = EmbeddedBroker::start(1).expect("mock cluster");
+        let suffix: u32 = rand::rng().random();
+        let topic = format!("events-{suffix:08x}");
+        let dead_letters = format!("dead-letters-{suffix:08x}");
+        broker
+            .create_topic(&topic, partitions)
+            .expect("create topic");
+        broker
+            .create_topic(&dead_letters, 1)
+            .expect("create dlq topic");
+        TestTopic {
+            brokers: broker.bootstrap_servers(),
+            broker,
+            topic,
+            dead_letters,
+            group: format!("group-{suffix:08x}"),
+            partitions,
+        }
+    }
+
+    /// A config for this topic, with a fast-failing group for crash tests.
+    pub fn config(&self, data_dir: &Path) -> orderly::config::Config {
+        orderly::config::Config {
+            brokers: self.brokers.clone(),
+            topic: self.topic.clone(),
+            group: self.group.clone(),
+            dead_letter_topic: self.dead_letters.clone(),
+            data_dir: data_dir.to_owned(),
+            types: orderly::config::Config::crm_types(),
+            kafka: fast_group(),
+            ..Default::default()
+        }
+    }
+
+    /// Writes `config` as a TOML file for `orderly run`.
+    pub fn config_file(&self, dir: &Path, data_dir: &Path) -> PathBuf {
+        let path = dir.join("orderly.toml");
+        let text = toml::to_string(&self.config(data_dir)).expect("config serialises");
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+
+    pub fn produce(&self, messages: impl Iterator<Item = Outgoing>) -> u64 {
+        produce_to(&self.brokers, &self.topic, None, messages)
+    }
+
+    pub fn produce_events(&self, events: &[Event]) -> u64 {
+        self.produce(
+            events
+                .iter()
+                .map(|e| workload::message_of(e, Format::Proto)),
+        )
+    }
+
+    /// Sum of the partitions' high watermarks: messages on the topic.
+    pub fn end_offsets(&self) -> BTreeMap<i32, i64> {
+        let c = self.admin_consumer();
+        (0..self.partitions)
+            .map(|p| {
+                let (_, high) = c
+                    .fetch_watermarks(&self.topic, p, Duration::from_secs(10))
+                    .expect("watermarks");
+                (p, high)
+            })
+            .collect()
+    }
+
+    /// The group's committed offsets.
+    pub fn committed(&self) -> BTreeMap<i32, i64> {
+        let c = self.admin_consumer();
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..self.partitions {
+            tpl.add_partition(&self.topic, p);
+        }
+        match c.committed_offsets(tpl, Duration::from_secs(10)) {
+            Ok(tpl) => tpl
+                .elements()
+                .iter()
+                .map(|e| {
+                    (
+                        e.partition(),
+                        match e.offset() {
+                            Offset::Offset(o) => o,
+                            _ => -1,
+                        },
+                    )
+                })
+                .collect(),
+            Err(_) => BTreeMap::new(),
+        }
+    }
+
+    /// Waits until the group has committed every message on the topic.
+    pub fn wait_all_committed(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let end = self.end_offsets();
+        loop {
+            let committed = self.committed();
+            if committed == end {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not all committed after {timeout:?}: committed {committed:?}, end {end:?}"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    fn admin_consumer(&self) -> BaseConsumer {
+        ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", &self.group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("admin consumer")
+    }
+
+    /// Reads every message of `topic` from the beginning (for dead-letter checks).
+    pub fn read_all(&self, topic: &str, expected: usize, timeout: Duration) -> Vec<Vec<u8>> {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set(
+                "group.id",
+                format!("reader-{}", rand::rng().random::<u32>()),
+            )
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .expect("reader");
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, 0, Offset::Beginning)
+            .expect("tpl");
+        c.assign(&tpl).expect("assign");
+        let mut out = Vec::new();
+        let deadline = Instant::now() + timeout;
+        while out.len() < expected && Instant::now() < deadline {
+            if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+                use rdkafka::Message;
+                out.push(m.payload().unwrap_or_default().to_vec());
+            }
+        }
+        out
+    }
+}
+
+/// Consumer properties that make a killed member leave the group quickly.
+pub fn fast_group() -> BTreeMap<String, String> {
+    [
+        ("session.timeout.ms", "6000"),
+        ("heartbeat.interval.ms", "500"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
+pub fn produce_to(
+    brokers: &str,
+    topic: &str,
+    rate: Option<f64>,
+    messages: impl Iterator<Item = Outgoing>,
+) -> u64 {
+    let opts = ProduceOptions {
+        brokers: brokers.into(),
+        topic: topic.into(),
+        rate,
+        format: Format::Proto,
+    };
+    workload::produce(&opts, messages, |_| {}).expect("produce")
+}
+
+/// `per_entity` distinct CRM events for each of `entities` entities, arriving
+/// in a random order (so shuffled within each entity), plus about
+/// `dup_ratio` duplicates re-sent later.
+pub fn shuffled_stream(entities: u64, per_entity: u32, dup_ratio: f64, seed: u64) -> Vec<Event> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut events = Vec::new();
+    for i in 0..entities {
+        for seq in 0..per_entity {
+            events.push(workload::crm_event(i, seq, 5, 1_700_000_000_000, &mut rng));
+        }
+    }
+    events.shuffle(&mut rng);
+    let dups = (events.len() as f64 * dup_ratio) as usize;
+    for _ in 0..dups {
+        let from = rng.random_range(0..events.len());
+        let e = events[from].clone();
+        let to = rng.random_range(from..=events.len());
+        events.insert(to, e);
+    }
+    events
+}
+
+/// The oracle: folds each entity's distinct events in order-key order with
+/// its own implementation of set / inc / delete, independent of orderly's.
+pub struct Oracle {
+    pub state: BTreeMap<String, (serde_json::Map<String, serde_json::Value>, bool)>,
+    pub distinct: HashMap<String, u64>,
+}
+
+impl Oracle {
+    pub fn of(events: &[Event]) -> Oracle {
+        let reducers: HashMap<String, orderly::handler::ReduceOp> =
+            orderly::config::Config::crm_types()
+                .into_iter()
+                .map(|(t, c)| (t, c.reducer))
+                .collect();
+        let mut seen = HashSet::new();
+        let mut by_entity: BTreeMap<String, Vec<&Event>> = BTreeMap::new();
+        for e in events {
+            if seen.insert((e.entity_id.clone(), e.event_id.clone())) {
+                by_entity.entry(e.entity_id.clone()).or_default().push(e);
+            }
+        }
+        let mut state = BTreeMap::new();
+        let mut distinct = HashMap::new();
+        for (id, mut evs) in by_entity {
+            evs.sort_by(|a, b| {
+                (a.version, a.occurred_at, &a.event_id).cmp(&(
+                    b.version,
+                    b.occurred_at,
+                    &b.event_id,
+                ))
+            });
+            distinct.insert(id.clone(), evs.len() as u64);
+            let mut fields = serde_json::Map::new();
+            let mut deleted = false;
+            for e in evs {
+                let payload = orderly::value::fields_to_json(&e.payload);
+                let payload = payload.as_object().expect("object");
+                use orderly::handler::ReduceOp::*;
+                match reducers.get(&e.event_type).copied().unwrap_or(Set) {
+                    Set => {
+                        deleted = false;
+                        for (k, v) in payload {
+                            fields.insert(k.clone(), v.clone());
+                        }
+                    }
+                    Inc => {
+                        for (k, v) in payload {
+                            let old = fields.get(k).and_then(|o| o.as_i64()).unwrap_or(0);
+                            fields.insert(
+                                k.clone(),
+                                serde_json::json!(old + v.as_i64().expect("int")),
+                            );
+                        }
+                    }
+                    Delete => {
+                        fields.clear();
+                        deleted = true;
+                    }
+                }
+            }
+            state.insert(id, (fields, deleted));
+        }
+        Oracle { state, distinct }
+    }
+
+    /// Compares with a store: same entities, same fields, and each entity's
+    /// applied count equals its distinct events. Returns the mismatches.
+    pub fn diff(&self, store: &dyn orderly::store::Store) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut seen = 0;
+        for r in store.entities() {
+            let r = r.expect("record decodes");
+            if r.entity_id.starts_with("junk") {
+                continue;
+            }
+            seen += 1;
+            let Some((fields, deleted)) = self.state.get(&r.entity_id) else {
+                problems.push(format!("{}: not in the oracle", r.entity_id));
+                continue;
+            };
+            let got = orderly::value::fields_to_json(&r.state.fields);
+            if got.as_object() != Some(fields) || r.state.deleted != *deleted {
+                problems.push(format!(
+                    "{}: state {got} deleted={}, oracle {fields:?} deleted={deleted}",
+                    r.entity_id, r.state.deleted
+                ));
+            }
+            if r.applied_events != self.distinct[&r.entity_id] {
+                problems.push(format!(
+                    "{}: applied {} events, oracle has {} distinct",
+                    r.entity_id, r.applied_events, self.distinct[&r.entity_id]
+                ));
+            }
+        }
+        if seen != self.state.len() {
+            problems.push(format!(
+                "store has {seen} entities, oracle {}",
+                self.state.len()
+            ));
+        }
+        problems
+    }
+}
+
+/// `orderly run` as a child process.
+pub struct OrderlyProcess {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl OrderlyProcess {
+    pub fn start(config: &Path, log: &Path, envs: &[(&str, &str)]) -> OrderlyProcess {
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_orderly"));
+        cmd.arg("run")
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log_file));
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        OrderlyProcess {
+            child: cmd.spawn().expect("spawn orderly"),
+            log: log.to_owned(),
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits up to `timeout` for a clean exit.
+    pub fn terminate(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                panic!(
+                    "orderly did not exit within {timeout:?} of SIGTERM; log: {}",
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for OrderlyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub mod otlp {
+    //! A minimal OTLP/HTTP (protobuf) trace receiver.
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::trace::v1::Span;
+    use prost::Message;
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpListener;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    pub struct Receiver {
+        pub spans: Arc<Mutex<Vec<Span>>>,
+        pub port: u16,
+    }
+
+    impl Receiver {
+        pub fn start() -> Receiver {
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+            let port = listener.local_addr().expect("addr").port();
+            let spans: Arc<Mutex<Vec<Span>>> = Arc::default();
+            let sink = spans.clone();
+            std::thread::spawn(move || {
+                for stream in listener.incoming().flatten() {
+                    let sink = sink.clone();
+                    std::thread::spawn(move || serve(stream, sink));
+                }
+            });
+            Receiver { spans, port }
+        }
+
+        pub fn endpoint(&self) -> String {
+            format!("http://127.0.0.1:{}", self.port)
+        }
+
+        pub fn spans(&self) -> Vec<Span> {
+            self.spans.lock().expect("lock").clone()
+        }
+    }
+
+    fn serve(stream: std::net::TcpStream, sink: Arc<Mutex<Vec<Span>>>) {
+        let mut writer = stream.try_clone().expect("clone");
+        let mut reader = BufReader::new(stream);
+        loop {
+            let mut len = 0usize;
+            let mut line = String::new();
+            let mut first = true;
+            loop {
+                line.clear();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    return;
+                }
+                if first {
+                    assert!(
+                        line.starts_with("POST /v1/traces"),
+                        "unexpected request: {line}"
+                    );
+                    first = false;
+                }
+                let l = line.trim_end();
+                if l.is_empty() {
+                    break;
+                }
+                if let Some((k, v)) = l.split_once(':') {
+                    if k.eq_ignore_ascii_case("content-length") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                }
+            }
+            let mut body = vec![0; len];
+            if reader.read_exact(&mut body).is_err() {
+                return;
+            }
+            let req =
+                ExportTraceServiceRequest::decode(body.as_slice()).expect("valid OTLP protobuf");
+            let mut spans = sink.lock().expect("lock");
+            for rs in req.resource_spans {
+                for ss in rs.scope_spans {
+                    spans.extend(ss.spans);
+                }
+            }
+            drop(spans);
+            let _ = writer.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\nContent-Length: 0\r\n\r\n");
+        }
+    }
+}

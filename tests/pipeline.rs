@@ -1,0 +1,157 @@
+//! Scenario tests of the core pipeline on the embedded broker, in process.
+
+mod common;
+
+use common::{shuffled_stream, Oracle, TestTopic};
+use orderly::metrics::Stats;
+use orderly::pipeline::Pipeline;
+use orderly::store::Store;
+use orderly::workload::{self, Format, Outgoing};
+use std::time::{Duration, Instant};
+
+/// Runs a pipeline until `expected` messages are durable, then shuts it down.
+fn run_until_durable(
+    config: orderly::config::Config,
+    expected: u64,
+    produce: impl FnOnce() + Send + 'static,
+) -> std::sync::Arc<orderly::store::SledStore> {
+    let handlers = config.handlers();
+    actix::System::new().block_on(async move {
+        let pipeline = Pipeline::start(config, handlers).expect("pipeline starts");
+        let producer = std::thread::spawn(produce);
+        let stats = pipeline.stats();
+        let deadline = Instant::now() + Duration::from_secs(240);
+        while Stats::get(&stats.durable) < expected {
+            assert!(
+                pipeline.fatal().reason().is_none(),
+                "pipeline failed: {:?}",
+                pipeline.fatal().reason()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {expected} durable",
+                Stats::get(&stats.durable)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        producer.join().expect("producer");
+        // Nothing beyond what was produced may show up.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(Stats::get(&stats.durable), expected);
+        let store = pipeline.store();
+        pipeline.shutdown().expect("clean shutdown");
+        store
+    })
+}
+
+#[test]
+fn shuffled_stream_with_duplicates_folds_to_the_oracle() {
+    let topic = TestTopic::new(8);
+    let dir = tempfile::tempdir().unwrap();
+    // 1,000 entities x 20 distinct events, shuffled, plus 2% duplicates.
+    let events = shuffled_stream(1_000, 20, 0.02, 7);
+    assert!(events.len() >= 20_000);
+    let oracle = Oracle::of(&events);
+    let n = events.len() as u64;
+    let (brokers, name) = (topic.brokers.clone(), topic.topic.clone());
+    let to_send = events.clone();
+    let store = run_until_durable(topic.config(dir.path()), n, move || {
+        common::produce_to(
+            &brokers,
+            &name,
+            None,
+            to_send
+                .iter()
+                .map(|e| workload::message_of(e, Format::Proto)),
+        );
+    });
+    let problems = oracle.diff(store.as_ref());
+    assert!(
+        problems.is_empty(),
+        "{} mismatches, first: {:?}",
+        problems.len(),
+        &problems[..problems.len().min(5)]
+    );
+    // Every offset is checkpointed: the stored checkpoints cover the topic.
+    let stored = store.checkpoints(&topic.topic).unwrap();
+    assert_eq!(
+        stored.values().sum::<i64>(),
+        n as i64,
+        "checkpoints {stored:?}"
+    );
+    topic.wait_all_committed(Duration::from_secs(30));
+}
+
+#[test]
+fn malformed_messages_are_dead_lettered_and_processing_goes_on() {
+    let topic = TestTopic::new(4);
+    let dir = tempfile::tempdir().unwrap();
+    let good = shuffled_stream(50, 4, 0.0, 3);
+    let malformed = workload::malformed_samples();
+    // An event a handler rejects: inc on a text field (the lead's stage).
+    let rejected = Outgoing {
+        key: Some(b"lead-0".to_vec()),
+        value: br#"{"entity_id":"lead-0","tenant_id":"tenant-0","event_id":"bad-inc","type":"conversion.recorded","occurred_at":1700000099999,"payload":{"stage":1}}"#.to_vec(),
+        headers: vec![("x-origin".into(), b"crm".to_vec())],
+    };
+    let mut messages: Vec<Outgoing> = Vec::new();
+    let mut bad = malformed.clone().into_iter().chain([rejected]);
+    for (i, e) in good.iter().enumerate() {
+        messages.push(workload::message_of(e, Format::Proto));
+        if i % 20 == 10 {
+            if let Some(b) = bad.next() {
+                messages.push(b);
+            }
+        }
+    }
+    messages.extend(bad);
+    let n = messages.len() as u64;
+    let kinds = malformed.len() + 1;
+    assert!(kinds >= 7);
+    let (brokers, name) = (topic.brokers.clone(), topic.topic.clone());
+    let store = run_until_durable(topic.config(dir.path()), n, move || {
+        common::produce_to(&brokers, &name, None, messages.into_iter());
+    });
+
+    let dls = store.dead_letters(0, 1000).unwrap();
+    let mut codes: Vec<&str> = dls.iter().map(|d| d.code.as_str()).collect();
+    codes.sort();
+    assert_eq!(
+        codes,
+        [
+            "bad_json",
+            "bad_protobuf",
+            "empty_message",
+            "handler_permanent",
+            "key_mismatch",
+            "missing_entity_id",
+            "missing_event_id",
+            "payload_not_object"
+        ]
+    );
+    for d in &dls {
+        assert!(d.reason.len() > 20, "reason too terse: {d:?}");
+        assert_eq!(d.topic, topic.topic);
+        assert!(d.offset >= 0);
+    }
+    let handler = dls.iter().find(|d| d.code == "handler_permanent").unwrap();
+    assert!(handler.reason.contains("stage"), "{}", handler.reason);
+    assert_eq!(
+        handler.headers,
+        vec![("x-origin".to_string(), b"crm".to_vec())]
+    );
+    assert_eq!(handler.entity_id.as_deref(), Some("lead-0"));
+
+    // The valid events around them are all applied, and the rejected event left lead-0 as the oracle says.
+    let problems = Oracle::of(&good).diff(store.as_ref());
+    assert!(problems.is_empty(), "{problems:?}");
+    // The dead letters were published to the dead-letter topic, through the outbox.
+    let published = topic.read_all(&topic.dead_letters, dls.len(), Duration::from_secs(20));
+    assert_eq!(published.len(), dls.len());
+    let first: serde_json::Value = serde_json::from_slice(&published[0]).unwrap();
+    assert!(
+        first["reason"].as_str().is_some_and(|r| !r.is_empty()),
+        "{first}"
+    );
+    assert!(store.outbox(10).unwrap().is_empty(), "outbox drained");
+}

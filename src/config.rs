@@ -60,6 +60,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Where dead letters are published.
     pub dead_letter_topic: String,
+    /// Where observers publish derived events (keyed by their target entity);
+    /// orderly consumes it too. Unset: observers are not run.
+    pub derived_topic: Option<String>,
     /// The wire format of input messages.
     pub content_type: ContentType,
     /// Number of shards (actix Arbiters, one thread each); 0 means one per core.
@@ -124,6 +127,7 @@ impl Default for Config {
             group: "orderly".into(),
             data_dir: PathBuf::from("orderly-data"),
             dead_letter_topic: "orderly.dead-letters".into(),
+            derived_topic: None,
             content_type: ContentType::Auto,
             shards: 0,
             idle_timeout_ms: default_idle_timeout_ms(),
@@ -231,6 +235,13 @@ impl Config {
         Ok(config)
     }
 
+    /// The topics orderly consumes: the input topic and, if set, the derived-events topic.
+    pub fn input_topics(&self) -> Vec<String> {
+        std::iter::once(self.topic.clone())
+            .chain(self.derived_topic.clone())
+            .collect()
+    }
+
     /// Checks ranges and relations between fields.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |field, reason: &str| {
@@ -256,6 +267,14 @@ impl Config {
                 "dead_letter_topic",
                 "must differ from `topic`, or dead letters would be consumed again",
             );
+        }
+        if let Some(d) = &self.derived_topic {
+            if d.trim().is_empty() || d == &self.topic || d == &self.dead_letter_topic {
+                return bad(
+                    "derived_topic",
+                    "must be a topic of its own, not empty, `topic` or `dead_letter_topic`",
+                );
+            }
         }
         if self.retention_events == 0 {
             return bad("retention_events", "must be at least 1");
@@ -321,6 +340,7 @@ const KNOWN_FIELDS: &[&str] = &[
     "group",
     "data_dir",
     "dead_letter_topic",
+    "derived_topic",
     "content_type",
     "shards",
     "idle_timeout_ms",

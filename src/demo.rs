@@ -213,7 +213,6 @@ fn print_summary(s: &Summary) {
     for (k, v) in rows {
         println!(" {k:<32} | {v:>20}");
     }
-    println!(
-        "\nThe embedded broker serves fetches slowly; see `orderly bench` for real throughput."
-    );
+    println!("\nThe workload is produced as fast as possible, so latency includes time queued in the broker.");
+    println!("The embedded broker serves fetches slowly: do not judge orderly's speed on it.");
 }

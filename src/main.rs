@@ -26,6 +26,7 @@ enum Command {
     /// ORDERLY_KAFKA__SESSION_TIMEOUT_MS=...), then these flags. Knobs and
     /// defaults: brokers=localhost:9092, topic=orderly.events, group=orderly,
     /// data_dir=orderly-data, dead_letter_topic=orderly.dead-letters,
+    /// derived_topic (unset: observers off),
     /// content_type=auto (auto|json|proto), shards=0 (one per core),
     /// idle_timeout_ms=60000, retention_events=32, batch_max=4096,
     /// in_flight_high=50000, in_flight_low=25000, drain_timeout_ms=30000,

@@ -182,7 +182,7 @@ impl Pipeline {
             writer: writer_tx.clone(),
             stats: stats.clone(),
             retention: config.retention_events,
-            derived_topic: None,
+            derived_topic: config.derived_topic.clone(),
             fatal: fatal.clone(),
         });
         let arbiters: Vec<Arbiter> = (0..config.shard_count()).map(|_| Arbiter::new()).collect();
@@ -203,7 +203,7 @@ impl Pipeline {
                 stats: stats.clone(),
                 commits: commits_rx,
                 ready: ready.clone(),
-                topics: vec![config.topic.clone()],
+                topics: config.input_topics(),
             },
         )
         .map_err(|e| PipelineError::Source(Box::new(e)))?;

@@ -37,9 +37,18 @@ pub struct SourceContext {
     drain_timeout: Duration,
     assigned: Mutex<HashSet<TopicPartition>>,
     ready: Arc<AtomicBool>,
+    /// Durable checkpoints per partition: from the writer, and the stored ones
+    /// found at assignment. Committed to Kafka until Kafka has them.
+    durable: Mutex<HashMap<(String, i32), i64>>,
+    /// What Kafka acknowledged, from the commit callback.
+    committed: Mutex<HashMap<(String, i32), i64>>,
 }
 
 impl ClientContext for SourceContext {}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 impl SourceContext {
     /// Waits until every received event of `tps` is durable, or the drain timeout.
@@ -104,7 +113,13 @@ impl ConsumerContext for SourceContext {
                         }
                     };
                     let offset = match cps.get(partition) {
-                        Some(&o) => Offset::Offset(o),
+                        Some(&o) => {
+                            // Durable already; make sure Kafka learns it even if nothing new arrives.
+                            let mut d = lock(&self.durable);
+                            let e = d.entry((topic.clone(), *partition)).or_insert(o);
+                            *e = (*e).max(o);
+                            Offset::Offset(o)
+                        }
                         None => Offset::Stored,
                     };
                     let _ = tpl.set_partition_offset(topic, *partition, offset);
@@ -172,6 +187,26 @@ impl ConsumerContext for SourceContext {
                 tracing::error!(error = ?other, "rebalance failed");
                 let _ = consumer.unassign();
             }
+        }
+    }
+
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        offsets: &TopicPartitionList,
+    ) {
+        match result {
+            Ok(()) => {
+                let mut c = lock(&self.committed);
+                for e in offsets.elements() {
+                    if let Offset::Offset(o) = e.offset() {
+                        let k = (e.topic().to_owned(), e.partition());
+                        let v = c.entry(k).or_insert(o);
+                        *v = (*v).max(o);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "committing offsets to Kafka failed; retrying"),
         }
     }
 }
@@ -248,6 +283,8 @@ impl Source {
             drain_timeout: Duration::from_millis(config.drain_timeout_ms),
             assigned: Mutex::new(HashSet::new()),
             ready: parts.ready,
+            durable: Mutex::new(HashMap::new()),
+            committed: Mutex::new(HashMap::new()),
         };
         let consumer: BaseConsumer<SourceContext> = cc.create_with_context(context).map_err(err)?;
         let topics: Vec<&str> = parts.topics.iter().map(String::as_str).collect();
@@ -271,12 +308,11 @@ impl Source {
     pub fn run(self, stop: Arc<AtomicBool>, grace: Duration) {
         tracing::info!(topics = ?self.topics, "source started");
         let mut paused = false;
-        let mut pending_commit: HashMap<(String, i32), i64> = HashMap::new();
         let mut last_commit = Instant::now();
         while !stop.load(Relaxed) {
-            self.collect_commits(&mut pending_commit);
-            if !pending_commit.is_empty() && last_commit.elapsed() >= Duration::from_millis(200) {
-                self.commit(&mut pending_commit, CommitMode::Async);
+            self.collect_commits();
+            if last_commit.elapsed() >= Duration::from_millis(200) {
+                self.commit(CommitMode::Async);
                 last_commit = Instant::now();
             }
             let in_flight = self.stats.in_flight.load(Relaxed);
@@ -301,8 +337,8 @@ impl Source {
         {
             std::thread::sleep(Duration::from_millis(5));
         }
-        self.collect_commits(&mut pending_commit);
-        self.commit(&mut pending_commit, CommitMode::Sync);
+        self.collect_commits();
+        self.commit(CommitMode::Sync);
         tracing::info!(
             in_flight = self.stats.in_flight.load(Relaxed),
             "source stopped"
@@ -335,10 +371,12 @@ impl Source {
         }
     }
 
-    fn collect_commits(&self, pending: &mut HashMap<(String, i32), i64>) {
+    /// Takes the writer's durable checkpoints.
+    fn collect_commits(&self) {
+        let mut durable = lock(&self.consumer.context().durable);
         while let Ok(req) = self.commits.try_recv() {
             for cp in req {
-                let e = pending
+                let e = durable
                     .entry((cp.topic, cp.partition))
                     .or_insert(cp.next_offset);
                 *e = (*e).max(cp.next_offset);
@@ -346,28 +384,34 @@ impl Source {
         }
     }
 
-    fn commit(&self, pending: &mut HashMap<(String, i32), i64>, mode: CommitMode) {
-        if pending.is_empty() {
-            return;
-        }
-        let assigned = self
-            .consumer
-            .context()
-            .assigned
-            .lock()
-            .map(|a| a.clone())
-            .unwrap_or_default();
+    /// Commits every assigned partition whose durable checkpoint Kafka does not
+    /// have yet. A failed commit is simply tried again next time.
+    fn commit(&self, mode: CommitMode) {
+        let ctx = self.consumer.context();
+        let assigned = lock(&ctx.assigned).clone();
         let mut tpl = TopicPartitionList::new();
-        for ((topic, partition), offset) in pending.drain() {
-            if assigned.contains(&(Arc::from(topic.as_str()), partition)) {
-                let _ = tpl.add_partition_offset(&topic, partition, Offset::Offset(offset));
+        {
+            let durable = lock(&ctx.durable);
+            let committed = lock(&ctx.committed);
+            for ((topic, partition), offset) in durable.iter() {
+                let ahead = committed
+                    .get(&(topic.clone(), *partition))
+                    .is_none_or(|c| c < offset);
+                if ahead && assigned.contains(&(Arc::from(topic.as_str()), *partition)) {
+                    let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset));
+                }
             }
         }
         if tpl.count() == 0 {
             return;
         }
+        // The checkpoints are durable in the store; a crash here must not keep Kafka behind.
+        if crate::failpoint::hit("source.before_commit").is_err() {
+            return;
+        }
+        tracing::debug!(partitions = tpl.count(), "committing checkpoints to Kafka");
         if let Err(e) = self.consumer.commit(&tpl, mode) {
-            tracing::warn!(error = %e, "committing offsets to Kafka failed; will retry with the next checkpoint");
+            tracing::warn!(error = %e, "committing offsets to Kafka failed; will retry");
         }
     }
 

@@ -55,7 +55,9 @@ fn sigkill_at_random_moments_loses_nothing_and_applies_nothing_twice() {
         orderly = OrderlyProcess::start(&config, &log, &[]);
     }
     let produced = producer.join().unwrap();
-    topic.wait_all_committed(Duration::from_secs(180));
+    if let Err(e) = topic.wait_all_committed(Duration::from_secs(120)) {
+        panic!("{e}\nlog:\n{}", orderly.log_tail());
+    }
     let status = orderly.terminate(Duration::from_secs(30));
     assert!(status.success(), "exit {status:?}: {}", orderly.log_tail());
 
@@ -78,4 +80,42 @@ fn sigkill_at_random_moments_loses_nothing_and_applies_nothing_twice() {
         redelivered > 0,
         "no kill landed between a flush and the next checkpoint; the test did not exercise replays"
     );
+}
+
+#[test]
+fn crash_between_flush_and_kafka_commit_still_commits_after_restart() {
+    let topic = TestTopic::new(2);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = topic.config_file(dir.path(), &data);
+    let log = dir.path().join("orderly.log");
+    let events = shuffled_stream(10, 3, 0.0, 1);
+    topic.produce_events(&events);
+
+    // The first run makes everything durable, then dies at its first Kafka commit.
+    let mut first = OrderlyProcess::start(
+        &config,
+        &log,
+        &[("ORDERLY_FAILPOINTS", "source.before_commit=exit")],
+    );
+    let status = first.child.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(orderly::failpoint::EXIT_CODE),
+        "{}",
+        first.log_tail()
+    );
+    assert!(
+        topic.committed().values().all(|o| *o < 0),
+        "nothing was committed to Kafka"
+    );
+
+    // The restart finds nothing new to consume, and must still commit the stored checkpoints.
+    let mut second = OrderlyProcess::start(&config, &log, &[]);
+    if let Err(e) = topic.wait_all_committed(Duration::from_secs(60)) {
+        panic!("{e}\nlog:\n{}", second.log_tail());
+    }
+    assert!(second.terminate(Duration::from_secs(30)).success());
+    let store = orderly::store::SledStore::open(&data, 16).unwrap();
+    assert!(Oracle::of(&events).diff(&store).is_empty());
 }

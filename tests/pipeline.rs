@@ -79,7 +79,7 @@ fn shuffled_stream_with_duplicates_folds_to_the_oracle() {
         n as i64,
         "checkpoints {stored:?}"
     );
-    topic.wait_all_committed(Duration::from_secs(30));
+    topic.wait_all_committed(Duration::from_secs(30)).unwrap();
 }
 
 #[test]

@@ -120,18 +120,19 @@ impl TestTopic {
     }
 
     /// Waits until the group has committed every message on the topic.
-    pub fn wait_all_committed(&self, timeout: Duration) {
+    pub fn wait_all_committed(&self, timeout: Duration) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
         let end = self.end_offsets();
         loop {
             let committed = self.committed();
             if committed == end {
-                return;
+                return Ok(());
             }
-            assert!(
-                Instant::now() < deadline,
-                "not all committed after {timeout:?}: committed {committed:?}, end {end:?}"
-            );
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "not all committed after {timeout:?}: committed {committed:?}, end {end:?}"
+                ));
+            }
             std::thread::sleep(Duration::from_millis(250));
         }
     }
@@ -383,7 +384,7 @@ impl OrderlyProcess {
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        lines[lines.len().saturating_sub(80)..].join("\n")
     }
 }
 

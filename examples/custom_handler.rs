@@ -83,6 +83,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "tenant.conversion".into(),
         orderly::config::TypeConfig {
             reducer: ReduceOp::Inc,
+            // A sum commutes: late conversions are added on top, no re-fold.
+            late_policy: Some(orderly::ordering::LatePolicy::Apply),
+            too_late_policy: Some(orderly::ordering::TooLatePolicy::Apply),
+            history: false,
         },
     );
     for t in [

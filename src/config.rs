@@ -10,6 +10,7 @@
 
 use crate::envelope::ContentType;
 use crate::handler::ReduceOp;
+use crate::ordering::{LatePolicy, Policies, TooLatePolicy};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -44,6 +45,12 @@ pub enum ConfigError {
 pub struct TypeConfig {
     /// The built-in reducer's operation for this type.
     pub reducer: ReduceOp,
+    /// What to do with a late event of this type (default: `default_late_policy`).
+    pub late_policy: Option<LatePolicy>,
+    /// What to do with a too-late event of this type (default: `default_too_late_policy`).
+    pub too_late_policy: Option<TooLatePolicy>,
+    /// Keep every version of the entity that events of this type produce.
+    pub history: bool,
 }
 
 /// orderly's configuration. See the README's configuration reference.
@@ -71,6 +78,23 @@ pub struct Config {
     pub idle_timeout_ms: u64,
     /// Events kept in each entity's log for re-folding late events.
     pub retention_events: usize,
+    /// Also fold log entries this much older (by occurred_at) than the
+    /// entity's newest event into the base snapshot; unset keeps by count only.
+    pub retention_ms: Option<u64>,
+    /// The late policy of types that set none: recompute, apply, drop or park.
+    pub default_late_policy: LatePolicy,
+    /// The too-late policy of types that set none: drop, apply or park.
+    pub default_too_late_policy: TooLatePolicy,
+    /// Where change records (one per applied event, corrections included)
+    /// are published; empty disables them.
+    pub changes_topic: String,
+    /// Where anomaly records (duplicates, late and too-late events) are
+    /// published; empty disables publishing (they are still stored).
+    pub anomalies_topic: String,
+    /// Anomaly records kept in the store; older ones are removed.
+    pub anomalies_retained: u64,
+    /// Built-in observers to run: `tenant_conversions`.
+    pub observers: Vec<String>,
     /// Most write intents in one store batch.
     pub batch_max: usize,
     /// Pause consumption when this many events are received but not durable.
@@ -132,6 +156,13 @@ impl Default for Config {
             shards: 0,
             idle_timeout_ms: default_idle_timeout_ms(),
             retention_events: default_retention_events(),
+            retention_ms: None,
+            default_late_policy: LatePolicy::Recompute,
+            default_too_late_policy: TooLatePolicy::Drop,
+            changes_topic: "orderly.changes".into(),
+            anomalies_topic: "orderly.anomalies".into(),
+            anomalies_retained: 100_000,
+            observers: Vec::new(),
             batch_max: default_batch_max(),
             in_flight_high,
             in_flight_low: in_flight_high / 2,
@@ -276,6 +307,23 @@ impl Config {
                 );
             }
         }
+        for o in &self.observers {
+            if !crate::observers::BUILT_IN.contains(&o.as_str()) {
+                return Err(ConfigError::Invalid {
+                    field: "observers",
+                    reason: format!(
+                        "unknown observer {o:?}; built in: {:?}",
+                        crate::observers::BUILT_IN
+                    ),
+                });
+            }
+        }
+        if !self.observers.is_empty() && self.derived_topic.is_none() {
+            return bad(
+                "derived_topic",
+                "must be set when `observers` are configured",
+            );
+        }
         if self.retention_events == 0 {
             return bad("retention_events", "must be at least 1");
         }
@@ -313,7 +361,26 @@ impl Config {
         for (t, c) in &self.types {
             h = h.with_handler(t.clone(), std::sync::Arc::new(FieldReducer(c.reducer)));
         }
+        for o in &self.observers {
+            if let Some(o) = crate::observers::built_in(o) {
+                h = h.with_observer(o);
+            }
+        }
         h
+    }
+
+    /// The out-of-order policies, retention and history settings.
+    pub fn policies(&self) -> Policies {
+        let mut p = Policies::new(
+            self.default_late_policy,
+            self.default_too_late_policy,
+            self.retention_events,
+            self.retention_ms.map(|ms| ms.min(i64::MAX as u64) as i64),
+        );
+        for (t, c) in &self.types {
+            p = p.with_type(t, c.late_policy, c.too_late_policy, c.history);
+        }
+        p
     }
 
     /// The event types of the synthetic CRM workload and their reducers.
@@ -328,7 +395,15 @@ impl Config {
             ("appointment.completed", ReduceOp::Set),
         ]
         .into_iter()
-        .map(|(t, r)| (t.to_owned(), TypeConfig { reducer: r }))
+        .map(|(t, r)| {
+            (
+                t.to_owned(),
+                TypeConfig {
+                    reducer: r,
+                    ..Default::default()
+                },
+            )
+        })
         .collect()
     }
 }
@@ -345,6 +420,12 @@ const KNOWN_FIELDS: &[&str] = &[
     "shards",
     "idle_timeout_ms",
     "retention_events",
+    "retention_ms",
+    "default_late_policy",
+    "default_too_late_policy",
+    "changes_topic",
+    "anomalies_topic",
+    "anomalies_retained",
     "batch_max",
     "in_flight_high",
     "in_flight_low",

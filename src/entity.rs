@@ -8,6 +8,8 @@
 //! flush: the next event is folded on the in-memory record meanwhile, and the
 //! router only passivates the actor once all its writes are durable.
 
+use crate::anomaly::Anomaly;
+use crate::change::{ChangeRecord, JsonChange};
 use crate::checkpoint::TopicPartition;
 use crate::dead_letter::DeadLetter;
 use crate::envelope::Event;
@@ -33,8 +35,10 @@ pub struct Shared {
     pub writer: tokio::sync::mpsc::UnboundedSender<WriterMsg>,
     /// Counters.
     pub stats: Arc<Stats>,
-    /// Events kept per entity log.
-    pub retention: usize,
+    /// Out-of-order policies, retention and history, per type.
+    pub policies: crate::ordering::Policies,
+    /// Where change records go; empty: nowhere.
+    pub changes_topic: String,
     /// Where observers' derived events are published, if anywhere.
     pub derived_topic: Option<String>,
     /// Raised when the pipeline cannot go on.
@@ -118,63 +122,60 @@ impl Actor for EntityActor {
     }
 }
 
-impl Handler<Deliver> for EntityActor {
-    type Result = ();
+/// An operator's decision on a parked entity: release it (process its held
+/// events in order) or skip the event that parked it, then release.
+#[derive(Message)]
+#[rtype(result = "Result<Released, String>")]
+pub struct Resolve {
+    /// Skip the event that parked the entity.
+    pub skip: bool,
+}
 
-    fn handle(&mut self, Deliver(d): Deliver, _: &mut Self::Context) {
-        let shared = self.shared.clone();
-        let read_start = SystemTime::now();
-        let record =
-            match &mut self.record {
-                Some(r) => r,
-                None => match shared.store.load_entity(&self.id) {
-                    Ok(r) => self.record.insert(r.unwrap_or_else(|| {
-                        EntityRecord::new(&d.event.entity_id, &d.event.tenant_id)
-                    })),
-                    Err(e) => {
-                        // Not acknowledged: the checkpoint stays below this event.
-                        shared
-                            .fatal
-                            .raise(format!("cannot read entity {:?}: {e}", self.id));
-                        self.status.handled.fetch_add(1, Relaxed);
-                        return;
-                    }
-                },
-            };
-        let origin = Origin {
-            topic: d.tp.0.to_string(),
-            partition: d.tp.1,
-            offset: d.offset,
-        };
-        let before = (!shared.handlers.observers().is_empty()).then(|| record.state.clone());
-        let result = record.process(
-            &d.event,
-            &origin,
-            unix_ms(read_start),
-            &shared.handlers,
-            shared.retention,
-        );
+/// What a release did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Released {
+    /// Held events processed.
+    pub events: usize,
+    /// Whether the entity was parked at all.
+    pub was_parked: bool,
+}
+
+impl EntityActor {
+    /// The entity's record, loaded from the store on first use.
+    fn record(&mut self, entity_id: &str, tenant_id: &str) -> Result<&mut EntityRecord, String> {
+        if self.record.is_none() {
+            let loaded = self
+                .shared
+                .store
+                .load_entity(&self.id)
+                .map_err(|e| format!("cannot read entity {:?}: {e}", self.id))?;
+            self.record = Some(loaded.unwrap_or_else(|| EntityRecord::new(entity_id, tenant_id)));
+        }
+        Ok(self.record.as_mut().expect("set above"))
+    }
+
+    /// Turns one processing result into the records it produces: change
+    /// records and derived events (outbox), an anomaly, history entries, a
+    /// dead letter. Updates the counters.
+    fn effects(
+        &self,
+        event: &Event,
+        origin: &Origin,
+        result: &Result<Outcome, crate::fold::Rejected>,
+        before: Option<&crate::handler::EntityState>,
+        processed_at: i64,
+        headers: &[(String, Vec<u8>)],
+    ) -> Effects {
+        let shared = &self.shared;
         let stats = &shared.stats;
-        let mut outbox = Vec::new();
-        let (outcome, dead_letter) = match &result {
-            Ok(o) => {
-                match o {
-                    Outcome::Applied { .. } => Stats::incr(&stats.applied),
-                    Outcome::Duplicate(_) => Stats::incr(&stats.duplicates),
-                    Outcome::Recomputed { .. } => Stats::incr(&stats.late_recomputed),
-                    Outcome::TooLate { .. } => Stats::incr(&stats.too_late),
-                }
-                if let (Some(before), Outcome::Applied { .. } | Outcome::Recomputed { .. }) =
-                    (&before, o)
-                {
-                    outbox = derive(&shared, &d.event, before, &record.state);
-                }
-                (o.name(), None)
-            }
+        let record = self.record.as_ref().expect("loaded before processing");
+        let mut fx = Effects::default();
+        let outcome = match result {
+            Ok(o) => o,
             Err(rejected) => {
                 Stats::incr(&stats.dead_letters);
-                tracing::warn!(entity = %self.id, event = %d.event.event_id, offset = d.offset, error = %rejected, "event dead-lettered");
-                let dl = DeadLetter {
+                tracing::warn!(entity = %self.id, event = %event.event_id, offset = origin.offset, error = %rejected, "event dead-lettered");
+                fx.dead_letter = Some(DeadLetter {
                     id: 0,
                     code: format!("handler_{}", rejected.error.kind()),
                     reason: rejected.to_string(),
@@ -182,22 +183,187 @@ impl Handler<Deliver> for EntityActor {
                     topic: origin.topic.clone(),
                     partition: origin.partition,
                     offset: origin.offset,
-                    key: Some(d.event.entity_id.clone().into_bytes()),
-                    value: Some(d.event.to_json_bytes()),
-                    headers: d.headers.clone(),
-                    entity_id: Some(d.event.entity_id.clone()),
-                    event_id: Some(d.event.event_id.clone()),
-                    event_type: Some(d.event.event_type.clone()),
-                    created_at: unix_ms(read_start),
-                };
-                ("dead-lettered", Some(dl))
+                    key: Some(event.entity_id.clone().into_bytes()),
+                    value: Some(event.to_json_bytes()),
+                    headers: headers.to_vec(),
+                    entity_id: Some(event.entity_id.clone()),
+                    event_id: Some(event.event_id.clone()),
+                    event_type: Some(event.event_type.clone()),
+                    created_at: processed_at,
+                });
+                return fx;
             }
         };
-        let changed = match &result {
-            Ok(o) => o.changes_record(),
-            Err(_) => true,
+        match outcome {
+            Outcome::Applied { .. } => Stats::incr(&stats.applied),
+            Outcome::Duplicate(_) => Stats::incr(&stats.duplicates),
+            Outcome::Recomputed { .. } => Stats::incr(&stats.late_recomputed),
+            Outcome::LateApplied { .. } => Stats::incr(&stats.late_applied),
+            Outcome::Dropped {
+                too_late: false, ..
+            } => Stats::incr(&stats.late_dropped),
+            Outcome::Dropped { too_late: true, .. } => Stats::incr(&stats.too_late),
+            Outcome::Parked { .. } => Stats::incr(&stats.parked),
+            Outcome::Held => Stats::incr(&stats.held),
+        }
+        if outcome.is_correction() {
+            Stats::incr(&stats.corrections);
+        }
+        let class = match outcome {
+            Outcome::Duplicate(crate::fold::DuplicateKind::EventId) => Some(("duplicate", "skip")),
+            Outcome::Recomputed { .. } => Some(("late", "recompute")),
+            Outcome::LateApplied { too_late, .. }
+            | Outcome::Dropped { too_late, .. }
+            | Outcome::Parked { too_late, .. } => {
+                let class = if *too_late { "too-late" } else { "late" };
+                let policy = if *too_late {
+                    shared.policies.too_late(&event.event_type).name()
+                } else {
+                    shared.policies.late(&event.event_type).name()
+                };
+                Some((class, policy))
+            }
+            _ => None,
         };
-        let entity = changed.then(|| (self.id.clone(), crate::store::encode(&*record)));
+        if let Some((class, policy)) = class {
+            fx.anomalies.push(Anomaly {
+                seq: 0,
+                class: class.into(),
+                entity_id: event.entity_id.clone(),
+                tenant_id: event.tenant_id.clone(),
+                event_id: event.event_id.clone(),
+                event_type: event.event_type.clone(),
+                topic: origin.topic.clone(),
+                partition: origin.partition,
+                offset: origin.offset,
+                lateness: outcome.lateness().cloned(),
+                policy: policy.into(),
+                outcome: outcome.name().into(),
+                at: processed_at,
+            });
+        }
+        if let Some(changes) = outcome.changes() {
+            let entry = record.log.iter().find(|e| e.key.event_id == event.event_id);
+            if !shared.changes_topic.is_empty() {
+                let change = ChangeRecord {
+                    kind: if outcome.is_correction() {
+                        "correction"
+                    } else {
+                        "change"
+                    }
+                    .into(),
+                    entity_id: event.entity_id.clone(),
+                    tenant_id: event.tenant_id.clone(),
+                    event_id: event.event_id.clone(),
+                    event_type: event.event_type.clone(),
+                    occurred_at: event.occurred_at,
+                    changes: changes.iter().map(JsonChange::from).collect(),
+                    provenance: entry.map(|e| e.provenance.clone()),
+                    lateness: outcome.lateness().cloned(),
+                };
+                fx.outbox.push(OutboxRecord {
+                    topic: shared.changes_topic.clone(),
+                    key: Some(event.entity_id.clone().into_bytes()),
+                    value: change.to_bytes(),
+                    headers: vec![("content-type".into(), b"application/json".to_vec())],
+                });
+            }
+            if shared.policies.history(&event.event_type) {
+                if let Some(e) = entry {
+                    fx.history.push(e.clone());
+                }
+            }
+            if let Some(before) = before {
+                fx.outbox
+                    .extend(derive(shared, event, before, &record.state));
+            }
+        }
+        fx
+    }
+
+    /// Sends one write intent to the writer.
+    fn send(&self, entity_changed: bool, fx: Effects, ack: Option<Ack>) {
+        let entity = entity_changed
+            .then(|| {
+                self.record
+                    .as_ref()
+                    .map(|r| (self.id.clone(), crate::store::encode(r)))
+            })
+            .flatten();
+        let intent = WriteIntent {
+            entity,
+            dead_letter: fx.dead_letter,
+            outbox: fx.outbox,
+            anomalies: fx.anomalies,
+            history: fx.history,
+            ack,
+            durable: Some(self.status.durable.clone()),
+        };
+        self.status.writes_sent.fetch_add(1, Relaxed);
+        if self
+            .shared
+            .writer
+            .send(WriterMsg::Write(Box::new(intent)))
+            .is_err()
+        {
+            self.shared
+                .fatal
+                .raise("the store writer has stopped".into());
+        }
+    }
+}
+
+/// What processing one event asks to write besides the entity record.
+#[derive(Default)]
+struct Effects {
+    outbox: Vec<OutboxRecord>,
+    anomalies: Vec<Anomaly>,
+    history: Vec<crate::fold::LogEntry>,
+    dead_letter: Option<DeadLetter>,
+}
+
+impl Handler<Deliver> for EntityActor {
+    type Result = ();
+
+    fn handle(&mut self, Deliver(d): Deliver, _: &mut Self::Context) {
+        let shared = self.shared.clone();
+        let read_start = SystemTime::now();
+        let processed_at = unix_ms(read_start);
+        let origin = Origin {
+            topic: d.tp.0.to_string(),
+            partition: d.tp.1,
+            offset: d.offset,
+        };
+        let record = match self.record(&d.event.entity_id, &d.event.tenant_id) {
+            Ok(r) => r,
+            Err(reason) => {
+                // Not acknowledged: the checkpoint stays below this event.
+                shared.fatal.raise(reason);
+                self.status.handled.fetch_add(1, Relaxed);
+                return;
+            }
+        };
+        let before = (!shared.handlers.observers().is_empty()).then(|| record.state.clone());
+        let result = record.process(
+            &d.event,
+            &origin,
+            processed_at,
+            &shared.handlers,
+            &shared.policies,
+        );
+        let fx = self.effects(
+            &d.event,
+            &origin,
+            &result,
+            before.as_ref(),
+            processed_at,
+            &d.headers,
+        );
+        let outcome = match &result {
+            Ok(o) => o.name(),
+            Err(_) => "dead-lettered",
+        };
+        let changed = result.as_ref().map(Outcome::changes_record).unwrap_or(true);
         let write_start = SystemTime::now();
         let span = d.traced.then(|| {
             Box::new(SpanInfo {
@@ -215,29 +381,61 @@ impl Handler<Deliver> for EntityActor {
                 occurred_at: d.event.occurred_at,
             })
         });
-        let intent = WriteIntent {
-            entity,
-            dead_letter,
-            outbox,
-            ack: Ack {
-                tp: d.tp,
-                offset: d.offset,
-                kafka_ts: d.kafka_ts,
-                occurred_at: Some(d.event.occurred_at),
-                outcome,
-                span,
-            },
-            durable: Some(self.status.durable.clone()),
+        let ack = Ack {
+            tp: d.tp,
+            offset: d.offset,
+            kafka_ts: d.kafka_ts,
+            occurred_at: Some(d.event.occurred_at),
+            outcome,
+            span,
         };
-        self.status.writes_sent.fetch_add(1, Relaxed);
         self.status.handled.fetch_add(1, Relaxed);
-        if shared
-            .writer
-            .send(WriterMsg::Write(Box::new(intent)))
-            .is_err()
-        {
-            shared.fatal.raise("the store writer has stopped".into());
+        self.send(changed, fx, Some(ack));
+    }
+}
+
+impl Handler<Resolve> for EntityActor {
+    type Result = Result<Released, String>;
+
+    fn handle(&mut self, msg: Resolve, _: &mut Self::Context) -> Self::Result {
+        self.status.handled.fetch_add(1, Relaxed);
+        let shared = self.shared.clone();
+        let now = unix_ms(SystemTime::now());
+        let id = self.id.clone();
+        let record = self.record(&id, "")?;
+        if record.parked.is_none() {
+            return Ok(Released {
+                events: 0,
+                was_parked: false,
+            });
         }
+        let before_all = record.state.clone();
+        let results = record.release(msg.skip, now, &shared.handlers, &shared.policies);
+        tracing::info!(entity = %self.id, events = results.len(), skip = msg.skip, "parked entity released");
+        let mut fx = Effects::default();
+        for (held, result) in &results {
+            let before = (!shared.handlers.observers().is_empty()).then(|| before_all.clone());
+            let one = self.effects(&held.event, &held.origin, result, before.as_ref(), now, &[]);
+            fx.outbox.extend(one.outbox);
+            fx.anomalies.extend(one.anomalies);
+            fx.history.extend(one.history);
+            if let Some(dl) = one.dead_letter {
+                // Several dead letters in one release: send them one per intent.
+                self.send(
+                    false,
+                    Effects {
+                        dead_letter: Some(dl),
+                        ..Default::default()
+                    },
+                    None,
+                );
+            }
+        }
+        self.send(true, fx, None);
+        Ok(Released {
+            events: results.len(),
+            was_parked: true,
+        })
     }
 }
 

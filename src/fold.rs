@@ -9,7 +9,7 @@
 
 use crate::envelope::Event;
 use crate::handler::{EntityState, HandlerError, Handlers};
-use crate::ordering::{Lateness, OrderKey};
+use crate::ordering::{LatePolicy, Lateness, OrderKey, Policies, TooLatePolicy};
 use crate::value::{Fields, Value};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -108,6 +108,14 @@ pub struct EntityRecord {
     pub too_late_events: u64,
     /// Events dead-lettered and skipped.
     pub dead_lettered: u64,
+    /// Late events applied on top (policy `apply`).
+    pub late_applied: u64,
+    /// Late events dropped (policy `drop`).
+    pub late_dropped: u64,
+    /// Set while the entity is parked.
+    pub parked: Option<Parked>,
+    /// Events held while parked, in arrival order.
+    pub held: Vec<HeldEvent>,
 }
 
 /// Why an event was a duplicate.
@@ -141,28 +149,57 @@ pub enum Outcome {
     },
     /// Already seen: skipped.
     Duplicate(DuplicateKind),
-    /// Late: inserted into the log, and the state re-folded.
+    /// Late, policy `recompute`: inserted into the log, and the state re-folded.
     Recomputed {
         /// How far behind the high-water mark it was.
         lateness: Lateness,
         /// The fields whose value changed because of it.
         changes: Vec<FieldChange>,
     },
-    /// Older than the retained log: it cannot be placed, so it is dropped and reported.
-    TooLate {
+    /// Late (or too late) with policy `apply`: applied on top, no re-fold.
+    LateApplied {
         /// How far behind the high-water mark it was.
         lateness: Lateness,
+        /// Whether it was older than the retained log.
+        too_late: bool,
+        /// The fields it changed.
+        changes: Vec<FieldChange>,
     },
+    /// Late (or too late) with policy `drop`: discarded.
+    Dropped {
+        /// How far behind the high-water mark it was.
+        lateness: Lateness,
+        /// Whether it was older than the retained log.
+        too_late: bool,
+    },
+    /// Late (or too late) with policy `park`: the entity now waits for an operator.
+    Parked {
+        /// How far behind the high-water mark it was.
+        lateness: Lateness,
+        /// Whether it was older than the retained log.
+        too_late: bool,
+    },
+    /// The entity is parked: the event is held until an operator releases it.
+    Held,
 }
 
 impl Outcome {
-    /// The outcome's name, as recorded on the span and in metrics.
+    /// The outcome's name, as recorded on the span, in metrics and in anomaly records.
     pub fn name(&self) -> &'static str {
         match self {
             Outcome::Applied { .. } => "applied",
             Outcome::Duplicate(_) => "duplicate",
             Outcome::Recomputed { .. } => "late-recomputed",
-            Outcome::TooLate { .. } => "too-late",
+            Outcome::LateApplied {
+                too_late: false, ..
+            } => "late-applied",
+            Outcome::LateApplied { too_late: true, .. } => "too-late-applied",
+            Outcome::Dropped {
+                too_late: false, ..
+            } => "late-dropped",
+            Outcome::Dropped { too_late: true, .. } => "too-late-dropped",
+            Outcome::Parked { .. } => "parked",
+            Outcome::Held => "held",
         }
     }
 
@@ -170,6 +207,61 @@ impl Outcome {
     pub fn changes_record(&self) -> bool {
         !matches!(self, Outcome::Duplicate(DuplicateKind::Redelivery))
     }
+
+    /// The fields the event changed, if it was applied.
+    pub fn changes(&self) -> Option<&[FieldChange]> {
+        match self {
+            Outcome::Applied { changes }
+            | Outcome::Recomputed { changes, .. }
+            | Outcome::LateApplied { changes, .. } => Some(changes),
+            _ => None,
+        }
+    }
+
+    /// How late the event was, if it was.
+    pub fn lateness(&self) -> Option<&Lateness> {
+        match self {
+            Outcome::Recomputed { lateness, .. }
+            | Outcome::LateApplied { lateness, .. }
+            | Outcome::Dropped { lateness, .. }
+            | Outcome::Parked { lateness, .. } => Some(lateness),
+            _ => None,
+        }
+    }
+
+    /// A late event whose application changed the state: a correction.
+    pub fn is_correction(&self) -> bool {
+        matches!(self, Outcome::Recomputed { changes, .. } | Outcome::LateApplied { changes, .. } if !changes.is_empty())
+    }
+}
+
+/// Why an entity is parked.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Parked {
+    /// The event that parked it.
+    pub event_id: String,
+    /// Why, for the operator.
+    pub reason: String,
+    /// When, ms since the Unix epoch.
+    pub since: i64,
+}
+
+/// An event held while its entity is parked.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HeldEvent {
+    /// The event.
+    pub event: Event,
+    /// Where it came from.
+    pub origin: Origin,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// A new arrival from the broker.
+    Arrival,
+    /// A held event, released by an operator: its offset is already recorded,
+    /// and a late one is re-folded whatever the policy.
+    Release,
 }
 
 /// A handler rejected the event; the record is unchanged but for the skip bookkeeping.
@@ -194,19 +286,19 @@ impl EntityRecord {
         }
     }
 
-    /// Processes one event: classify it, then apply, skip or re-fold.
+    /// Processes one event: classify it, then apply, skip, re-fold, drop,
+    /// park or hold it, as `policies` say for its type.
     ///
-    /// `retention` is how many events the log keeps; older ones are folded
-    /// into the base snapshot. On `Err`, the state is unchanged and the event
-    /// is counted as dead-lettered; its offset is recorded so a redelivery is
-    /// recognised as a duplicate rather than dead-lettered twice.
+    /// On `Err`, the state is unchanged and the event is counted as
+    /// dead-lettered; its offset is recorded so a redelivery is recognised as
+    /// a duplicate rather than dead-lettered twice.
     pub fn process(
         &mut self,
         event: &Event,
         origin: &Origin,
         processed_at: i64,
         handlers: &Handlers,
-        retention: usize,
+        policies: &Policies,
     ) -> Result<Outcome, Rejected> {
         let tp = origin.topic_partition();
         if let Some(&last) = self.applied_offsets.get(&tp) {
@@ -217,25 +309,85 @@ impl EntityRecord {
             }
         }
         self.applied_offsets.insert(tp, origin.offset);
-        if self.log.iter().any(|e| e.key.event_id == event.event_id) {
+        if self.log.iter().any(|e| e.key.event_id == event.event_id)
+            || self.held.iter().any(|h| h.event.event_id == event.event_id)
+        {
             self.duplicates += 1;
             return Ok(Outcome::Duplicate(DuplicateKind::EventId));
         }
-        let key = OrderKey::of(event);
-        let provenance = Provenance {
-            event_id: event.event_id.clone(),
-            event_type: event.event_type.clone(),
-            topic: origin.topic.clone(),
-            partition: origin.partition,
-            offset: origin.offset,
-            occurred_at: event.occurred_at,
+        if self.parked.is_some() {
+            self.held.push(HeldEvent {
+                event: event.clone(),
+                origin: origin.clone(),
+            });
+            return Ok(Outcome::Held);
+        }
+        self.apply_event(
+            event,
+            origin,
             processed_at,
+            handlers,
+            policies,
+            Mode::Arrival,
+        )
+    }
+
+    /// Unparks the entity and processes its held events in order-key order,
+    /// re-folding late ones. With `skip`, the event that parked it is
+    /// discarded instead. Returns each held event with what became of it.
+    pub fn release(
+        &mut self,
+        skip: bool,
+        processed_at: i64,
+        handlers: &Handlers,
+        policies: &Policies,
+    ) -> Vec<(HeldEvent, Result<Outcome, Rejected>)> {
+        let Some(parked) = self.parked.take() else {
+            return Vec::new();
         };
+        let mut held = std::mem::take(&mut self.held);
+        if skip {
+            held.retain(|h| h.event.event_id != parked.event_id);
+        }
+        held.sort_by_key(|h| OrderKey::of(&h.event));
+        held.into_iter()
+            .map(|h| {
+                let r = self.apply_event(
+                    &h.event,
+                    &h.origin,
+                    processed_at,
+                    handlers,
+                    policies,
+                    Mode::Release,
+                );
+                (h, r)
+            })
+            .collect()
+    }
+
+    fn apply_event(
+        &mut self,
+        event: &Event,
+        origin: &Origin,
+        processed_at: i64,
+        handlers: &Handlers,
+        policies: &Policies,
+        mode: Mode,
+    ) -> Result<Outcome, Rejected> {
+        let key = OrderKey::of(event);
         let entry = LogEntry {
             key: key.clone(),
             event_type: event.event_type.clone(),
             payload: event.payload.clone(),
-            provenance,
+            provenance: Provenance {
+                event_id: event.event_id.clone(),
+                event_type: event.event_type.clone(),
+                topic: origin.topic.clone(),
+                partition: origin.partition,
+                offset: origin.offset,
+                occurred_at: event.occurred_at,
+                processed_at,
+            },
         };
         let reject = |record: &mut EntityRecord, error| {
             record.dead_lettered += 1;
@@ -245,35 +397,93 @@ impl EntityRecord {
                 error,
             }
         };
+        let handler = handlers.for_type(&event.event_type);
 
         let outcome = match &self.high_water {
             Some(hw) if key < *hw => {
                 let lateness = Lateness::between(&key, hw);
-                if self.base.key.as_ref().is_some_and(|b| key <= *b) {
-                    self.too_late_events += 1;
-                    return Ok(Outcome::TooLate { lateness });
-                }
-                // Check the late event itself applies, on the state just before it.
-                let pos = self.log.partition_point(|e| e.key < key);
-                let mut before = self.state_at(pos, handlers);
-                if let Err(error) = handlers
-                    .for_type(&event.event_type)
-                    .apply(&mut before, event)
-                {
-                    return Err(reject(self, error));
-                }
-                self.log.insert(pos, entry);
-                let old = std::mem::take(&mut self.state);
-                self.refold(handlers);
-                self.late_events += 1;
-                Outcome::Recomputed {
-                    lateness,
-                    changes: diff(&old.fields, &self.state.fields),
+                let too_late = self.base.key.as_ref().is_some_and(|b| key <= *b);
+                let late = policies.late(&event.event_type);
+                let policy = match (mode, too_late) {
+                    (Mode::Release, false) => LatePolicy::Recompute,
+                    (Mode::Release, true) => match policies.too_late(&event.event_type) {
+                        TooLatePolicy::Apply => LatePolicy::Apply,
+                        _ => LatePolicy::Drop,
+                    },
+                    (Mode::Arrival, false) => late,
+                    (Mode::Arrival, true) => match policies.too_late(&event.event_type) {
+                        TooLatePolicy::Drop => LatePolicy::Drop,
+                        TooLatePolicy::Apply => LatePolicy::Apply,
+                        TooLatePolicy::Park => LatePolicy::Park,
+                    },
+                };
+                match policy {
+                    LatePolicy::Drop => {
+                        if too_late {
+                            self.too_late_events += 1;
+                        } else {
+                            self.late_dropped += 1;
+                        }
+                        return Ok(Outcome::Dropped { lateness, too_late });
+                    }
+                    LatePolicy::Park => {
+                        self.parked = Some(Parked {
+                            event_id: event.event_id.clone(),
+                            reason: format!(
+                                "{} event {} is {} ms behind the entity's newest event; policy park",
+                                if too_late { "too-late" } else { "late" },
+                                event.event_id,
+                                lateness.millis
+                            ),
+                            since: processed_at,
+                        });
+                        self.held.push(HeldEvent {
+                            event: event.clone(),
+                            origin: origin.clone(),
+                        });
+                        return Ok(Outcome::Parked { lateness, too_late });
+                    }
+                    LatePolicy::Apply => {
+                        let mut next = self.state.clone();
+                        if let Err(error) = handler.apply(&mut next, event) {
+                            return Err(reject(self, error));
+                        }
+                        let changes = diff(&self.state.fields, &next.fields);
+                        for c in &changes {
+                            self.provenance
+                                .insert(c.field.clone(), entry.provenance.clone());
+                        }
+                        self.state = next;
+                        let pos = self.log.partition_point(|e| e.key < key);
+                        self.log.insert(pos, entry);
+                        self.late_applied += 1;
+                        Outcome::LateApplied {
+                            lateness,
+                            too_late,
+                            changes,
+                        }
+                    }
+                    LatePolicy::Recompute => {
+                        // Check the late event itself applies, on the state just before it.
+                        let pos = self.log.partition_point(|e| e.key < key);
+                        let mut before = self.state_at(pos, handlers);
+                        if let Err(error) = handler.apply(&mut before, event) {
+                            return Err(reject(self, error));
+                        }
+                        self.log.insert(pos, entry);
+                        let old = std::mem::take(&mut self.state);
+                        self.refold(handlers);
+                        self.late_events += 1;
+                        Outcome::Recomputed {
+                            lateness,
+                            changes: diff(&old.fields, &self.state.fields),
+                        }
+                    }
                 }
             }
             _ => {
                 let mut next = self.state.clone();
-                if let Err(error) = handlers.for_type(&event.event_type).apply(&mut next, event) {
+                if let Err(error) = handler.apply(&mut next, event) {
                     return Err(reject(self, error));
                 }
                 let changes = diff(&self.state.fields, &next.fields);
@@ -288,7 +498,7 @@ impl EntityRecord {
             }
         };
         self.applied_events += 1;
-        self.trim(retention, handlers);
+        self.trim(policies, handlers);
         Ok(outcome)
     }
 
@@ -325,13 +535,23 @@ impl EntityRecord {
             .or_else(|| self.base.key.clone());
     }
 
-    /// Folds the oldest entries into the base until at most `retention` remain.
-    fn trim(&mut self, retention: usize, handlers: &Handlers) {
-        let retention = retention.max(1);
-        if self.log.len() <= retention {
+    /// Folds the oldest entries into the base until at most the retained
+    /// number remain, and none is older than the time retention.
+    fn trim(&mut self, policies: &Policies, handlers: &Handlers) {
+        let retention = policies.retention_events.max(1);
+        let mut excess = self.log.len().saturating_sub(retention);
+        if let (Some(ms), Some(hw)) = (policies.retention_ms, &self.high_water) {
+            let horizon = hw.occurred_at.saturating_sub(ms);
+            let old = self
+                .log
+                .iter()
+                .take_while(|e| e.key.occurred_at < horizon)
+                .count();
+            excess = excess.max(old.min(self.log.len().saturating_sub(1)));
+        }
+        if excess == 0 {
             return;
         }
-        let excess = self.log.len() - retention;
         let trimmed: Vec<LogEntry> = self.log.drain(..excess).collect();
         for entry in trimmed {
             let before = self.base.state.fields.clone();
@@ -427,6 +647,10 @@ impl EntityRecord {
             "late_events": self.late_events,
             "too_late_events": self.too_late_events,
             "dead_lettered": self.dead_lettered,
+            "late_applied": self.late_applied,
+            "late_dropped": self.late_dropped,
+            "parked": self.parked,
+            "held": self.held.len(),
         })
     }
 }
@@ -458,6 +682,10 @@ mod tests {
         }
     }
 
+    fn pol(retention: usize) -> Policies {
+        Policies::new(LatePolicy::Recompute, TooLatePolicy::Drop, retention, None)
+    }
+
     fn origin(offset: i64) -> Origin {
         Origin {
             topic: "in".into(),
@@ -475,7 +703,7 @@ mod tests {
             &origin(0),
             0,
             &h,
-            8,
+            &pol(8),
         )
         .unwrap();
         r.process(
@@ -483,7 +711,7 @@ mod tests {
             &origin(1),
             0,
             &h,
-            8,
+            &pol(8),
         )
         .unwrap();
         // b is late and sets y (changes state) and x (overwritten by c: no change).
@@ -493,7 +721,7 @@ mod tests {
                 &origin(2),
                 0,
                 &h,
-                8,
+                &pol(8),
             )
             .unwrap();
         let Outcome::Recomputed { changes, lateness } = out else {
@@ -512,13 +740,13 @@ mod tests {
         let h = handlers();
         let mut r = EntityRecord::new("e", "t");
         let e = ev("a", 10, "inc", serde_json::json!({"n": 1}));
-        r.process(&e, &origin(5), 0, &h, 8).unwrap();
+        r.process(&e, &origin(5), 0, &h, &pol(8)).unwrap();
         assert_eq!(
-            r.process(&e, &origin(5), 0, &h, 8).unwrap(),
+            r.process(&e, &origin(5), 0, &h, &pol(8)).unwrap(),
             Outcome::Duplicate(DuplicateKind::Redelivery)
         );
         assert_eq!(
-            r.process(&e, &origin(9), 0, &h, 8).unwrap(),
+            r.process(&e, &origin(9), 0, &h, &pol(8)).unwrap(),
             Outcome::Duplicate(DuplicateKind::EventId)
         );
         assert_eq!(r.state.fields["n"], Value::Int(1));
@@ -540,7 +768,7 @@ mod tests {
                 &origin(i),
                 0,
                 &h,
-                3,
+                &pol(3),
             )
             .unwrap();
         }
@@ -553,7 +781,7 @@ mod tests {
                 &origin(10),
                 0,
                 &h,
-                3,
+                &pol(3),
             )
             .unwrap();
         assert_eq!(out.name(), "late-recomputed");
@@ -565,10 +793,10 @@ mod tests {
                 &origin(11),
                 0,
                 &h,
-                3,
+                &pol(3),
             )
             .unwrap();
-        assert_eq!(out.name(), "too-late");
+        assert_eq!(out.name(), "too-late-dropped");
         assert_eq!(r.state.fields["n"], Value::Int(15));
     }
 
@@ -581,7 +809,7 @@ mod tests {
             &origin(0),
             0,
             &h,
-            8,
+            &pol(8),
         )
         .unwrap();
         let before = r.state.clone();
@@ -591,7 +819,7 @@ mod tests {
                 &origin(1),
                 0,
                 &h,
-                8,
+                &pol(8),
             )
             .unwrap_err();
         assert_eq!(err.error.kind(), "permanent");
@@ -604,7 +832,7 @@ mod tests {
                 &origin(1),
                 0,
                 &h,
-                8,
+                &pol(8),
             )
             .unwrap();
         assert_eq!(again, Outcome::Duplicate(DuplicateKind::Redelivery));

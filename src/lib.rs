@@ -9,7 +9,9 @@
 //! Data flows down this list of modules; nothing low imports the CLI.
 #![deny(missing_docs)]
 
+pub mod anomaly;
 pub mod broker;
+pub mod change;
 pub mod checkpoint;
 pub mod config;
 pub mod dead_letter;
@@ -19,7 +21,9 @@ pub mod envelope;
 pub mod failpoint;
 pub mod fold;
 pub mod handler;
+pub mod history;
 pub mod metrics;
+pub mod observers;
 pub mod ordering;
 pub mod pipeline;
 pub mod router;

@@ -22,6 +22,16 @@ pub struct Stats {
     pub late_recomputed: AtomicU64,
     /// Events older than the retained log, dropped and reported.
     pub too_late: AtomicU64,
+    /// Late events applied on top (policy `apply`).
+    pub late_applied: AtomicU64,
+    /// Late events dropped (policy `drop`).
+    pub late_dropped: AtomicU64,
+    /// Entities parked by a late event (policy `park`).
+    pub parked: AtomicU64,
+    /// Events held because their entity is parked.
+    pub held: AtomicU64,
+    /// Late events that changed the state: corrections emitted.
+    pub corrections: AtomicU64,
     /// Messages dead-lettered.
     pub dead_letters: AtomicU64,
     /// Messages whose effects are durable (acknowledged).

@@ -87,3 +87,146 @@ mod tests {
         );
     }
 }
+
+/// What to do with a late event: one below its entity's high-water mark but
+/// within the retained log.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LatePolicy {
+    /// Insert it into the log and re-fold from the base snapshot (the default:
+    /// the result is the in-order state).
+    #[default]
+    Recompute,
+    /// Apply it on top of the current state, without a re-fold. Right for
+    /// commutative effects, such as counters.
+    Apply,
+    /// Discard it, and report it.
+    Drop,
+    /// Hold the entity: this and its later events wait until an operator
+    /// releases or skips it.
+    Park,
+}
+
+/// What to do with an event older than everything the entity's log retains.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TooLatePolicy {
+    /// Discard it, and report it (the default: it cannot be placed correctly).
+    #[default]
+    Drop,
+    /// Apply it on top of the current state (for commutative effects).
+    Apply,
+    /// Hold the entity until an operator decides.
+    Park,
+}
+
+impl LatePolicy {
+    /// The policy's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            LatePolicy::Recompute => "recompute",
+            LatePolicy::Apply => "apply",
+            LatePolicy::Drop => "drop",
+            LatePolicy::Park => "park",
+        }
+    }
+}
+
+impl TooLatePolicy {
+    /// The policy's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            TooLatePolicy::Drop => "drop",
+            TooLatePolicy::Apply => "apply",
+            TooLatePolicy::Park => "park",
+        }
+    }
+}
+
+/// The out-of-order policies and retention, per event type.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Policies {
+    late: std::collections::HashMap<String, LatePolicy>,
+    too_late: std::collections::HashMap<String, TooLatePolicy>,
+    history: std::collections::HashSet<String>,
+    default_late: LatePolicy,
+    default_too_late: TooLatePolicy,
+    /// Most events kept in an entity's log.
+    pub retention_events: usize,
+    /// Log entries this much older (by occurred_at) than the high-water mark
+    /// are folded into the base, if set.
+    pub retention_ms: Option<i64>,
+}
+
+impl Default for Policies {
+    fn default() -> Self {
+        Policies {
+            late: Default::default(),
+            too_late: Default::default(),
+            history: Default::default(),
+            default_late: LatePolicy::Recompute,
+            default_too_late: TooLatePolicy::Drop,
+            retention_events: 32,
+            retention_ms: None,
+        }
+    }
+}
+
+impl Policies {
+    /// Policies with these defaults and retention.
+    pub fn new(
+        default_late: LatePolicy,
+        default_too_late: TooLatePolicy,
+        retention_events: usize,
+        retention_ms: Option<i64>,
+    ) -> Self {
+        Policies {
+            default_late,
+            default_too_late,
+            retention_events,
+            retention_ms,
+            ..Default::default()
+        }
+    }
+
+    /// Sets the policies of one event type.
+    pub fn with_type(
+        mut self,
+        event_type: &str,
+        late: Option<LatePolicy>,
+        too_late: Option<TooLatePolicy>,
+        history: bool,
+    ) -> Self {
+        if let Some(p) = late {
+            self.late.insert(event_type.to_owned(), p);
+        }
+        if let Some(p) = too_late {
+            self.too_late.insert(event_type.to_owned(), p);
+        }
+        if history {
+            self.history.insert(event_type.to_owned());
+        }
+        self
+    }
+
+    /// The late policy of `event_type`.
+    pub fn late(&self, event_type: &str) -> LatePolicy {
+        self.late
+            .get(event_type)
+            .copied()
+            .unwrap_or(self.default_late)
+    }
+
+    /// The too-late policy of `event_type`.
+    pub fn too_late(&self, event_type: &str) -> TooLatePolicy {
+        self.too_late
+            .get(event_type)
+            .copied()
+            .unwrap_or(self.default_too_late)
+    }
+
+    /// Whether events of `event_type` keep history (a version per event).
+    pub fn history(&self, event_type: &str) -> bool {
+        self.history.contains(event_type)
+    }
+}

@@ -111,6 +111,7 @@ pub struct Pipeline {
     writer: Option<JoinHandle<()>>,
     publisher: Option<JoinHandle<()>>,
     arbiters: Vec<Arbiter>,
+    router: Router,
     grace: Duration,
     store: Arc<SledStore>,
 }
@@ -156,6 +157,8 @@ impl Pipeline {
             batch_max: config.batch_max,
             commits: commits_tx,
             outbox_ready: outbox_ready.clone(),
+            anomalies_topic: config.anomalies_topic.clone(),
+            anomalies_retained: config.anomalies_retained,
         };
         let writer_fatal = fatal.clone();
         let writer = spawn("orderly-writer", move || {
@@ -181,7 +184,8 @@ impl Pipeline {
             store: dyn_store.clone(),
             writer: writer_tx.clone(),
             stats: stats.clone(),
-            retention: config.retention_events,
+            policies: config.policies(),
+            changes_topic: config.changes_topic.clone(),
             derived_topic: config.derived_topic.clone(),
             fatal: fatal.clone(),
         });
@@ -191,6 +195,7 @@ impl Pipeline {
             shared,
             Duration::from_millis(config.idle_timeout_ms),
         );
+        let resolver = router.clone();
 
         let ready = Arc::new(AtomicBool::new(false));
         let source = Source::new(
@@ -219,6 +224,7 @@ impl Pipeline {
             stop_source,
             stop_publisher,
             source: Some(source),
+            router: resolver,
             writer_tx,
             writer: Some(writer),
             publisher: Some(publisher),
@@ -241,6 +247,17 @@ impl Pipeline {
     /// True while partitions are assigned and the store is open.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Relaxed) && self.fatal.reason().is_none()
+    }
+
+    /// An operator's decision on a parked entity: release it (its held events
+    /// are processed in order-key order, late ones re-folded), or, with
+    /// `skip`, discard the event that parked it first.
+    pub async fn resolve_parked(
+        &self,
+        entity_id: &str,
+        skip: bool,
+    ) -> Result<crate::entity::Released, String> {
+        self.router.resolve(entity_id, skip).await
     }
 
     /// The store, for reads while running.

@@ -9,7 +9,7 @@
 //! the actors of the revoked partitions.
 
 use crate::checkpoint::TopicPartition;
-use crate::entity::{Deliver, Delivery, EntityActor, EntityStatus, Shared};
+use crate::entity::{Deliver, Delivery, EntityActor, EntityStatus, Released, Resolve, Shared};
 use actix::prelude::*;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
@@ -20,6 +20,16 @@ use std::time::{Duration, Instant};
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Route(pub Delivery);
+
+/// An operator's decision on a parked entity, routed to its actor.
+#[derive(Message)]
+#[rtype(result = "Result<Released, String>")]
+pub struct ResolveEntity {
+    /// The entity.
+    pub entity_id: String,
+    /// Skip the event that parked it.
+    pub skip: bool,
+}
 
 /// Releases the actors of these partitions; replies with how many were released.
 #[derive(Message)]
@@ -73,30 +83,48 @@ impl Actor for Shard {
     }
 }
 
+impl Shard {
+    /// The handle of an entity's actor, started if needed.
+    fn actor(&mut self, entity_id: &str, tp: &TopicPartition) -> &mut Handle {
+        if !self.entities.contains_key(entity_id) {
+            let status = Arc::new(EntityStatus::default());
+            let actor = EntityActor::new(entity_id.to_owned(), self.shared.clone(), status.clone());
+            self.entities.insert(
+                entity_id.to_owned(),
+                Handle {
+                    addr: actor.start(),
+                    status,
+                    delivered: 0,
+                    last_delivery: Instant::now(),
+                    tp: tp.clone(),
+                },
+            );
+        }
+        self.entities.get_mut(entity_id).expect("inserted above")
+    }
+}
+
+impl Handler<ResolveEntity> for Shard {
+    type Result = ResponseFuture<Result<Released, String>>;
+
+    fn handle(&mut self, msg: ResolveEntity, _: &mut Self::Context) -> Self::Result {
+        let tp: TopicPartition = (Arc::from(""), -1);
+        let h = self.actor(&msg.entity_id, &tp);
+        h.delivered += 1;
+        h.last_delivery = Instant::now();
+        let fut = h.addr.send(Resolve { skip: msg.skip });
+        Box::pin(async move {
+            fut.await
+                .map_err(|e| format!("entity actor unavailable: {e}"))?
+        })
+    }
+}
+
 impl Handler<Route> for Shard {
     type Result = ();
 
     fn handle(&mut self, Route(d): Route, _: &mut Self::Context) {
-        let h = match self.entities.get_mut(&d.event.entity_id) {
-            Some(h) => h,
-            None => {
-                let status = Arc::new(EntityStatus::default());
-                let actor = EntityActor::new(
-                    d.event.entity_id.clone(),
-                    self.shared.clone(),
-                    status.clone(),
-                );
-                self.entities
-                    .entry(d.event.entity_id.clone())
-                    .or_insert(Handle {
-                        addr: actor.start(),
-                        status,
-                        delivered: 0,
-                        last_delivery: Instant::now(),
-                        tp: d.tp.clone(),
-                    })
-            }
-        };
+        let h = self.actor(&d.event.entity_id.clone(), &d.tp);
         h.delivered += 1;
         h.last_delivery = Instant::now();
         if h.tp != d.tp {
@@ -150,6 +178,18 @@ impl Router {
     pub fn route(&self, d: Delivery) {
         let i = shard_of(&d.event.entity_id, self.shards.len());
         self.shards[i].do_send(Route(d));
+    }
+
+    /// Releases (or, with `skip`, skips the parking event of) a parked entity.
+    pub async fn resolve(&self, entity_id: &str, skip: bool) -> Result<Released, String> {
+        let i = shard_of(entity_id, self.shards.len());
+        self.shards[i]
+            .send(ResolveEntity {
+                entity_id: entity_id.to_owned(),
+                skip,
+            })
+            .await
+            .map_err(|e| format!("shard unavailable: {e}"))?
     }
 
     /// Releases the actors of `tps` on every shard, waiting for the shards.

@@ -523,14 +523,16 @@ impl Source {
                     entity: None,
                     dead_letter: Some(dl),
                     outbox: Vec::new(),
-                    ack: Ack {
+                    anomalies: Vec::new(),
+                    history: Vec::new(),
+                    ack: Some(Ack {
                         tp,
                         offset,
                         kafka_ts,
                         occurred_at: None,
                         outcome: "dead-lettered",
                         span,
-                    },
+                    }),
                     durable: None,
                 };
                 let _ = self.writer.send(WriterMsg::Write(Box::new(intent)));

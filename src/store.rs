@@ -12,12 +12,16 @@
 //! | `d\0<id, u64 BE>` | [`DeadLetter`] |
 //! | `o\0<id, u64 BE>` | [`OutboxRecord`] not yet published |
 //! | `x\0<topic>\0<partition, i32 BE><offset, i64 BE>` | dead-letter id: one dead letter per message, even after a replay |
+//! | `a\0<seq, u64 BE>` | [`Anomaly`]; the newest `anomalies_retained` are kept |
+//! | `m\0anomaly_seq` | the next anomaly sequence number |
+//! | `h\0<entity id>\0<order key>` | a history entry ([`LogEntry`]) for types that keep history |
 //!
 //! Every value starts with a format-version byte. This module does not decide
 //! what goes into a batch; the writer does.
 
+use crate::anomaly::Anomaly;
 use crate::dead_letter::DeadLetter;
-use crate::fold::EntityRecord;
+use crate::fold::{EntityRecord, LogEntry};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -32,6 +36,9 @@ const CHECKPOINT: u8 = b'c';
 const DEAD_LETTER: u8 = b'd';
 const OUTBOX: u8 = b'o';
 const DEAD_LETTER_INDEX: u8 = b'x';
+const ANOMALY: u8 = b'a';
+const META: u8 = b'm';
+const HISTORY: u8 = b'h';
 
 /// A store failure.
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +105,14 @@ pub struct CommitBatch {
     pub outbox: Vec<(u64, OutboxRecord)>,
     /// Partition checkpoints.
     pub checkpoints: Vec<Checkpoint>,
+    /// New anomaly records (their sequence numbers assigned).
+    pub anomalies: Vec<Anomaly>,
+    /// The next anomaly sequence number, to persist.
+    pub anomaly_seq: Option<u64>,
+    /// Removes anomaly records with a lower sequence number.
+    pub prune_anomalies_below: Option<u64>,
+    /// History entries, by entity.
+    pub history: Vec<(String, LogEntry)>,
 }
 
 /// A boxed future, for the async parts of the trait.
@@ -115,6 +130,12 @@ pub trait Store: Send + Sync + 'static {
     fn next_id(&self) -> Result<u64>;
     /// The stored checkpoints of `topic`, by partition.
     fn checkpoints(&self, topic: &str) -> Result<BTreeMap<i32, i64>>;
+    /// Anomaly records with seq > `after`, at most `limit`, oldest first.
+    fn anomalies(&self, after: u64, limit: usize) -> Result<Vec<Anomaly>>;
+    /// The next anomaly sequence number.
+    fn anomaly_seq(&self) -> Result<u64>;
+    /// An entity's history entries, in order-key order.
+    fn history(&self, entity_id: &str) -> Result<Vec<LogEntry>>;
     /// Whether the message at this position already has a dead letter.
     fn has_dead_letter(&self, topic: &str, partition: i32, offset: i64) -> Result<bool>;
     /// Every entity record, in key order.
@@ -174,6 +195,14 @@ fn dead_letter_index_key(topic: &str, partition: i32, offset: i64) -> Vec<u8> {
     k.extend_from_slice(&offset.to_be_bytes());
     k
 }
+
+fn history_prefix(entity_id: &str) -> Vec<u8> {
+    let mut k = key(HISTORY, entity_id.as_bytes());
+    k.push(0);
+    k
+}
+
+const ANOMALY_SEQ: &[u8] = b"anomaly_seq";
 
 fn checkpoint_key(topic: &str, partition: i32) -> Vec<u8> {
     let mut k = key(CHECKPOINT, topic.as_bytes());
@@ -241,6 +270,26 @@ impl Store for SledStore {
         for (id, rec) in &batch.outbox {
             b.insert(key(OUTBOX, &id.to_be_bytes()), encode(rec));
         }
+        for a in &batch.anomalies {
+            b.insert(key(ANOMALY, &a.seq.to_be_bytes()), encode(a));
+        }
+        if let Some(seq) = batch.anomaly_seq {
+            b.insert(key(META, ANOMALY_SEQ), seq.to_be_bytes().to_vec());
+        }
+        if let Some(below) = batch.prune_anomalies_below {
+            for k in self
+                .tree
+                .range(key(ANOMALY, b"")..key(ANOMALY, &below.to_be_bytes()))
+                .keys()
+            {
+                b.remove(k?);
+            }
+        }
+        for (entity, entry) in &batch.history {
+            let mut k = history_prefix(entity);
+            k.extend_from_slice(&crate::history::encode_key(&entry.key));
+            b.insert(k, encode(entry));
+        }
         for cp in &batch.checkpoints {
             b.insert(
                 checkpoint_key(&cp.topic, cp.partition),
@@ -278,6 +327,40 @@ impl Store for SledStore {
             out.insert(i32::from_be_bytes(p), i64::from_be_bytes(o));
         }
         Ok(out)
+    }
+
+    fn anomalies(&self, after: u64, limit: usize) -> Result<Vec<Anomaly>> {
+        let start = key(ANOMALY, &after.saturating_add(1).to_be_bytes());
+        self.tree
+            .range(start..key(ANOMALY + 1, b""))
+            .take(limit)
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    fn anomaly_seq(&self) -> Result<u64> {
+        match self.tree.get(key(META, ANOMALY_SEQ))? {
+            Some(v) => Ok(u64::from_be_bytes(v.as_ref().try_into().map_err(|_| {
+                StoreError::Corrupt {
+                    key: "m\\0anomaly_seq".into(),
+                    reason: "not 8 bytes".into(),
+                }
+            })?)),
+            None => Ok(1),
+        }
+    }
+
+    fn history(&self, entity_id: &str) -> Result<Vec<LogEntry>> {
+        self.tree
+            .scan_prefix(history_prefix(entity_id))
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
     }
 
     fn has_dead_letter(&self, topic: &str, partition: i32, offset: i64) -> Result<bool> {

@@ -44,8 +44,12 @@ pub struct WriteIntent {
     pub dead_letter: Option<DeadLetter>,
     /// Messages to publish once durable.
     pub outbox: Vec<OutboxRecord>,
-    /// The acknowledgement.
-    pub ack: Ack,
+    /// Anomalies to record and publish (their seq is assigned here).
+    pub anomalies: Vec<crate::anomaly::Anomaly>,
+    /// History entries of the entity.
+    pub history: Vec<crate::fold::LogEntry>,
+    /// The acknowledgement; `None` for work with no offset (an operator's release).
+    pub ack: Option<Ack>,
     /// Incremented once the intent is durable (the actor's write counter).
     pub durable: Option<Arc<AtomicU64>>,
 }
@@ -77,6 +81,10 @@ pub struct Writer {
     pub commits: std::sync::mpsc::Sender<CommitRequest>,
     /// Wakes the outbox publisher.
     pub outbox_ready: Arc<tokio::sync::Notify>,
+    /// Where anomalies are published; empty: not published.
+    pub anomalies_topic: String,
+    /// Anomaly records kept in the store.
+    pub anomalies_retained: u64,
 }
 
 /// Why the writer stopped.
@@ -92,15 +100,20 @@ impl Writer {
     /// the caller must stop the pipeline, since later offsets cannot be made durable.
     pub async fn run(self, mut rx: mpsc::UnboundedReceiver<WriterMsg>) -> Result<(), WriterError> {
         let mut msgs = Vec::with_capacity(self.batch_max);
+        let mut anomaly_seq = self.store.anomaly_seq()?;
         loop {
             if rx.recv_many(&mut msgs, self.batch_max).await == 0 {
                 return Ok(());
             }
-            self.write_batch(&mut msgs).await?;
+            self.write_batch(&mut msgs, &mut anomaly_seq).await?;
         }
     }
 
-    async fn write_batch(&self, msgs: &mut Vec<WriterMsg>) -> Result<(), WriterError> {
+    async fn write_batch(
+        &self,
+        msgs: &mut Vec<WriterMsg>,
+        anomaly_seq: &mut u64,
+    ) -> Result<(), WriterError> {
         let mut batch = CommitBatch::default();
         let mut index: HashMap<String, usize> = HashMap::new();
         let mut intents = Vec::with_capacity(msgs.len());
@@ -113,6 +126,13 @@ impl Writer {
         }
         let mut touched: HashSet<TopicPartition> = HashSet::new();
         for intent in intents.iter_mut() {
+            if !intent.history.is_empty() {
+                if let Some((id, _)) = &intent.entity {
+                    batch
+                        .history
+                        .extend(intent.history.drain(..).map(|h| (id.clone(), h)));
+                }
+            }
             if let Some((id, bytes)) = intent.entity.take() {
                 match index.get(&id) {
                     Some(&i) => batch.entities[i].1 = bytes,
@@ -131,7 +151,9 @@ impl Writer {
                     });
                 if replayed {
                     // A redelivery after a crash: this message is already dead-lettered.
-                    touched.insert(intent.ack.tp.clone());
+                    if let Some(ack) = &intent.ack {
+                        touched.insert(ack.tp.clone());
+                    }
                     continue;
                 }
                 dl.id = self.store.next_id()?;
@@ -156,12 +178,32 @@ impl Writer {
             for record in intent.outbox.drain(..) {
                 batch.outbox.push((self.store.next_id()?, record));
             }
-            touched.insert(intent.ack.tp.clone());
+            for mut a in intent.anomalies.drain(..) {
+                a.seq = *anomaly_seq;
+                *anomaly_seq += 1;
+                if !self.anomalies_topic.is_empty() {
+                    let record = OutboxRecord {
+                        topic: self.anomalies_topic.clone(),
+                        key: Some(a.entity_id.clone().into_bytes()),
+                        value: a.to_json().to_string().into_bytes(),
+                        headers: Vec::new(),
+                    };
+                    batch.outbox.push((self.store.next_id()?, record));
+                }
+                batch.anomalies.push(a);
+            }
+            if let Some(ack) = &intent.ack {
+                touched.insert(ack.tp.clone());
+            }
+        }
+        if !batch.anomalies.is_empty() {
+            batch.anomaly_seq = Some(*anomaly_seq);
+            batch.prune_anomalies_below = anomaly_seq.checked_sub(self.anomalies_retained);
         }
         {
             let mut tracker = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
-            for intent in &intents {
-                tracker.written(&intent.ack.tp, intent.ack.offset);
+            for ack in intents.iter().filter_map(|i| i.ack.as_ref()) {
+                tracker.written(&ack.tp, ack.offset);
             }
             for tp in &touched {
                 if let Some(next_offset) = tracker.checkpoint(tp) {
@@ -199,8 +241,8 @@ impl Writer {
     fn acknowledge(&self, intents: &[Box<WriteIntent>], durable_at: SystemTime) {
         {
             let mut tracker = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
-            for intent in intents {
-                tracker.durable(&intent.ack.tp, intent.ack.offset);
+            for ack in intents.iter().filter_map(|i| i.ack.as_ref()) {
+                tracker.durable(&ack.tp, ack.offset);
             }
         }
         let now_us = durable_at
@@ -211,17 +253,21 @@ impl Writer {
         self.stats.record_latencies(
             intents
                 .iter()
-                .map(|i| (since(i.ack.kafka_ts), since(i.ack.occurred_at))),
+                .filter_map(|i| i.ack.as_ref())
+                .map(|a| (since(a.kafka_ts), since(a.occurred_at))),
         );
+        let mut n = 0;
         for intent in intents {
             if let Some(d) = &intent.durable {
                 d.fetch_add(1, Relaxed);
             }
-            if let Some(span) = &intent.ack.span {
-                telemetry::record_event_span(span, intent.ack.outcome, durable_at);
+            if let Some(ack) = &intent.ack {
+                n += 1;
+                if let Some(span) = &ack.span {
+                    telemetry::record_event_span(span, ack.outcome, durable_at);
+                }
             }
         }
-        let n = intents.len() as u64;
         self.stats.durable.fetch_add(n, Relaxed);
         self.stats.in_flight.fetch_sub(n as i64, Relaxed);
     }

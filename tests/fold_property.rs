@@ -68,7 +68,7 @@ fn fold(arrivals: &[Event]) -> EntityRecord {
             partition: 0,
             offset: offset as i64,
         };
-        r.process(e, &origin, 0, &h, 32)
+        r.process(e, &origin, 0, &h, &orderly::ordering::Policies::default())
             .expect("no handler error: set fields and inc fields are disjoint");
     }
     r

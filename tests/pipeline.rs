@@ -155,3 +155,91 @@ fn malformed_messages_are_dead_lettered_and_processing_goes_on() {
     );
     assert!(store.outbox(10).unwrap().is_empty(), "outbox drained");
 }
+
+#[test]
+fn idle_actors_are_passivated_and_hot_entities_coalesce_writes() {
+    let topic = TestTopic::new(2);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = topic.config(dir.path());
+    config.idle_timeout_ms = 300;
+    // 200 fully shuffled events per entity: retain enough to re-fold any of them.
+    config.retention_events = 256;
+    // Five hot entities with 200 events each: many land in the same batch.
+    let events = shuffled_stream(5, 200, 0.0, 9);
+    let (first, second) = events.split_at(600);
+    let (first, second) = (first.to_vec(), second.to_vec());
+    let handlers = config.handlers();
+    let (brokers, name) = (topic.brokers.clone(), topic.topic.clone());
+    let store = actix::System::new().block_on(async move {
+        let pipeline = Pipeline::start(config, handlers).expect("pipeline starts");
+        let stats = pipeline.stats();
+        let wait = |n: u64| {
+            let stats = stats.clone();
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while Stats::get(&stats.durable) < n {
+                    assert!(
+                        Instant::now() < deadline,
+                        "stuck at {}",
+                        Stats::get(&stats.durable)
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        let b = brokers.clone();
+        let n1 = name.clone();
+        std::thread::spawn(move || {
+            common::produce_to(
+                &b,
+                &n1,
+                None,
+                first.iter().map(|e| workload::message_of(e, Format::Proto)),
+            )
+        })
+        .join()
+        .unwrap();
+        wait(600).await;
+        assert_eq!(
+            stats
+                .active_actors
+                .load(std::sync::atomic::Ordering::Relaxed),
+            5
+        );
+        // Idle past the timeout with every write durable: all five are passivated.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while stats
+            .active_actors
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+        {
+            assert!(Instant::now() < deadline, "actors were not passivated");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(Stats::get(&stats.passivations), 5);
+        // Their next events start new actors that load the state from the store.
+        std::thread::spawn(move || {
+            common::produce_to(
+                &brokers,
+                &name,
+                None,
+                second
+                    .iter()
+                    .map(|e| workload::message_of(e, Format::Proto)),
+            )
+        })
+        .join()
+        .unwrap();
+        wait(1000).await;
+        let writes = Stats::get(&stats.entity_writes);
+        assert!(
+            writes < 1000,
+            "1,000 events of 5 entities took {writes} entity writes: no coalescing"
+        );
+        let store = pipeline.store();
+        pipeline.shutdown().expect("clean shutdown");
+        store
+    });
+    let problems = Oracle::of(&events).diff(store.as_ref());
+    assert!(problems.is_empty(), "{problems:?}");
+}

@@ -332,16 +332,25 @@ pub struct OrderlyProcess {
 }
 
 impl OrderlyProcess {
+    /// `orderly run --config <config>`.
     pub fn start(config: &Path, log: &Path, envs: &[(&str, &str)]) -> OrderlyProcess {
+        let args = [
+            std::ffi::OsStr::new("run"),
+            "--config".as_ref(),
+            config.as_os_str(),
+        ];
+        Self::spawn(&args, log, envs)
+    }
+
+    /// `orderly <args>`, logging to `log` (appended).
+    pub fn spawn(args: &[&std::ffi::OsStr], log: &Path, envs: &[(&str, &str)]) -> OrderlyProcess {
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .expect("log file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_orderly"));
-        cmd.arg("run")
-            .arg("--config")
-            .arg(config)
+        cmd.args(args)
             .env("RUST_LOG", "info")
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .stdout(Stdio::null())

@@ -404,6 +404,16 @@ impl Config {
                 },
             )
         })
+        .chain(std::iter::once((
+            crate::observers::TENANT_CONVERSION.to_owned(),
+            // A sum commutes: late or very late conversions are added on top.
+            TypeConfig {
+                reducer: ReduceOp::Inc,
+                late_policy: Some(LatePolicy::Apply),
+                too_late_policy: Some(TooLatePolicy::Apply),
+                history: false,
+            },
+        )))
         .collect()
     }
 }

@@ -45,6 +45,12 @@ pub struct Summary {
     pub too_late: u64,
     /// Dead letters.
     pub dead_letters: u64,
+    /// Corrections (late events that changed the state).
+    pub corrections: u64,
+    /// Late events applied on top (policy `apply`).
+    pub late_applied: u64,
+    /// Per tenant: conversion total and count, from the derived table.
+    pub tenant_conversions: Vec<(String, serde_json::Value, serde_json::Value)>,
     /// Durable messages per second.
     pub throughput: f64,
     /// Kafka append → durable, µs.
@@ -64,12 +70,21 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
         .clone()
         .unwrap_or_else(|| tmp.path().to_owned());
     let broker = EmbeddedBroker::start(1).context("starting the embedded broker")?;
+    let mut types = Config::crm_types();
+    for (t, c) in types.iter_mut() {
+        // Appointments keep every version: try `orderly state history appt-3`.
+        c.history = t.starts_with("appointment.");
+    }
     let config = Config {
         brokers: broker.bootstrap_servers(),
         topic: "crm.events".into(),
         group: "orderly-demo".into(),
         data_dir,
-        types: Config::crm_types(),
+        types,
+        derived_topic: Some("crm.derived".into()),
+        observers: vec!["tenant_conversions".into()],
+        changes_topic: "crm.changes".into(),
+        anomalies_topic: "crm.anomalies".into(),
         kafka: [
             ("session.timeout.ms", "6000"),
             ("heartbeat.interval.ms", "500"),
@@ -82,9 +97,18 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
     broker
         .create_topic(&config.topic, 8)
         .context("creating the demo topic")?;
+    for t in [
+        &config.dead_letter_topic,
+        &config.changes_topic,
+        &config.anomalies_topic,
+    ] {
+        broker
+            .create_topic(t, 1)
+            .with_context(|| format!("creating topic {t}"))?;
+    }
     broker
-        .create_topic(&config.dead_letter_topic, 1)
-        .context("creating the dead-letter topic")?;
+        .create_topic("crm.derived", 8)
+        .context("creating the derived-events topic")?;
     println!(
         "orderly demo: embedded broker at {}, topic {} (8 partitions)",
         config.brokers, config.topic
@@ -158,6 +182,22 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        // Derived events (the tenant totals) follow through the derived topic.
+        let mut last = (Stats::get(&stats.durable), Instant::now());
+        loop {
+            let durable = Stats::get(&stats.durable);
+            let quiet = stats.in_flight.load(Relaxed) == 0
+                && store.outbox(1).map(|o| o.is_empty()).unwrap_or(true);
+            if durable != last.0 {
+                last = (durable, Instant::now());
+            } else if quiet && last.1.elapsed() > Duration::from_millis(500) {
+                break;
+            }
+            if let Some(r) = fatal.reason() {
+                anyhow::bail!("the pipeline stopped: {r}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let seconds = started.elapsed().as_secs_f64();
         bar.finish();
         let produced = producer
@@ -177,14 +217,34 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
             late_recomputed: Stats::get(&s.late_recomputed),
             too_late: Stats::get(&s.too_late),
             dead_letters: Stats::get(&s.dead_letters),
+            corrections: Stats::get(&s.corrections),
+            late_applied: Stats::get(&s.late_applied),
+            tenant_conversions: Vec::new(),
             throughput: Stats::get(&s.durable) as f64 / seconds,
             latency: s.append_to_durable(),
             seconds,
         };
         pipeline.shutdown()?;
-        let entities = store.entities().count() as u64;
+        let mut entities = 0;
+        let mut tenant_conversions = Vec::new();
+        for r in store.entities() {
+            let r = r?;
+            if let Some(t) = r.entity_id.strip_prefix("tenant_conversions:") {
+                let f = |k: &str| {
+                    r.state
+                        .fields
+                        .get(k)
+                        .map(|v| v.to_json())
+                        .unwrap_or_default()
+                };
+                tenant_conversions.push((t.to_owned(), f("amount"), f("conversions")));
+            } else {
+                entities += 1;
+            }
+        }
         Ok::<_, anyhow::Error>(Summary {
             entities,
+            tenant_conversions,
             ..summary
         })
     })?;
@@ -203,6 +263,11 @@ fn print_summary(s: &Summary) {
         ("late events re-folded", s.late_recomputed.to_string()),
         ("too late (dropped, reported)", s.too_late.to_string()),
         ("dead letters", s.dead_letters.to_string()),
+        ("corrections emitted", s.corrections.to_string()),
+        (
+            "late derived events added on top",
+            s.late_applied.to_string(),
+        ),
         ("throughput", format!("{:.0} events/s", s.throughput)),
         ("latency p50 (append → durable)", ms(s.latency.p50)),
         ("latency p99 (append → durable)", ms(s.latency.p99)),
@@ -212,6 +277,15 @@ fn print_summary(s: &Summary) {
     println!(" {:-<32}-+-{:-<20}", "", "");
     for (k, v) in rows {
         println!(" {k:<32} | {v:>20}");
+    }
+    println!("\n tenant_conversions (derived table)");
+    println!(" {:-<32}-+-{:-<20}-+-{:-<12}", "", "", "");
+    for (t, amount, n) in &s.tenant_conversions {
+        println!(
+            " {t:<32} | {:>20} | {:>12}",
+            amount.to_string(),
+            n.to_string()
+        );
     }
     println!("\nThe workload is produced as fast as possible, so latency includes time queued in the broker.");
     println!("The embedded broker serves fetches slowly: do not judge orderly's speed on it.");

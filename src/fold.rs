@@ -801,6 +801,23 @@ mod tests {
     }
 
     #[test]
+    fn time_retention_trims_old_entries_into_the_base() {
+        let h = handlers();
+        let p = Policies::new(LatePolicy::Recompute, TooLatePolicy::Drop, 100, Some(50));
+        let mut r = EntityRecord::new("e", "t");
+        for i in 0..10 {
+            let e = ev(&format!("e{i}"), i * 10, "inc", serde_json::json!({"n": 1}));
+            r.process(&e, &origin(i), 0, &h, &p).unwrap();
+        }
+        // The newest is at 90: entries before 40 are folded into the base.
+        assert_eq!(r.log.first().unwrap().key.occurred_at, 40);
+        assert_eq!(r.state.fields["n"], Value::Int(10));
+        let late = ev("old", 15, "inc", serde_json::json!({"n": 1}));
+        let out = r.process(&late, &origin(10), 0, &h, &p).unwrap();
+        assert_eq!(out.name(), "too-late-dropped");
+    }
+
+    #[test]
     fn rejected_event_leaves_state_unchanged() {
         let h = handlers();
         let mut r = EntityRecord::new("e", "t");

@@ -10,6 +10,7 @@
 #![deny(missing_docs)]
 
 pub mod anomaly;
+pub mod audit;
 pub mod broker;
 pub mod change;
 pub mod checkpoint;

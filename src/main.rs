@@ -46,6 +46,42 @@ enum Command {
     },
     /// Run the embedded Kafka-protocol broker stand-alone and print its address.
     DevBroker(DevBrokerArgs),
+    /// Replay entities' events in order and compare with the stored state (offline).
+    ///
+    /// Exit status: 0 when every audited entity matches (or was repaired),
+    /// 3 when differences were found and not repaired.
+    Audit(AuditArgs),
+}
+
+#[derive(Args)]
+struct StoreArgs {
+    /// sled data directory.
+    #[arg(long, env = "ORDERLY_DATA_DIR", default_value = "orderly-data")]
+    data_dir: PathBuf,
+    /// TOML config file, for the event types' reducers and policies.
+    #[arg(long, env = "ORDERLY_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct AuditArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Audit one entity and print its differences field by field.
+    #[arg(long, conflicts_with = "all")]
+    entity: Option<String>,
+    /// Audit every entity (or one shard of them) and write a JSON report.
+    #[arg(long)]
+    all: bool,
+    /// With --all: only the entities of shard i of n (by a hash of the id), as i/n.
+    #[arg(long, requires = "all")]
+    shard: Option<String>,
+    /// Write the replayed state where it differs, with a correction record.
+    #[arg(long)]
+    repair: bool,
+    /// With --all: where to write the JSON report (default: stdout).
+    #[arg(long)]
+    report: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -126,15 +162,24 @@ enum StateCommand {
     Get {
         /// The entity id.
         id: String,
-        /// sled data directory.
-        #[arg(long, env = "ORDERLY_DATA_DIR", default_value = "orderly-data")]
-        data_dir: PathBuf,
+        /// The state as of this time instead (ms since the Unix epoch, or RFC 3339
+        /// such as 2026-11-23T10:00:00Z): the fold of the events that occurred by then.
+        #[arg(long)]
+        as_of: Option<String>,
+        #[command(flatten)]
+        store: StoreArgs,
     },
     /// Print every entity as JSON Lines.
     Dump {
-        /// sled data directory.
-        #[arg(long, env = "ORDERLY_DATA_DIR", default_value = "orderly-data")]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Print an entity's versions, one JSON line per event, in order-key order.
+    History {
+        /// The entity id.
+        id: String,
+        #[command(flatten)]
+        store: StoreArgs,
     },
 }
 
@@ -168,6 +213,7 @@ fn main() {
         Command::Produce(a) => produce(a),
         Command::State { command } => state(command),
         Command::DevBroker(a) => dev_broker(a),
+        Command::Audit(a) => audit(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -248,23 +294,176 @@ fn open_store(dir: &std::path::Path) -> anyhow::Result<SledStore> {
     })
 }
 
+fn load_config(store: &StoreArgs) -> anyhow::Result<Config> {
+    let overrides = Overrides {
+        data_dir: Some(store.data_dir.clone()),
+        ..Overrides::default()
+    };
+    Ok(Config::load(
+        store.config.as_deref(),
+        std::env::vars(),
+        &overrides,
+    )?)
+}
+
+fn parse_time(text: &str) -> anyhow::Result<i64> {
+    if let Ok(ms) = text.parse::<i64>() {
+        return Ok(ms);
+    }
+    let t = humantime::parse_rfc3339_weak(text).with_context(|| {
+        format!("--as-of {text:?}: expected ms since the Unix epoch or an RFC 3339 time")
+    })?;
+    Ok(orderly::telemetry::unix_ms(t))
+}
+
 fn state(cmd: StateCommand) -> anyhow::Result<()> {
     let out = std::io::stdout();
     let mut out = out.lock();
     match cmd {
-        StateCommand::Get { id, data_dir } => {
-            let store = open_store(&data_dir)?;
-            match store.load_entity(&id)? {
-                Some(r) => writeln!(out, "{}", serde_json::to_string_pretty(&r.to_json())?)?,
-                None => anyhow::bail!("no entity {id:?} in {}", data_dir.display()),
+        StateCommand::Get {
+            id,
+            as_of,
+            store: args,
+        } => {
+            let store = open_store(&args.data_dir)?;
+            let Some(r) = store.load_entity(&id)? else {
+                anyhow::bail!("no entity {id:?} in {}", args.data_dir.display())
+            };
+            match as_of {
+                None => writeln!(out, "{}", serde_json::to_string_pretty(&r.to_json())?)?,
+                Some(t) => {
+                    let at = parse_time(&t)?;
+                    let handlers = load_config(&args)?.handlers();
+                    let history = store.history(&id)?;
+                    let (state, complete) = orderly::history::as_of(&r, &history, at, &handlers);
+                    let json = serde_json::json!({
+                        "entity_id": id,
+                        "as_of": at,
+                        "state": orderly::value::fields_to_json(&state.fields),
+                        "deleted": state.deleted,
+                        "complete": complete,
+                    });
+                    writeln!(out, "{}", serde_json::to_string_pretty(&json)?)?;
+                }
             }
         }
-        StateCommand::Dump { data_dir } => {
-            let store = open_store(&data_dir)?;
+        StateCommand::Dump { store: args } => {
+            let store = open_store(&args.data_dir)?;
             for r in store.entities() {
                 writeln!(out, "{}", r?.to_json())?;
             }
         }
+        StateCommand::History { id, store: args } => {
+            let store = open_store(&args.data_dir)?;
+            let Some(r) = store.load_entity(&id)? else {
+                anyhow::bail!("no entity {id:?} in {}", args.data_dir.display())
+            };
+            let history = store.history(&id)?;
+            if history.is_empty() {
+                anyhow::bail!(
+                    "entity {id:?} has no history: mark its event types `history = true`"
+                );
+            }
+            let handlers = load_config(&args)?.handlers();
+            for v in orderly::history::versions(&r, &history, &handlers) {
+                let json = serde_json::json!({
+                    "occurred_at": v.entry.key.occurred_at,
+                    "version": v.entry.key.version,
+                    "event_id": v.entry.key.event_id,
+                    "event_type": v.entry.event_type,
+                    "provenance": v.entry.provenance,
+                    "state": orderly::value::fields_to_json(&v.state.fields),
+                    "deleted": v.state.deleted,
+                });
+                writeln!(out, "{json}")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn audit(a: AuditArgs) -> anyhow::Result<()> {
+    use orderly::audit::{self, Report};
+    let config = load_config(&a.store)?;
+    let handlers = config.handlers();
+    let store = open_store(&a.store.data_dir)?;
+    let now = orderly::telemetry::unix_ms(std::time::SystemTime::now());
+    let mut report = Report {
+        shard: a.shard.clone(),
+        ..Report::default()
+    };
+    if let Some(id) = &a.entity {
+        let Some(r) = store.load_entity(id)? else {
+            anyhow::bail!("no entity {id:?} in {}", a.store.data_dir.display())
+        };
+        let (result, replayed) = audit::audit(&r, &store.history(id)?, &handlers);
+        println!(
+            "entity {id}: replayed from {:?}, {} field(s) differ",
+            result.source,
+            result.fields.len()
+        );
+        for f in &result.fields {
+            println!("  {}: stored {} replayed {}", f.field, f.stored, f.replayed);
+        }
+        if a.repair && !result.fields.is_empty() {
+            audit::repair(&store, &r, &replayed, &config.changes_topic, now)?;
+            report.repaired += 1;
+            println!("repaired {id}");
+        }
+        report.add(result);
+    } else if a.all {
+        let shard = a
+            .shard
+            .as_deref()
+            .map(audit::parse_shard)
+            .transpose()
+            .map_err(anyhow::Error::msg)?;
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {pos} entities audited ({per_sec})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        for r in store.entities() {
+            let r = r?;
+            if let Some((i, n)) = shard {
+                if orderly::router::shard_of(&r.entity_id, n) != i {
+                    continue;
+                }
+            }
+            let (result, replayed) = audit::audit(&r, &store.history(&r.entity_id)?, &handlers);
+            if a.repair && !result.fields.is_empty() {
+                audit::repair(&store, &r, &replayed, &config.changes_topic, now)?;
+                report.repaired += 1;
+            }
+            report.add(result);
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        let json = serde_json::to_string_pretty(&report)?;
+        match &a.report {
+            Some(path) => {
+                std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?
+            }
+            None => println!("{json}"),
+        }
+        eprintln!(
+            "audited {} entities: {} differ in {} fields{}",
+            report.entities_checked,
+            report.entities_differing,
+            report.fields_differing,
+            if a.repair {
+                format!(", {} repaired", report.repaired)
+            } else {
+                String::new()
+            }
+        );
+    } else {
+        anyhow::bail!("say which entities to audit: --entity <id> or --all");
+    }
+    if report.entities_differing > report.repaired {
+        std::process::exit(3);
     }
     Ok(())
 }

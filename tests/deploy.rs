@@ -140,7 +140,12 @@ fn compose_agrees_with_the_code() {
 
     // The topics orderly reads and writes are created by kafka-init.
     let init = serde_norway::to_string(&doc["services"]["kafka-init"]["command"]).unwrap();
-    for t in [&config.topic, &config.dead_letter_topic] {
+    for t in [
+        &config.topic,
+        &config.dead_letter_topic,
+        &config.changes_topic,
+        &config.anomalies_topic,
+    ] {
         assert!(
             init.contains(&format!("--topic {t} ")),
             "kafka-init does not create {t}"

@@ -37,6 +37,14 @@ impl TestTopic {
         broker
             .create_topic(&dead_letters, 1)
             .expect("create dlq topic");
+        for t in ["changes", "anomalies"] {
+            broker
+                .create_topic(&format!("{t}-{suffix:08x}"), 1)
+                .expect("create topic");
+        }
+        broker
+            .create_topic(&format!("derived-{suffix:08x}"), 2)
+            .expect("create topic");
         TestTopic {
             brokers: broker.bootstrap_servers(),
             broker,
@@ -54,6 +62,8 @@ impl TestTopic {
             topic: self.topic.clone(),
             group: self.group.clone(),
             dead_letter_topic: self.dead_letters.clone(),
+            changes_topic: self.topic.replace("events-", "changes-"),
+            anomalies_topic: self.topic.replace("events-", "anomalies-"),
             data_dir: data_dir.to_owned(),
             types: orderly::config::Config::crm_types(),
             kafka: fast_group(),
@@ -488,4 +498,105 @@ pub mod otlp {
             let _ = writer.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\nContent-Length: 0\r\n\r\n");
         }
     }
+}
+
+/// Runs a pipeline in this thread: starts it, calls `produce` on a thread,
+/// waits until at least `expected` messages are durable and the pipeline is
+/// quiet (nothing in flight, the outbox published, no progress for 500 ms),
+/// shuts it down and returns the store.
+pub fn run_to_quiet(
+    config: orderly::config::Config,
+    handlers: orderly::handler::Handlers,
+    expected: u64,
+    produce: impl FnOnce() + Send + 'static,
+) -> std::sync::Arc<orderly::store::SledStore> {
+    use orderly::metrics::Stats;
+    use orderly::store::Store;
+    use std::sync::atomic::Ordering::Relaxed;
+    actix::System::new().block_on(async move {
+        let pipeline =
+            orderly::pipeline::Pipeline::start(config, handlers).expect("pipeline starts");
+        let producer = std::thread::spawn(produce);
+        let stats = pipeline.stats();
+        let store = pipeline.store();
+        let deadline = Instant::now() + Duration::from_secs(180);
+        let mut last = (0, Instant::now());
+        loop {
+            assert!(
+                pipeline.fatal().reason().is_none(),
+                "pipeline failed: {:?}",
+                pipeline.fatal().reason()
+            );
+            let durable = Stats::get(&stats.durable);
+            assert!(
+                Instant::now() < deadline,
+                "only {durable} of {expected} durable"
+            );
+            if durable != last.0 {
+                last = (durable, Instant::now());
+            }
+            let quiet = stats.in_flight.load(Relaxed) == 0 && store.outbox(1).unwrap().is_empty();
+            if durable >= expected && quiet && last.1.elapsed() > Duration::from_millis(500) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        producer.join().expect("producer");
+        pipeline.shutdown().expect("clean shutdown");
+        store
+    })
+}
+
+/// Reads every message of a one-partition topic as JSON.
+pub fn read_json(topic: &TestTopic, name: &str, expected: usize) -> Vec<serde_json::Value> {
+    topic
+        .read_all(name, expected, Duration::from_secs(20))
+        .iter()
+        .map(|b| serde_json::from_slice(b).expect("JSON record"))
+        .collect()
+}
+
+/// An event built by hand.
+pub fn event(
+    entity: &str,
+    id: &str,
+    event_type: &str,
+    at: i64,
+    payload: serde_json::Value,
+) -> Event {
+    let orderly::value::Value::Object(payload) = orderly::value::Value::from(payload) else {
+        panic!("payload must be an object")
+    };
+    Event {
+        entity_id: entity.into(),
+        tenant_id: "tenant-0".into(),
+        event_id: id.into(),
+        event_type: event_type.into(),
+        occurred_at: at,
+        version: None,
+        payload,
+    }
+}
+
+/// Which events arrive late: below their entity's high-water mark on arrival
+/// (duplicates excluded).
+pub fn late_on_arrival(events: &[Event]) -> HashSet<(String, String)> {
+    let mut high: HashMap<String, (Option<u64>, i64, String)> = HashMap::new();
+    let mut seen = HashSet::new();
+    let mut late = HashSet::new();
+    for e in events {
+        if !seen.insert((e.entity_id.clone(), e.event_id.clone())) {
+            continue;
+        }
+        let key = (e.version, e.occurred_at, e.event_id.clone());
+        match high.get(&e.entity_id) {
+            Some(h) if key < *h => {
+                late.insert((e.entity_id.clone(), e.event_id.clone()));
+            }
+            _ => {
+                high.insert(e.entity_id.clone(), key);
+            }
+        }
+    }
+    late
 }

@@ -87,6 +87,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             late_policy: Some(orderly::ordering::LatePolicy::Apply),
             too_late_policy: Some(orderly::ordering::TooLatePolicy::Apply),
             history: false,
+            on_failure: orderly::config::FailurePolicy::Skip,
         },
     );
     for t in [

@@ -51,6 +51,21 @@ pub struct TypeConfig {
     pub too_late_policy: Option<TooLatePolicy>,
     /// Keep every version of the entity that events of this type produce.
     pub history: bool,
+    /// After a permanent failure, or when retries run out: `skip` the event
+    /// (dead-letter it and go on) or `park` the entity until an operator acts.
+    pub on_failure: FailurePolicy,
+}
+
+/// What to do with an event whose handler failed for good.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailurePolicy {
+    /// Dead-letter the event and process the entity's next events.
+    #[default]
+    Skip,
+    /// Dead-letter the event and hold the entity's later events until an
+    /// operator releases it (the failed event is retried first) or skips it.
+    Park,
 }
 
 /// orderly's configuration. See the README's configuration reference.
@@ -95,6 +110,13 @@ pub struct Config {
     pub anomalies_retained: u64,
     /// Built-in observers to run: `tenant_conversions`.
     pub observers: Vec<String>,
+    /// Attempts for an event whose handler fails transiently, the first included.
+    pub retry_max_attempts: u32,
+    /// The first retry's delay, in ms; each later one doubles, with jitter
+    /// (a random delay between half and all of it).
+    pub retry_initial_ms: u64,
+    /// The longest delay between attempts, in ms.
+    pub retry_max_ms: u64,
     /// Most write intents in one store batch.
     pub batch_max: usize,
     /// Pause consumption when this many events are received but not durable.
@@ -163,6 +185,11 @@ impl Default for Config {
             anomalies_topic: "orderly.anomalies".into(),
             anomalies_retained: 100_000,
             observers: Vec::new(),
+            // Eight attempts over about 25 s at most ride out a dependency's
+            // restart without holding an entity for minutes.
+            retry_max_attempts: 8,
+            retry_initial_ms: 100,
+            retry_max_ms: 10_000,
             batch_max: default_batch_max(),
             in_flight_high,
             in_flight_low: in_flight_high / 2,
@@ -324,6 +351,15 @@ impl Config {
                 "must be set when `observers` are configured",
             );
         }
+        if self.retry_max_attempts == 0 {
+            return bad(
+                "retry_max_attempts",
+                "must be at least 1 (the first attempt)",
+            );
+        }
+        if self.retry_initial_ms > self.retry_max_ms {
+            return bad("retry_initial_ms", "must not exceed retry_max_ms");
+        }
         if self.retention_events == 0 {
             return bad("retention_events", "must be at least 1");
         }
@@ -369,6 +405,21 @@ impl Config {
         h
     }
 
+    /// The retry schedule and the failure policy per type.
+    pub fn retries(&self) -> Retries {
+        Retries {
+            max_attempts: self.retry_max_attempts,
+            initial: std::time::Duration::from_millis(self.retry_initial_ms),
+            max: std::time::Duration::from_millis(self.retry_max_ms),
+            park_on_failure: self
+                .types
+                .iter()
+                .filter(|(_, c)| c.on_failure == FailurePolicy::Park)
+                .map(|(t, _)| t.clone())
+                .collect(),
+        }
+    }
+
     /// The out-of-order policies, retention and history settings.
     pub fn policies(&self) -> Policies {
         let mut p = Policies::new(
@@ -412,9 +463,41 @@ impl Config {
                 late_policy: Some(LatePolicy::Apply),
                 too_late_policy: Some(TooLatePolicy::Apply),
                 history: false,
+                on_failure: FailurePolicy::Skip,
             },
         )))
         .collect()
+    }
+}
+
+/// How transient failures are retried, and what happens when they run out.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Retries {
+    /// Attempts, the first included.
+    pub max_attempts: u32,
+    /// The first retry's delay.
+    pub initial: std::time::Duration,
+    /// The longest delay.
+    pub max: std::time::Duration,
+    /// Types whose failures park the entity instead of skipping the event.
+    pub park_on_failure: std::collections::HashSet<String>,
+}
+
+impl Retries {
+    /// The delay before attempt `attempt + 1` (after `attempt` failures):
+    /// exponential, capped, with full jitter.
+    pub fn backoff(&self, attempt: u32) -> std::time::Duration {
+        use rand::Rng;
+        let cap = self
+            .initial
+            .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1)))
+            .min(self.max);
+        let ms = cap.as_millis() as u64;
+        std::time::Duration::from_millis(if ms == 0 {
+            0
+        } else {
+            rand::rng().random_range(ms / 2..=ms)
+        })
     }
 }
 
@@ -436,6 +519,9 @@ const KNOWN_FIELDS: &[&str] = &[
     "changes_topic",
     "anomalies_topic",
     "anomalies_retained",
+    "retry_max_attempts",
+    "retry_initial_ms",
+    "retry_max_ms",
     "batch_max",
     "in_flight_high",
     "in_flight_low",

@@ -35,6 +35,8 @@ pub struct Shared {
     pub writer: tokio::sync::mpsc::UnboundedSender<WriterMsg>,
     /// Counters.
     pub stats: Arc<Stats>,
+    /// How transient failures are retried.
+    pub retries: crate::config::Retries,
     /// Out-of-order policies, retention and history, per type.
     pub policies: crate::ordering::Policies,
     /// Where change records go; empty: nowhere.
@@ -96,6 +98,10 @@ pub struct EntityActor {
     record: Option<EntityRecord>,
     shared: Arc<Shared>,
     status: Arc<EntityStatus>,
+    /// The delivery being retried after a transient failure, and its attempts so far.
+    retrying: Option<(Delivery, u32)>,
+    /// Deliveries waiting behind it, in arrival order.
+    waiting: std::collections::VecDeque<Delivery>,
 }
 
 impl EntityActor {
@@ -106,6 +112,8 @@ impl EntityActor {
             record: None,
             shared,
             status,
+            retrying: None,
+            waiting: Default::default(),
         }
     }
 }
@@ -159,13 +167,17 @@ impl EntityActor {
     /// dead letter. Updates the counters.
     fn effects(
         &self,
-        event: &Event,
-        origin: &Origin,
+        handled: Handled<'_>,
         result: &Result<Outcome, crate::fold::Rejected>,
         before: Option<&crate::handler::EntityState>,
-        processed_at: i64,
-        headers: &[(String, Vec<u8>)],
     ) -> Effects {
+        let Handled {
+            event,
+            origin,
+            headers,
+            processed_at,
+            attempts,
+        } = handled;
         let shared = &self.shared;
         let stats = &shared.stats;
         let record = self.record.as_ref().expect("loaded before processing");
@@ -179,7 +191,7 @@ impl EntityActor {
                     id: 0,
                     code: format!("handler_{}", rejected.error.kind()),
                     reason: rejected.to_string(),
-                    attempts: 1,
+                    attempts,
                     topic: origin.topic.clone(),
                     partition: origin.partition,
                     offset: origin.offset,
@@ -313,6 +325,16 @@ impl EntityActor {
     }
 }
 
+/// The event an outcome belongs to, and how it was handled.
+#[derive(Clone, Copy)]
+struct Handled<'a> {
+    event: &'a Event,
+    origin: &'a Origin,
+    headers: &'a [(String, Vec<u8>)],
+    processed_at: i64,
+    attempts: u32,
+}
+
 /// What processing one event asks to write besides the entity record.
 #[derive(Default)]
 struct Effects {
@@ -325,7 +347,20 @@ struct Effects {
 impl Handler<Deliver> for EntityActor {
     type Result = ();
 
-    fn handle(&mut self, Deliver(d): Deliver, _: &mut Self::Context) {
+    fn handle(&mut self, Deliver(d): Deliver, ctx: &mut Self::Context) {
+        if self.retrying.is_some() || !self.waiting.is_empty() {
+            // An earlier event of this entity is being retried: keep the order.
+            self.waiting.push_back(d);
+            return;
+        }
+        self.attempt(d, 1, ctx);
+    }
+}
+
+impl EntityActor {
+    /// Processes one delivery; on a transient failure, schedules a retry and
+    /// leaves the delivery (and those behind it) waiting.
+    fn attempt(&mut self, d: Delivery, attempt: u32, ctx: &mut Context<Self>) {
         let shared = self.shared.clone();
         let read_start = SystemTime::now();
         let processed_at = unix_ms(read_start);
@@ -351,14 +386,40 @@ impl Handler<Deliver> for EntityActor {
             &shared.handlers,
             &shared.policies,
         );
-        let fx = self.effects(
-            &d.event,
-            &origin,
-            &result,
-            before.as_ref(),
+        if let Err(rejected) = &result {
+            let transient = matches!(rejected.error, crate::handler::HandlerError::Transient(_));
+            if transient && attempt < shared.retries.max_attempts {
+                let delay = shared.retries.backoff(attempt);
+                Stats::incr(&shared.stats.retries);
+                tracing::info!(entity = %self.id, event = %d.event.event_id, attempt, ?delay, error = %rejected.error, "transient failure; retrying");
+                self.retrying = Some((d, attempt));
+                ctx.run_later(delay, |actor, ctx| {
+                    if let Some((d, n)) = actor.retrying.take() {
+                        actor.attempt(d, n + 1, ctx);
+                        actor.drain(ctx);
+                    }
+                });
+                return;
+            }
+            let reason = rejected.to_string();
+            let park = shared.retries.park_on_failure.contains(&d.event.event_type);
+            match (park, transient) {
+                (true, _) => record.park_failed(&d.event, &origin, &reason, processed_at),
+                (false, true) => record.give_up(&d.event, &origin, &reason, processed_at),
+                (false, false) => record.note_skip(&d.event, &reason, processed_at),
+            }
+            if transient && park {
+                record.dead_lettered += 1;
+            }
+        }
+        let handled = Handled {
+            event: &d.event,
+            origin: &origin,
+            headers: &d.headers,
             processed_at,
-            &d.headers,
-        );
+            attempts: attempt,
+        };
+        let fx = self.effects(handled, &result, before.as_ref());
         let outcome = match &result {
             Ok(o) => o.name(),
             Err(_) => "dead-lettered",
@@ -392,6 +453,16 @@ impl Handler<Deliver> for EntityActor {
         self.status.handled.fetch_add(1, Relaxed);
         self.send(changed, fx, Some(ack));
     }
+
+    /// Processes the deliveries that waited behind a retry, until one needs a retry of its own.
+    fn drain(&mut self, ctx: &mut Context<Self>) {
+        while self.retrying.is_none() {
+            let Some(d) = self.waiting.pop_front() else {
+                break;
+            };
+            self.attempt(d, 1, ctx);
+        }
+    }
 }
 
 impl Handler<Resolve> for EntityActor {
@@ -415,7 +486,14 @@ impl Handler<Resolve> for EntityActor {
         let mut fx = Effects::default();
         for (held, result) in &results {
             let before = (!shared.handlers.observers().is_empty()).then(|| before_all.clone());
-            let one = self.effects(&held.event, &held.origin, result, before.as_ref(), now, &[]);
+            let handled = Handled {
+                event: &held.event,
+                origin: &held.origin,
+                headers: &[],
+                processed_at: now,
+                attempts: 1,
+            };
+            let one = self.effects(handled, result, before.as_ref());
             fx.outbox.extend(one.outbox);
             fx.anomalies.extend(one.anomalies);
             fx.history.extend(one.history);

@@ -116,6 +116,21 @@ pub struct EntityRecord {
     pub parked: Option<Parked>,
     /// Events held while parked, in arrival order.
     pub held: Vec<HeldEvent>,
+    /// The newest events skipped after a failure (dead-lettered), for provenance.
+    pub skipped: Vec<Skipped>,
+}
+
+/// An event that was skipped after a handler failure.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Skipped {
+    /// The event.
+    pub event_id: String,
+    /// Its type.
+    pub event_type: String,
+    /// Why.
+    pub reason: String,
+    /// When, ms since the Unix epoch.
+    pub at: i64,
 }
 
 /// Why an event was a duplicate.
@@ -308,7 +323,7 @@ impl EntityRecord {
                 return Ok(Outcome::Duplicate(DuplicateKind::Redelivery));
             }
         }
-        self.applied_offsets.insert(tp, origin.offset);
+        let previous = self.applied_offsets.insert(tp.clone(), origin.offset);
         if self.log.iter().any(|e| e.key.event_id == event.event_id)
             || self.held.iter().any(|h| h.event.event_id == event.event_id)
         {
@@ -322,14 +337,66 @@ impl EntityRecord {
             });
             return Ok(Outcome::Held);
         }
-        self.apply_event(
+        let result = self.apply_event(
             event,
             origin,
             processed_at,
             handlers,
             policies,
             Mode::Arrival,
-        )
+        );
+        if let Err(r) = &result {
+            if matches!(r.error, HandlerError::Transient(_)) {
+                // Leave no trace, so the retry is processed as the first try was.
+                match previous {
+                    Some(o) => self.applied_offsets.insert(tp, o),
+                    None => self.applied_offsets.remove(&tp),
+                };
+                self.dead_lettered -= 1;
+            }
+        }
+        result
+    }
+
+    /// Records that an event was given up on (dead-lettered after its last
+    /// transient failure): its offset counts as applied, so a redelivery is a
+    /// duplicate, and the skip is noted.
+    pub fn give_up(&mut self, event: &Event, origin: &Origin, reason: &str, at: i64) {
+        let tp = origin.topic_partition();
+        let last = self.applied_offsets.entry(tp).or_insert(origin.offset);
+        *last = (*last).max(origin.offset);
+        self.dead_lettered += 1;
+        self.note_skip(event, reason, at);
+    }
+
+    /// Notes a skipped (dead-lettered) event in the record's provenance; the
+    /// newest 16 are kept.
+    pub fn note_skip(&mut self, event: &Event, reason: &str, at: i64) {
+        self.skipped.push(Skipped {
+            event_id: event.event_id.clone(),
+            event_type: event.event_type.clone(),
+            reason: reason.to_owned(),
+            at,
+        });
+        if self.skipped.len() > 16 {
+            self.skipped.remove(0);
+        }
+    }
+
+    /// Parks the entity because `event` failed; it is held first in line.
+    pub fn park_failed(&mut self, event: &Event, origin: &Origin, reason: &str, at: i64) {
+        let tp = origin.topic_partition();
+        let last = self.applied_offsets.entry(tp).or_insert(origin.offset);
+        *last = (*last).max(origin.offset);
+        self.parked = Some(Parked {
+            event_id: event.event_id.clone(),
+            reason: reason.to_owned(),
+            since: at,
+        });
+        self.held.push(HeldEvent {
+            event: event.clone(),
+            origin: origin.clone(),
+        });
     }
 
     /// Unparks the entity and processes its held events in order-key order,
@@ -651,6 +718,7 @@ impl EntityRecord {
             "late_dropped": self.late_dropped,
             "parked": self.parked,
             "held": self.held.len(),
+            "skipped": self.skipped,
         })
     }
 }

@@ -32,6 +32,8 @@ pub struct Stats {
     pub held: AtomicU64,
     /// Late events that changed the state: corrections emitted.
     pub corrections: AtomicU64,
+    /// Retries after transient handler failures.
+    pub retries: AtomicU64,
     /// Messages dead-lettered.
     pub dead_letters: AtomicU64,
     /// Messages whose effects are durable (acknowledged).

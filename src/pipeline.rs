@@ -185,6 +185,7 @@ impl Pipeline {
             writer: writer_tx.clone(),
             stats: stats.clone(),
             policies: config.policies(),
+            retries: config.retries(),
             changes_topic: config.changes_topic.clone(),
             derived_topic: config.derived_topic.clone(),
             fatal: fatal.clone(),

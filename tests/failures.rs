@@ -1,0 +1,262 @@
+//! Handler failures: transient ones are retried with backoff while the
+//! entity's later events wait and other entities flow; permanent ones are
+//! dead-lettered and then skipped, or park the entity until an operator
+//! releases it.
+
+mod common;
+
+use common::{event, shuffled_stream, Oracle, TestTopic};
+use orderly::config::{FailurePolicy, TypeConfig};
+use orderly::envelope::Event;
+use orderly::handler::{EntityState, FieldReducer, Handler, HandlerError, ReduceOp};
+use orderly::metrics::Stats;
+use orderly::pipeline::Pipeline;
+use orderly::store::Store;
+use orderly::workload::{self, Format};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Fails event `fail_id` transiently `remaining` times, then applies `set`.
+struct Flaky {
+    fail_id: String,
+    remaining: AtomicU32,
+    first_failure: AtomicBool,
+    succeeded: AtomicBool,
+}
+
+impl Handler for Flaky {
+    fn apply(&self, state: &mut EntityState, event: &Event) -> Result<(), HandlerError> {
+        if event.event_id == self.fail_id {
+            if self.remaining.load(SeqCst) > 0 {
+                self.remaining.fetch_sub(1, SeqCst);
+                self.first_failure.store(true, SeqCst);
+                return Err(HandlerError::Transient(
+                    "the billing service is restarting".into(),
+                ));
+            }
+            self.succeeded.store(true, SeqCst);
+        }
+        FieldReducer(ReduceOp::Set).apply(state, event)
+    }
+}
+
+#[test]
+fn transient_failures_are_retried_in_order_while_other_entities_flow() {
+    let topic = TestTopic::new(4);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = topic.config(dir.path());
+    config.retry_initial_ms = 100;
+    let flaky = Arc::new(Flaky {
+        fail_id: "f2".into(),
+        remaining: AtomicU32::new(5),
+        first_failure: AtomicBool::new(false),
+        succeeded: AtomicBool::new(false),
+    });
+    let handlers = config
+        .handlers()
+        .with_handler("sync.updated", flaky.clone());
+    let f = |id: &str, at: i64, v: serde_json::Value| event("flaky-1", id, "sync.updated", at, v);
+    let flaky_events = [
+        f("f1", 10, serde_json::json!({"step": 1, "a": 1})),
+        f("f2", 20, serde_json::json!({"step": 2, "b": 1})),
+        f("f3", 30, serde_json::json!({"step": 3})),
+        f("f4", 25, serde_json::json!({"c": 1})), // late behind f3, still in order after the retries
+        f("f5", 50, serde_json::json!({"step": 5})),
+    ];
+    let others = shuffled_stream(1_000, 20, 0.0, 13);
+    // The flaky entity's events come first; 20,000 others follow.
+    let all: Vec<Event> = flaky_events.iter().chain(others.iter()).cloned().collect();
+    let expected = all.len() as u64;
+    let (brokers, name) = (topic.brokers.clone(), topic.topic.clone());
+    actix::System::new().block_on(async move {
+        let pipeline = Pipeline::start(config, handlers).unwrap();
+        let stats = pipeline.stats();
+        std::thread::spawn(move || {
+            common::produce_to(
+                &brokers,
+                &name,
+                None,
+                all.iter().map(|e| workload::message_of(e, Format::Proto)),
+            )
+        });
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut at_first_failure = None;
+        let mut at_success = None;
+        while Stats::get(&stats.durable) < expected {
+            assert!(
+                Instant::now() < deadline,
+                "stuck at {}",
+                Stats::get(&stats.durable)
+            );
+            if at_first_failure.is_none() && flaky.first_failure.load(SeqCst) {
+                at_first_failure = Some(Stats::get(&stats.durable));
+            }
+            if at_success.is_none() && flaky.succeeded.load(SeqCst) {
+                at_success = Some(Stats::get(&stats.durable));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Retries may outlast everything else: then success is at the end.
+        let success = at_success.unwrap_or_else(|| Stats::get(&stats.durable));
+        let first = at_first_failure.expect("f2 failed at least once");
+        assert!(
+            success - first >= 1_000,
+            "only {} events of other entities completed during the retries",
+            success - first
+        );
+        assert_eq!(Stats::get(&stats.retries), 5);
+        assert_eq!(Stats::get(&stats.dead_letters), 0);
+        let store = pipeline.store();
+        pipeline.shutdown().unwrap();
+        let r = store.load_entity("flaky-1").unwrap().unwrap();
+        assert_eq!(
+            orderly::value::fields_to_json(&r.state.fields),
+            serde_json::json!({"step": 5, "a": 1, "b": 1, "c": 1})
+        );
+        assert_eq!(r.applied_events, 5);
+        assert_eq!(r.provenance["step"].event_id, "f5");
+        assert_eq!(r.provenance["b"].event_id, "f2");
+        let problems = Oracle::of(&others).diff(&*store);
+        let problems: Vec<_> = problems
+            .into_iter()
+            .filter(|p| !p.contains("flaky-1") && !p.contains("entities"))
+            .collect();
+        assert!(problems.is_empty(), "{problems:?}");
+    });
+}
+
+/// Rejects events whose payload has `"bad": true` while `broken` is set.
+struct Validating {
+    broken: AtomicBool,
+}
+
+impl Handler for Validating {
+    fn apply(&self, state: &mut EntityState, event: &Event) -> Result<(), HandlerError> {
+        if self.broken.load(SeqCst) && event.payload.contains_key("bad") {
+            return Err(HandlerError::Permanent(format!(
+                "event {} has an unmapped currency code",
+                event.event_id
+            )));
+        }
+        FieldReducer(ReduceOp::Set).apply(state, event)
+    }
+}
+
+#[test]
+fn permanent_failures_skip_or_park_and_a_release_applies_the_event_in_order() {
+    let topic = TestTopic::new(2);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = topic.config(dir.path());
+    config.types.insert(
+        "invoice.updated".into(),
+        TypeConfig {
+            on_failure: FailurePolicy::Skip,
+            ..Default::default()
+        },
+    );
+    config.types.insert(
+        "contract.updated".into(),
+        TypeConfig {
+            on_failure: FailurePolicy::Park,
+            ..Default::default()
+        },
+    );
+    let validating = Arc::new(Validating {
+        broken: AtomicBool::new(true),
+    });
+    let handlers = config
+        .handlers()
+        .with_handler("invoice.updated", validating.clone())
+        .with_handler("contract.updated", validating.clone());
+    let i =
+        |id: &str, at: i64, v: serde_json::Value| event("invoice-1", id, "invoice.updated", at, v);
+    let c = |id: &str, at: i64, v: serde_json::Value| {
+        event("contract-1", id, "contract.updated", at, v)
+    };
+    let events = [
+        i("i1", 10, serde_json::json!({"total": 1})),
+        i("i2", 20, serde_json::json!({"total": 2, "bad": true})),
+        i("i3", 30, serde_json::json!({"status": "sent"})),
+        c("c1", 10, serde_json::json!({"stage": "draft"})),
+        c(
+            "c2",
+            20,
+            serde_json::json!({"stage": "signed", "bad": true, "x": 1}),
+        ),
+        c("c3", 30, serde_json::json!({"stage": "active"})),
+        c("c4", 15, serde_json::json!({"y": 1})),
+    ];
+    let n = events.len() as u64;
+    let (brokers, name) = (topic.brokers.clone(), topic.topic.clone());
+    actix::System::new().block_on(async move {
+        let pipeline = Pipeline::start(config, handlers).unwrap();
+        let stats = pipeline.stats();
+        std::thread::spawn(move || {
+            common::produce_to(
+                &brokers,
+                &name,
+                None,
+                events
+                    .iter()
+                    .map(|e| workload::message_of(e, Format::Proto)),
+            )
+        })
+        .join()
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Stats::get(&stats.durable) < n {
+            assert!(Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let store = pipeline.store();
+        // skip: a dead letter with the full reason, and the invoice moved on.
+        let dls = store.dead_letters(0, 10).unwrap();
+        let dl = dls
+            .iter()
+            .find(|d| d.entity_id.as_deref() == Some("invoice-1"))
+            .expect("invoice dead letter");
+        assert_eq!(dl.code, "handler_permanent");
+        assert_eq!(dl.event_id.as_deref(), Some("i2"));
+        assert!(
+            dl.reason.contains("unmapped currency code") && dl.reason.contains("invoice.updated"),
+            "{}",
+            dl.reason
+        );
+        assert_eq!(dl.attempts, 1);
+        assert_eq!(
+            (dl.topic.as_str(), dl.offset >= 0),
+            (topic.topic.as_str(), true)
+        );
+        let inv = store.load_entity("invoice-1").unwrap().unwrap();
+        assert_eq!(
+            orderly::value::fields_to_json(&inv.state.fields),
+            serde_json::json!({"total": 1, "status": "sent"})
+        );
+        assert_eq!(inv.skipped.len(), 1);
+        assert_eq!(inv.skipped[0].event_id, "i2");
+        // park: the contract holds c2 and everything after it.
+        let con = store.load_entity("contract-1").unwrap().unwrap();
+        assert_eq!(con.parked.as_ref().unwrap().event_id, "c2");
+        assert_eq!(con.held.len(), 3);
+        assert_eq!(
+            orderly::value::fields_to_json(&con.state.fields),
+            serde_json::json!({"stage": "draft"})
+        );
+        // The cause is fixed; the release applies c2, c3 and c4 in order-key order.
+        validating.broken.store(false, SeqCst);
+        let released = pipeline.resolve_parked("contract-1", false).await.unwrap();
+        assert_eq!(released.events, 3);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        pipeline.shutdown().unwrap();
+        let con = store.load_entity("contract-1").unwrap().unwrap();
+        assert!(con.parked.is_none());
+        // The in-order oracle of all four contract events.
+        assert_eq!(
+            orderly::value::fields_to_json(&con.state.fields),
+            serde_json::json!({"stage": "active", "bad": true, "x": 1, "y": 1})
+        );
+        assert_eq!(con.provenance["stage"].event_id, "c3");
+        assert_eq!(con.applied_events, 4);
+    });
+}

@@ -1,10 +1,11 @@
 //! Fail points: named places in the commit path that tests can make fail.
 //!
-//! Set `ORDERLY_FAILPOINTS="name=action[@n],..."` before start. `action` is
-//! `exit` (the process exits at once with code 86, as a crash would, without
-//! flushing or committing anything) or `error` (the step returns an error).
-//! `@n` fires on the n-th hit instead of the first. With the variable unset
-//! every check is one relaxed atomic load.
+//! Set `ORDERLY_FAILPOINTS="name=action[@n[..m]],..."` before start.
+//! `action` is `exit` (the process exits at once with code 86, as a crash
+//! would, without flushing or committing anything) or `error` (the step
+//! returns an error). `@n` fires on the n-th hit instead of the first;
+//! `@n..m` on every hit from the n-th to the m-th. With the variable unset
+//! every check is a lookup in an empty map.
 
 use crate::store::StoreError;
 use std::collections::HashMap;
@@ -17,7 +18,8 @@ pub const EXIT_CODE: i32 = 86;
 #[derive(Debug)]
 struct Point {
     action: Action,
-    at: u64,
+    from: u64,
+    to: u64,
     hits: AtomicU64,
 }
 
@@ -39,9 +41,15 @@ fn points() -> &'static HashMap<String, Point> {
             let Some((name, rest)) = item.split_once('=') else {
                 continue;
             };
-            let (action, at) = match rest.split_once('@') {
-                Some((a, n)) => (a, n.parse().unwrap_or(1)),
-                None => (rest, 1),
+            let (action, from, to) = match rest.split_once('@') {
+                Some((a, range)) => match range.split_once("..") {
+                    Some((f, t)) => (a, f.parse().unwrap_or(1), t.parse().unwrap_or(u64::MAX)),
+                    None => {
+                        let n = range.parse().unwrap_or(1);
+                        (a, n, n)
+                    }
+                },
+                None => (rest, 1, 1),
             };
             let action = match action {
                 "exit" => Action::Exit,
@@ -52,7 +60,8 @@ fn points() -> &'static HashMap<String, Point> {
                 name.to_owned(),
                 Point {
                     action,
-                    at,
+                    from,
+                    to,
                     hits: AtomicU64::new(0),
                 },
             );
@@ -70,7 +79,8 @@ pub fn hit(name: &'static str) -> Result<(), StoreError> {
     let Some(p) = points.get(name) else {
         return Ok(());
     };
-    if p.hits.fetch_add(1, Relaxed) + 1 != p.at {
+    let hit = p.hits.fetch_add(1, Relaxed) + 1;
+    if hit < p.from || hit > p.to {
         return Ok(());
     }
     match p.action {

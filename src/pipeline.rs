@@ -104,6 +104,7 @@ pub struct Pipeline {
     stats: Arc<Stats>,
     fatal: Arc<Fatal>,
     ready: Arc<AtomicBool>,
+    store_ok: Arc<AtomicBool>,
     stop_source: Arc<AtomicBool>,
     stop_publisher: Arc<AtomicBool>,
     source: Option<JoinHandle<()>>,
@@ -148,6 +149,7 @@ impl Pipeline {
         let (writer_tx, writer_rx) = tokio::sync::mpsc::unbounded_channel();
         let (commits_tx, commits_rx) = std::sync::mpsc::channel();
         let outbox_ready = Arc::new(tokio::sync::Notify::new());
+        let store_ok = Arc::new(AtomicBool::new(true));
 
         let writer = Writer {
             store: dyn_store.clone(),
@@ -159,6 +161,7 @@ impl Pipeline {
             outbox_ready: outbox_ready.clone(),
             anomalies_topic: config.anomalies_topic.clone(),
             anomalies_retained: config.anomalies_retained,
+            store_ok: store_ok.clone(),
         };
         let writer_fatal = fatal.clone();
         let writer = spawn("orderly-writer", move || {
@@ -222,6 +225,7 @@ impl Pipeline {
             stats,
             fatal,
             ready,
+            store_ok,
             stop_source,
             stop_publisher,
             source: Some(source),
@@ -245,9 +249,10 @@ impl Pipeline {
         self.fatal.clone()
     }
 
-    /// True while partitions are assigned and the store is open.
+    /// True while partitions are assigned, the store accepts writes, and
+    /// nothing fatal happened.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Relaxed) && self.fatal.reason().is_none()
+        self.ready.load(Relaxed) && self.store_ok.load(Relaxed) && self.fatal.reason().is_none()
     }
 
     /// An operator's decision on a parked entity: release it (its held events

@@ -15,7 +15,7 @@ use crate::telemetry::{self, SpanInfo};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
 
 /// The acknowledgement one message needs once its effects are durable.
@@ -85,6 +85,8 @@ pub struct Writer {
     pub anomalies_topic: String,
     /// Anomaly records kept in the store.
     pub anomalies_retained: u64,
+    /// False while store writes are failing.
+    pub store_ok: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Why the writer stopped.
@@ -215,11 +217,24 @@ impl Writer {
                 }
             }
         }
-        crate::failpoint::hit("writer.before_commit")?;
-        self.store.commit(&batch)?;
-        crate::failpoint::hit("writer.before_flush")?;
-        self.store.flush().await?;
-        crate::failpoint::hit("writer.after_flush")?;
+        // A store failure is retried with backoff, for ever: nothing is
+        // acknowledged until the batch is durable, so in-flight events pile up
+        // and the source pauses; the pipeline reports not ready meanwhile.
+        let mut attempt = 0u32;
+        while let Err(e) = self.commit_and_flush(&batch).await {
+            attempt += 1;
+            self.store_ok.store(false, Relaxed);
+            let delay = Duration::from_millis(100u64.saturating_mul(1 << attempt.min(6)));
+            tracing::error!(error = %e, attempt, ?delay, "store write failed; retrying the batch (nothing is acknowledged meanwhile)");
+            tokio::time::sleep(delay).await;
+        }
+        if attempt > 0 {
+            tracing::info!(
+                attempts = attempt + 1,
+                "store write succeeded after retries"
+            );
+            self.store_ok.store(true, Relaxed);
+        }
         let durable_at = SystemTime::now();
         self.acknowledge(&intents, durable_at);
         if !batch.checkpoints.is_empty() {
@@ -236,6 +251,14 @@ impl Writer {
             let _ = b.send(());
         }
         Ok(())
+    }
+
+    async fn commit_and_flush(&self, batch: &CommitBatch) -> Result<(), StoreError> {
+        crate::failpoint::hit("writer.before_commit")?;
+        self.store.commit(batch)?;
+        crate::failpoint::hit("writer.before_flush")?;
+        self.store.flush().await?;
+        crate::failpoint::hit("writer.after_flush")
     }
 
     fn acknowledge(&self, intents: &[Box<WriteIntent>], durable_at: SystemTime) {

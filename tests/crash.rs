@@ -119,3 +119,94 @@ fn crash_between_flush_and_kafka_commit_still_commits_after_restart() {
     let store = orderly::store::SledStore::open(&data, 16).unwrap();
     assert!(Oracle::of(&events).diff(&store).is_empty());
 }
+
+/// Runs orderly with a fail point that makes it exit mid-commit, restarts it
+/// without, and checks the oracle: nothing lost, nothing applied twice.
+fn crash_at(point: &str) {
+    let topic = TestTopic::new(4);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = topic.config_file(dir.path(), &data);
+    let log = dir.path().join("orderly.log");
+    let events = shuffled_stream(200, 10, 0.02, 3);
+    topic.produce_events(&events);
+
+    let spec = format!("{point}=exit@3");
+    let mut first = OrderlyProcess::start(&config, &log, &[("ORDERLY_FAILPOINTS", &spec)]);
+    let status = first.child.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(orderly::failpoint::EXIT_CODE),
+        "{point}: {}",
+        first.log_tail()
+    );
+    assert!(std::fs::read_to_string(&log)
+        .unwrap()
+        .contains(&format!("fail point {point} fired")));
+
+    let mut second = OrderlyProcess::start(&config, &log, &[]);
+    if let Err(e) = topic.wait_all_committed(Duration::from_secs(90)) {
+        panic!("{point}: {e}\nlog:\n{}", second.log_tail());
+    }
+    assert!(second.terminate(Duration::from_secs(30)).success());
+    let store = orderly::store::SledStore::open(&data, 16).unwrap();
+    let problems = Oracle::of(&events).diff(&store);
+    assert!(
+        problems.is_empty(),
+        "{point}: {:?}",
+        &problems[..problems.len().min(5)]
+    );
+}
+
+#[test]
+fn crash_before_the_store_commit() {
+    crash_at("writer.before_commit");
+}
+
+#[test]
+fn crash_between_the_store_commit_and_the_flush() {
+    crash_at("writer.before_flush");
+}
+
+#[test]
+fn crash_after_the_flush_before_acknowledging() {
+    crash_at("writer.after_flush");
+}
+
+#[test]
+fn crash_before_the_kafka_commit() {
+    crash_at("source.before_commit");
+}
+
+#[test]
+fn store_failures_are_retried_and_nothing_is_acknowledged_until_durable() {
+    let topic = TestTopic::new(2);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = topic.config_file(dir.path(), &data);
+    let log = dir.path().join("orderly.log");
+    let events = shuffled_stream(100, 10, 0.0, 5);
+    // Flushes 3 to 6 fail; the writer retries the same batch until it succeeds.
+    let mut orderly = OrderlyProcess::start(
+        &config,
+        &log,
+        &[("ORDERLY_FAILPOINTS", "writer.before_flush=error@3..6")],
+    );
+    topic.produce_events(&events);
+    if let Err(e) = topic.wait_all_committed(Duration::from_secs(90)) {
+        panic!("{e}\nlog:\n{}", orderly.log_tail());
+    }
+    assert!(orderly.terminate(Duration::from_secs(30)).success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        text.matches("store write failed; retrying the batch")
+            .count(),
+        4,
+        "{}",
+        orderly.log_tail()
+    );
+    assert!(text.contains("store write succeeded after retries"));
+    let store = orderly::store::SledStore::open(&data, 16).unwrap();
+    let problems = Oracle::of(&events).diff(&store);
+    assert!(problems.is_empty(), "{problems:?}");
+}

@@ -110,6 +110,13 @@ pub struct Config {
     pub anomalies_retained: u64,
     /// Built-in observers to run: `tenant_conversions`.
     pub observers: Vec<String>,
+    /// Where the admin HTTP server listens (health, readiness, dead letters,
+    /// parked entities); empty: no server. Loopback by default: expose it
+    /// deliberately.
+    pub admin_addr: String,
+    /// The bearer token that mutating admin calls must carry. Unset: every
+    /// mutating call is refused.
+    pub admin_token: Option<String>,
     /// Attempts for an event whose handler fails transiently, the first included.
     pub retry_max_attempts: u32,
     /// The first retry's delay, in ms; each later one doubles, with jitter
@@ -187,6 +194,8 @@ impl Default for Config {
             observers: Vec::new(),
             // Eight attempts over about 25 s at most ride out a dependency's
             // restart without holding an entity for minutes.
+            admin_addr: "127.0.0.1:8089".into(),
+            admin_token: None,
             retry_max_attempts: 8,
             retry_initial_ms: 100,
             retry_max_ms: 10_000,
@@ -519,6 +528,8 @@ const KNOWN_FIELDS: &[&str] = &[
     "changes_topic",
     "anomalies_topic",
     "anomalies_retained",
+    "admin_addr",
+    "admin_token",
     "retry_max_attempts",
     "retry_initial_ms",
     "retry_max_ms",

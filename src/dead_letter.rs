@@ -37,7 +37,13 @@ pub struct DeadLetter {
     pub event_type: Option<String>,
     /// When it was dead-lettered, ms since the Unix epoch.
     pub created_at: i64,
+    /// `open`, `retried` (processed again, successfully) or `skipped` (an
+    /// operator decided to leave it).
+    pub status: String,
 }
+
+/// The status of a dead letter nobody has acted on.
+pub const OPEN: &str = "open";
 
 impl DeadLetter {
     /// The JSON form published to the dead-letter topic and printed by the CLI.
@@ -59,6 +65,7 @@ impl DeadLetter {
             "event_id": self.event_id,
             "event_type": self.event_type,
             "created_at": self.created_at,
+            "status": self.status,
         })
     }
 }

@@ -18,7 +18,7 @@ use crate::handler::{derived_event_id, Handlers};
 use crate::metrics::Stats;
 use crate::store::{OutboxRecord, Store};
 use crate::telemetry::{unix_ms, SpanInfo};
-use crate::writer::{Ack, WriteIntent, WriterMsg};
+use crate::writer::{Ack, DeadLetterRef, WriteIntent, WriterMsg};
 use actix::prelude::*;
 use opentelemetry::trace::SpanContext;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -202,6 +202,7 @@ impl EntityActor {
                     event_id: Some(event.event_id.clone()),
                     event_type: Some(event.event_type.clone()),
                     created_at: processed_at,
+                    status: crate::dead_letter::OPEN.into(),
                 });
                 return fx;
             }
@@ -310,6 +311,7 @@ impl EntityActor {
             history: fx.history,
             ack,
             durable: Some(self.status.durable.clone()),
+            resolve_dead_letter: fx.resolve_dead_letter,
         };
         self.status.writes_sent.fetch_add(1, Relaxed);
         if self
@@ -342,6 +344,7 @@ struct Effects {
     anomalies: Vec<Anomaly>,
     history: Vec<crate::fold::LogEntry>,
     dead_letter: Option<DeadLetter>,
+    resolve_dead_letter: Option<(DeadLetterRef, &'static str)>,
 }
 
 impl Handler<Deliver> for EntityActor {
@@ -465,6 +468,56 @@ impl EntityActor {
     }
 }
 
+/// Processes a dead-lettered event again (the operator fixed the cause).
+#[derive(Message)]
+#[rtype(result = "Result<&'static str, String>")]
+pub struct RetryDeadLetter {
+    /// The event, decoded from the dead letter.
+    pub event: Event,
+    /// Where it was read from.
+    pub origin: Origin,
+    /// The dead letter's id; marked `retried` once the event is durable.
+    pub id: u64,
+}
+
+impl Handler<RetryDeadLetter> for EntityActor {
+    type Result = Result<&'static str, String>;
+
+    fn handle(&mut self, msg: RetryDeadLetter, _: &mut Self::Context) -> Self::Result {
+        self.status.handled.fetch_add(1, Relaxed);
+        let shared = self.shared.clone();
+        let now = unix_ms(SystemTime::now());
+        let record = self.record(&msg.event.entity_id, &msg.event.tenant_id)?;
+        let before = record.state.clone();
+        let result = record.retry(
+            &msg.event,
+            &msg.origin,
+            now,
+            &shared.handlers,
+            &shared.policies,
+        );
+        match &result {
+            Ok(outcome) => {
+                let name = outcome.name();
+                let handled = Handled {
+                    event: &msg.event,
+                    origin: &msg.origin,
+                    headers: &[],
+                    processed_at: now,
+                    attempts: 1,
+                };
+                let observed = (!shared.handlers.observers().is_empty()).then_some(&before);
+                let mut fx = self.effects(handled, &result, observed);
+                fx.resolve_dead_letter = Some((DeadLetterRef::Id(msg.id), "retried"));
+                tracing::info!(entity = %self.id, event = %msg.event.event_id, dead_letter = msg.id, outcome = name, "dead letter retried");
+                self.send(true, fx, None);
+                Ok(name)
+            }
+            Err(rejected) => Err(format!("still failing: {rejected}")),
+        }
+    }
+}
+
 impl Handler<Resolve> for EntityActor {
     type Result = Result<Released, String>;
 
@@ -481,6 +534,7 @@ impl Handler<Resolve> for EntityActor {
             });
         }
         let before_all = record.state.clone();
+        let parked_by = record.parked.as_ref().map(|p| p.event_id.clone());
         let results = record.release(msg.skip, now, &shared.handlers, &shared.policies);
         tracing::info!(entity = %self.id, events = results.len(), skip = msg.skip, "parked entity released");
         let mut fx = Effects::default();
@@ -494,6 +548,11 @@ impl Handler<Resolve> for EntityActor {
                 attempts: 1,
             };
             let one = self.effects(handled, result, before.as_ref());
+            if result.is_ok() && parked_by.as_deref() == Some(held.event.event_id.as_str()) {
+                // The event that parked the entity went through: a dead letter
+                // written when it failed is resolved.
+                fx.resolve_dead_letter = Some((DeadLetterRef::At(held.origin.clone()), "retried"));
+            }
             fx.outbox.extend(one.outbox);
             fx.anomalies.extend(one.anomalies);
             fx.history.extend(one.history);

@@ -358,6 +358,47 @@ impl EntityRecord {
         result
     }
 
+    /// Processes a dead-lettered event again, at an operator's request. Its
+    /// offset is already recorded, so only its event id is checked for
+    /// duplicates; a late one is re-folded, so the entity's order is kept; a
+    /// parked entity holds it.
+    pub fn retry(
+        &mut self,
+        event: &Event,
+        origin: &Origin,
+        processed_at: i64,
+        handlers: &Handlers,
+        policies: &Policies,
+    ) -> Result<Outcome, Rejected> {
+        if self.log.iter().any(|e| e.key.event_id == event.event_id)
+            || self.held.iter().any(|h| h.event.event_id == event.event_id)
+        {
+            return Ok(Outcome::Duplicate(DuplicateKind::EventId));
+        }
+        if self.parked.is_some() {
+            self.held.push(HeldEvent {
+                event: event.clone(),
+                origin: origin.clone(),
+            });
+            return Ok(Outcome::Held);
+        }
+        let result = self.apply_event(
+            event,
+            origin,
+            processed_at,
+            handlers,
+            policies,
+            Mode::Release,
+        );
+        if result.is_err() {
+            // Still failing: it stays dead-lettered, counted once.
+            self.dead_lettered -= 1;
+        } else {
+            self.skipped.retain(|s| s.event_id != event.event_id);
+        }
+        result
+    }
+
     /// Records that an event was given up on (dead-lettered after its last
     /// transient failure): its offset counts as applied, so a redelivery is a
     /// duplicate, and the skip is noted.

@@ -9,6 +9,7 @@
 //! Data flows down this list of modules; nothing low imports the CLI.
 #![deny(missing_docs)]
 
+pub mod admin;
 pub mod anomaly;
 pub mod audit;
 pub mod broker;

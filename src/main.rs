@@ -46,11 +46,102 @@ enum Command {
     },
     /// Run the embedded Kafka-protocol broker stand-alone and print its address.
     DevBroker(DevBrokerArgs),
+    /// Dead letters of a running orderly, through its admin API.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// Replay entities' events in order and compare with the stored state (offline).
     ///
     /// Exit status: 0 when every audited entity matches (or was repaired),
     /// 3 when differences were found and not repaired.
     Audit(AuditArgs),
+}
+
+#[derive(Args)]
+struct AdminArgs {
+    /// The admin API's base URL.
+    #[arg(
+        long,
+        env = "ORDERLY_ADMIN_URL",
+        default_value = "http://127.0.0.1:8089"
+    )]
+    admin: String,
+    /// The bearer token for mutating calls.
+    #[arg(long, env = "ORDERLY_ADMIN_TOKEN")]
+    token: Option<String>,
+}
+
+#[derive(Args, Default)]
+struct DlqFilter {
+    /// Only this entity's dead letters.
+    #[arg(long)]
+    entity: Option<String>,
+    /// Only this event type's.
+    #[arg(long = "type")]
+    event_type: Option<String>,
+    /// Only this reason code's (bad_json, handler_permanent, ...).
+    #[arg(long)]
+    code: Option<String>,
+}
+
+impl DlqFilter {
+    fn query(&self) -> Vec<(&'static str, String)> {
+        [
+            ("entity", &self.entity),
+            ("type", &self.event_type),
+            ("code", &self.code),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.clone().map(|v| (k, v)))
+        .collect()
+    }
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// List dead letters, oldest first, as JSON Lines.
+    List {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(flatten)]
+        filter: DlqFilter,
+        /// Only with this status: open, retried or skipped.
+        #[arg(long)]
+        status: Option<String>,
+        /// Start after this id.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Process dead letters again, through their entities' actors.
+    Retry {
+        /// The dead letter's id.
+        #[arg(required_unless_present = "all")]
+        id: Option<u64>,
+        /// Every open dead letter matching the filters.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(flatten)]
+        filter: DlqFilter,
+    },
+    /// Mark dead letters skipped.
+    Skip {
+        /// The dead letter's id.
+        #[arg(required_unless_present = "all")]
+        id: Option<u64>,
+        /// Every open dead letter matching the filters.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(flatten)]
+        filter: DlqFilter,
+    },
 }
 
 #[derive(Args)]
@@ -214,6 +305,7 @@ fn main() {
         Command::State { command } => state(command),
         Command::DevBroker(a) => dev_broker(a),
         Command::Audit(a) => audit(a),
+        Command::Dlq { command } => dlq(command),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -233,7 +325,18 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     let telemetry = orderly::telemetry::init(&instance, "info")?;
     let handlers = config.handlers();
     let result = actix::System::new().block_on(async move {
+        let admin_addr = config.admin_addr.clone();
+        let admin_token = config.admin_token.clone();
         let pipeline = Pipeline::start(config, handlers)?;
+        let admin = if admin_addr.is_empty() {
+            None
+        } else {
+            Some(
+                orderly::admin::start(pipeline.control(), &admin_addr, admin_token).with_context(
+                    || format!("starting the admin server on {admin_addr} (admin_addr)"),
+                )?,
+            )
+        };
         let fatal = pipeline.fatal();
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;
@@ -243,10 +346,111 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             reason = fatal.raised() => tracing::error!(%reason, "stopping"),
         }
         pipeline.shutdown()?;
+        if let Some(a) = admin {
+            a.stop(true).await;
+        }
         Ok::<_, anyhow::Error>(())
     });
     telemetry.shutdown();
     result
+}
+
+fn admin_call(
+    admin: &AdminArgs,
+    method: reqwest::Method,
+    path: &str,
+    query: &[(&str, String)],
+) -> anyhow::Result<serde_json::Value> {
+    let client = reqwest::blocking::Client::new();
+    let mut req = client
+        .request(
+            method,
+            format!("{}{path}", admin.admin.trim_end_matches('/')),
+        )
+        .query(query);
+    if let Some(t) = &admin.token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().with_context(|| {
+        format!(
+            "calling the admin API at {} (is orderly run up? --admin)",
+            admin.admin
+        )
+    })?;
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().unwrap_or_default();
+    if !status.is_success() {
+        anyhow::bail!(
+            "{status}: {}",
+            body["error"].as_str().unwrap_or("no details")
+        );
+    }
+    Ok(body)
+}
+
+fn dlq(cmd: DlqCommand) -> anyhow::Result<()> {
+    match cmd {
+        DlqCommand::List {
+            admin,
+            filter,
+            status,
+            after,
+            limit,
+        } => {
+            let mut q = filter.query();
+            q.push(("after", after.to_string()));
+            q.push(("limit", limit.to_string()));
+            if let Some(s) = status {
+                q.push(("status", s));
+            }
+            let body = admin_call(&admin, reqwest::Method::GET, "/api/dead-letters", &q)?;
+            for item in body["items"].as_array().into_iter().flatten() {
+                println!("{item}");
+            }
+            if let Some(next) = body["next_after"].as_u64() {
+                eprintln!("more: --after {next}");
+            }
+        }
+        DlqCommand::Retry {
+            id,
+            all,
+            admin,
+            filter,
+        } => dlq_act("retry", id, all, &admin, &filter)?,
+        DlqCommand::Skip {
+            id,
+            all,
+            admin,
+            filter,
+        } => dlq_act("skip", id, all, &admin, &filter)?,
+    }
+    Ok(())
+}
+
+fn dlq_act(
+    verb: &str,
+    id: Option<u64>,
+    all: bool,
+    admin: &AdminArgs,
+    filter: &DlqFilter,
+) -> anyhow::Result<()> {
+    let body = match (all, id) {
+        (true, _) => admin_call(
+            admin,
+            reqwest::Method::POST,
+            &format!("/api/dead-letters/{verb}-all"),
+            &filter.query(),
+        )?,
+        (false, Some(id)) => admin_call(
+            admin,
+            reqwest::Method::POST,
+            &format!("/api/dead-letters/{id}/{verb}"),
+            &[],
+        )?,
+        (false, None) => anyhow::bail!("name a dead letter id, or --all"),
+    };
+    println!("{body}");
+    Ok(())
 }
 
 fn produce(a: ProduceArgs) -> anyhow::Result<()> {

@@ -99,6 +99,146 @@ pub enum PipelineError {
     Fatal(String),
 }
 
+/// An operator action failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// No such dead letter or entity.
+    #[error("{0}")]
+    NotFound(String),
+    /// The action does not apply in the current state.
+    #[error("{0}")]
+    Conflict(String),
+    /// The store or an actor failed.
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// What operators can do to a running pipeline; cheap to clone.
+#[derive(Clone)]
+pub struct Control {
+    store: Arc<SledStore>,
+    router: Router,
+    writer: tokio::sync::mpsc::UnboundedSender<WriterMsg>,
+    ready: Arc<AtomicBool>,
+    store_ok: Arc<AtomicBool>,
+    fatal: Arc<Fatal>,
+    stats: Arc<Stats>,
+}
+
+impl Control {
+    /// The store, for reads.
+    pub fn store(&self) -> &SledStore {
+        &self.store
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Why the pipeline is not ready, or `None` if it is.
+    pub fn not_ready(&self) -> Option<String> {
+        if let Some(r) = self.fatal.reason() {
+            return Some(format!("stopped: {r}"));
+        }
+        if !self.store_ok.load(Relaxed) {
+            return Some("store writes are failing; retrying".into());
+        }
+        if !self.ready.load(Relaxed) {
+            return Some("no partitions assigned yet".into());
+        }
+        None
+    }
+
+    fn open_dead_letter(&self, id: u64) -> Result<crate::dead_letter::DeadLetter, ControlError> {
+        let dl = self
+            .store
+            .dead_letter(id)
+            .map_err(|e| ControlError::Internal(e.to_string()))?
+            .ok_or_else(|| ControlError::NotFound(format!("no dead letter {id}")))?;
+        if dl.status != crate::dead_letter::OPEN {
+            return Err(ControlError::Conflict(format!(
+                "dead letter {id} is already {}",
+                dl.status
+            )));
+        }
+        Ok(dl)
+    }
+
+    /// Processes a dead letter's event again, through its entity's actor (a
+    /// late one is re-folded, so the entity's order is kept). Returns the outcome.
+    pub async fn retry_dead_letter(&self, id: u64) -> Result<&'static str, ControlError> {
+        let dl = self.open_dead_letter(id)?;
+        let content_type = dl
+            .headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+            .map(|(_, v)| v.as_slice());
+        let key = dl.key.as_deref();
+        let value = dl.value.as_deref();
+        let event = crate::envelope::decode(key, value, content_type, Default::default())
+            .or_else(|_| crate::envelope::decode(key, value, None, Default::default()))
+            .map_err(|e| {
+                ControlError::Conflict(format!("dead letter {id} still cannot be decoded: {e}"))
+            })?;
+        let origin = crate::fold::Origin {
+            topic: dl.topic,
+            partition: dl.partition,
+            offset: dl.offset,
+        };
+        self.router
+            .retry(crate::entity::RetryDeadLetter { event, origin, id })
+            .await
+            .map_err(ControlError::Conflict)
+    }
+
+    /// Marks a dead letter skipped: an operator decided to leave it. Returns once durable.
+    pub async fn skip_dead_letter(&self, id: u64) -> Result<(), ControlError> {
+        self.open_dead_letter(id)?;
+        let intent = crate::writer::WriteIntent {
+            entity: None,
+            dead_letter: None,
+            outbox: Vec::new(),
+            anomalies: Vec::new(),
+            history: Vec::new(),
+            ack: None,
+            durable: None,
+            resolve_dead_letter: Some((crate::writer::DeadLetterRef::Id(id), "skipped")),
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.writer
+            .send(WriterMsg::Write(Box::new(intent)))
+            .and_then(|_| self.writer.send(WriterMsg::Barrier(tx)))
+            .map_err(|_| ControlError::Internal("the store writer has stopped".into()))?;
+        tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30)))
+            .await
+            .map_err(|e| ControlError::Internal(e.to_string()))?
+            .map_err(|_| ControlError::Internal("the store writer did not confirm in 30 s".into()))
+    }
+
+    /// Releases a parked entity (or skips the event that parked it, then releases it).
+    pub async fn resolve_parked(
+        &self,
+        entity_id: &str,
+        skip: bool,
+    ) -> Result<crate::entity::Released, ControlError> {
+        match self.store.load_entity(entity_id) {
+            Ok(Some(r)) if r.parked.is_some() => {}
+            Ok(Some(_)) => {
+                return Err(ControlError::Conflict(format!(
+                    "entity {entity_id} is not parked"
+                )))
+            }
+            Ok(None) => return Err(ControlError::NotFound(format!("no entity {entity_id}"))),
+            Err(e) => return Err(ControlError::Internal(e.to_string())),
+        }
+        self.router
+            .resolve(entity_id, skip)
+            .await
+            .map_err(ControlError::Internal)
+    }
+}
+
 /// A running pipeline.
 pub struct Pipeline {
     stats: Arc<Stats>,
@@ -253,6 +393,19 @@ impl Pipeline {
     /// nothing fatal happened.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Relaxed) && self.store_ok.load(Relaxed) && self.fatal.reason().is_none()
+    }
+
+    /// The operator handle: dead letters, parked entities, readiness.
+    pub fn control(&self) -> Control {
+        Control {
+            store: self.store.clone(),
+            router: self.router.clone(),
+            writer: self.writer_tx.clone(),
+            ready: self.ready.clone(),
+            store_ok: self.store_ok.clone(),
+            fatal: self.fatal.clone(),
+            stats: self.stats.clone(),
+        }
     }
 
     /// An operator's decision on a parked entity: release it (its held events

@@ -9,7 +9,9 @@
 //! the actors of the revoked partitions.
 
 use crate::checkpoint::TopicPartition;
-use crate::entity::{Deliver, Delivery, EntityActor, EntityStatus, Released, Resolve, Shared};
+use crate::entity::{
+    Deliver, Delivery, EntityActor, EntityStatus, Released, Resolve, RetryDeadLetter, Shared,
+};
 use actix::prelude::*;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
@@ -120,6 +122,27 @@ impl Handler<ResolveEntity> for Shard {
     }
 }
 
+/// A dead-lettered event to process again, routed to its entity's actor.
+#[derive(Message)]
+#[rtype(result = "Result<&'static str, String>")]
+pub struct RetryEntity(pub RetryDeadLetter);
+
+impl Handler<RetryEntity> for Shard {
+    type Result = ResponseFuture<Result<&'static str, String>>;
+
+    fn handle(&mut self, RetryEntity(msg): RetryEntity, _: &mut Self::Context) -> Self::Result {
+        let tp: TopicPartition = (Arc::from(msg.origin.topic.as_str()), msg.origin.partition);
+        let h = self.actor(&msg.event.entity_id.clone(), &tp);
+        h.delivered += 1;
+        h.last_delivery = Instant::now();
+        let fut = h.addr.send(msg);
+        Box::pin(async move {
+            fut.await
+                .map_err(|e| format!("entity actor unavailable: {e}"))?
+        })
+    }
+}
+
 impl Handler<Route> for Shard {
     type Result = ();
 
@@ -188,6 +211,15 @@ impl Router {
                 entity_id: entity_id.to_owned(),
                 skip,
             })
+            .await
+            .map_err(|e| format!("shard unavailable: {e}"))?
+    }
+
+    /// Processes a dead-lettered event again through its entity's actor.
+    pub async fn retry(&self, msg: RetryDeadLetter) -> Result<&'static str, String> {
+        let i = shard_of(&msg.event.entity_id, self.shards.len());
+        self.shards[i]
+            .send(RetryEntity(msg))
             .await
             .map_err(|e| format!("shard unavailable: {e}"))?
     }

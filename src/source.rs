@@ -518,6 +518,7 @@ impl Source {
                     event_id: None,
                     event_type: None,
                     created_at: unix_ms(now),
+                    status: crate::dead_letter::OPEN.into(),
                 };
                 let intent = WriteIntent {
                     entity: None,
@@ -534,6 +535,7 @@ impl Source {
                         span,
                     }),
                     durable: None,
+                    resolve_dead_letter: None,
                 };
                 let _ = self.writer.send(WriterMsg::Write(Box::new(intent)));
             }

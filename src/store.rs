@@ -140,6 +140,10 @@ pub trait Store: Send + Sync + 'static {
     fn has_dead_letter(&self, topic: &str, partition: i32, offset: i64) -> Result<bool>;
     /// Every entity record, in key order.
     fn entities(&self) -> Box<dyn Iterator<Item = Result<EntityRecord>> + '_>;
+    /// The id of the dead letter of the message at this position, if any.
+    fn dead_letter_at(&self, topic: &str, partition: i32, offset: i64) -> Result<Option<u64>>;
+    /// One dead letter.
+    fn dead_letter(&self, id: u64) -> Result<Option<DeadLetter>>;
     /// Dead letters with id > `after`, at most `limit`, in id order.
     fn dead_letters(&self, after: u64, limit: usize) -> Result<Vec<DeadLetter>>;
     /// Unpublished outbox records, at most `limit`, oldest first.
@@ -374,6 +378,21 @@ impl Store for SledStore {
             let (k, v) = kv?;
             decode(&k, &v)
         }))
+    }
+
+    fn dead_letter_at(&self, topic: &str, partition: i32, offset: i64) -> Result<Option<u64>> {
+        Ok(self
+            .tree
+            .get(dead_letter_index_key(topic, partition, offset))?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)))
+    }
+
+    fn dead_letter(&self, id: u64) -> Result<Option<DeadLetter>> {
+        let k = key(DEAD_LETTER, &id.to_be_bytes());
+        match self.tree.get(&k)? {
+            Some(v) => Ok(Some(decode(&k, &v)?)),
+            None => Ok(None),
+        }
     }
 
     fn dead_letters(&self, after: u64, limit: usize) -> Result<Vec<DeadLetter>> {

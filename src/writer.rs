@@ -52,6 +52,17 @@ pub struct WriteIntent {
     pub ack: Option<Ack>,
     /// Incremented once the intent is durable (the actor's write counter).
     pub durable: Option<Arc<AtomicU64>>,
+    /// A dead letter whose status changes in this batch (`retried`, `skipped`).
+    pub resolve_dead_letter: Option<(DeadLetterRef, &'static str)>,
+}
+
+/// Names a dead letter: by id, or by the message it holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeadLetterRef {
+    /// By id.
+    Id(u64),
+    /// By the position of its message.
+    At(crate::fold::Origin),
 }
 
 /// A message to the writer.
@@ -176,6 +187,24 @@ impl Writer {
                 };
                 batch.outbox.push((self.store.next_id()?, record));
                 batch.dead_letters.push(dl);
+            }
+            if let Some((r, status)) = intent.resolve_dead_letter.take() {
+                let id = match r {
+                    DeadLetterRef::Id(id) => Some(id),
+                    DeadLetterRef::At(o) => {
+                        self.store.dead_letter_at(&o.topic, o.partition, o.offset)?
+                    }
+                };
+                if let Some(mut dl) = id
+                    .map(|id| self.store.dead_letter(id))
+                    .transpose()?
+                    .flatten()
+                {
+                    let id = dl.id;
+                    dl.status = status.to_owned();
+                    batch.dead_letters.retain(|d| d.id != id);
+                    batch.dead_letters.push(dl);
+                }
             }
             for record in intent.outbox.drain(..) {
                 batch.outbox.push((self.store.next_id()?, record));

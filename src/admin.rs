@@ -1,0 +1,325 @@
+//! The admin HTTP server: health, readiness, dead letters, parked entities
+//! and entity views, for operators and their tools.
+//!
+//! Reads are open; every mutating call (`POST`) needs `Authorization: Bearer
+//! <admin_token>`, and with no token configured every mutating call is
+//! refused. The server binds `admin_addr`, loopback by default.
+//!
+//! | method and path | what it does |
+//! |---|---|
+//! | `GET /health` | 200 while the process runs |
+//! | `GET /ready` | 200 when partitions are assigned and the store accepts writes, else 503 with the reason |
+//! | `GET /api/dead-letters?after=&limit=&entity=&type=&code=&status=` | a page of dead letters, oldest first; `next_after` continues |
+//! | `POST /api/dead-letters/{id}/retry` | processes the event again through its entity's actor |
+//! | `POST /api/dead-letters/{id}/skip` | marks it skipped |
+//! | `POST /api/dead-letters/retry-all?…filters` and `/skip-all` | the same for every open dead letter that matches |
+//! | `GET /api/parked` | parked entities and why |
+//! | `POST /api/parked/{entity}/release?skip=true` | releases a parked entity (skipping the event that parked it) |
+//! | `GET /api/entities/{id}` | state, provenance and recent anomalies |
+
+use crate::dead_letter::DeadLetter;
+use crate::pipeline::{Control, ControlError};
+use crate::store::Store;
+use actix_web::{get, post, web, HttpRequest, HttpResponse, Responder};
+use serde::Deserialize;
+
+/// What the handlers share.
+struct Admin {
+    control: Control,
+    token: Option<String>,
+}
+
+/// Starts the server on the current actix System. Returns its handle.
+pub fn start(
+    control: Control,
+    addr: &str,
+    token: Option<String>,
+) -> std::io::Result<actix_web::dev::ServerHandle> {
+    let state = web::Data::new(Admin { control, token });
+    let server = actix_web::HttpServer::new(move || {
+        actix_web::App::new()
+            .app_data(state.clone())
+            .service(health)
+            .service(ready)
+            .service(list_dead_letters)
+            .service(retry_all)
+            .service(skip_all)
+            .service(retry_one)
+            .service(skip_one)
+            .service(parked)
+            .service(release)
+            .service(entity_view)
+    })
+    .workers(1)
+    .disable_signals()
+    .bind(addr)?
+    .run();
+    let handle = server.handle();
+    actix_web::rt::spawn(server);
+    tracing::info!(%addr, "admin server listening");
+    Ok(handle)
+}
+
+/// The refusal of a mutating call without the right token, if it is refused.
+fn refused(admin: &Admin, req: &HttpRequest) -> Option<HttpResponse> {
+    let Some(token) = &admin.token else {
+        return Some(HttpResponse::Unauthorized()
+            .json(serde_json::json!({"error": "mutating calls are disabled: set admin_token in the config"})));
+    };
+    let given = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given == Some(token.as_str()) {
+        None
+    } else {
+        Some(
+            HttpResponse::Unauthorized()
+                .json(serde_json::json!({"error": "missing or wrong bearer token"})),
+        )
+    }
+}
+
+fn error(e: ControlError) -> HttpResponse {
+    let body = serde_json::json!({"error": e.to_string()});
+    match e {
+        ControlError::NotFound(_) => HttpResponse::NotFound().json(body),
+        ControlError::Conflict(_) => HttpResponse::Conflict().json(body),
+        ControlError::Internal(_) => HttpResponse::InternalServerError().json(body),
+    }
+}
+
+#[get("/health")]
+async fn health() -> impl Responder {
+    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+}
+
+#[get("/ready")]
+async fn ready(admin: web::Data<Admin>) -> impl Responder {
+    match admin.control.not_ready() {
+        None => HttpResponse::Ok().json(serde_json::json!({"ready": true})),
+        Some(reason) => HttpResponse::ServiceUnavailable()
+            .json(serde_json::json!({"ready": false, "reason": reason})),
+    }
+}
+
+/// Filters for dead-letter listings and bulk actions.
+#[derive(Deserialize, Default)]
+struct Filter {
+    after: Option<u64>,
+    limit: Option<usize>,
+    entity: Option<String>,
+    r#type: Option<String>,
+    code: Option<String>,
+    status: Option<String>,
+}
+
+impl Filter {
+    fn matches(&self, d: &DeadLetter) -> bool {
+        self.entity
+            .as_ref()
+            .is_none_or(|e| d.entity_id.as_ref() == Some(e))
+            && self
+                .r#type
+                .as_ref()
+                .is_none_or(|t| d.event_type.as_ref() == Some(t))
+            && self.code.as_ref().is_none_or(|c| &d.code == c)
+            && self.status.as_ref().is_none_or(|s| &d.status == s)
+    }
+}
+
+/// Scans dead letters after `after`, returning up to `limit` that match, and
+/// where to continue.
+fn page(
+    store: &dyn Store,
+    filter: &Filter,
+    limit: usize,
+) -> Result<(Vec<DeadLetter>, Option<u64>), String> {
+    let mut after = filter.after.unwrap_or(0);
+    let mut out = Vec::new();
+    loop {
+        let chunk = store.dead_letters(after, 1000).map_err(|e| e.to_string())?;
+        let Some(last) = chunk.last().map(|d| d.id) else {
+            return Ok((out, None));
+        };
+        for d in chunk {
+            let id = d.id;
+            if filter.matches(&d) {
+                out.push(d);
+                if out.len() == limit {
+                    return Ok((out, Some(id)));
+                }
+            }
+        }
+        after = last;
+    }
+}
+
+#[get("/api/dead-letters")]
+async fn list_dead_letters(admin: web::Data<Admin>, filter: web::Query<Filter>) -> impl Responder {
+    let limit = filter.limit.unwrap_or(100).clamp(1, 1000);
+    match page(admin.control.store(), &filter, limit) {
+        Ok((items, next)) => HttpResponse::Ok().json(serde_json::json!({
+            "items": items.iter().map(DeadLetter::to_json).collect::<Vec<_>>(),
+            "next_after": next,
+        })),
+        Err(e) => HttpResponse::InternalServerError().json(serde_json::json!({"error": e})),
+    }
+}
+
+#[post("/api/dead-letters/{id}/retry")]
+async fn retry_one(
+    admin: web::Data<Admin>,
+    req: HttpRequest,
+    id: web::Path<u64>,
+) -> impl Responder {
+    if let Some(r) = refused(&admin, &req) {
+        return r;
+    }
+    match admin.control.retry_dead_letter(*id).await {
+        Ok(outcome) => HttpResponse::Ok()
+            .json(serde_json::json!({"id": *id, "status": "retried", "outcome": outcome})),
+        Err(e) => error(e),
+    }
+}
+
+#[post("/api/dead-letters/{id}/skip")]
+async fn skip_one(admin: web::Data<Admin>, req: HttpRequest, id: web::Path<u64>) -> impl Responder {
+    if let Some(r) = refused(&admin, &req) {
+        return r;
+    }
+    match admin.control.skip_dead_letter(*id).await {
+        Ok(()) => HttpResponse::Ok().json(serde_json::json!({"id": *id, "status": "skipped"})),
+        Err(e) => error(e),
+    }
+}
+
+/// Applies `retry` (or skip) to every open dead letter matching the filter.
+async fn bulk(admin: &Admin, filter: Filter, retry: bool) -> HttpResponse {
+    let filter = Filter {
+        status: Some(crate::dead_letter::OPEN.into()),
+        after: None,
+        ..filter
+    };
+    let (items, _) = match page(admin.control.store(), &filter, usize::MAX) {
+        Ok(p) => p,
+        Err(e) => return HttpResponse::InternalServerError().json(serde_json::json!({"error": e})),
+    };
+    let (mut done, mut failed) = (0, Vec::new());
+    for d in items {
+        let r = if retry {
+            admin.control.retry_dead_letter(d.id).await.map(|_| ())
+        } else {
+            admin.control.skip_dead_letter(d.id).await
+        };
+        match r {
+            Ok(()) => done += 1,
+            Err(e) => failed.push(serde_json::json!({"id": d.id, "error": e.to_string()})),
+        }
+    }
+    HttpResponse::Ok().json(serde_json::json!({"done": done, "failed": failed}))
+}
+
+#[post("/api/dead-letters/retry-all")]
+async fn retry_all(
+    admin: web::Data<Admin>,
+    req: HttpRequest,
+    filter: web::Query<Filter>,
+) -> impl Responder {
+    if let Some(r) = refused(&admin, &req) {
+        return r;
+    }
+    bulk(&admin, filter.into_inner(), true).await
+}
+
+#[post("/api/dead-letters/skip-all")]
+async fn skip_all(
+    admin: web::Data<Admin>,
+    req: HttpRequest,
+    filter: web::Query<Filter>,
+) -> impl Responder {
+    if let Some(r) = refused(&admin, &req) {
+        return r;
+    }
+    bulk(&admin, filter.into_inner(), false).await
+}
+
+#[get("/api/parked")]
+async fn parked(admin: web::Data<Admin>) -> impl Responder {
+    let mut out = Vec::new();
+    for r in admin.control.store().entities() {
+        match r {
+            Ok(r) if r.parked.is_some() => out.push(serde_json::json!({
+                "entity_id": r.entity_id,
+                "parked": r.parked,
+                "held": r.held.len(),
+            })),
+            Ok(_) => {}
+            Err(e) => {
+                return HttpResponse::InternalServerError()
+                    .json(serde_json::json!({"error": e.to_string()}))
+            }
+        }
+    }
+    HttpResponse::Ok().json(serde_json::json!({"items": out}))
+}
+
+#[derive(Deserialize)]
+struct ReleaseQuery {
+    skip: Option<bool>,
+}
+
+#[post("/api/parked/{entity}/release")]
+async fn release(
+    admin: web::Data<Admin>,
+    req: HttpRequest,
+    id: web::Path<String>,
+    q: web::Query<ReleaseQuery>,
+) -> impl Responder {
+    if let Some(r) = refused(&admin, &req) {
+        return r;
+    }
+    match admin
+        .control
+        .resolve_parked(&id, q.skip.unwrap_or(false))
+        .await
+    {
+        Ok(r) => HttpResponse::Ok()
+            .json(serde_json::json!({"entity_id": *id, "released_events": r.events})),
+        Err(e) => error(e),
+    }
+}
+
+#[get("/api/entities/{id}")]
+async fn entity_view(admin: web::Data<Admin>, id: web::Path<String>) -> impl Responder {
+    let store = admin.control.store();
+    match store.load_entity(&id) {
+        Ok(Some(r)) => {
+            let mut anomalies = Vec::new();
+            let mut after = store.anomaly_seq().unwrap_or(1).saturating_sub(10_000);
+            while let Ok(chunk) = store.anomalies(after, 1000) {
+                let Some(last) = chunk.last().map(|a| a.seq) else {
+                    break;
+                };
+                anomalies.extend(
+                    chunk
+                        .into_iter()
+                        .filter(|a| a.entity_id == *id)
+                        .map(|a| a.to_json()),
+                );
+                after = last;
+            }
+            let n = anomalies.len();
+            let recent: Vec<_> = anomalies.into_iter().skip(n.saturating_sub(50)).collect();
+            HttpResponse::Ok()
+                .json(serde_json::json!({"record": r.to_json(), "recent_anomalies": recent}))
+        }
+        Ok(None) => {
+            HttpResponse::NotFound().json(serde_json::json!({"error": format!("no entity {id}")}))
+        }
+        Err(e) => {
+            HttpResponse::InternalServerError().json(serde_json::json!({"error": e.to_string()}))
+        }
+    }
+}

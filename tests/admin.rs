@@ -1,0 +1,294 @@
+//! The admin API: auth, dead letters retried (in order) or skipped after the
+//! cause is fixed, parked entities released, readiness, and the `dlq` CLI.
+
+mod common;
+
+use common::{event, TestTopic};
+use orderly::config::{Config, FailurePolicy, TypeConfig};
+use orderly::envelope::Event;
+use orderly::handler::{EntityState, FieldReducer, Handler, HandlerError, ReduceOp};
+use orderly::metrics::Stats;
+use orderly::pipeline::Pipeline;
+use orderly::store::Store;
+use orderly::workload::{self, Format};
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+struct Validating(AtomicBool);
+
+impl Handler for Validating {
+    fn apply(&self, state: &mut EntityState, event: &Event) -> Result<(), HandlerError> {
+        if self.0.load(SeqCst) && event.payload.contains_key("currency") {
+            return Err(HandlerError::Permanent(format!(
+                "currency of {} is not mapped",
+                event.event_id
+            )));
+        }
+        FieldReducer(ReduceOp::Set).apply(state, event)
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A blocking HTTP call from a thread, as an operator's tool would make it.
+async fn call(method: &str, url: String, token: Option<&str>) -> (u16, serde_json::Value) {
+    let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+    let token = token.map(str::to_owned);
+    tokio::task::spawn_blocking(move || {
+        let mut req = reqwest::blocking::Client::new().request(method, url);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().expect("admin server answers");
+        (resp.status().as_u16(), resp.json().unwrap_or_default())
+    })
+    .await
+    .unwrap()
+}
+
+#[test]
+fn default_bind_is_loopback() {
+    assert!(Config::default().admin_addr.starts_with("127.0.0.1:"));
+    assert!(Config::default().admin_token.is_none());
+}
+
+#[test]
+fn operators_retry_and_skip_dead_letters_and_release_parked_entities() {
+    let topic = TestTopic::new(2);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = topic.config(dir.path());
+    config.types.insert(
+        "invoice.updated".into(),
+        TypeConfig {
+            on_failure: FailurePolicy::Skip,
+            ..Default::default()
+        },
+    );
+    config.types.insert(
+        "contract.updated".into(),
+        TypeConfig {
+            on_failure: FailurePolicy::Park,
+            ..Default::default()
+        },
+    );
+    let validating = Arc::new(Validating(AtomicBool::new(true)));
+    let handlers = config
+        .handlers()
+        .with_handler("invoice.updated", validating.clone())
+        .with_handler("contract.updated", validating.clone());
+    let inv =
+        |id: &str, at: i64, v: serde_json::Value| event("invoice-1", id, "invoice.updated", at, v);
+    let events = [
+        inv("i1", 10, serde_json::json!({"total": 1, "status": "draft"})),
+        inv("i2", 20, serde_json::json!({"total": 2, "currency": "XTS"})),
+        inv("i3", 30, serde_json::json!({"status": "sent"})),
+        inv("i4", 40, serde_json::json!({"paid": true})),
+        inv("i5", 50, serde_json::json!({"currency": "XXX"})),
+        event(
+            "contract-1",
+            "c1",
+            "contract.updated",
+            10,
+            serde_json::json!({"stage": "draft"}),
+        ),
+        event(
+            "contract-1",
+            "c2",
+            "contract.updated",
+            20,
+            serde_json::json!({"currency": "XTS"}),
+        ),
+        event(
+            "contract-1",
+            "c3",
+            "contract.updated",
+            30,
+            serde_json::json!({"stage": "active"}),
+        ),
+    ];
+    let n = events.len() as u64;
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let (brokers, name) = (topic.brokers.clone(), topic.topic.clone());
+    actix::System::new().block_on(async move {
+        let pipeline = Pipeline::start(config, handlers).unwrap();
+        let server = orderly::admin::start(
+            pipeline.control(),
+            &format!("127.0.0.1:{port}"),
+            Some("s3cret".into()),
+        )
+        .unwrap();
+        let stats = pipeline.stats();
+        assert_eq!(call("GET", format!("{base}/health"), None).await.0, 200);
+        std::thread::spawn(move || {
+            common::produce_to(
+                &brokers,
+                &name,
+                None,
+                events
+                    .iter()
+                    .map(|e| workload::message_of(e, Format::Proto)),
+            )
+        })
+        .join()
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Stats::get(&stats.durable) < n {
+            assert!(Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(call("GET", format!("{base}/ready"), None).await.0, 200);
+
+        // Two open dead letters for the invoice (i2, i5); c2 parked the contract.
+        let (status, list) = call(
+            "GET",
+            format!("{base}/api/dead-letters?entity=invoice-1"),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200);
+        let items = list["items"].as_array().unwrap();
+        assert_eq!(items.len(), 2);
+        let id = |i: usize| items[i]["id"].as_u64().unwrap();
+        assert_eq!(items[0]["event_id"], "i2");
+        assert_eq!(items[0]["status"], "open");
+        assert!(items[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("currency of i2 is not mapped"));
+
+        // Auth: no token, or the wrong one, is refused; nothing changes.
+        let retry_url = format!("{base}/api/dead-letters/{}/retry", id(0));
+        assert_eq!(call("POST", retry_url.clone(), None).await.0, 401);
+        assert_eq!(call("POST", retry_url.clone(), Some("guess")).await.0, 401);
+        assert_eq!(
+            call(
+                "POST",
+                format!("{base}/api/parked/contract-1/release"),
+                None
+            )
+            .await
+            .0,
+            401
+        );
+
+        // The cause is fixed; the retry goes through the actor and, being late, is re-folded.
+        validating.0.store(false, SeqCst);
+        let (status, body) = call("POST", retry_url.clone(), Some("s3cret")).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["outcome"], "late-recomputed");
+        assert_eq!(
+            call("POST", retry_url, Some("s3cret")).await.0,
+            409,
+            "a retried dead letter is not open any more"
+        );
+        // i5 is skipped instead.
+        let (status, _) = call(
+            "POST",
+            format!("{base}/api/dead-letters/{}/skip", id(1)),
+            Some("s3cret"),
+        )
+        .await;
+        assert_eq!(status, 200);
+
+        // The parked contract is listed, then released in order.
+        let (_, parked) = call("GET", format!("{base}/api/parked"), None).await;
+        assert_eq!(parked["items"][0]["entity_id"], "contract-1");
+        assert_eq!(parked["items"][0]["held"], 2);
+        let (status, body) = call(
+            "POST",
+            format!("{base}/api/parked/contract-1/release"),
+            Some("s3cret"),
+        )
+        .await;
+        assert_eq!((status, body["released_events"].as_u64()), (200, Some(2)));
+
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let (_, open) = call("GET", format!("{base}/api/dead-letters?status=open"), None).await;
+        assert_eq!(
+            open["items"].as_array().unwrap().len(),
+            0,
+            "c2's dead letter was resolved by the release: {open}"
+        );
+        let (_, retried) = call(
+            "GET",
+            format!("{base}/api/dead-letters?status=retried"),
+            None,
+        )
+        .await;
+        let retried: Vec<&str> = retried["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["event_id"].as_str().unwrap())
+            .collect();
+        let mut retried = retried;
+        retried.sort();
+        assert_eq!(retried, ["c2", "i2"]);
+        let (_, skipped) = call(
+            "GET",
+            format!("{base}/api/dead-letters?status=skipped"),
+            None,
+        )
+        .await;
+        assert_eq!(skipped["items"][0]["event_id"], "i5");
+
+        // The entity view: the in-order oracle of i1..i4 (i5 skipped), with provenance.
+        let (status, view) = call("GET", format!("{base}/api/entities/invoice-1"), None).await;
+        assert_eq!(status, 200);
+        let record = &view["record"];
+        assert_eq!(
+            record["state"],
+            serde_json::json!({"total": 2, "status": "sent", "paid": true, "currency": "XTS"})
+        );
+        assert_eq!(record["provenance"]["total"]["event_id"], "i2");
+        assert_eq!(record["provenance"]["status"]["event_id"], "i3");
+        assert_eq!(
+            call("GET", format!("{base}/api/entities/nobody"), None)
+                .await
+                .0,
+            404
+        );
+
+        // The CLI mirrors the API.
+        let out = tokio::task::spawn_blocking({
+            let base = base.clone();
+            move || {
+                std::process::Command::new(env!("CARGO_BIN_EXE_orderly"))
+                    .args(["dlq", "list", "--admin", &base, "--status", "skipped"])
+                    .output()
+                    .unwrap()
+            }
+        })
+        .await
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0]["event_id"], "i5");
+
+        server.stop(true).await;
+        let store = pipeline.store();
+        pipeline.shutdown().unwrap();
+        let c = store.load_entity("contract-1").unwrap().unwrap();
+        assert_eq!(
+            orderly::value::fields_to_json(&c.state.fields),
+            serde_json::json!({"stage": "active", "currency": "XTS"})
+        );
+    });
+}

@@ -16,6 +16,7 @@
 //! | `GET /api/parked` | parked entities and why |
 //! | `POST /api/parked/{entity}/release?skip=true` | releases a parked entity (skipping the event that parked it) |
 //! | `GET /api/entities/{id}` | state, provenance and recent anomalies |
+//! | `GET /api/stalled` | events that ran past the stall deadline (running ones have no `finished_at`) |
 
 use crate::dead_letter::DeadLetter;
 use crate::pipeline::{Control, ControlError};
@@ -49,6 +50,7 @@ pub fn start(
             .service(parked)
             .service(release)
             .service(entity_view)
+            .service(stalled)
     })
     .workers(1)
     .disable_signals()
@@ -243,6 +245,11 @@ async fn skip_all(
         return r;
     }
     bulk(&admin, filter.into_inner(), false).await
+}
+
+#[get("/api/stalled")]
+async fn stalled(admin: web::Data<Admin>) -> impl Responder {
+    HttpResponse::Ok().json(serde_json::json!({"items": admin.control.stalled()}))
 }
 
 #[get("/api/parked")]

@@ -110,6 +110,8 @@ pub struct Config {
     pub anomalies_retained: u64,
     /// Built-in observers to run: `tenant_conversions`.
     pub observers: Vec<String>,
+    /// An event still being handled after this long is reported as stalled, in ms.
+    pub stall_deadline_ms: u64,
     /// Where the admin HTTP server listens (health, readiness, dead letters,
     /// parked entities); empty: no server. Loopback by default: expose it
     /// deliberately.
@@ -194,6 +196,8 @@ impl Default for Config {
             observers: Vec::new(),
             // Eight attempts over about 25 s at most ride out a dependency's
             // restart without holding an entity for minutes.
+            // Far beyond any healthy handler, short enough to page someone.
+            stall_deadline_ms: 30_000,
             admin_addr: "127.0.0.1:8089".into(),
             admin_token: None,
             retry_max_attempts: 8,
@@ -528,6 +532,7 @@ const KNOWN_FIELDS: &[&str] = &[
     "changes_topic",
     "anomalies_topic",
     "anomalies_retained",
+    "stall_deadline_ms",
     "admin_addr",
     "admin_token",
     "retry_max_attempts",

@@ -102,11 +102,18 @@ pub struct EntityActor {
     retrying: Option<(Delivery, u32)>,
     /// Deliveries waiting behind it, in arrival order.
     waiting: std::collections::VecDeque<Delivery>,
+    /// The shard's slot for the stall watchdog.
+    busy: Arc<crate::stall::Busy>,
 }
 
 impl EntityActor {
     /// A new actor for `id`; its record is loaded on the first event.
-    pub fn new(id: String, shared: Arc<Shared>, status: Arc<EntityStatus>) -> Self {
+    pub fn new(
+        id: String,
+        shared: Arc<Shared>,
+        status: Arc<EntityStatus>,
+        busy: Arc<crate::stall::Busy>,
+    ) -> Self {
         EntityActor {
             id,
             record: None,
@@ -114,6 +121,7 @@ impl EntityActor {
             status,
             retrying: None,
             waiting: Default::default(),
+            busy,
         }
     }
 }
@@ -364,6 +372,7 @@ impl EntityActor {
     /// Processes one delivery; on a transient failure, schedules a retry and
     /// leaves the delivery (and those behind it) waiting.
     fn attempt(&mut self, d: Delivery, attempt: u32, ctx: &mut Context<Self>) {
+        let busy = self.busy.clone();
         let shared = self.shared.clone();
         let read_start = SystemTime::now();
         let processed_at = unix_ms(read_start);
@@ -382,6 +391,7 @@ impl EntityActor {
             }
         };
         let before = (!shared.handlers.observers().is_empty()).then(|| record.state.clone());
+        busy.begin(&d.event.entity_id, &d.event.event_id, processed_at);
         let result = record.process(
             &d.event,
             &origin,
@@ -389,6 +399,7 @@ impl EntityActor {
             &shared.handlers,
             &shared.policies,
         );
+        busy.end();
         if let Err(rejected) = &result {
             let transient = matches!(rejected.error, crate::handler::HandlerError::Transient(_));
             if transient && attempt < shared.retries.max_attempts {

@@ -31,6 +31,7 @@ pub mod pipeline;
 pub mod router;
 pub mod sink;
 pub mod source;
+pub mod stall;
 pub mod store;
 pub mod telemetry;
 pub mod value;

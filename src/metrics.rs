@@ -48,6 +48,12 @@ pub struct Stats {
     pub passivations: AtomicU64,
     /// Messages received and not yet durable.
     pub in_flight: AtomicI64,
+    /// The most messages ever in flight at once.
+    pub max_in_flight: AtomicI64,
+    /// Times the source paused its partitions for backpressure.
+    pub pauses: AtomicU64,
+    /// Events whose handling ran past the stall deadline.
+    pub stalled: AtomicU64,
     latency: Mutex<Latency>,
 }
 

@@ -121,11 +121,18 @@ pub struct Control {
     writer: tokio::sync::mpsc::UnboundedSender<WriterMsg>,
     ready: Arc<AtomicBool>,
     store_ok: Arc<AtomicBool>,
+    brokers_ok: Arc<AtomicBool>,
     fatal: Arc<Fatal>,
     stats: Arc<Stats>,
+    stalls: Arc<crate::stall::Stalls>,
 }
 
 impl Control {
+    /// The recent stalled events (those still running have no `finished_at`).
+    pub fn stalled(&self) -> Vec<crate::stall::StalledEvent> {
+        self.stalls.list()
+    }
+
     /// The store, for reads.
     pub fn store(&self) -> &SledStore {
         &self.store
@@ -143,6 +150,9 @@ impl Control {
         }
         if !self.store_ok.load(Relaxed) {
             return Some("store writes are failing; retrying".into());
+        }
+        if !self.brokers_ok.load(Relaxed) {
+            return Some("all Kafka brokers are down; retrying".into());
         }
         if !self.ready.load(Relaxed) {
             return Some("no partitions assigned yet".into());
@@ -245,6 +255,7 @@ pub struct Pipeline {
     fatal: Arc<Fatal>,
     ready: Arc<AtomicBool>,
     store_ok: Arc<AtomicBool>,
+    brokers_ok: Arc<AtomicBool>,
     stop_source: Arc<AtomicBool>,
     stop_publisher: Arc<AtomicBool>,
     source: Option<JoinHandle<()>>,
@@ -253,6 +264,8 @@ pub struct Pipeline {
     publisher: Option<JoinHandle<()>>,
     arbiters: Vec<Arbiter>,
     router: Router,
+    stalls: Arc<crate::stall::Stalls>,
+    watchdog: Option<JoinHandle<()>>,
     grace: Duration,
     store: Arc<SledStore>,
 }
@@ -290,6 +303,7 @@ impl Pipeline {
         let (commits_tx, commits_rx) = std::sync::mpsc::channel();
         let outbox_ready = Arc::new(tokio::sync::Notify::new());
         let store_ok = Arc::new(AtomicBool::new(true));
+        let brokers_ok = Arc::new(AtomicBool::new(true));
 
         let writer = Writer {
             store: dyn_store.clone(),
@@ -334,12 +348,22 @@ impl Pipeline {
             fatal: fatal.clone(),
         });
         let arbiters: Vec<Arbiter> = (0..config.shard_count()).map(|_| Arbiter::new()).collect();
+        let busy: Vec<Arc<crate::stall::Busy>> = arbiters.iter().map(|_| Arc::default()).collect();
         let router = Router::start(
             &arbiters,
             shared,
             Duration::from_millis(config.idle_timeout_ms),
+            &busy,
         );
         let resolver = router.clone();
+        let stalls = Arc::new(crate::stall::Stalls::default());
+        let watchdog = {
+            let (stalls, stats, stop) = (stalls.clone(), stats.clone(), stop_publisher.clone());
+            let deadline = Duration::from_millis(config.stall_deadline_ms);
+            spawn("orderly-watchdog", move || {
+                crate::stall::watch(busy, stalls, stats, deadline, stop)
+            })?
+        };
 
         let ready = Arc::new(AtomicBool::new(false));
         let source = Source::new(
@@ -353,6 +377,7 @@ impl Pipeline {
                 commits: commits_rx,
                 ready: ready.clone(),
                 topics: config.input_topics(),
+                brokers_ok: brokers_ok.clone(),
             },
         )
         .map_err(|e| PipelineError::Source(Box::new(e)))?;
@@ -366,10 +391,13 @@ impl Pipeline {
             fatal,
             ready,
             store_ok,
+            brokers_ok,
             stop_source,
             stop_publisher,
             source: Some(source),
             router: resolver,
+            stalls,
+            watchdog: Some(watchdog),
             writer_tx,
             writer: Some(writer),
             publisher: Some(publisher),
@@ -392,7 +420,7 @@ impl Pipeline {
     /// True while partitions are assigned, the store accepts writes, and
     /// nothing fatal happened.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Relaxed) && self.store_ok.load(Relaxed) && self.fatal.reason().is_none()
+        self.control().not_ready().is_none()
     }
 
     /// The operator handle: dead letters, parked entities, readiness.
@@ -403,8 +431,10 @@ impl Pipeline {
             writer: self.writer_tx.clone(),
             ready: self.ready.clone(),
             store_ok: self.store_ok.clone(),
+            brokers_ok: self.brokers_ok.clone(),
             fatal: self.fatal.clone(),
             stats: self.stats.clone(),
+            stalls: self.stalls.clone(),
         }
     }
 
@@ -438,6 +468,9 @@ impl Pipeline {
             let _ = rx.recv_timeout(self.grace);
         }
         self.stop_publisher.store(true, Relaxed);
+        if let Some(w) = self.watchdog.take() {
+            let _ = w.join();
+        }
         if let Some(p) = self.publisher.take() {
             let _ = p.join();
         }
@@ -447,8 +480,8 @@ impl Pipeline {
         for a in self.arbiters.drain(..) {
             let _ = a.join();
         }
-        // Actors held the last senders; with them gone the writer ends.
-        drop(self.writer_tx);
+        // Operator handles (the admin server) may still hold senders: stop explicitly.
+        let _ = self.writer_tx.send(WriterMsg::Stop);
         if let Some(w) = self.writer.take() {
             let _ = w.join();
         }

@@ -49,15 +49,17 @@ struct Handle {
 /// One shard: the entity actors on one Arbiter.
 pub struct Shard {
     shared: Arc<Shared>,
+    busy: Arc<crate::stall::Busy>,
     idle: Duration,
     entities: HashMap<String, Handle>,
 }
 
 impl Shard {
     /// A shard whose actors are passivated after `idle`.
-    pub fn new(shared: Arc<Shared>, idle: Duration) -> Self {
+    pub fn new(shared: Arc<Shared>, idle: Duration, busy: Arc<crate::stall::Busy>) -> Self {
         Shard {
             shared,
+            busy,
             idle,
             entities: HashMap::new(),
         }
@@ -90,7 +92,12 @@ impl Shard {
     fn actor(&mut self, entity_id: &str, tp: &TopicPartition) -> &mut Handle {
         if !self.entities.contains_key(entity_id) {
             let status = Arc::new(EntityStatus::default());
-            let actor = EntityActor::new(entity_id.to_owned(), self.shared.clone(), status.clone());
+            let actor = EntityActor::new(
+                entity_id.to_owned(),
+                self.shared.clone(),
+                status.clone(),
+                self.busy.clone(),
+            );
             self.entities.insert(
                 entity_id.to_owned(),
                 Handle {
@@ -185,12 +192,20 @@ pub fn shard_of(entity_id: &str, shards: usize) -> usize {
 
 impl Router {
     /// Starts one shard on each arbiter.
-    pub fn start(arbiters: &[Arbiter], shared: Arc<Shared>, idle: Duration) -> Router {
+    /// `busy` holds one slot per arbiter, for the stall watchdog.
+    pub fn start(
+        arbiters: &[Arbiter],
+        shared: Arc<Shared>,
+        idle: Duration,
+        busy: &[Arc<crate::stall::Busy>],
+    ) -> Router {
         let shards = arbiters
             .iter()
-            .map(|a| {
+            .zip(busy)
+            .map(|(a, b)| {
                 let shared = shared.clone();
-                Shard::start_in_arbiter(&a.handle(), move |_| Shard::new(shared, idle))
+                let b = b.clone();
+                Shard::start_in_arbiter(&a.handle(), move |_| Shard::new(shared, idle, b))
             })
             .collect();
         Router { shards }

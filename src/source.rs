@@ -42,9 +42,20 @@ pub struct SourceContext {
     durable: Mutex<HashMap<(String, i32), i64>>,
     /// What Kafka acknowledged, from the commit callback.
     committed: Mutex<HashMap<(String, i32), i64>>,
+    /// False after librdkafka reported every broker down, until a message arrives.
+    brokers_ok: Arc<AtomicBool>,
 }
 
-impl ClientContext for SourceContext {}
+impl ClientContext for SourceContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown) {
+            self.brokers_ok.store(false, Relaxed);
+            tracing::error!(%reason, "all brokers are down; not ready until they answer again");
+        } else {
+            tracing::warn!(%error, %reason, "Kafka client error; librdkafka retries");
+        }
+    }
+}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -257,6 +268,8 @@ pub struct SourceParts {
     pub ready: Arc<AtomicBool>,
     /// The topics to consume.
     pub topics: Vec<String>,
+    /// Cleared while every broker is down.
+    pub brokers_ok: Arc<AtomicBool>,
 }
 
 impl Source {
@@ -285,6 +298,7 @@ impl Source {
             ready: parts.ready,
             durable: Mutex::new(HashMap::new()),
             committed: Mutex::new(HashMap::new()),
+            brokers_ok: parts.brokers_ok,
         };
         let consumer: BaseConsumer<SourceContext> = cc.create_with_context(context).map_err(err)?;
         let topics: Vec<&str> = parts.topics.iter().map(String::as_str).collect();
@@ -318,6 +332,9 @@ impl Source {
             let in_flight = self.stats.in_flight.load(Relaxed);
             if !paused && in_flight >= self.high {
                 paused = self.set_paused(true);
+                if paused {
+                    Stats::incr(&self.stats.pauses);
+                }
             } else if paused && in_flight <= self.low {
                 paused = !self.set_paused(false);
             }
@@ -427,13 +444,17 @@ impl Source {
 
     fn on_message(&self, m: &BorrowedMessage<'_>) {
         let received_at = SystemTime::now();
+        if !self.consumer.context().brokers_ok.swap(true, Relaxed) {
+            tracing::info!("brokers answer again");
+        }
         let tp: TopicPartition = (self.topic_name(m.topic()), m.partition());
         let offset = m.offset();
         self.tracker
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .received(&tp, offset);
-        self.stats.in_flight.fetch_add(1, Relaxed);
+        let in_flight = self.stats.in_flight.fetch_add(1, Relaxed) + 1;
+        self.stats.max_in_flight.fetch_max(in_flight, Relaxed);
         Stats::incr(&self.stats.received);
         let kafka_ts = m.timestamp().to_millis();
         let headers: Vec<(String, Vec<u8>)> = m

@@ -71,6 +71,8 @@ pub enum WriterMsg {
     Write(Box<WriteIntent>),
     /// Reply once every intent sent before this one is durable.
     Barrier(std::sync::mpsc::Sender<()>),
+    /// Write what came before, then stop.
+    Stop,
 }
 
 /// Checkpoints for the source to commit to Kafka.
@@ -118,7 +120,15 @@ impl Writer {
             if rx.recv_many(&mut msgs, self.batch_max).await == 0 {
                 return Ok(());
             }
+            // Everything before a Stop is written; then the writer ends.
+            let stop = msgs.iter().position(|m| matches!(m, WriterMsg::Stop));
+            if let Some(i) = stop {
+                msgs.truncate(i);
+            }
             self.write_batch(&mut msgs, &mut anomaly_seq).await?;
+            if stop.is_some() {
+                return Ok(());
+            }
         }
     }
 
@@ -135,6 +145,7 @@ impl Writer {
             match msg {
                 WriterMsg::Write(i) => intents.push(i),
                 WriterMsg::Barrier(b) => barriers.push(b),
+                WriterMsg::Stop => {}
             }
         }
         let mut touched: HashSet<TopicPartition> = HashSet::new();

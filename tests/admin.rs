@@ -292,3 +292,90 @@ fn operators_retry_and_skip_dead_letters_and_release_parked_entities() {
         );
     });
 }
+
+/// Takes 1.5 s on one event.
+struct Sleepy;
+
+impl Handler for Sleepy {
+    fn apply(&self, state: &mut EntityState, event: &Event) -> Result<(), HandlerError> {
+        if event.event_id == "slow-1" {
+            std::thread::sleep(Duration::from_millis(1_500));
+        }
+        FieldReducer(ReduceOp::Set).apply(state, event)
+    }
+}
+
+#[test]
+fn a_slow_event_is_reported_as_stalled_and_not_killed() {
+    let topic = TestTopic::new(2);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = topic.config(dir.path());
+    config.stall_deadline_ms = 300;
+    let handlers = config
+        .handlers()
+        .with_handler("report.built", Arc::new(Sleepy));
+    let events = [
+        event(
+            "report-1",
+            "slow-1",
+            "report.built",
+            10,
+            serde_json::json!({"pages": 40}),
+        ),
+        event(
+            "report-1",
+            "fast-2",
+            "report.built",
+            20,
+            serde_json::json!({"done": true}),
+        ),
+    ];
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let (brokers, name) = (topic.brokers.clone(), topic.topic.clone());
+    actix::System::new().block_on(async move {
+        let pipeline = Pipeline::start(config, handlers).unwrap();
+        let _server =
+            orderly::admin::start(pipeline.control(), &format!("127.0.0.1:{port}"), None).unwrap();
+        let stats = pipeline.stats();
+        std::thread::spawn(move || {
+            common::produce_to(
+                &brokers,
+                &name,
+                None,
+                events
+                    .iter()
+                    .map(|e| workload::message_of(e, Format::Proto)),
+            )
+        });
+        // While it runs: listed, with no finish time.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let running = loop {
+            let (_, body) = call("GET", format!("{base}/api/stalled"), None).await;
+            if let Some(item) = body["items"].as_array().and_then(|a| a.first()).cloned() {
+                break item;
+            }
+            assert!(Instant::now() < deadline, "never reported as stalled");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(running["entity_id"], "report-1");
+        assert_eq!(running["event_id"], "slow-1");
+        assert!(running["finished_at"].is_null());
+        // It is not killed: it finishes, and so does the event behind it.
+        while Stats::get(&stats.durable) < 2 {
+            assert!(Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (_, body) = call("GET", format!("{base}/api/stalled"), None).await;
+        assert!(body["items"][0]["finished_at"].as_i64().is_some(), "{body}");
+        assert_eq!(Stats::get(&stats.stalled), 1);
+        let store = pipeline.store();
+        pipeline.shutdown().unwrap();
+        let r = store.load_entity("report-1").unwrap().unwrap();
+        assert_eq!(
+            orderly::value::fields_to_json(&r.state.fields),
+            serde_json::json!({"pages": 40, "done": true})
+        );
+    });
+}

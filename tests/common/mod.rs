@@ -605,3 +605,61 @@ pub fn late_on_arrival(events: &[Event]) -> HashSet<(String, String)> {
     }
     late
 }
+
+/// Like [`run_to_quiet`], but `script` drives the run from this thread (it
+/// may use the mock cluster, which is not `Send`) while the pipeline runs on
+/// its own actix System thread. `script` gets the operator handle and a
+/// function that waits until at least n messages are durable.
+pub fn run_to_quiet_with(
+    config: orderly::config::Config,
+    expected: u64,
+    script: impl FnOnce(&orderly::pipeline::Control, &dyn Fn(u64)),
+) -> std::sync::Arc<orderly::store::SledStore> {
+    use orderly::metrics::Stats;
+    use orderly::store::Store;
+    use std::sync::atomic::Ordering::Relaxed;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let system = std::thread::spawn(move || {
+        actix::System::new().block_on(async move {
+            let handlers = config.handlers();
+            let pipeline =
+                orderly::pipeline::Pipeline::start(config, handlers).expect("pipeline starts");
+            tx.send(pipeline.control()).unwrap();
+            let _ = tokio::task::spawn_blocking(move || done_rx.recv()).await;
+            let store = pipeline.store();
+            pipeline.shutdown().expect("clean shutdown");
+            store
+        })
+    });
+    let control: orderly::pipeline::Control = rx.recv().expect("pipeline started");
+    let wait_durable = |n: u64| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Stats::get(&control.stats().durable) < n {
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {n} durable",
+                Stats::get(&control.stats().durable)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    script(&control, &wait_durable);
+    wait_durable(expected);
+    let mut last = (0, Instant::now());
+    loop {
+        let durable = Stats::get(&control.stats().durable);
+        if durable != last.0 {
+            last = (durable, Instant::now());
+        }
+        let quiet = control.stats().in_flight.load(Relaxed) == 0
+            && control.store().outbox(1).unwrap().is_empty();
+        if quiet && last.1.elapsed() > Duration::from_millis(500) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(control);
+    done_tx.send(()).unwrap();
+    system.join().expect("pipeline thread")
+}

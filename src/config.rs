@@ -258,7 +258,7 @@ impl Config {
                 Some((s, f)) => (Some(s.to_owned()), f.to_owned()),
                 None => (None, rest),
             };
-            if section.is_none() && !KNOWN_FIELDS.contains(&field.as_str()) {
+            if section.is_none() && !FIELDS.contains(&field.as_str()) {
                 // Not ours (ORDERLY_CONFIG, ORDERLY_FAILPOINTS, ...): leave it alone.
                 continue;
             }
@@ -514,8 +514,8 @@ impl Retries {
     }
 }
 
-/// The top-level fields, for mapping `ORDERLY_*` variables.
-const KNOWN_FIELDS: &[&str] = &[
+/// The top-level scalar fields, which `ORDERLY_*` variables can set.
+pub const FIELDS: &[&str] = &[
     "brokers",
     "topic",
     "group",

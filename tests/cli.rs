@@ -83,6 +83,7 @@ fn dev_broker_produce_run_and_state() {
         toml::Value::try_from(orderly::config::Config::crm_types()).unwrap(),
     );
     types.insert("dead_letter_topic".into(), "crm.dlq".into());
+    types.insert("admin_addr".into(), "127.0.0.1:0".into());
     types.insert(
         "kafka".into(),
         toml::Value::try_from(common::fast_group()).unwrap(),

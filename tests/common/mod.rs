@@ -62,6 +62,8 @@ impl TestTopic {
             topic: self.topic.clone(),
             group: self.group.clone(),
             dead_letter_topic: self.dead_letters.clone(),
+            // Tests run many instances at once: any free port for the admin API.
+            admin_addr: "127.0.0.1:0".into(),
             changes_topic: self.topic.replace("events-", "changes-"),
             anomalies_topic: self.topic.replace("events-", "anomalies-"),
             data_dir: data_dir.to_owned(),

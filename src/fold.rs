@@ -324,18 +324,11 @@ impl EntityRecord {
             }
         }
         let previous = self.applied_offsets.insert(tp.clone(), origin.offset);
-        if self.log.iter().any(|e| e.key.event_id == event.event_id)
-            || self.held.iter().any(|h| h.event.event_id == event.event_id)
-        {
-            self.duplicates += 1;
-            return Ok(Outcome::Duplicate(DuplicateKind::EventId));
-        }
-        if self.parked.is_some() {
-            self.held.push(HeldEvent {
-                event: event.clone(),
-                origin: origin.clone(),
-            });
-            return Ok(Outcome::Held);
+        if let Some(outcome) = self.duplicate_or_held(event, origin) {
+            if matches!(outcome, Outcome::Duplicate(_)) {
+                self.duplicates += 1;
+            }
+            return Ok(outcome);
         }
         let result = self.apply_event(
             event,
@@ -370,17 +363,8 @@ impl EntityRecord {
         handlers: &Handlers,
         policies: &Policies,
     ) -> Result<Outcome, Rejected> {
-        if self.log.iter().any(|e| e.key.event_id == event.event_id)
-            || self.held.iter().any(|h| h.event.event_id == event.event_id)
-        {
-            return Ok(Outcome::Duplicate(DuplicateKind::EventId));
-        }
-        if self.parked.is_some() {
-            self.held.push(HeldEvent {
-                event: event.clone(),
-                origin: origin.clone(),
-            });
-            return Ok(Outcome::Held);
+        if let Some(outcome) = self.duplicate_or_held(event, origin) {
+            return Ok(outcome);
         }
         let result = self.apply_event(
             event,
@@ -397,6 +381,24 @@ impl EntityRecord {
             self.skipped.retain(|s| s.event_id != event.event_id);
         }
         result
+    }
+
+    /// A duplicate by event id (in the log or held), or, if the entity is
+    /// parked, the event held; `None` if it is to be applied.
+    fn duplicate_or_held(&mut self, event: &Event, origin: &Origin) -> Option<Outcome> {
+        if self.log.iter().any(|e| e.key.event_id == event.event_id)
+            || self.held.iter().any(|h| h.event.event_id == event.event_id)
+        {
+            return Some(Outcome::Duplicate(DuplicateKind::EventId));
+        }
+        if self.parked.is_some() {
+            self.held.push(HeldEvent {
+                event: event.clone(),
+                origin: origin.clone(),
+            });
+            return Some(Outcome::Held);
+        }
+        None
     }
 
     /// Records that an event was given up on (dead-lettered after its last

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{event, TestTopic};
-use orderly::config::{Config, FailurePolicy, TypeConfig};
+use orderly::config::Config;
 use orderly::envelope::Event;
 use orderly::handler::{EntityState, FieldReducer, Handler, HandlerError, ReduceOp};
 use orderly::metrics::Stats;
@@ -14,20 +14,6 @@ use orderly::workload::{self, Format};
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-struct Validating(AtomicBool);
-
-impl Handler for Validating {
-    fn apply(&self, state: &mut EntityState, event: &Event) -> Result<(), HandlerError> {
-        if self.0.load(SeqCst) && event.payload.contains_key("currency") {
-            return Err(HandlerError::Permanent(format!(
-                "currency of {} is not mapped",
-                event.event_id
-            )));
-        }
-        FieldReducer(ReduceOp::Set).apply(state, event)
-    }
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -64,25 +50,10 @@ fn operators_retry_and_skip_dead_letters_and_release_parked_entities() {
     let topic = TestTopic::new(2);
     let dir = tempfile::tempdir().unwrap();
     let mut config = topic.config(dir.path());
-    config.types.insert(
-        "invoice.updated".into(),
-        TypeConfig {
-            on_failure: FailurePolicy::Skip,
-            ..Default::default()
-        },
-    );
-    config.types.insert(
-        "contract.updated".into(),
-        TypeConfig {
-            on_failure: FailurePolicy::Park,
-            ..Default::default()
-        },
-    );
-    let validating = Arc::new(Validating(AtomicBool::new(true)));
-    let handlers = config
-        .handlers()
-        .with_handler("invoice.updated", validating.clone())
-        .with_handler("contract.updated", validating.clone());
+    let validating = Arc::new(common::Validating {
+        broken: AtomicBool::new(true),
+    });
+    let handlers = common::skip_and_park(&mut config, validating.clone());
     let inv =
         |id: &str, at: i64, v: serde_json::Value| event("invoice-1", id, "invoice.updated", at, v);
     let events = [
@@ -180,7 +151,7 @@ fn operators_retry_and_skip_dead_letters_and_release_parked_entities() {
         );
 
         // The cause is fixed; the retry goes through the actor and, being late, is re-folded.
-        validating.0.store(false, SeqCst);
+        validating.broken.store(false, SeqCst);
         let (status, body) = call("POST", retry_url.clone(), Some("s3cret")).await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["outcome"], "late-recomputed");

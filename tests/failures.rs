@@ -6,7 +6,6 @@
 mod common;
 
 use common::{event, shuffled_stream, Oracle, TestTopic};
-use orderly::config::{FailurePolicy, TypeConfig};
 use orderly::envelope::Event;
 use orderly::handler::{EntityState, FieldReducer, Handler, HandlerError, ReduceOp};
 use orderly::metrics::Stats;
@@ -122,49 +121,15 @@ fn transient_failures_are_retried_in_order_while_other_entities_flow() {
     });
 }
 
-/// Rejects events whose payload has `"bad": true` while `broken` is set.
-struct Validating {
-    broken: AtomicBool,
-}
-
-impl Handler for Validating {
-    fn apply(&self, state: &mut EntityState, event: &Event) -> Result<(), HandlerError> {
-        if self.broken.load(SeqCst) && event.payload.contains_key("bad") {
-            return Err(HandlerError::Permanent(format!(
-                "event {} has an unmapped currency code",
-                event.event_id
-            )));
-        }
-        FieldReducer(ReduceOp::Set).apply(state, event)
-    }
-}
-
 #[test]
 fn permanent_failures_skip_or_park_and_a_release_applies_the_event_in_order() {
     let topic = TestTopic::new(2);
     let dir = tempfile::tempdir().unwrap();
     let mut config = topic.config(dir.path());
-    config.types.insert(
-        "invoice.updated".into(),
-        TypeConfig {
-            on_failure: FailurePolicy::Skip,
-            ..Default::default()
-        },
-    );
-    config.types.insert(
-        "contract.updated".into(),
-        TypeConfig {
-            on_failure: FailurePolicy::Park,
-            ..Default::default()
-        },
-    );
-    let validating = Arc::new(Validating {
+    let validating = Arc::new(common::Validating {
         broken: AtomicBool::new(true),
     });
-    let handlers = config
-        .handlers()
-        .with_handler("invoice.updated", validating.clone())
-        .with_handler("contract.updated", validating.clone());
+    let handlers = common::skip_and_park(&mut config, validating.clone());
     let i =
         |id: &str, at: i64, v: serde_json::Value| event("invoice-1", id, "invoice.updated", at, v);
     let c = |id: &str, at: i64, v: serde_json::Value| {
@@ -172,13 +137,13 @@ fn permanent_failures_skip_or_park_and_a_release_applies_the_event_in_order() {
     };
     let events = [
         i("i1", 10, serde_json::json!({"total": 1})),
-        i("i2", 20, serde_json::json!({"total": 2, "bad": true})),
+        i("i2", 20, serde_json::json!({"total": 2, "currency": "XTS"})),
         i("i3", 30, serde_json::json!({"status": "sent"})),
         c("c1", 10, serde_json::json!({"stage": "draft"})),
         c(
             "c2",
             20,
-            serde_json::json!({"stage": "signed", "bad": true, "x": 1}),
+            serde_json::json!({"stage": "signed", "currency": "XTS", "x": 1}),
         ),
         c("c3", 30, serde_json::json!({"stage": "active"})),
         c("c4", 15, serde_json::json!({"y": 1})),
@@ -215,7 +180,8 @@ fn permanent_failures_skip_or_park_and_a_release_applies_the_event_in_order() {
         assert_eq!(dl.code, "handler_permanent");
         assert_eq!(dl.event_id.as_deref(), Some("i2"));
         assert!(
-            dl.reason.contains("unmapped currency code") && dl.reason.contains("invoice.updated"),
+            dl.reason.contains("currency of i2 is not mapped")
+                && dl.reason.contains("invoice.updated"),
             "{}",
             dl.reason
         );
@@ -250,7 +216,7 @@ fn permanent_failures_skip_or_park_and_a_release_applies_the_event_in_order() {
         // The in-order oracle of all four contract events.
         assert_eq!(
             orderly::value::fields_to_json(&con.state.fields),
-            serde_json::json!({"stage": "active", "bad": true, "x": 1, "y": 1})
+            serde_json::json!({"stage": "active", "currency": "XTS", "x": 1, "y": 1})
         );
         assert_eq!(con.provenance["stage"].event_id, "c3");
         assert_eq!(con.applied_events, 4);

@@ -665,3 +665,53 @@ pub fn run_to_quiet_with(
     done_tx.send(()).unwrap();
     system.join().expect("pipeline thread")
 }
+
+/// A handler (`set`) that rejects, permanently, every event carrying a
+/// `currency` field while `broken` is set: a cause an operator can fix.
+pub struct Validating {
+    pub broken: std::sync::atomic::AtomicBool,
+}
+
+impl orderly::handler::Handler for Validating {
+    fn apply(
+        &self,
+        state: &mut orderly::handler::EntityState,
+        event: &Event,
+    ) -> Result<(), orderly::handler::HandlerError> {
+        use orderly::handler::{FieldReducer, HandlerError, ReduceOp};
+        if self.broken.load(std::sync::atomic::Ordering::SeqCst)
+            && event.payload.contains_key("currency")
+        {
+            return Err(HandlerError::Permanent(format!(
+                "currency of {} is not mapped",
+                event.event_id
+            )));
+        }
+        FieldReducer(ReduceOp::Set).apply(state, event)
+    }
+}
+
+/// `invoice.updated` skips failed events; `contract.updated` parks its entity.
+/// Both are handled by `validating`.
+pub fn skip_and_park(
+    config: &mut orderly::config::Config,
+    validating: std::sync::Arc<Validating>,
+) -> orderly::handler::Handlers {
+    use orderly::config::{FailurePolicy, TypeConfig};
+    for (t, on_failure) in [
+        ("invoice.updated", FailurePolicy::Skip),
+        ("contract.updated", FailurePolicy::Park),
+    ] {
+        config.types.insert(
+            t.into(),
+            TypeConfig {
+                on_failure,
+                ..Default::default()
+            },
+        );
+    }
+    config
+        .handlers()
+        .with_handler("invoice.updated", validating.clone())
+        .with_handler("contract.updated", validating)
+}

@@ -417,14 +417,7 @@ impl EntityActor {
             }
             let reason = rejected.to_string();
             let park = shared.retries.park_on_failure.contains(&d.event.event_type);
-            match (park, transient) {
-                (true, _) => record.park_failed(&d.event, &origin, &reason, processed_at),
-                (false, true) => record.give_up(&d.event, &origin, &reason, processed_at),
-                (false, false) => record.note_skip(&d.event, &reason, processed_at),
-            }
-            if transient && park {
-                record.dead_lettered += 1;
-            }
+            record.record_failure(&d.event, &origin, &reason, processed_at, park);
         }
         let handled = Handled {
             event: &d.event,

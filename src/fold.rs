@@ -338,15 +338,13 @@ impl EntityRecord {
             policies,
             Mode::Arrival,
         );
-        if let Err(r) = &result {
-            if matches!(r.error, HandlerError::Transient(_)) {
-                // Leave no trace, so the retry is processed as the first try was.
-                match previous {
-                    Some(o) => self.applied_offsets.insert(tp, o),
-                    None => self.applied_offsets.remove(&tp),
-                };
-                self.dead_lettered -= 1;
-            }
+        if result.is_err() {
+            // Leave no trace: a retry is processed as the first try was, and
+            // giving up is recorded by `record_failure`.
+            match previous {
+                Some(o) => self.applied_offsets.insert(tp, o),
+                None => self.applied_offsets.remove(&tp),
+            };
         }
         result
     }
@@ -374,10 +372,7 @@ impl EntityRecord {
             policies,
             Mode::Release,
         );
-        if result.is_err() {
-            // Still failing: it stays dead-lettered, counted once.
-            self.dead_lettered -= 1;
-        } else {
+        if result.is_ok() {
             self.skipped.retain(|s| s.event_id != event.event_id);
         }
         result
@@ -401,20 +396,43 @@ impl EntityRecord {
         None
     }
 
-    /// Records that an event was given up on (dead-lettered after its last
-    /// transient failure): its offset counts as applied, so a redelivery is a
-    /// duplicate, and the skip is noted.
-    pub fn give_up(&mut self, event: &Event, origin: &Origin, reason: &str, at: i64) {
-        let tp = origin.topic_partition();
-        let last = self.applied_offsets.entry(tp).or_insert(origin.offset);
+    /// Records that the actor gave up on an event (a permanent failure, or
+    /// the last transient one): it is dead-lettered, its offset counts as
+    /// applied (so a redelivery is a duplicate), and then either the skip is
+    /// noted in the record, or, with `park`, the entity is parked with the
+    /// event first in line.
+    pub fn record_failure(
+        &mut self,
+        event: &Event,
+        origin: &Origin,
+        reason: &str,
+        at: i64,
+        park: bool,
+    ) {
+        let last = self
+            .applied_offsets
+            .entry(origin.topic_partition())
+            .or_insert(origin.offset);
         *last = (*last).max(origin.offset);
         self.dead_lettered += 1;
-        self.note_skip(event, reason, at);
+        if park {
+            self.parked = Some(Parked {
+                event_id: event.event_id.clone(),
+                reason: reason.to_owned(),
+                since: at,
+            });
+            self.held.push(HeldEvent {
+                event: event.clone(),
+                origin: origin.clone(),
+            });
+        } else {
+            self.note_skip(event, reason, at);
+        }
     }
 
     /// Notes a skipped (dead-lettered) event in the record's provenance; the
     /// newest 16 are kept.
-    pub fn note_skip(&mut self, event: &Event, reason: &str, at: i64) {
+    fn note_skip(&mut self, event: &Event, reason: &str, at: i64) {
         self.skipped.push(Skipped {
             event_id: event.event_id.clone(),
             event_type: event.event_type.clone(),
@@ -424,22 +442,6 @@ impl EntityRecord {
         if self.skipped.len() > 16 {
             self.skipped.remove(0);
         }
-    }
-
-    /// Parks the entity because `event` failed; it is held first in line.
-    pub fn park_failed(&mut self, event: &Event, origin: &Origin, reason: &str, at: i64) {
-        let tp = origin.topic_partition();
-        let last = self.applied_offsets.entry(tp).or_insert(origin.offset);
-        *last = (*last).max(origin.offset);
-        self.parked = Some(Parked {
-            event_id: event.event_id.clone(),
-            reason: reason.to_owned(),
-            since: at,
-        });
-        self.held.push(HeldEvent {
-            event: event.clone(),
-            origin: origin.clone(),
-        });
     }
 
     /// Unparks the entity and processes its held events in order-key order,
@@ -470,6 +472,16 @@ impl EntityRecord {
                     policies,
                     Mode::Release,
                 );
+                if let Err(rejected) = &r {
+                    // Failing again on release: dead-lettered and skipped.
+                    self.record_failure(
+                        &h.event,
+                        &h.origin,
+                        &rejected.to_string(),
+                        processed_at,
+                        false,
+                    );
+                }
                 (h, r)
             })
             .collect()
@@ -499,13 +511,10 @@ impl EntityRecord {
                 processed_at,
             },
         };
-        let reject = |record: &mut EntityRecord, error| {
-            record.dead_lettered += 1;
-            Rejected {
-                event_type: event.event_type.clone(),
-                event_id: event.event_id.clone(),
-                error,
-            }
+        let reject = |error| Rejected {
+            event_type: event.event_type.clone(),
+            event_id: event.event_id.clone(),
+            error,
         };
         let handler = handlers.for_type(&event.event_type);
 
@@ -554,16 +563,9 @@ impl EntityRecord {
                         return Ok(Outcome::Parked { lateness, too_late });
                     }
                     LatePolicy::Apply => {
-                        let mut next = self.state.clone();
-                        if let Err(error) = handler.apply(&mut next, event) {
-                            return Err(reject(self, error));
-                        }
-                        let changes = diff(&self.state.fields, &next.fields);
-                        for c in &changes {
-                            self.provenance
-                                .insert(c.field.clone(), entry.provenance.clone());
-                        }
-                        self.state = next;
+                        let changes = self
+                            .apply_on_top(handler, event, &entry.provenance)
+                            .map_err(reject)?;
                         let pos = self.log.partition_point(|e| e.key < key);
                         self.log.insert(pos, entry);
                         self.late_applied += 1;
@@ -578,7 +580,7 @@ impl EntityRecord {
                         let pos = self.log.partition_point(|e| e.key < key);
                         let mut before = self.state_at(pos, handlers);
                         if let Err(error) = handler.apply(&mut before, event) {
-                            return Err(reject(self, error));
+                            return Err(reject(error));
                         }
                         self.log.insert(pos, entry);
                         let old = std::mem::take(&mut self.state);
@@ -592,16 +594,9 @@ impl EntityRecord {
                 }
             }
             _ => {
-                let mut next = self.state.clone();
-                if let Err(error) = handler.apply(&mut next, event) {
-                    return Err(reject(self, error));
-                }
-                let changes = diff(&self.state.fields, &next.fields);
-                for c in &changes {
-                    self.provenance
-                        .insert(c.field.clone(), entry.provenance.clone());
-                }
-                self.state = next;
+                let changes = self
+                    .apply_on_top(handler, event, &entry.provenance)
+                    .map_err(reject)?;
                 self.high_water = Some(key);
                 self.log.push(entry);
                 Outcome::Applied { changes }
@@ -610,6 +605,24 @@ impl EntityRecord {
         self.applied_events += 1;
         self.trim(policies, handlers);
         Ok(outcome)
+    }
+
+    /// Applies `event` on top of the current state (on a copy, so a failure
+    /// leaves no partial effect) and credits the fields it changed to it.
+    fn apply_on_top(
+        &mut self,
+        handler: &dyn crate::handler::Handler,
+        event: &Event,
+        provenance: &Provenance,
+    ) -> Result<Vec<FieldChange>, HandlerError> {
+        let mut next = self.state.clone();
+        handler.apply(&mut next, event)?;
+        let changes = diff(&self.state.fields, &next.fields);
+        for c in &changes {
+            self.provenance.insert(c.field.clone(), provenance.clone());
+        }
+        self.state = next;
+        Ok(changes)
     }
 
     /// The state after the base and the first `upto` log entries.
@@ -952,7 +965,16 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.error.kind(), "permanent");
         assert_eq!(r.state, before);
+        // A failed attempt leaves no trace; giving up (as the actor does) is recorded.
+        assert_eq!(r.dead_lettered, 0);
+        assert_eq!(
+            r.applied_offsets["in/0"], 0,
+            "the failed offset 1 is not recorded"
+        );
+        let b = ev("b", 20, "inc", serde_json::json!({"n": 1}));
+        r.record_failure(&b, &origin(1), &err.to_string(), 0, false);
         assert_eq!(r.dead_lettered, 1);
+        assert_eq!(r.skipped[0].event_id, "b");
         // Its redelivery is a duplicate, not a second dead letter.
         let again = r
             .process(

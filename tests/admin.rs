@@ -10,7 +10,6 @@ use orderly::handler::{EntityState, FieldReducer, Handler, HandlerError, ReduceO
 use orderly::metrics::Stats;
 use orderly::pipeline::Pipeline;
 use orderly::store::Store;
-use orderly::workload::{self, Format};
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -98,23 +97,10 @@ fn operators_retry_and_skip_dead_letters_and_release_parked_entities() {
         .unwrap();
         let stats = pipeline.stats();
         assert_eq!(call("GET", format!("{base}/health"), None).await.0, 200);
-        std::thread::spawn(move || {
-            common::produce_to(
-                &brokers,
-                &name,
-                None,
-                events
-                    .iter()
-                    .map(|e| workload::message_of(e, Format::Proto)),
-            )
-        })
-        .join()
-        .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Stats::get(&stats.durable) < n {
-            assert!(Instant::now() < deadline);
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        std::thread::spawn(move || common::produce_events(&brokers, &name, &events))
+            .join()
+            .unwrap();
+        common::wait_durable(&stats, n).await;
         assert_eq!(call("GET", format!("{base}/ready"), None).await.0, 200);
 
         // Two open dead letters for the invoice (i2, i5); c2 parked the contract.
@@ -309,16 +295,7 @@ fn a_slow_event_is_reported_as_stalled_and_not_killed() {
         let _server =
             orderly::admin::start(pipeline.control(), &format!("127.0.0.1:{port}"), None).unwrap();
         let stats = pipeline.stats();
-        std::thread::spawn(move || {
-            common::produce_to(
-                &brokers,
-                &name,
-                None,
-                events
-                    .iter()
-                    .map(|e| workload::message_of(e, Format::Proto)),
-            )
-        });
+        std::thread::spawn(move || common::produce_events(&brokers, &name, &events));
         // While it runs: listed, with no finish time.
         let deadline = Instant::now() + Duration::from_secs(30);
         let running = loop {

@@ -6,7 +6,6 @@ mod common;
 use common::{event, run_to_quiet, TestTopic};
 use orderly::store::{SledStore, Store};
 use orderly::value::Value;
-use orderly::workload::{self, Format};
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -50,14 +49,7 @@ fn audit_finds_exactly_the_corrupted_entities_and_repair_fixes_them() {
     }
     let (brokers, name) = (topic.brokers.clone(), topic.topic.clone());
     let store = run_to_quiet(config.clone(), config.handlers(), 20_000, move || {
-        common::produce_to(
-            &brokers,
-            &name,
-            None,
-            events
-                .iter()
-                .map(|e| workload::message_of(e, Format::Proto)),
-        );
+        common::produce_events(&brokers, &name, &events);
     });
     drop(store); // the CLI opens the store itself
 
@@ -240,14 +232,7 @@ fn state_as_of_gives_the_right_version_for_an_out_of_order_entity() {
         config.handlers(),
         5,
         move || {
-            common::produce_to(
-                &brokers,
-                &name,
-                None,
-                events
-                    .iter()
-                    .map(|e| workload::message_of(e, Format::Proto)),
-            );
+            common::produce_events(&brokers, &name, &events);
         },
     ));
 

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{run_to_quiet_with, shuffled_stream, Oracle, TestTopic};
-use orderly::workload::{self, Format};
+
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use std::time::{Duration, Instant};
 
@@ -21,12 +21,7 @@ fn request_errors_and_a_broker_outage_lose_nothing() {
         .collect();
     let (brokers, name) = (topic.brokers.clone(), topic.topic.clone());
     let produce = move |batch: &[orderly::envelope::Event]| {
-        common::produce_to(
-            &brokers,
-            &name,
-            None,
-            batch.iter().map(|e| workload::message_of(e, Format::Proto)),
-        );
+        common::produce_events(&brokers, &name, batch);
     };
     let cluster = topic.broker.cluster();
     let store = run_to_quiet_with(config, events.len() as u64, |control, durable| {

@@ -11,7 +11,6 @@ use orderly::handler::{EntityState, FieldReducer, Handler, HandlerError, ReduceO
 use orderly::metrics::Stats;
 use orderly::pipeline::Pipeline;
 use orderly::store::Store;
-use orderly::workload::{self, Format};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -71,14 +70,7 @@ fn transient_failures_are_retried_in_order_while_other_entities_flow() {
     actix::System::new().block_on(async move {
         let pipeline = Pipeline::start(config, handlers).unwrap();
         let stats = pipeline.stats();
-        std::thread::spawn(move || {
-            common::produce_to(
-                &brokers,
-                &name,
-                None,
-                all.iter().map(|e| workload::message_of(e, Format::Proto)),
-            )
-        });
+        std::thread::spawn(move || common::produce_events(&brokers, &name, &all));
         let deadline = Instant::now() + Duration::from_secs(120);
         let mut at_first_failure = None;
         let mut at_success = None;
@@ -153,23 +145,10 @@ fn permanent_failures_skip_or_park_and_a_release_applies_the_event_in_order() {
     actix::System::new().block_on(async move {
         let pipeline = Pipeline::start(config, handlers).unwrap();
         let stats = pipeline.stats();
-        std::thread::spawn(move || {
-            common::produce_to(
-                &brokers,
-                &name,
-                None,
-                events
-                    .iter()
-                    .map(|e| workload::message_of(e, Format::Proto)),
-            )
-        })
-        .join()
-        .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Stats::get(&stats.durable) < n {
-            assert!(Instant::now() < deadline);
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        std::thread::spawn(move || common::produce_events(&brokers, &name, &events))
+            .join()
+            .unwrap();
+        common::wait_durable(&stats, n).await;
         let store = pipeline.store();
         // skip: a dead letter with the full reason, and the invoice moved on.
         let dls = store.dead_letters(0, 10).unwrap();

@@ -7,7 +7,7 @@ use orderly::config::TypeConfig;
 use orderly::handler::ReduceOp;
 use orderly::ordering::LatePolicy;
 use orderly::store::Store;
-use orderly::workload::{self, Format, Workload, WorkloadSpec};
+use orderly::workload::{Workload, WorkloadSpec};
 use rand::{seq::SliceRandom, SeedableRng};
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
@@ -18,14 +18,7 @@ fn produce(
 ) -> impl FnOnce() + Send + 'static {
     let (brokers, name) = (topic.brokers.clone(), topic.topic.clone());
     move || {
-        common::produce_to(
-            &brokers,
-            &name,
-            None,
-            events
-                .iter()
-                .map(|e| workload::message_of(e, Format::Proto)),
-        );
+        common::produce_events(&brokers, &name, &events);
     }
 }
 
@@ -189,16 +182,9 @@ fn park_holds_one_entity_while_others_flow_and_release_resumes_it_in_order() {
     actix::System::new().block_on(async move {
         let pipeline = orderly::pipeline::Pipeline::start(config, handlers).unwrap();
         let stats = pipeline.stats();
-        std::thread::spawn(move || {
-            common::produce_to(
-                &brokers,
-                &name,
-                None,
-                all.iter().map(|e| workload::message_of(e, Format::Proto)),
-            )
-        })
-        .join()
-        .unwrap();
+        std::thread::spawn(move || common::produce_events(&brokers, &name, &all))
+            .join()
+            .unwrap();
         while orderly::metrics::Stats::get(&stats.durable) < expected {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -56,14 +56,7 @@ fn shuffled_stream_with_duplicates_folds_to_the_oracle() {
     let (brokers, name) = (topic.brokers.clone(), topic.topic.clone());
     let to_send = events.clone();
     let store = run_until_durable(topic.config(dir.path()), n, move || {
-        common::produce_to(
-            &brokers,
-            &name,
-            None,
-            to_send
-                .iter()
-                .map(|e| workload::message_of(e, Format::Proto)),
-        );
+        common::produce_events(&brokers, &name, &to_send);
     });
     let problems = oracle.diff(store.as_ref());
     assert!(
@@ -215,18 +208,9 @@ fn idle_actors_are_passivated_and_hot_entities_coalesce_writes() {
         let passivated = Stats::get(&stats.passivations);
         assert!(passivated >= 5, "{passivated} passivations");
         // Their next events start new actors that load the state from the store.
-        std::thread::spawn(move || {
-            common::produce_to(
-                &brokers,
-                &name,
-                None,
-                second
-                    .iter()
-                    .map(|e| workload::message_of(e, Format::Proto)),
-            )
-        })
-        .join()
-        .unwrap();
+        std::thread::spawn(move || common::produce_events(&brokers, &name, &second))
+            .join()
+            .unwrap();
         wait(1000).await;
         let writes = Stats::get(&stats.entity_writes);
         assert!(

@@ -715,3 +715,29 @@ pub fn skip_and_park(
         .with_handler("invoice.updated", validating.clone())
         .with_handler("contract.updated", validating)
 }
+
+/// Produces `events` (protobuf, keyed by entity) to `topic` and returns how many.
+pub fn produce_events(brokers: &str, topic: &str, events: &[Event]) -> u64 {
+    produce_to(
+        brokers,
+        topic,
+        None,
+        events
+            .iter()
+            .map(|e| workload::message_of(e, Format::Proto)),
+    )
+}
+
+/// Waits (up to 2 minutes) until at least `n` messages are durable.
+pub async fn wait_durable(stats: &orderly::metrics::Stats, n: u64) {
+    use orderly::metrics::Stats;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Stats::get(&stats.durable) < n {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} durable",
+            Stats::get(&stats.durable)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

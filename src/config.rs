@@ -146,7 +146,7 @@ pub struct Config {
     pub kafka: BTreeMap<String, String>,
 }
 
-/// Default input topic.
+/// Default most write intents per store batch.
 pub const fn default_batch_max() -> usize {
     // Large enough that one fsync covers thousands of events at full speed,
     // small enough that a batch's intents stay in cache.

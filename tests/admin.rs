@@ -146,14 +146,43 @@ fn operators_retry_and_skip_dead_letters_and_release_parked_entities() {
             409,
             "a retried dead letter is not open any more"
         );
-        // i5 is skipped instead.
+        // i5 is skipped instead, with the CLI's bulk skip (i2 is no longer open).
+        let out = tokio::task::spawn_blocking({
+            let base = base.clone();
+            move || {
+                std::process::Command::new(env!("CARGO_BIN_EXE_orderly"))
+                    .args([
+                        "dlq",
+                        "skip",
+                        "--all",
+                        "--entity",
+                        "invoice-1",
+                        "--admin",
+                        &base,
+                        "--token",
+                        "s3cret",
+                    ])
+                    .output()
+                    .unwrap()
+            }
+        })
+        .await
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(body["done"], 1, "{body}");
+        // Skipping it again, one by one, is a conflict.
         let (status, _) = call(
             "POST",
             format!("{base}/api/dead-letters/{}/skip", id(1)),
             Some("s3cret"),
         )
         .await;
-        assert_eq!(status, 200);
+        assert_eq!(status, 409);
 
         // The parked contract is listed, then released in order.
         let (_, parked) = call("GET", format!("{base}/api/parked"), None).await;

@@ -438,17 +438,6 @@ impl Pipeline {
         }
     }
 
-    /// An operator's decision on a parked entity: release it (its held events
-    /// are processed in order-key order, late ones re-folded), or, with
-    /// `skip`, discard the event that parked it first.
-    pub async fn resolve_parked(
-        &self,
-        entity_id: &str,
-        skip: bool,
-    ) -> Result<crate::entity::Released, String> {
-        self.router.resolve(entity_id, skip).await
-    }
-
     /// The store, for reads while running.
     pub fn store(&self) -> Arc<SledStore> {
         self.store.clone()

@@ -186,7 +186,11 @@ fn permanent_failures_skip_or_park_and_a_release_applies_the_event_in_order() {
         );
         // The cause is fixed; the release applies c2, c3 and c4 in order-key order.
         validating.broken.store(false, SeqCst);
-        let released = pipeline.resolve_parked("contract-1", false).await.unwrap();
+        let released = pipeline
+            .control()
+            .resolve_parked("contract-1", false)
+            .await
+            .unwrap();
         assert_eq!(released.events, 3);
         tokio::time::sleep(Duration::from_millis(300)).await;
         pipeline.shutdown().unwrap();

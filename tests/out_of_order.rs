@@ -200,7 +200,11 @@ fn park_holds_one_entity_while_others_flow_and_release_resumes_it_in_order() {
             serde_json::json!({"status": "pending", "a": 1, "c": 1})
         );
         // Release: b, d and e are applied in order-key order.
-        let released = pipeline.resolve_parked("ticket-1", false).await.unwrap();
+        let released = pipeline
+            .control()
+            .resolve_parked("ticket-1", false)
+            .await
+            .unwrap();
         assert_eq!(released.events, 3);
         tokio::time::sleep(Duration::from_millis(500)).await;
         pipeline.shutdown().unwrap();

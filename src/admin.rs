@@ -51,14 +51,17 @@ pub fn start(
             .service(release)
             .service(entity_view)
             .service(stalled)
+            .service(metrics)
     })
     .workers(1)
     .disable_signals()
-    .bind(addr)?
-    .run();
+    .bind(addr)?;
+    let bound: Vec<String> = server.addrs().iter().map(|a| a.to_string()).collect();
+    let server = server.run();
     let handle = server.handle();
     actix_web::rt::spawn(server);
-    tracing::info!(%addr, "admin server listening");
+    // The bound address, so that with port 0 a test (or a human) can find it.
+    tracing::info!(addr = %bound.join(","), "admin server listening; dashboard at http://{}/", bound.first().map(String::as_str).unwrap_or(addr));
     Ok(handle)
 }
 
@@ -247,6 +250,19 @@ async fn skip_all(
     bulk(&admin, filter.into_inner(), false).await
 }
 
+#[get("/metrics")]
+async fn metrics(admin: web::Data<Admin>) -> impl Responder {
+    let Some(handle) = crate::metrics::prometheus() else {
+        return HttpResponse::ServiceUnavailable()
+            .body("another metrics recorder is installed in this process; orderly's Prometheus exporter is not");
+    };
+    admin.control.sample_gauges();
+    handle.run_upkeep();
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(handle.render())
+}
+
 #[get("/api/stalled")]
 async fn stalled(admin: web::Data<Admin>) -> impl Responder {
     HttpResponse::Ok().json(serde_json::json!({"items": admin.control.stalled()}))
@@ -254,10 +270,18 @@ async fn stalled(admin: web::Data<Admin>) -> impl Responder {
 
 #[get("/api/parked")]
 async fn parked(admin: web::Data<Admin>) -> impl Responder {
+    let store = admin.control.store();
     let mut out = Vec::new();
-    for r in admin.control.store().entities() {
-        match r {
-            Ok(r) if r.parked.is_some() => out.push(serde_json::json!({
+    let ids = match store.parked() {
+        Ok(ids) => ids,
+        Err(e) => {
+            return HttpResponse::InternalServerError()
+                .json(serde_json::json!({"error": e.to_string()}))
+        }
+    };
+    for id in ids {
+        match store.load_entity(&id) {
+            Ok(Some(r)) if r.parked.is_some() => out.push(serde_json::json!({
                 "entity_id": r.entity_id,
                 "parked": r.parked,
                 "held": r.held.len(),

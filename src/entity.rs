@@ -15,6 +15,9 @@ use crate::dead_letter::DeadLetter;
 use crate::envelope::Event;
 use crate::fold::{EntityRecord, Origin, Outcome};
 use crate::handler::{derived_event_id, Handlers};
+use crate::internal_events::{
+    emit, ActorStarted, ActorStopped, DeadLettered, EventProcessed, RetryScheduled,
+};
 use crate::metrics::Stats;
 use crate::store::{OutboxRecord, Store};
 use crate::telemetry::{unix_ms, SpanInfo};
@@ -130,11 +133,11 @@ impl Actor for EntityActor {
     type Context = Context<Self>;
 
     fn started(&mut self, _: &mut Self::Context) {
-        self.shared.stats.active_actors.fetch_add(1, Relaxed);
+        emit(ActorStarted, &self.shared.stats);
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
-        self.shared.stats.active_actors.fetch_sub(1, Relaxed);
+        emit(ActorStopped, &self.shared.stats);
     }
 }
 
@@ -193,11 +196,18 @@ impl EntityActor {
         let outcome = match result {
             Ok(o) => o,
             Err(rejected) => {
-                Stats::incr(&stats.dead_letters);
+                let code = format!("handler_{}", rejected.error.kind());
+                emit(
+                    DeadLettered {
+                        stage: "handler",
+                        code: &code,
+                    },
+                    stats,
+                );
                 tracing::warn!(entity = %self.id, event = %event.event_id, offset = origin.offset, error = %rejected, "event dead-lettered");
                 fx.dead_letter = Some(DeadLetter {
                     id: 0,
-                    code: format!("handler_{}", rejected.error.kind()),
+                    code,
                     reason: rejected.to_string(),
                     attempts,
                     topic: origin.topic.clone(),
@@ -215,21 +225,7 @@ impl EntityActor {
                 return fx;
             }
         };
-        match outcome {
-            Outcome::Applied { .. } => Stats::incr(&stats.applied),
-            Outcome::Duplicate(_) => Stats::incr(&stats.duplicates),
-            Outcome::Recomputed { .. } => Stats::incr(&stats.late_recomputed),
-            Outcome::LateApplied { .. } => Stats::incr(&stats.late_applied),
-            Outcome::Dropped {
-                too_late: false, ..
-            } => Stats::incr(&stats.late_dropped),
-            Outcome::Dropped { too_late: true, .. } => Stats::incr(&stats.too_late),
-            Outcome::Parked { .. } => Stats::incr(&stats.parked),
-            Outcome::Held => Stats::incr(&stats.held),
-        }
-        if outcome.is_correction() {
-            Stats::incr(&stats.corrections);
-        }
+        emit(EventProcessed { outcome }, stats);
         let class = match outcome {
             Outcome::Duplicate(crate::fold::DuplicateKind::EventId) => Some(("duplicate", "skip")),
             Outcome::Recomputed { .. } => Some(("late", "recompute")),
@@ -306,9 +302,11 @@ impl EntityActor {
     fn send(&self, entity_changed: bool, fx: Effects, ack: Option<Ack>) {
         let entity = entity_changed
             .then(|| {
-                self.record
-                    .as_ref()
-                    .map(|r| (self.id.clone(), crate::store::encode(r)))
+                self.record.as_ref().map(|r| crate::writer::EntityWrite {
+                    id: self.id.clone(),
+                    bytes: crate::store::encode(r),
+                    parked: r.parked.is_some(),
+                })
             })
             .flatten();
         let intent = WriteIntent {
@@ -359,6 +357,7 @@ impl Handler<Deliver> for EntityActor {
     type Result = ();
 
     fn handle(&mut self, Deliver(d): Deliver, ctx: &mut Self::Context) {
+        self.busy.queued.fetch_sub(1, Relaxed);
         if self.retrying.is_some() || !self.waiting.is_empty() {
             // An earlier event of this entity is being retried: keep the order.
             self.waiting.push_back(d);
@@ -404,7 +403,7 @@ impl EntityActor {
             let transient = matches!(rejected.error, crate::handler::HandlerError::Transient(_));
             if transient && attempt < shared.retries.max_attempts {
                 let delay = shared.retries.backoff(attempt);
-                Stats::incr(&shared.stats.retries);
+                emit(RetryScheduled, &shared.stats);
                 tracing::info!(entity = %self.id, event = %d.event.event_id, attempt, ?delay, error = %rejected.error, "transient failure; retrying");
                 self.retrying = Some((d, attempt));
                 ctx.run_later(delay, |actor, ctx| {

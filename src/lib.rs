@@ -24,6 +24,7 @@ pub mod failpoint;
 pub mod fold;
 pub mod handler;
 pub mod history;
+pub mod internal_events;
 pub mod metrics;
 pub mod observers;
 pub mod ordering;

@@ -454,6 +454,14 @@ fn dlq_act(
 }
 
 fn produce(a: ProduceArgs) -> anyhow::Result<()> {
+    // Producer spans (and traceparent headers) when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    let telemetry = orderly::telemetry::init("producer", "warn")?;
+    let result = produce_workload(a);
+    telemetry.shutdown();
+    result
+}
+
+fn produce_workload(a: ProduceArgs) -> anyhow::Result<()> {
     let spec = WorkloadSpec {
         events: a.events,
         entities: a.entities,

@@ -5,9 +5,16 @@
 //! end-to-end latency. Processing code records what happened through the
 //! methods here and never formats output itself.
 
+use crate::internal_events::Kind;
 use hdrhistogram::Histogram;
+use metrics_exporter_prometheus::Matcher;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_util::MetricKindMask;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+use std::time::SystemTime;
 
 /// Counters of one pipeline. Cheap to update from any thread.
 #[derive(Debug, Default)]
@@ -54,6 +61,18 @@ pub struct Stats {
     pub pauses: AtomicU64,
     /// Events whose handling ran past the stall deadline.
     pub stalled: AtomicU64,
+    /// Errors inside orderly (store, Kafka client), retried or reported.
+    pub errors: AtomicU64,
+    /// Partitions paused for backpressure now.
+    pub paused_partitions: AtomicI64,
+    /// Dead letters with status open, as of the last store batch.
+    pub open_dead_letters: AtomicI64,
+    /// Parked entities, as of the last store batch.
+    pub parked_entities: AtomicI64,
+    /// Consumer lag by (topic, partition), from librdkafka's statistics.
+    pub lag: Mutex<BTreeMap<(String, i32), i64>>,
+    /// The durable checkpoint of each partition and when it last advanced.
+    pub checkpoints: Mutex<BTreeMap<(String, i32), (i64, SystemTime)>>,
     latency: Mutex<Latency>,
 }
 
@@ -143,4 +162,50 @@ impl Stats {
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Relaxed)
     }
+}
+
+/// The process-wide Prometheus recorder, installed on first use. `None` when
+/// the embedding application installed another `metrics` recorder first (then
+/// orderly's metrics go to that one).
+///
+/// Metrics are process-wide: run one pipeline per process when you scrape
+/// them. [`Stats`] stays per pipeline.
+pub fn prometheus() -> Option<&'static PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Suffix("_seconds".into()),
+                    crate::internal_events::LATENCY_BUCKETS,
+                )
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("orderly_store_batch_size".into()),
+                        crate::internal_events::BATCH_BUCKETS,
+                    )
+                })
+                .map(|b| {
+                    // Gauges are set at every scrape; one not set for 10
+                    // minutes belongs to a partition this instance lost.
+                    b.idle_timeout(MetricKindMask::GAUGE, Some(Duration::from_secs(600)))
+                });
+            let handle = match builder.and_then(|b| b.install_recorder()) {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Prometheus recorder not installed; /metrics will be empty");
+                    return None;
+                }
+            };
+            for (name, kind, help) in crate::internal_events::CATALOGUE {
+                match kind {
+                    Kind::Counter => ::metrics::describe_counter!(*name, *help),
+                    Kind::Gauge => ::metrics::describe_gauge!(*name, *help),
+                    Kind::Histogram => ::metrics::describe_histogram!(*name, *help),
+                }
+            }
+            crate::internal_events::register_catalogue();
+            Some(handle)
+        })
+        .as_ref()
 }

@@ -34,7 +34,7 @@ use actix::Arbiter;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A condition that stops the pipeline (the store failed, for example).
 #[derive(Debug, Default)]
@@ -97,6 +97,27 @@ pub enum PipelineError {
     /// The pipeline stopped because of a fatal condition.
     #[error("pipeline stopped: {0}")]
     Fatal(String),
+    /// Shutdown ran past the grace period; the named stages were abandoned.
+    /// Everything acknowledged is durable; the rest is redelivered on restart.
+    #[error("shutdown exceeded shutdown_grace_ms; abandoned: {0}")]
+    ShutdownTimeout(String),
+}
+
+/// Runs `f` on a helper thread and waits for it until `deadline`. Returns
+/// false if it had not finished by then (it is left running).
+fn finish_by(deadline: Instant, f: impl FnOnce() + Send + 'static) -> bool {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let helper = std::thread::Builder::new()
+        .name("orderly-shutdown".into())
+        .spawn(move || {
+            f();
+            let _ = tx.send(());
+        });
+    if helper.is_err() {
+        return false;
+    }
+    rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        .is_ok()
 }
 
 /// An operator action failed.
@@ -136,6 +157,25 @@ impl Control {
     /// The store, for reads.
     pub fn store(&self) -> &SledStore {
         &self.store
+    }
+
+    /// Sets the gauges that are read rather than counted; call before
+    /// rendering metrics.
+    pub fn sample_gauges(&self) {
+        let stalled_now = self
+            .stalls
+            .list()
+            .iter()
+            .filter(|s| s.finished_at.is_none())
+            .count();
+        crate::internal_events::emit(
+            crate::internal_events::GaugesSampled {
+                mailbox_depths: &self.router.mailbox_depths(),
+                stalled_now,
+                store_size_bytes: self.store.size_on_disk().ok(),
+            },
+            &self.stats,
+        );
     }
 
     /// The counters.
@@ -249,6 +289,9 @@ impl Control {
     }
 }
 
+/// How long shutdown may run past the grace period for the final commit.
+pub const SHUTDOWN_ALLOWANCE: Duration = Duration::from_secs(2);
+
 /// A running pipeline.
 pub struct Pipeline {
     stats: Arc<Stats>,
@@ -287,6 +330,8 @@ fn runtime() -> tokio::runtime::Runtime {
 impl Pipeline {
     /// Opens the store and starts every stage. Call inside an actix System.
     pub fn start(config: Config, handlers: Handlers) -> Result<Pipeline, PipelineError> {
+        // Metrics emitted before the recorder exists would be lost.
+        crate::metrics::prometheus();
         let store = Arc::new(
             SledStore::open(&config.data_dir, config.store_cache_mb).map_err(|source| {
                 PipelineError::Store {
@@ -443,36 +488,67 @@ impl Pipeline {
         self.store.clone()
     }
 
-    /// Stops consuming, drains in-flight events (up to the grace period),
-    /// commits the final checkpoints, and stops every stage. Blocks.
+    /// Stops consuming, drains in-flight events, commits the final
+    /// checkpoints, and stops every stage. Blocks for at most the grace period
+    /// (`shutdown_grace_ms`) plus [`SHUTDOWN_ALLOWANCE`] for the final commit;
+    /// a stage that takes longer (a handler blocked for ever, a store that
+    /// keeps failing) is abandoned and reported, and the caller should exit.
     pub fn shutdown(mut self) -> Result<(), PipelineError> {
+        let deadline = Instant::now() + self.grace + SHUTDOWN_ALLOWANCE;
+        let mut abandoned: Vec<&str> = Vec::new();
         self.stop_source.store(true, Relaxed);
         if let Some(s) = self.source.take() {
-            let _ = s.join();
+            if !finish_by(deadline, move || drop(s.join())) {
+                abandoned.push("source");
+            }
         }
         // Everything the source delivered is durable (or the grace ran out);
         // a barrier makes sure the writer has finished its last batch.
         let (tx, rx) = std::sync::mpsc::channel();
-        if self.writer_tx.send(WriterMsg::Barrier(tx)).is_ok() {
-            let _ = rx.recv_timeout(self.grace);
+        if self.writer_tx.send(WriterMsg::Barrier(tx)).is_ok()
+            && rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .is_err()
+        {
+            abandoned.push("writer (last batch not durable)");
         }
         self.stop_publisher.store(true, Relaxed);
         if let Some(w) = self.watchdog.take() {
-            let _ = w.join();
+            if !finish_by(deadline, move || drop(w.join())) {
+                abandoned.push("watchdog");
+            }
         }
         if let Some(p) = self.publisher.take() {
-            let _ = p.join();
+            if !finish_by(deadline, move || drop(p.join())) {
+                abandoned.push("outbox publisher");
+            }
         }
         for a in &self.arbiters {
             a.stop();
         }
-        for a in self.arbiters.drain(..) {
-            let _ = a.join();
+        let arbiters: Vec<Arbiter> = self.arbiters.drain(..).collect();
+        if !finish_by(deadline, move || {
+            for a in arbiters {
+                let _ = a.join();
+            }
+        }) {
+            abandoned.push("entity actors");
         }
         // Operator handles (the admin server) may still hold senders: stop explicitly.
         let _ = self.writer_tx.send(WriterMsg::Stop);
         if let Some(w) = self.writer.take() {
-            let _ = w.join();
+            if !finish_by(deadline, move || drop(w.join())) {
+                abandoned.push("writer");
+            }
+        }
+        if !abandoned.is_empty() {
+            abandoned.dedup();
+            tracing::error!(
+                ?abandoned,
+                in_flight = self.stats.in_flight.load(Relaxed),
+                "shutdown exceeded the grace period; stopping anyway (what was not acknowledged is redelivered on restart)"
+            );
+            return Err(PipelineError::ShutdownTimeout(abandoned.join(", ")));
         }
         let remaining = self.stats.in_flight.load(Relaxed);
         tracing::info!(

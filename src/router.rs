@@ -14,7 +14,6 @@ use crate::entity::{
 };
 use actix::prelude::*;
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -73,7 +72,10 @@ impl Shard {
             .retain(|_, h| h.last_delivery.elapsed() < idle || !h.status.quiescent(h.delivered));
         let n = before - self.entities.len();
         if n > 0 {
-            self.shared.stats.passivations.fetch_add(n as u64, Relaxed);
+            crate::internal_events::emit(
+                crate::internal_events::ActorsPassivated { count: n as u64 },
+                &self.shared.stats,
+            );
         }
     }
 }
@@ -178,6 +180,7 @@ impl Handler<Release> for Shard {
 #[derive(Clone)]
 pub struct Router {
     shards: Vec<Addr<Shard>>,
+    busy: Vec<Arc<crate::stall::Busy>>,
 }
 
 /// The shard of an entity: FNV-1a of its id, stable across runs and machines.
@@ -208,14 +211,28 @@ impl Router {
                 Shard::start_in_arbiter(&a.handle(), move |_| Shard::new(shared, idle, b))
             })
             .collect();
-        Router { shards }
+        Router {
+            shards,
+            busy: busy.to_vec(),
+        }
     }
 
     /// Routes a delivery. Mailboxes are unbounded here; memory is bounded by
     /// the source, which pauses above the in-flight high mark.
     pub fn route(&self, d: Delivery) {
         let i = shard_of(&d.event.entity_id, self.shards.len());
+        self.busy[i]
+            .queued
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.shards[i].do_send(Route(d));
+    }
+
+    /// Deliveries queued per shard, not yet taken up by their entity actor.
+    pub fn mailbox_depths(&self) -> Vec<i64> {
+        self.busy
+            .iter()
+            .map(|b| b.queued.load(std::sync::atomic::Ordering::Relaxed))
+            .collect()
     }
 
     /// Releases (or, with `skip`, skips the parking event of) a parked entity.

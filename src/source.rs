@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::dead_letter::DeadLetter;
 use crate::entity::Delivery;
 use crate::envelope::{self, ContentType};
+use crate::internal_events::{emit, ComponentError, DeadLettered, EventReceived, PartitionsPaused};
 use crate::metrics::Stats;
 use crate::router::Router;
 use crate::store::Store;
@@ -24,7 +25,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -44,6 +45,8 @@ pub struct SourceContext {
     committed: Mutex<HashMap<(String, i32), i64>>,
     /// False after librdkafka reported every broker down, until a message arrives.
     brokers_ok: Arc<AtomicBool>,
+    /// Counters; consumer lag is written here from librdkafka's statistics.
+    stats: Arc<Stats>,
 }
 
 impl ClientContext for SourceContext {
@@ -54,6 +57,22 @@ impl ClientContext for SourceContext {
         } else {
             tracing::warn!(%error, %reason, "Kafka client error; librdkafka retries");
         }
+    }
+
+    /// librdkafka's periodic statistics (`statistics.interval.ms`): keeps the
+    /// consumer lag of the partitions this instance consumes.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let assigned = lock(&self.assigned).clone();
+        let mut lag = BTreeMap::new();
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                let tp: TopicPartition = (Arc::from(topic.as_str()), *partition);
+                if *partition >= 0 && p.consumer_lag >= 0 && assigned.contains(&tp) {
+                    lag.insert((topic.clone(), *partition), p.consumer_lag);
+                }
+            }
+        }
+        *lock(&self.stats.lag) = lag;
     }
 }
 
@@ -186,6 +205,15 @@ impl ConsumerContext for SourceContext {
                 for tp in &tps {
                     a.remove(tp);
                 }
+                {
+                    let mut cps = lock(&self.stats.checkpoints);
+                    let mut lag = lock(&self.stats.lag);
+                    for tp in &tps {
+                        let k = (tp.0.to_string(), tp.1);
+                        cps.remove(&k);
+                        lag.remove(&k);
+                    }
+                }
                 self.ready.store(!a.is_empty(), Relaxed);
                 tracing::info!(
                     partitions = tps.len(),
@@ -285,7 +313,12 @@ impl Source {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
-            .set("enable.partition.eof", "false");
+            .set("enable.partition.eof", "false")
+            // Consumer lag per partition comes from librdkafka's statistics.
+            .set(
+                "statistics.interval.ms",
+                config.stats_interval_ms.to_string(),
+            );
         for (k, v) in &config.kafka {
             cc.set(k, v);
         }
@@ -299,6 +332,7 @@ impl Source {
             durable: Mutex::new(HashMap::new()),
             committed: Mutex::new(HashMap::new()),
             brokers_ok: parts.brokers_ok,
+            stats: parts.stats.clone(),
         };
         let consumer: BaseConsumer<SourceContext> = cc.create_with_context(context).map_err(err)?;
         let topics: Vec<&str> = parts.topics.iter().map(String::as_str).collect();
@@ -332,9 +366,6 @@ impl Source {
             let in_flight = self.stats.in_flight.load(Relaxed);
             if !paused && in_flight >= self.high {
                 paused = self.set_paused(true);
-                if paused {
-                    Stats::incr(&self.stats.pauses);
-                }
             } else if paused && in_flight <= self.low {
                 paused = !self.set_paused(false);
             }
@@ -344,7 +375,14 @@ impl Source {
             {
                 None => {}
                 Some(Ok(m)) => self.on_message(&m),
-                Some(Err(e)) => tracing::warn!(error = %e, "consumer error; retrying"),
+                Some(Err(e)) => emit(
+                    ComponentError {
+                        stage: "source",
+                        error_code: "consumer_error",
+                        error: &e,
+                    },
+                    &self.stats,
+                ),
             }
         }
         // Shutdown: nothing new is polled; wait for what is in flight.
@@ -374,6 +412,12 @@ impl Source {
         };
         match r {
             Ok(()) => {
+                emit(
+                    PartitionsPaused {
+                        paused: if pause { assignment.count() } else { 0 },
+                    },
+                    &self.stats,
+                );
                 tracing::debug!(
                     pause,
                     in_flight = self.stats.in_flight.load(Relaxed),
@@ -453,9 +497,7 @@ impl Source {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .received(&tp, offset);
-        let in_flight = self.stats.in_flight.fetch_add(1, Relaxed) + 1;
-        self.stats.max_in_flight.fetch_max(in_flight, Relaxed);
-        Stats::incr(&self.stats.received);
+        emit(EventReceived, &self.stats);
         let kafka_ts = m.timestamp().to_millis();
         let headers: Vec<(String, Vec<u8>)> = m
             .headers()
@@ -496,7 +538,13 @@ impl Source {
                 });
             }
             Err(e) => {
-                Stats::incr(&self.stats.dead_letters);
+                emit(
+                    DeadLettered {
+                        stage: "decode",
+                        code: e.code(),
+                    },
+                    &self.stats,
+                );
                 tracing::warn!(topic = %tp.0, partition = tp.1, offset, code = e.code(), error = %e, "undecodable message dead-lettered");
                 let now = SystemTime::now();
                 let key = m.key().map(<[u8]>::to_vec);

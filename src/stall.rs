@@ -15,6 +15,9 @@ use std::time::Duration;
 /// What one shard is handling now.
 #[derive(Debug, Default)]
 pub struct Busy {
+    /// Deliveries routed to this shard and not yet taken up by their entity
+    /// actor: the shard's mailbox depth.
+    pub queued: AtomicI64,
     since_ms: AtomicI64,
     seq: AtomicU64,
     what: Mutex<(String, String)>,
@@ -104,8 +107,15 @@ pub fn watch(
             }
             if since != 0 && now - since > deadline_ms && reported[shard] != Some(seq) {
                 let (entity_id, event_id) = b.what.lock().map(|w| w.clone()).unwrap_or_default();
-                tracing::warn!(shard, entity = %entity_id, event = %event_id, running_ms = now - since, "event stalled: handling runs past the stall deadline");
-                Stats::incr(&stats.stalled);
+                crate::internal_events::emit(
+                    crate::internal_events::EventStalled {
+                        shard,
+                        entity_id: &entity_id,
+                        event_id: &event_id,
+                        running_ms: now - since,
+                    },
+                    &stats,
+                );
                 if let Ok(mut events) = stalls.events.lock() {
                     events.push_back((
                         seq,

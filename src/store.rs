@@ -39,6 +39,7 @@ const DEAD_LETTER_INDEX: u8 = b'x';
 const ANOMALY: u8 = b'a';
 const META: u8 = b'm';
 const HISTORY: u8 = b'h';
+const PARKED: u8 = b'p';
 
 /// A store failure.
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +114,10 @@ pub struct CommitBatch {
     pub prune_anomalies_below: Option<u64>,
     /// History entries, by entity.
     pub history: Vec<(String, LogEntry)>,
+    /// Entities that became parked (true) or were released (false).
+    pub parked: Vec<(String, bool)>,
+    /// The count of open dead letters, to persist.
+    pub open_dead_letters: Option<u64>,
 }
 
 /// A boxed future, for the async parts of the trait.
@@ -150,6 +155,10 @@ pub trait Store: Send + Sync + 'static {
     fn outbox(&self, limit: usize) -> Result<Vec<(u64, OutboxRecord)>>;
     /// Removes published outbox records.
     fn remove_outbox(&self, ids: &[u64]) -> Result<()>;
+    /// The ids of the parked entities, from the parked index.
+    fn parked(&self) -> Result<Vec<String>>;
+    /// How many dead letters have status open.
+    fn open_dead_letters(&self) -> Result<u64>;
 }
 
 /// Encodes a value with the format-version prefix.
@@ -207,6 +216,9 @@ fn history_prefix(entity_id: &str) -> Vec<u8> {
 }
 
 const ANOMALY_SEQ: &[u8] = b"anomaly_seq";
+const OPEN_DEAD_LETTERS: &[u8] = b"open_dead_letters";
+/// Present once the parked index and the open dead-letter count exist.
+const OPERATOR_INDEX: &[u8] = b"operator_index_v1";
 
 fn checkpoint_key(topic: &str, partition: i32) -> Vec<u8> {
     let mut k = key(CHECKPOINT, topic.as_bytes());
@@ -232,7 +244,42 @@ impl SledStore {
             .flush_every_ms(None)
             .open()?;
         let tree = db.open_tree("orderly")?;
-        Ok(SledStore { db, tree })
+        let store = SledStore { db, tree };
+        store.build_operator_index()?;
+        Ok(store)
+    }
+
+    /// Builds the parked index and the open dead-letter count of a store
+    /// written before they existed: one scan, once.
+    fn build_operator_index(&self) -> Result<()> {
+        if self.tree.contains_key(key(META, OPERATOR_INDEX))? {
+            return Ok(());
+        }
+        let mut b = sled::Batch::default();
+        for r in self.entities() {
+            let r = r?;
+            if r.parked.is_some() {
+                b.insert(key(PARKED, r.entity_id.as_bytes()), &[][..]);
+            }
+        }
+        let mut open = 0u64;
+        let mut after = 0;
+        loop {
+            let chunk = self.dead_letters(after, 1000)?;
+            let Some(last) = chunk.last().map(|d| d.id) else {
+                break;
+            };
+            open += chunk
+                .iter()
+                .filter(|d| d.status == crate::dead_letter::OPEN)
+                .count() as u64;
+            after = last;
+        }
+        b.insert(key(META, OPEN_DEAD_LETTERS), open.to_be_bytes().to_vec());
+        b.insert(key(META, OPERATOR_INDEX), &[][..]);
+        self.tree.apply_batch(b)?;
+        self.tree.flush()?;
+        Ok(())
     }
 
     /// Overwrites one entity record directly, outside the pipeline. For
@@ -293,6 +340,16 @@ impl Store for SledStore {
             let mut k = history_prefix(entity);
             k.extend_from_slice(&crate::history::encode_key(&entry.key));
             b.insert(k, encode(entry));
+        }
+        for (id, parked) in &batch.parked {
+            if *parked {
+                b.insert(key(PARKED, id.as_bytes()), &[][..]);
+            } else {
+                b.remove(key(PARKED, id.as_bytes()));
+            }
+        }
+        if let Some(n) = batch.open_dead_letters {
+            b.insert(key(META, OPEN_DEAD_LETTERS), n.to_be_bytes().to_vec());
         }
         for cp in &batch.checkpoints {
             b.insert(
@@ -430,6 +487,22 @@ impl Store for SledStore {
         }
         self.tree.apply_batch(b)?;
         Ok(())
+    }
+
+    fn parked(&self) -> Result<Vec<String>> {
+        self.tree
+            .scan_prefix(key(PARKED, b""))
+            .keys()
+            .map(|k| Ok(String::from_utf8_lossy(&k?[2..]).into_owned()))
+            .collect()
+    }
+
+    fn open_dead_letters(&self) -> Result<u64> {
+        Ok(self
+            .tree
+            .get(key(META, OPEN_DEAD_LETTERS))?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0))
     }
 }
 

@@ -139,6 +139,27 @@ pub fn inject_headers(cx: &Context) -> Vec<(String, String)> {
     out.0
 }
 
+/// Starts a producer span for one message sent to `topic`, when spans are
+/// exported. Inject its context into the message's headers with
+/// [`inject_headers`], and end it (`cx.span().end()`) once the message is sent.
+pub fn start_send_span(topic: &str, entity_id: Option<&str>) -> Option<Context> {
+    let tracer = TRACER.get()?;
+    let mut attributes = vec![
+        KeyValue::new("messaging.system", "kafka"),
+        KeyValue::new("messaging.operation.type", "send"),
+        KeyValue::new("messaging.destination.name", topic.to_owned()),
+    ];
+    if let Some(id) = entity_id {
+        attributes.push(KeyValue::new("entity.id", id.to_owned()));
+    }
+    let span = tracer
+        .span_builder(format!("send {topic}"))
+        .with_kind(SpanKind::Producer)
+        .with_attributes(attributes)
+        .start(tracer);
+    Some(Context::new().with_span(span))
+}
+
 /// What a span needs to know about one event, gathered along the pipeline.
 #[derive(Clone, Debug)]
 pub struct SpanInfo {

@@ -318,6 +318,20 @@ pub fn produce(
                 value: Some(v.as_slice()),
             });
         }
+        // With span export on, each message gets a producer span, and its
+        // traceparent travels in the headers to the processor.
+        let span = crate::telemetry::start_send_span(
+            &opts.topic,
+            key.as_deref().and_then(|k| std::str::from_utf8(k).ok()),
+        );
+        if let Some(cx) = &span {
+            for (k, v) in crate::telemetry::inject_headers(cx) {
+                hs = hs.insert(Header {
+                    key: &k,
+                    value: Some(v.as_bytes()),
+                });
+            }
+        }
         loop {
             let mut rec = BaseRecord::<[u8], [u8]>::to(&opts.topic)
                 .payload(&value)
@@ -332,6 +346,10 @@ pub fn produce(
                 }
                 Err((e, _)) => return Err(e),
             }
+        }
+        if let Some(cx) = span {
+            use opentelemetry::trace::TraceContextExt;
+            cx.span().end();
         }
         sent += 1;
         on_sent(sent);

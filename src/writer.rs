@@ -9,6 +9,7 @@
 
 use crate::checkpoint::{CheckpointTracker, TopicPartition};
 use crate::dead_letter::DeadLetter;
+use crate::internal_events::{emit, BatchCommitted, ComponentError, EventsDurable};
 use crate::metrics::Stats;
 use crate::store::{Checkpoint, CommitBatch, OutboxRecord, Store, StoreError};
 use crate::telemetry::{self, SpanInfo};
@@ -39,7 +40,7 @@ pub struct Ack {
 #[derive(Debug)]
 pub struct WriteIntent {
     /// The entity's whole encoded record, if it changed.
-    pub entity: Option<(String, Vec<u8>)>,
+    pub entity: Option<EntityWrite>,
     /// A dead letter to record (its id is assigned here).
     pub dead_letter: Option<DeadLetter>,
     /// Messages to publish once durable.
@@ -54,6 +55,24 @@ pub struct WriteIntent {
     pub durable: Option<Arc<AtomicU64>>,
     /// A dead letter whose status changes in this batch (`retried`, `skipped`).
     pub resolve_dead_letter: Option<(DeadLetterRef, &'static str)>,
+}
+
+/// One entity record to write.
+#[derive(Debug)]
+pub struct EntityWrite {
+    /// The entity id.
+    pub id: String,
+    /// The encoded record.
+    pub bytes: Vec<u8>,
+    /// Whether the entity is parked (kept in the parked index).
+    pub parked: bool,
+}
+
+/// What the writer keeps across batches for operators: parked entities and
+/// the open dead-letter count, both persisted with each batch.
+struct OperatorView {
+    parked: HashSet<String>,
+    open_dead_letters: u64,
 }
 
 /// Names a dead letter: by id, or by the message it holds.
@@ -116,6 +135,11 @@ impl Writer {
     pub async fn run(self, mut rx: mpsc::UnboundedReceiver<WriterMsg>) -> Result<(), WriterError> {
         let mut msgs = Vec::with_capacity(self.batch_max);
         let mut anomaly_seq = self.store.anomaly_seq()?;
+        let mut view = OperatorView {
+            parked: self.store.parked()?.into_iter().collect(),
+            open_dead_letters: self.store.open_dead_letters()?,
+        };
+        self.publish_view(&view);
         loop {
             if rx.recv_many(&mut msgs, self.batch_max).await == 0 {
                 return Ok(());
@@ -125,7 +149,8 @@ impl Writer {
             if let Some(i) = stop {
                 msgs.truncate(i);
             }
-            self.write_batch(&mut msgs, &mut anomaly_seq).await?;
+            self.write_batch(&mut msgs, &mut anomaly_seq, &mut view)
+                .await?;
             if stop.is_some() {
                 return Ok(());
             }
@@ -136,6 +161,7 @@ impl Writer {
         &self,
         msgs: &mut Vec<WriterMsg>,
         anomaly_seq: &mut u64,
+        view: &mut OperatorView,
     ) -> Result<(), WriterError> {
         let mut batch = CommitBatch::default();
         let mut index: HashMap<String, usize> = HashMap::new();
@@ -151,13 +177,22 @@ impl Writer {
         let mut touched: HashSet<TopicPartition> = HashSet::new();
         for intent in intents.iter_mut() {
             if !intent.history.is_empty() {
-                if let Some((id, _)) = &intent.entity {
+                if let Some(w) = &intent.entity {
                     batch
                         .history
-                        .extend(intent.history.drain(..).map(|h| (id.clone(), h)));
+                        .extend(intent.history.drain(..).map(|h| (w.id.clone(), h)));
                 }
             }
-            if let Some((id, bytes)) = intent.entity.take() {
+            if let Some(EntityWrite { id, bytes, parked }) = intent.entity.take() {
+                if parked != view.parked.contains(&id) {
+                    if parked {
+                        view.parked.insert(id.clone());
+                    } else {
+                        view.parked.remove(&id);
+                    }
+                    batch.parked.retain(|(p, _)| *p != id);
+                    batch.parked.push((id.clone(), parked));
+                }
                 match index.get(&id) {
                     Some(&i) => batch.entities[i].1 = bytes,
                     None => {
@@ -198,6 +233,8 @@ impl Writer {
                 };
                 batch.outbox.push((self.store.next_id()?, record));
                 batch.dead_letters.push(dl);
+                view.open_dead_letters += 1;
+                batch.open_dead_letters = Some(view.open_dead_letters);
             }
             if let Some((r, status)) = intent.resolve_dead_letter.take() {
                 let id = match r {
@@ -212,6 +249,10 @@ impl Writer {
                     .flatten()
                 {
                     let id = dl.id;
+                    if dl.status == crate::dead_letter::OPEN && status != crate::dead_letter::OPEN {
+                        view.open_dead_letters = view.open_dead_letters.saturating_sub(1);
+                        batch.open_dead_letters = Some(view.open_dead_letters);
+                    }
                     dl.status = status.to_owned();
                     batch.dead_letters.retain(|d| d.id != id);
                     batch.dead_letters.push(dl);
@@ -261,9 +302,18 @@ impl Writer {
         // acknowledged until the batch is durable, so in-flight events pile up
         // and the source pauses; the pipeline reports not ready meanwhile.
         let mut attempt = 0u32;
+        let started = std::time::Instant::now();
         while let Err(e) = self.commit_and_flush(&batch).await {
             attempt += 1;
             self.store_ok.store(false, Relaxed);
+            emit(
+                ComponentError {
+                    stage: "store",
+                    error_code: "batch_write_failed",
+                    error: &e,
+                },
+                &self.stats,
+            );
             let delay = Duration::from_millis(100u64.saturating_mul(1 << attempt.min(6)));
             tracing::error!(error = %e, attempt, ?delay, "store write failed; retrying the batch (nothing is acknowledged meanwhile)");
             tokio::time::sleep(delay).await;
@@ -275,22 +325,49 @@ impl Writer {
             );
             self.store_ok.store(true, Relaxed);
         }
+        let took = started.elapsed();
         let durable_at = SystemTime::now();
         self.acknowledge(&intents, durable_at);
+        emit(
+            BatchCommitted {
+                entity_writes: batch.entities.len(),
+                took,
+            },
+            &self.stats,
+        );
+        self.publish_view(view);
         if !batch.checkpoints.is_empty() {
+            {
+                let mut cps = self
+                    .stats
+                    .checkpoints
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                for cp in &batch.checkpoints {
+                    cps.insert(
+                        (cp.topic.clone(), cp.partition),
+                        (cp.next_offset, durable_at),
+                    );
+                }
+            }
             let _ = self.commits.send(batch.checkpoints);
         }
         if !batch.outbox.is_empty() {
             self.outbox_ready.notify_one();
         }
-        self.stats.batches.fetch_add(1, Relaxed);
-        self.stats
-            .entity_writes
-            .fetch_add(batch.entities.len() as u64, Relaxed);
         for b in barriers {
             let _ = b.send(());
         }
         Ok(())
+    }
+
+    fn publish_view(&self, view: &OperatorView) {
+        self.stats
+            .parked_entities
+            .store(view.parked.len() as i64, Relaxed);
+        self.stats
+            .open_dead_letters
+            .store(view.open_dead_letters as i64, Relaxed);
     }
 
     async fn commit_and_flush(&self, batch: &CommitBatch) -> Result<(), StoreError> {
@@ -313,25 +390,26 @@ impl Writer {
             .map(|d| d.as_micros() as i64)
             .unwrap_or(0);
         let since = |ms: Option<i64>| ms.map(|ms| (now_us - ms * 1000).max(0) as u64);
-        self.stats.record_latencies(
-            intents
-                .iter()
-                .filter_map(|i| i.ack.as_ref())
-                .map(|a| (since(a.kafka_ts), since(a.occurred_at))),
+        let latencies: Vec<_> = intents
+            .iter()
+            .filter_map(|i| i.ack.as_ref())
+            .map(|a| (since(a.kafka_ts), since(a.occurred_at)))
+            .collect();
+        emit(
+            EventsDurable {
+                latencies: &latencies,
+            },
+            &self.stats,
         );
-        let mut n = 0;
         for intent in intents {
             if let Some(d) = &intent.durable {
                 d.fetch_add(1, Relaxed);
             }
             if let Some(ack) = &intent.ack {
-                n += 1;
                 if let Some(span) = &ack.span {
                     telemetry::record_event_span(span, ack.outcome, durable_at);
                 }
             }
         }
-        self.stats.durable.fetch_add(n, Relaxed);
-        self.stats.in_flight.fetch_sub(n as i64, Relaxed);
     }
 }

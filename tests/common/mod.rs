@@ -407,6 +407,37 @@ impl OrderlyProcess {
         }
     }
 
+    /// The admin server's address, read from the log line it prints once
+    /// bound (configs in tests bind port 0).
+    pub fn admin_addr(&mut self, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if let Some(addr) = text
+                .lines()
+                .rev()
+                .find_map(|l| l.split("dashboard at http://").nth(1))
+                .and_then(|rest| rest.split('/').next())
+            {
+                return addr.to_owned();
+            }
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                panic!(
+                    "orderly exited ({status}) before its admin server listened; log:
+{}",
+                    self.log_tail()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no admin server address in the log:
+{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
@@ -424,7 +455,7 @@ impl Drop for OrderlyProcess {
 pub mod otlp {
     //! A minimal OTLP/HTTP (protobuf) trace receiver.
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-    use opentelemetry_proto::tonic::trace::v1::Span;
+    pub use opentelemetry_proto::tonic::trace::v1::Span;
     use prost::Message;
     use std::io::{BufRead, BufReader, Read, Write};
     use std::net::TcpListener;

@@ -1,0 +1,520 @@
+//! Everything observable that happens in the pipeline, as one small struct
+//! per happening, each with an `emit` that updates the pipeline's [`Stats`],
+//! the Prometheus metric and, where an operator should read it, the log.
+//!
+//! Processing code says *what happened* (`emit(EventProcessed { .. }, stats)`)
+//! and never how it is reported. This module owns the metric names: the
+//! [`CATALOGUE`] lists every metric orderly exports, and the Grafana
+//! dashboard, the alert rules and the tests are checked against it.
+//!
+//! Labels are bounded: an outcome, a policy, an error code, a stage, a shard
+//! number, a topic and partition. Never an entity id, tenant id or event id.
+
+use crate::fold::Outcome;
+use crate::metrics::Stats;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+/// One observable happening.
+pub trait InternalEvent {
+    /// Records it: counters, metrics and log lines.
+    fn emit(self, stats: &Stats);
+}
+
+/// Records `event`.
+pub fn emit(event: impl InternalEvent, stats: &Stats) {
+    event.emit(stats)
+}
+
+/// The kind of a Prometheus metric.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Only goes up.
+    Counter,
+    /// Goes up and down.
+    Gauge,
+    /// Distribution with buckets (`_bucket`, `_sum`, `_count`).
+    Histogram,
+}
+
+/// Every metric orderly exports: name, kind, help.
+pub const CATALOGUE: &[(&str, Kind, &str)] = &[
+    (
+        "orderly_events_received_total",
+        Kind::Counter,
+        "Messages received from Kafka.",
+    ),
+    (
+        "orderly_events_processed_total",
+        Kind::Counter,
+        "Events processed by an entity actor, by outcome (the process rate).",
+    ),
+    (
+        "orderly_events_durable_total",
+        Kind::Counter,
+        "Messages whose effects are durable and acknowledged.",
+    ),
+    (
+        "orderly_duplicates_total",
+        Kind::Counter,
+        "Redeliveries and repeated event ids skipped.",
+    ),
+    (
+        "orderly_out_of_order_events_total",
+        Kind::Counter,
+        "Late events, by the policy that handled them.",
+    ),
+    (
+        "orderly_dropped_records_total",
+        Kind::Counter,
+        "Events discarded without effect, by reason.",
+    ),
+    (
+        "orderly_corrections_total",
+        Kind::Counter,
+        "Late events that changed the state: corrections emitted.",
+    ),
+    (
+        "orderly_retries_total",
+        Kind::Counter,
+        "Handler retries after transient failures.",
+    ),
+    (
+        "orderly_dead_letters_total",
+        Kind::Counter,
+        "Messages dead-lettered, by stage and error code.",
+    ),
+    (
+        "orderly_dead_letters_open",
+        Kind::Gauge,
+        "Dead letters waiting for an operator (status open).",
+    ),
+    (
+        "orderly_parked_entities",
+        Kind::Gauge,
+        "Entities parked by a late event, waiting for an operator.",
+    ),
+    (
+        "orderly_stalled_events_total",
+        Kind::Counter,
+        "Events whose handling ran past the stall deadline.",
+    ),
+    (
+        "orderly_stalled_events",
+        Kind::Gauge,
+        "Events running past the stall deadline now.",
+    ),
+    ("orderly_active_actors", Kind::Gauge, "Entity actors alive."),
+    (
+        "orderly_passivations_total",
+        Kind::Counter,
+        "Idle entity actors stopped.",
+    ),
+    (
+        "orderly_mailbox_depth",
+        Kind::Gauge,
+        "Deliveries queued in a shard's mailbox, by shard.",
+    ),
+    (
+        "orderly_in_flight_events",
+        Kind::Gauge,
+        "Messages received and not yet durable.",
+    ),
+    (
+        "orderly_paused_partitions",
+        Kind::Gauge,
+        "Partitions paused for backpressure.",
+    ),
+    (
+        "orderly_consumer_lag",
+        Kind::Gauge,
+        "Messages between the log end and the committed offset, by partition.",
+    ),
+    (
+        "orderly_checkpoint_age_seconds",
+        Kind::Gauge,
+        "Seconds since the partition's checkpoint last advanced, by partition.",
+    ),
+    (
+        "orderly_checkpoint_offset",
+        Kind::Gauge,
+        "The next offset to consume, durable in the store, by partition.",
+    ),
+    (
+        "orderly_store_batch_size",
+        Kind::Histogram,
+        "Entity records written per store batch, after coalescing.",
+    ),
+    (
+        "orderly_store_flush_seconds",
+        Kind::Histogram,
+        "Time to commit and flush one store batch.",
+    ),
+    (
+        "orderly_store_size_bytes",
+        Kind::Gauge,
+        "Size of the sled data dir on disk.",
+    ),
+    (
+        "orderly_record_e2e_latency_seconds",
+        Kind::Histogram,
+        "From Kafka append (from=append) or occurred_at (from=occurred) to durable.",
+    ),
+    (
+        "orderly_record_lateness_seconds",
+        Kind::Histogram,
+        "How far behind its entity's newest event a late event was.",
+    ),
+    (
+        "orderly_component_errors_total",
+        Kind::Counter,
+        "Errors inside orderly, by stage and error code.",
+    ),
+    (
+        "orderly_build_info",
+        Kind::Gauge,
+        "Always 1; the version label says which build runs.",
+    ),
+];
+
+/// Histogram buckets for latencies, in seconds: 1 ms to 5 min.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+/// Histogram buckets for batch sizes.
+pub const BATCH_BUCKETS: &[f64] = &[1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0];
+
+/// A Kafka message arrived.
+pub struct EventReceived;
+
+impl InternalEvent for EventReceived {
+    fn emit(self, stats: &Stats) {
+        let in_flight = stats.in_flight.fetch_add(1, Relaxed) + 1;
+        stats.max_in_flight.fetch_max(in_flight, Relaxed);
+        Stats::incr(&stats.received);
+        ::metrics::counter!("orderly_events_received_total").increment(1);
+    }
+}
+
+/// An entity actor processed an event.
+pub struct EventProcessed<'a> {
+    /// What processing did.
+    pub outcome: &'a Outcome,
+}
+
+impl InternalEvent for EventProcessed<'_> {
+    fn emit(self, stats: &Stats) {
+        let outcome = self.outcome;
+        let counter = match outcome {
+            Outcome::Applied { .. } => &stats.applied,
+            Outcome::Duplicate(_) => &stats.duplicates,
+            Outcome::Recomputed { .. } => &stats.late_recomputed,
+            Outcome::LateApplied { .. } => &stats.late_applied,
+            Outcome::Dropped {
+                too_late: false, ..
+            } => &stats.late_dropped,
+            Outcome::Dropped { too_late: true, .. } => &stats.too_late,
+            Outcome::Parked { .. } => &stats.parked,
+            Outcome::Held => &stats.held,
+        };
+        Stats::incr(counter);
+        ::metrics::counter!("orderly_events_processed_total", "outcome" => outcome.name())
+            .increment(1);
+        let late = match outcome {
+            Outcome::Duplicate(_) => {
+                ::metrics::counter!("orderly_duplicates_total").increment(1);
+                None
+            }
+            Outcome::Recomputed { lateness, .. } => Some(("recompute", false, lateness)),
+            Outcome::LateApplied {
+                lateness, too_late, ..
+            } => Some(("apply", *too_late, lateness)),
+            Outcome::Dropped { lateness, too_late } => Some(("drop", *too_late, lateness)),
+            Outcome::Parked { lateness, too_late } => Some(("park", *too_late, lateness)),
+            Outcome::Applied { .. } | Outcome::Held => None,
+        };
+        if let Some((policy, too_late, lateness)) = late {
+            ::metrics::counter!(
+                "orderly_out_of_order_events_total",
+                "policy" => policy,
+                "too_late" => if too_late { "true" } else { "false" }
+            )
+            .increment(1);
+            ::metrics::histogram!("orderly_record_lateness_seconds")
+                .record(lateness.millis.max(0) as f64 / 1000.0);
+            if policy == "drop" {
+                let reason = if too_late { "too_late" } else { "late" };
+                ::metrics::counter!("orderly_dropped_records_total", "reason" => reason)
+                    .increment(1);
+            }
+        }
+        if outcome.is_correction() {
+            Stats::incr(&stats.corrections);
+            ::metrics::counter!("orderly_corrections_total").increment(1);
+        }
+    }
+}
+
+/// A message became a dead letter.
+pub struct DeadLettered<'a> {
+    /// Where: `decode` (the source) or `handler` (an entity actor).
+    pub stage: &'static str,
+    /// The error code, from a bounded set.
+    pub code: &'a str,
+}
+
+impl InternalEvent for DeadLettered<'_> {
+    fn emit(self, stats: &Stats) {
+        Stats::incr(&stats.dead_letters);
+        ::metrics::counter!(
+            "orderly_dead_letters_total",
+            "stage" => self.stage,
+            "code" => self.code.to_owned()
+        )
+        .increment(1);
+    }
+}
+
+/// A transient handler failure will be retried.
+pub struct RetryScheduled;
+
+impl InternalEvent for RetryScheduled {
+    fn emit(self, stats: &Stats) {
+        Stats::incr(&stats.retries);
+        ::metrics::counter!("orderly_retries_total").increment(1);
+    }
+}
+
+/// An entity actor started.
+pub struct ActorStarted;
+
+impl InternalEvent for ActorStarted {
+    fn emit(self, stats: &Stats) {
+        stats.active_actors.fetch_add(1, Relaxed);
+    }
+}
+
+/// An entity actor stopped.
+pub struct ActorStopped;
+
+impl InternalEvent for ActorStopped {
+    fn emit(self, stats: &Stats) {
+        stats.active_actors.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Idle actors were passivated.
+pub struct ActorsPassivated {
+    /// How many.
+    pub count: u64,
+}
+
+impl InternalEvent for ActorsPassivated {
+    fn emit(self, stats: &Stats) {
+        stats.passivations.fetch_add(self.count, Relaxed);
+        ::metrics::counter!("orderly_passivations_total").increment(self.count);
+    }
+}
+
+/// The source paused (or resumed) its partitions for backpressure.
+pub struct PartitionsPaused {
+    /// How many partitions are paused now; 0 after a resume.
+    pub paused: usize,
+}
+
+impl InternalEvent for PartitionsPaused {
+    fn emit(self, stats: &Stats) {
+        if self.paused > 0 {
+            Stats::incr(&stats.pauses);
+        }
+        stats.paused_partitions.store(self.paused as i64, Relaxed);
+    }
+}
+
+/// An event's handling ran past the stall deadline.
+pub struct EventStalled<'a> {
+    /// The shard.
+    pub shard: usize,
+    /// The entity (logged, never a label).
+    pub entity_id: &'a str,
+    /// The event (logged, never a label).
+    pub event_id: &'a str,
+    /// How long it has run.
+    pub running_ms: i64,
+}
+
+impl InternalEvent for EventStalled<'_> {
+    fn emit(self, stats: &Stats) {
+        tracing::warn!(shard = self.shard, entity = %self.entity_id, event = %self.event_id, running_ms = self.running_ms, "event stalled: handling runs past the stall deadline");
+        Stats::incr(&stats.stalled);
+        ::metrics::counter!("orderly_stalled_events_total").increment(1);
+    }
+}
+
+/// A store batch was committed and flushed.
+pub struct BatchCommitted {
+    /// Entity records written, after coalescing.
+    pub entity_writes: usize,
+    /// Commit plus flush time.
+    pub took: Duration,
+}
+
+impl InternalEvent for BatchCommitted {
+    fn emit(self, stats: &Stats) {
+        stats.batches.fetch_add(1, Relaxed);
+        stats
+            .entity_writes
+            .fetch_add(self.entity_writes as u64, Relaxed);
+        ::metrics::histogram!("orderly_store_batch_size").record(self.entity_writes as f64);
+        ::metrics::histogram!("orderly_store_flush_seconds").record(self.took.as_secs_f64());
+    }
+}
+
+/// Messages became durable; `latencies` holds, per message, (Kafka append →
+/// durable, occurred_at → durable) in microseconds, where known.
+pub struct EventsDurable<'a> {
+    /// Per message.
+    pub latencies: &'a [(Option<u64>, Option<u64>)],
+}
+
+impl InternalEvent for EventsDurable<'_> {
+    fn emit(self, stats: &Stats) {
+        let n = self.latencies.len();
+        stats.record_latencies(self.latencies.iter().copied());
+        stats.durable.fetch_add(n as u64, Relaxed);
+        stats.in_flight.fetch_sub(n as i64, Relaxed);
+        ::metrics::counter!("orderly_events_durable_total").increment(n as u64);
+        let append =
+            ::metrics::histogram!("orderly_record_e2e_latency_seconds", "from" => "append");
+        let occurred =
+            ::metrics::histogram!("orderly_record_e2e_latency_seconds", "from" => "occurred");
+        for (a, o) in self.latencies {
+            if let Some(us) = a {
+                append.record(*us as f64 / 1e6);
+            }
+            if let Some(us) = o {
+                occurred.record(*us as f64 / 1e6);
+            }
+        }
+    }
+}
+
+/// Something inside orderly failed; it is retried or reported elsewhere.
+pub struct ComponentError<'a> {
+    /// Where: `source`, `store`, `sink`, `admin`.
+    pub stage: &'static str,
+    /// What, from a bounded set.
+    pub error_code: &'static str,
+    /// The error, for the log.
+    pub error: &'a dyn std::fmt::Display,
+}
+
+impl InternalEvent for ComponentError<'_> {
+    fn emit(self, stats: &Stats) {
+        Stats::incr(&stats.errors);
+        tracing::warn!(stage = self.stage, error_code = self.error_code, error = %self.error, "component error");
+        ::metrics::counter!(
+            "orderly_component_errors_total",
+            "stage" => self.stage,
+            "error_code" => self.error_code
+        )
+        .increment(1);
+    }
+}
+
+/// A scrape: the gauges that are read rather than counted, set from the
+/// pipeline's current state.
+pub struct GaugesSampled<'a> {
+    /// Deliveries queued per shard.
+    pub mailbox_depths: &'a [i64],
+    /// Events running past the stall deadline now.
+    pub stalled_now: usize,
+    /// The store's size on disk, if it could be read.
+    pub store_size_bytes: Option<u64>,
+}
+
+impl InternalEvent for GaugesSampled<'_> {
+    fn emit(self, stats: &Stats) {
+        use ::metrics::gauge;
+        gauge!("orderly_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        gauge!("orderly_active_actors").set(stats.active_actors.load(Relaxed) as f64);
+        gauge!("orderly_in_flight_events").set(stats.in_flight.load(Relaxed) as f64);
+        gauge!("orderly_paused_partitions").set(stats.paused_partitions.load(Relaxed) as f64);
+        gauge!("orderly_dead_letters_open").set(stats.open_dead_letters.load(Relaxed) as f64);
+        gauge!("orderly_parked_entities").set(stats.parked_entities.load(Relaxed) as f64);
+        gauge!("orderly_stalled_events").set(self.stalled_now as f64);
+        for (shard, depth) in self.mailbox_depths.iter().enumerate() {
+            gauge!("orderly_mailbox_depth", "shard" => shard.to_string()).set(*depth as f64);
+        }
+        if let Some(bytes) = self.store_size_bytes {
+            gauge!("orderly_store_size_bytes").set(bytes as f64);
+        }
+        if let Ok(lag) = stats.lag.lock() {
+            for ((topic, partition), lag) in lag.iter() {
+                gauge!("orderly_consumer_lag", "topic" => topic.clone(), "partition" => partition.to_string())
+                    .set(*lag as f64);
+            }
+        }
+        let now = std::time::SystemTime::now();
+        if let Ok(cps) = stats.checkpoints.lock() {
+            for ((topic, partition), (offset, at)) in cps.iter() {
+                let age = now.duration_since(*at).unwrap_or_default().as_secs_f64();
+                let labels = [
+                    ("topic", topic.clone()),
+                    ("partition", partition.to_string()),
+                ];
+                gauge!("orderly_checkpoint_age_seconds", &labels).set(age);
+                gauge!("orderly_checkpoint_offset", &labels).set(*offset as f64);
+            }
+        }
+    }
+}
+
+/// Registers every series whose labels are known in advance at zero, so
+/// dashboards and alerts see 0 rather than "no data" before the first event.
+pub fn register_catalogue() {
+    use ::metrics::{counter, histogram};
+    for name in [
+        "orderly_events_received_total",
+        "orderly_events_durable_total",
+        "orderly_duplicates_total",
+        "orderly_corrections_total",
+        "orderly_retries_total",
+        "orderly_stalled_events_total",
+        "orderly_passivations_total",
+    ] {
+        counter!(name).increment(0);
+    }
+    for outcome in [
+        "applied",
+        "duplicate",
+        "late-recomputed",
+        "late-applied",
+        "too-late-applied",
+        "late-dropped",
+        "too-late-dropped",
+        "parked",
+        "held",
+    ] {
+        counter!("orderly_events_processed_total", "outcome" => outcome).increment(0);
+    }
+    for policy in ["recompute", "apply", "drop", "park"] {
+        for too_late in ["false", "true"] {
+            if policy == "recompute" && too_late == "true" {
+                continue;
+            }
+            counter!("orderly_out_of_order_events_total", "policy" => policy, "too_late" => too_late)
+                .increment(0);
+        }
+    }
+    for reason in ["late", "too_late"] {
+        counter!("orderly_dropped_records_total", "reason" => reason).increment(0);
+    }
+    for from in ["append", "occurred"] {
+        let _ = histogram!("orderly_record_e2e_latency_seconds", "from" => from);
+    }
+    let _ = histogram!("orderly_record_lateness_seconds");
+    let _ = histogram!("orderly_store_batch_size");
+    let _ = histogram!("orderly_store_flush_seconds");
+}

@@ -15,7 +15,11 @@
 //! | `POST /api/dead-letters/retry-all?…filters` and `/skip-all` | the same for every open dead letter that matches |
 //! | `GET /api/parked` | parked entities and why |
 //! | `POST /api/parked/{entity}/release?skip=true` | releases a parked entity (skipping the event that parked it) |
-//! | `GET /api/entities/{id}` | state, provenance and recent anomalies |
+//! | `GET /api/entities/{id}` | state, provenance per field, the retained event log, history entries and recent anomalies |
+//! | `GET /` | the live dashboard |
+//! | `GET /metrics` | Prometheus metrics |
+//! | `GET /api/overview` | counters, gauges, latency percentiles, partitions and recent corrections, for the dashboard |
+//! | `GET /api/anomalies?limit=` | the most recent anomalies, newest first |
 //! | `GET /api/stalled` | events that ran past the stall deadline (running ones have no `finished_at`) |
 
 use crate::dead_letter::DeadLetter;
@@ -52,6 +56,9 @@ pub fn start(
             .service(entity_view)
             .service(stalled)
             .service(metrics)
+            .service(dashboard)
+            .service(overview)
+            .service(recent_anomalies)
     })
     .workers(1)
     .disable_signals()
@@ -343,8 +350,20 @@ async fn entity_view(admin: web::Data<Admin>, id: web::Path<String>) -> impl Res
             }
             let n = anomalies.len();
             let recent: Vec<_> = anomalies.into_iter().skip(n.saturating_sub(50)).collect();
-            HttpResponse::Ok()
-                .json(serde_json::json!({"record": r.to_json(), "recent_anomalies": recent}))
+            // The retained event log: which event wrote what, in order.
+            let log: Vec<_> = r.log.iter().map(log_entry_json).collect();
+            let history: Vec<_> = store
+                .history(&id)
+                .unwrap_or_default()
+                .iter()
+                .map(log_entry_json)
+                .collect();
+            HttpResponse::Ok().json(serde_json::json!({
+                "record": r.to_json(),
+                "log": log,
+                "history": history,
+                "recent_anomalies": recent,
+            }))
         }
         Ok(None) => {
             HttpResponse::NotFound().json(serde_json::json!({"error": format!("no entity {id}")}))
@@ -353,4 +372,55 @@ async fn entity_view(admin: web::Data<Admin>, id: web::Path<String>) -> impl Res
             HttpResponse::InternalServerError().json(serde_json::json!({"error": e.to_string()}))
         }
     }
+}
+
+fn log_entry_json(e: &crate::fold::LogEntry) -> serde_json::Value {
+    serde_json::json!({
+        "event_id": e.provenance.event_id,
+        "event_type": e.event_type,
+        "occurred_at": e.key.occurred_at,
+        "version": e.key.version,
+        "payload": crate::value::fields_to_json(&e.payload),
+        "partition": e.provenance.partition,
+        "offset": e.provenance.offset,
+        "processed_at": e.provenance.processed_at,
+    })
+}
+
+/// The dashboard: one self-contained page, no CDN, built into the binary.
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+#[get("/")]
+async fn dashboard() -> impl Responder {
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .body(DASHBOARD)
+}
+
+#[derive(Deserialize)]
+struct Recent {
+    limit: Option<u64>,
+}
+
+#[get("/api/anomalies")]
+async fn recent_anomalies(admin: web::Data<Admin>, q: web::Query<Recent>) -> impl Responder {
+    let store = admin.control.store();
+    let limit = q.limit.unwrap_or(20).clamp(1, 1000);
+    let after = store.anomaly_seq().unwrap_or(0).saturating_sub(limit + 1);
+    match store.anomalies(after, limit as usize + 1) {
+        Ok(items) => {
+            let mut items: Vec<_> = items.iter().map(|a| a.to_json()).collect();
+            items.reverse();
+            items.truncate(limit as usize);
+            HttpResponse::Ok().json(serde_json::json!({"items": items}))
+        }
+        Err(e) => {
+            HttpResponse::InternalServerError().json(serde_json::json!({"error": e.to_string()}))
+        }
+    }
+}
+
+#[get("/api/overview")]
+async fn overview(admin: web::Data<Admin>) -> impl Responder {
+    HttpResponse::Ok().json(admin.control.overview())
 }

@@ -16,7 +16,7 @@ use crate::envelope::Event;
 use crate::fold::{EntityRecord, Origin, Outcome};
 use crate::handler::{derived_event_id, Handlers};
 use crate::internal_events::{
-    emit, ActorStarted, ActorStopped, DeadLettered, EventProcessed, RetryScheduled,
+    emit, ActorStarted, ActorStopped, DeadLettered, EventProcessed, RetryDue, RetryScheduled,
 };
 use crate::metrics::Stats;
 use crate::store::{OutboxRecord, Store};
@@ -225,7 +225,15 @@ impl EntityActor {
                 return fx;
             }
         };
-        emit(EventProcessed { outcome }, stats);
+        emit(
+            EventProcessed {
+                outcome,
+                entity_id: &event.entity_id,
+                event_id: &event.event_id,
+                at_ms: processed_at,
+            },
+            stats,
+        );
         let class = match outcome {
             Outcome::Duplicate(crate::fold::DuplicateKind::EventId) => Some(("duplicate", "skip")),
             Outcome::Recomputed { .. } => Some(("late", "recompute")),
@@ -408,6 +416,7 @@ impl EntityActor {
                 self.retrying = Some((d, attempt));
                 ctx.run_later(delay, |actor, ctx| {
                     if let Some((d, n)) = actor.retrying.take() {
+                        emit(RetryDue, &actor.shared.stats);
                         actor.attempt(d, n + 1, ctx);
                         actor.drain(ctx);
                     }

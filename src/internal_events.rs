@@ -90,6 +90,11 @@ pub const CATALOGUE: &[(&str, Kind, &str)] = &[
         "Dead letters waiting for an operator (status open).",
     ),
     (
+        "orderly_retrying_events",
+        Kind::Gauge,
+        "Events waiting for a retry after a transient failure.",
+    ),
+    (
         "orderly_parked_entities",
         Kind::Gauge,
         "Entities parked by a late event, waiting for an operator.",
@@ -201,6 +206,12 @@ impl InternalEvent for EventReceived {
 pub struct EventProcessed<'a> {
     /// What processing did.
     pub outcome: &'a Outcome,
+    /// The entity (kept in the recent-corrections list, never a label).
+    pub entity_id: &'a str,
+    /// The event (likewise).
+    pub event_id: &'a str,
+    /// When, ms since the Unix epoch.
+    pub at_ms: i64,
 }
 
 impl InternalEvent for EventProcessed<'_> {
@@ -252,6 +263,17 @@ impl InternalEvent for EventProcessed<'_> {
         if outcome.is_correction() {
             Stats::incr(&stats.corrections);
             ::metrics::counter!("orderly_corrections_total").increment(1);
+            if let Outcome::Recomputed { changes, .. } | Outcome::LateApplied { changes, .. } =
+                outcome
+            {
+                stats.record_correction(crate::metrics::Correction {
+                    at_ms: self.at_ms,
+                    entity_id: self.entity_id.to_owned(),
+                    event_id: self.event_id.to_owned(),
+                    outcome: outcome.name(),
+                    fields: changes.iter().map(|c| c.field.clone()).collect(),
+                });
+            }
         }
     }
 }
@@ -276,13 +298,23 @@ impl InternalEvent for DeadLettered<'_> {
     }
 }
 
-/// A transient handler failure will be retried.
+/// A transient handler failure will be retried after a backoff.
 pub struct RetryScheduled;
 
 impl InternalEvent for RetryScheduled {
     fn emit(self, stats: &Stats) {
         Stats::incr(&stats.retries);
+        stats.retrying.fetch_add(1, Relaxed);
         ::metrics::counter!("orderly_retries_total").increment(1);
+    }
+}
+
+/// A scheduled retry's backoff ended: the event is attempted again.
+pub struct RetryDue;
+
+impl InternalEvent for RetryDue {
+    fn emit(self, stats: &Stats) {
+        stats.retrying.fetch_sub(1, Relaxed);
     }
 }
 
@@ -443,6 +475,7 @@ impl InternalEvent for GaugesSampled<'_> {
         gauge!("orderly_paused_partitions").set(stats.paused_partitions.load(Relaxed) as f64);
         gauge!("orderly_dead_letters_open").set(stats.open_dead_letters.load(Relaxed) as f64);
         gauge!("orderly_parked_entities").set(stats.parked_entities.load(Relaxed) as f64);
+        gauge!("orderly_retrying_events").set(stats.retrying.load(Relaxed) as f64);
         gauge!("orderly_stalled_events").set(self.stalled_now as f64);
         for (shard, depth) in self.mailbox_depths.iter().enumerate() {
             gauge!("orderly_mailbox_depth", "shard" => shard.to_string()).set(*depth as f64);

@@ -69,6 +69,11 @@ pub struct Stats {
     pub open_dead_letters: AtomicI64,
     /// Parked entities, as of the last store batch.
     pub parked_entities: AtomicI64,
+    /// Events waiting for a retry now.
+    pub retrying: AtomicI64,
+    /// The most recent corrections, newest last (in memory only; the
+    /// durable feed is the changes topic).
+    pub recent_corrections: Mutex<std::collections::VecDeque<Correction>>,
     /// Consumer lag by (topic, partition), from librdkafka's statistics.
     pub lag: Mutex<BTreeMap<(String, i32), i64>>,
     /// The durable checkpoint of each partition and when it last advanced.
@@ -94,6 +99,24 @@ impl Default for Latency {
         }
     }
 }
+
+/// A late event that changed the state, as the dashboard lists it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Correction {
+    /// When it was processed, ms since the Unix epoch.
+    pub at_ms: i64,
+    /// The entity.
+    pub entity_id: String,
+    /// The late event.
+    pub event_id: String,
+    /// `late-recomputed` or `late-applied`.
+    pub outcome: &'static str,
+    /// The fields whose value changed.
+    pub fields: Vec<String>,
+}
+
+/// Corrections kept for the dashboard.
+const RECENT_CORRECTIONS: usize = 50;
 
 /// Latency percentiles, in microseconds.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -139,6 +162,16 @@ impl Stats {
             if let Some(us) = occurred {
                 l.occurred_to_durable.saturating_record(us.max(1));
             }
+        }
+    }
+
+    /// Keeps `c` in the recent-corrections list.
+    pub fn record_correction(&self, c: Correction) {
+        if let Ok(mut r) = self.recent_corrections.lock() {
+            if r.len() == RECENT_CORRECTIONS {
+                r.pop_front();
+            }
+            r.push_back(c);
         }
     }
 

@@ -178,6 +178,88 @@ impl Control {
         );
     }
 
+    /// Everything the dashboard shows at a glance, as JSON.
+    pub fn overview(&self) -> serde_json::Value {
+        use serde_json::json;
+        let s = &*self.stats;
+        let c = |a: &std::sync::atomic::AtomicU64| a.load(Relaxed);
+        let g = |a: &std::sync::atomic::AtomicI64| a.load(Relaxed);
+        let pct = |p: crate::metrics::Percentiles| {
+            let ms = |us: u64| us as f64 / 1000.0;
+            json!({"count": p.count, "p50": ms(p.p50), "p95": ms(p.p95), "p99": ms(p.p99), "max": ms(p.max)})
+        };
+        let stalled_now = self
+            .stalls
+            .list()
+            .iter()
+            .filter(|s| s.finished_at.is_none())
+            .count();
+        let now = std::time::SystemTime::now();
+        let lag = s.lag.lock().map(|l| l.clone()).unwrap_or_default();
+        let checkpoints = s.checkpoints.lock().map(|c| c.clone()).unwrap_or_default();
+        let mut keys: std::collections::BTreeSet<(String, i32)> = lag.keys().cloned().collect();
+        keys.extend(checkpoints.keys().cloned());
+        let partitions: Vec<_> = keys
+            .into_iter()
+            .map(|k| {
+                let cp = checkpoints.get(&k);
+                json!({
+                    "topic": k.0,
+                    "partition": k.1,
+                    "lag": lag.get(&k),
+                    "checkpoint": cp.map(|c| c.0),
+                    "checkpoint_age_s": cp.map(|c| now.duration_since(c.1).unwrap_or_default().as_secs_f64()),
+                })
+            })
+            .collect();
+        let corrections: Vec<_> = s
+            .recent_corrections
+            .lock()
+            .map(|r| r.iter().rev().cloned().collect())
+            .unwrap_or_default();
+        json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "now_ms": crate::telemetry::unix_ms(now),
+            "ready": self.not_ready().is_none(),
+            "not_ready_reason": self.not_ready(),
+            "counters": {
+                "received": c(&s.received),
+                "completed": c(&s.durable),
+                "applied": c(&s.applied),
+                "duplicates": c(&s.duplicates),
+                "late_recomputed": c(&s.late_recomputed),
+                "late_applied": c(&s.late_applied),
+                "late_dropped": c(&s.late_dropped),
+                "too_late": c(&s.too_late),
+                "parked_events": c(&s.parked),
+                "held": c(&s.held),
+                "corrections": c(&s.corrections),
+                "retries": c(&s.retries),
+                "dead_letters": c(&s.dead_letters),
+                "stalled": c(&s.stalled),
+                "passivations": c(&s.passivations),
+                "pauses": c(&s.pauses),
+                "errors": c(&s.errors),
+            },
+            "gauges": {
+                "in_flight": g(&s.in_flight),
+                "active_actors": g(&s.active_actors),
+                "paused_partitions": g(&s.paused_partitions),
+                "failed": g(&s.open_dead_letters),
+                "parked": g(&s.parked_entities),
+                "retrying": g(&s.retrying),
+                "stalled": stalled_now,
+                "mailbox_depth": self.router.mailbox_depths().iter().sum::<i64>(),
+            },
+            "latency_ms": {
+                "append_to_durable": pct(s.append_to_durable()),
+                "occurred_to_durable": pct(s.occurred_to_durable()),
+            },
+            "partitions": partitions,
+            "recent_corrections": corrections,
+        })
+    }
+
     /// The counters.
     pub fn stats(&self) -> &Stats {
         &self.stats

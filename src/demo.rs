@@ -130,8 +130,26 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
         format: Format::Proto,
     };
     let handlers = config.handlers();
+    let admin_addr = config.admin_addr.clone();
     let summary = actix::System::new().block_on(async move {
         let pipeline = Pipeline::start(config, handlers)?;
+        // With --keep-running, the dashboard shows the run live.
+        let _admin = if opts.keep_running && !admin_addr.is_empty() {
+            match crate::admin::start(pipeline.control(), &admin_addr, None) {
+                Ok(h) => {
+                    println!(
+                        "dashboard: http://{admin_addr}/   metrics: http://{admin_addr}/metrics"
+                    );
+                    Some(h)
+                }
+                Err(e) => {
+                    eprintln!("warning: no dashboard: cannot listen on {admin_addr}: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let stats = pipeline.stats();
         let store = pipeline.store();
         // The group takes a few seconds to form on the embedded broker; produce

@@ -47,7 +47,14 @@ fn compose_agrees_with_the_code() {
     let doc = compose();
     let services = doc["services"].as_mapping().expect("services");
     let names: Vec<&str> = services.keys().filter_map(|k| k.as_str()).collect();
-    for required in ["kafka", "jaeger", "orderly", "producer"] {
+    for required in [
+        "kafka",
+        "jaeger",
+        "orderly",
+        "producer",
+        "prometheus",
+        "grafana",
+    ] {
         assert!(names.contains(&required), "service {required} missing");
     }
 
@@ -195,4 +202,408 @@ fn compose_agrees_with_the_code() {
             "`orderly produce` has no flag {a}"
         );
     }
+}
+
+fn yaml(path: &str) -> Value {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{path}: {e}"));
+    serde_norway::from_str(&text).unwrap_or_else(|e| panic!("{path} is not valid YAML: {e}"))
+}
+
+/// The host-side file mounted at `target` in `service`, if any.
+fn mounted(service: &Value, target: &str) -> Option<std::path::PathBuf> {
+    strings(&service["volumes"]).into_iter().find_map(|v| {
+        let parts: Vec<&str> = v.split(':').collect();
+        (parts.get(1) == Some(&target))
+            .then(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(parts[0]))
+    })
+}
+
+#[test]
+fn compose_runs_prometheus_and_grafana_on_orderlys_metrics() {
+    let doc = compose();
+    let s = &doc["services"];
+    let orderly_env = env_of(&s["orderly"]);
+    let admin_port = orderly_env["ORDERLY_ADMIN_ADDR"]
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_owned();
+
+    // Prometheus: its config and rules are mounted where its command and
+    // rule_files expect them, and it scrapes orderly's admin port.
+    let prom = &s["prometheus"];
+    let config_flag = strings(&prom["command"])
+        .into_iter()
+        .find_map(|a| a.strip_prefix("--config.file=").map(str::to_owned))
+        .expect("prometheus --config.file");
+    let prom_file = mounted(prom, &config_flag).expect("prometheus config mounted");
+    assert!(prom_file.is_file());
+    let prom_cfg: Value =
+        serde_norway::from_str(&std::fs::read_to_string(&prom_file).unwrap()).unwrap();
+    for rules in strings(&prom_cfg["rule_files"]) {
+        let host = mounted(prom, &rules).unwrap_or_else(|| panic!("{rules} not mounted"));
+        assert!(host.is_file(), "{} missing", host.display());
+    }
+    let job = &prom_cfg["scrape_configs"][0];
+    assert_eq!(job["metrics_path"].as_str(), Some("/metrics"));
+    let targets = strings(&job["static_configs"][0]["targets"]);
+    assert_eq!(targets, [format!("orderly:{admin_port}")]);
+    assert!(strings(&prom["ports"]).iter().any(|p| p == "9090:9090"));
+
+    // Grafana: the provisioned datasource is the prometheus service, and the
+    // dashboards provider reads the mounted dashboards folder.
+    let grafana = &s["grafana"];
+    let provisioning = mounted(grafana, "/etc/grafana/provisioning").expect("provisioning mounted");
+    let ds: Value = serde_norway::from_str(
+        &std::fs::read_to_string(provisioning.join("datasources/prometheus.yml")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        ds["datasources"][0]["url"].as_str(),
+        Some("http://prometheus:9090")
+    );
+    let uid = ds["datasources"][0]["uid"].as_str().unwrap().to_owned();
+    let providers: Value = serde_norway::from_str(
+        &std::fs::read_to_string(provisioning.join("dashboards/orderly.yml")).unwrap(),
+    )
+    .unwrap();
+    let path = providers["providers"][0]["options"]["path"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let dashboards = mounted(grafana, &path).expect("dashboards folder mounted");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dashboards.join("orderly.json")).unwrap())
+            .expect("the Grafana dashboard is valid JSON");
+    for p in dashboard["panels"].as_array().unwrap() {
+        if p["type"] != "row" {
+            assert_eq!(p["datasource"]["uid"], uid.as_str(), "panel {}", p["title"]);
+        }
+    }
+    let home = env_of(grafana)["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"].clone();
+    assert_eq!(home, format!("{path}/orderly.json"));
+
+    // The producer sends its spans to the same collector as orderly.
+    let producer = env_of(&s["producer"]);
+    assert_eq!(
+        producer["OTEL_EXPORTER_OTLP_ENDPOINT"],
+        orderly_env["OTEL_EXPORTER_OTLP_ENDPOINT"]
+    );
+}
+
+/// The `orderly_*` metric names a PromQL expression uses, and the label names
+/// it groups or filters by.
+fn promql_refs(expr: &str) -> (Vec<String>, Vec<String>) {
+    let mut metrics = Vec::new();
+    let mut labels = Vec::new();
+    let bytes = expr.as_bytes();
+    let ident = |i: usize| {
+        let end = expr[i..]
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .map_or(expr.len(), |n| i + n);
+        &expr[i..end]
+    };
+    let mut i = 0;
+    while i < bytes.len() {
+        if expr[i..].starts_with("orderly_")
+            && (i == 0 || !(bytes[i - 1] as char).is_ascii_alphanumeric())
+        {
+            let name = ident(i);
+            metrics.push(name.to_owned());
+            i += name.len();
+            continue;
+        }
+        i += 1;
+    }
+    // by (a, b) / on (a, b) / without (a)
+    for kw in ["by (", "on (", "without ("] {
+        for part in expr.split(kw).skip(1) {
+            let inside = part.split(')').next().unwrap();
+            labels.extend(
+                inside
+                    .split(',')
+                    .map(|l| l.trim().to_owned())
+                    .filter(|l| !l.is_empty()),
+            );
+        }
+    }
+    // {a="x", b=~"y"}
+    for part in expr.split('{').skip(1) {
+        let inside = part.split('}').next().unwrap();
+        for m in inside.split(',') {
+            if let Some(name) = m.split(['=', '!']).next() {
+                let name = name.trim();
+                if !name.is_empty() && !name.contains(' ') && !name.contains('$') {
+                    labels.push(name.to_owned());
+                }
+            }
+        }
+    }
+    (metrics, labels)
+}
+
+/// Checks an expression against the catalogue; returns the metric families it uses.
+fn check_promql(expr: &str, what: &str) -> Vec<String> {
+    use orderly::internal_events::{Kind, CATALOGUE};
+    // Labels orderly sets, plus Prometheus' own.
+    const LABELS: &[&str] = &[
+        "outcome",
+        "policy",
+        "too_late",
+        "reason",
+        "stage",
+        "code",
+        "error_code",
+        "shard",
+        "topic",
+        "partition",
+        "from",
+        "version",
+        "le",
+        "instance",
+        "job",
+    ];
+    let (metrics, labels) = promql_refs(expr);
+    assert!(!metrics.is_empty(), "{what}: no orderly metric in {expr}");
+    let mut families = Vec::new();
+    for m in metrics {
+        let (family, kind) = CATALOGUE
+            .iter()
+            .find_map(|(name, kind, _)| {
+                if m == *name {
+                    Some((name.to_string(), *kind))
+                } else {
+                    ["_bucket", "_sum", "_count"]
+                        .iter()
+                        .any(|s| m == format!("{name}{s}"))
+                        .then(|| (name.to_string(), *kind))
+                }
+            })
+            .unwrap_or_else(|| panic!("{what}: {m} is not a metric orderly emits"));
+        if m.ends_with("_bucket") {
+            assert_eq!(kind, Kind::Histogram, "{what}: {m} is not a histogram");
+        }
+        if kind == Kind::Histogram {
+            assert_ne!(
+                m, family,
+                "{what}: a histogram is queried through _bucket, _sum or _count"
+            );
+        }
+        if kind == Kind::Counter {
+            assert!(
+                ["rate(", "increase(", "irate("]
+                    .iter()
+                    .any(|f| expr.contains(&format!("{f}{m}"))),
+                "{what}: counter {m} is used without rate() or increase()"
+            );
+        }
+        families.push(family);
+    }
+    for l in labels {
+        assert!(
+            LABELS.contains(&l.as_str()),
+            "{what}: label {l} is not one orderly sets"
+        );
+    }
+    families
+}
+
+#[test]
+fn grafana_and_alerts_query_only_metrics_orderly_emits() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("deploy/grafana/dashboards/orderly.json")).unwrap(),
+    )
+    .unwrap();
+    let mut covered = std::collections::BTreeSet::new();
+    for p in dashboard["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"].as_str().expect("expr");
+            covered.extend(check_promql(expr, &format!("panel {}", p["title"])));
+        }
+    }
+    // The dashboard covers every metric orderly exports.
+    for (name, _, _) in orderly::internal_events::CATALOGUE {
+        assert!(
+            covered.contains(*name),
+            "the Grafana dashboard does not show {name}"
+        );
+    }
+
+    let rules = yaml("deploy/prometheus/alerts.yml");
+    let mut alerted = std::collections::BTreeSet::new();
+    for g in rules["groups"].as_sequence().unwrap() {
+        for r in g["rules"].as_sequence().unwrap() {
+            let name = r["alert"].as_str().expect("alert name");
+            let expr = r["expr"].as_str().expect("expr");
+            assert!(
+                r["annotations"]["summary"].as_str().is_some(),
+                "{name}: summary"
+            );
+            assert!(
+                r["labels"]["severity"].as_str().is_some(),
+                "{name}: severity"
+            );
+            alerted.extend(check_promql(expr, name));
+        }
+    }
+    for required in [
+        "orderly_consumer_lag",
+        "orderly_stalled_events",
+        "orderly_dead_letters_total",
+        "orderly_checkpoint_age_seconds",
+    ] {
+        assert!(alerted.contains(required), "no alert rule on {required}");
+    }
+}
+
+#[test]
+fn k8s_manifests_agree_with_the_code() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let kustomization = yaml("deploy/k8s/kustomization.yaml");
+    let mut docs: BTreeMap<String, Value> = BTreeMap::new();
+    for f in strings(&kustomization["resources"]) {
+        let doc = yaml(&format!("deploy/k8s/{f}"));
+        let kind = doc["kind"].as_str().expect("kind").to_owned();
+        docs.insert(kind, doc);
+    }
+    for kind in ["StatefulSet", "Service", "ConfigMap", "PodDisruptionBudget"] {
+        assert!(docs.contains_key(kind), "no {kind} in deploy/k8s");
+    }
+    let sts = &docs["StatefulSet"];
+    let svc = &docs["Service"];
+    let cm = &docs["ConfigMap"];
+    let pdb = &docs["PodDisruptionBudget"];
+    let pod = &sts["spec"]["template"];
+    let labels = &pod["metadata"]["labels"];
+    assert_eq!(&sts["spec"]["selector"]["matchLabels"], labels);
+    assert_eq!(&pdb["spec"]["selector"]["matchLabels"], labels);
+    assert_eq!(&svc["spec"]["selector"], labels);
+
+    // A headless Service named by the StatefulSet.
+    assert_eq!(svc["spec"]["clusterIP"].as_str(), Some("None"));
+    assert_eq!(sts["spec"]["serviceName"], svc["metadata"]["name"]);
+
+    let c = &pod["spec"]["containers"][0];
+    let env: BTreeMap<String, Value> = c["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap().to_owned(), e.clone()))
+        .collect();
+    for k in env
+        .keys()
+        .filter(|k| k.starts_with("ORDERLY_") && *k != "ORDERLY_CONFIG")
+    {
+        let field = k.trim_start_matches("ORDERLY_").to_ascii_lowercase();
+        assert!(
+            orderly::config::FIELDS.contains(&field.as_str()),
+            "{k} is not a config field"
+        );
+    }
+    let plain: BTreeMap<String, String> = env
+        .iter()
+        .filter_map(|(k, e)| e["value"].as_str().map(|v| (k.clone(), v.to_owned())))
+        .collect();
+    assert_eq!(
+        env["ORDERLY_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]["key"].as_str(),
+        Some("token"),
+        "the admin token comes from a Secret"
+    );
+
+    // The config file is the ConfigMap's key, mounted where ORDERLY_CONFIG points.
+    let config_path = Path::new(&plain["ORDERLY_CONFIG"]).to_owned();
+    let mounts = c["volumeMounts"].as_sequence().unwrap();
+    let mount_of = |name: &str| {
+        mounts
+            .iter()
+            .find(|m| m["name"].as_str() == Some(name))
+            .unwrap_or_else(|| panic!("no volume mount {name}"))["mountPath"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let volumes = pod["spec"]["volumes"].as_sequence().unwrap();
+    let config_volume = volumes
+        .iter()
+        .find(|v| v["configMap"]["name"] == cm["metadata"]["name"])
+        .expect("a volume from the ConfigMap");
+    let config_dir = mount_of(config_volume["name"].as_str().unwrap());
+    assert_eq!(config_path.parent().unwrap(), Path::new(&config_dir));
+    let key = config_path.file_name().unwrap().to_str().unwrap();
+    let toml_text = cm["data"][key]
+        .as_str()
+        .unwrap_or_else(|| panic!("ConfigMap has no key {key}"));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join(key);
+    std::fs::write(&file, toml_text).unwrap();
+    let config = Config::load(Some(&file), plain.clone(), &Overrides::default())
+        .expect("the ConfigMap's config is valid");
+
+    // The data dir is the PersistentVolumeClaim.
+    let claim = sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"]
+        .as_str()
+        .unwrap();
+    assert_eq!(Path::new(&mount_of(claim)), config.data_dir);
+
+    // Probes and the Service hit the admin server's port; Prometheus scrapes it.
+    let admin_port: u64 = config
+        .admin_addr
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        config.admin_addr.starts_with("0.0.0.0:"),
+        "reachable from the kubelet"
+    );
+    let port = c["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"].as_str() == Some("admin"))
+        .expect("an admin port");
+    assert_eq!(port["containerPort"].as_u64(), Some(admin_port));
+    assert_eq!(svc["spec"]["ports"][0]["port"].as_u64(), Some(admin_port));
+    assert_eq!(
+        c["livenessProbe"]["httpGet"]["path"].as_str(),
+        Some("/health")
+    );
+    assert_eq!(
+        c["readinessProbe"]["httpGet"]["path"].as_str(),
+        Some("/ready")
+    );
+    for probe in ["livenessProbe", "readinessProbe"] {
+        assert_eq!(c[probe]["httpGet"]["port"].as_str(), Some("admin"));
+    }
+    let ann = &pod["metadata"]["annotations"];
+    assert_eq!(
+        ann["prometheus.io/port"].as_str(),
+        Some(admin_port.to_string().as_str())
+    );
+    assert_eq!(ann["prometheus.io/path"].as_str(), Some("/metrics"));
+
+    // SIGTERM drains within the grace period, which fits in Kubernetes' own.
+    let k8s_grace_ms = pod["spec"]["terminationGracePeriodSeconds"]
+        .as_u64()
+        .unwrap()
+        * 1000;
+    let needed =
+        config.shutdown_grace_ms + orderly::pipeline::SHUTDOWN_ALLOWANCE.as_millis() as u64;
+    assert!(
+        k8s_grace_ms > needed,
+        "terminationGracePeriodSeconds ({k8s_grace_ms} ms) must exceed shutdown_grace_ms + allowance ({needed} ms)"
+    );
+
+    // The pod runs as the image's user, which owns the data dir.
+    let dockerfile = std::fs::read_to_string(root.join("deploy/Dockerfile")).unwrap();
+    let uid = pod["spec"]["securityContext"]["runAsUser"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        dockerfile.contains(&format!("--uid {uid} ")),
+        "the Dockerfile's user is not uid {uid}"
+    );
 }

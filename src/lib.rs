@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod anomaly;
 pub mod audit;
+pub mod bench;
 pub mod broker;
 pub mod change;
 pub mod checkpoint;

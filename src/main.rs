@@ -56,6 +56,61 @@ enum Command {
     /// Exit status: 0 when every audited entity matches (or was repaired),
     /// 3 when differences were found and not repaired.
     Audit(AuditArgs),
+    /// Benchmark a scenario: ceilings, end-to-end drain rate, latency and
+    /// reliability, with a table, report.json and report.svg.
+    ///
+    /// Built-in scenarios (bench/*.toml): smoke, steady, max, soak, hot-keys,
+    /// late-heavy, failures. Flags override the scenario's fields.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// A built-in scenario name, or a scenario TOML file.
+    #[arg(long, default_value = "smoke")]
+    scenario: String,
+    /// A Kafka-protocol broker to run against; default: the embedded one.
+    #[arg(long)]
+    brokers: Option<String>,
+    /// Where to write report.json and report.svg.
+    #[arg(long, default_value = "bench-results")]
+    out: std::path::PathBuf,
+    /// Messages to produce.
+    #[arg(long)]
+    events: Option<u64>,
+    /// Distinct entities.
+    #[arg(long)]
+    entities: Option<u64>,
+    /// Partitions of the input topic.
+    #[arg(long)]
+    partitions: Option<i32>,
+    /// Open loop at this many events/s (0: closed loop).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Open-loop duration, s.
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Payload size of set events, bytes.
+    #[arg(long)]
+    payload_bytes: Option<usize>,
+    /// Zipf exponent of the key choice.
+    #[arg(long)]
+    zipf: Option<f64>,
+    /// Share of late events.
+    #[arg(long)]
+    late_ratio: Option<f64>,
+    /// Share of duplicate messages.
+    #[arg(long)]
+    duplicate_ratio: Option<f64>,
+    /// Share of events rejected for good.
+    #[arg(long)]
+    failure_ratio: Option<f64>,
+    /// Recorded events (JSON Lines of envelopes) instead of the synthetic workload.
+    #[arg(long)]
+    input: Option<std::path::PathBuf>,
+    /// Skip the ceilings (bare consumer, store, engine).
+    #[arg(long)]
+    no_ceilings: bool,
 }
 
 #[derive(Args)]
@@ -305,6 +360,7 @@ fn main() {
         Command::State { command } => state(command),
         Command::DevBroker(a) => dev_broker(a),
         Command::Audit(a) => audit(a),
+        Command::Bench(a) => bench(a),
         Command::Dlq { command } => dlq(command),
     };
     if let Err(e) = result {
@@ -491,6 +547,39 @@ fn produce_workload(a: ProduceArgs) -> anyhow::Result<()> {
     .with_context(|| format!("producing to {} on {}", a.topic, opts.brokers))?;
     bar.finish_and_clear();
     println!("produced {n} events to {}", a.topic);
+    Ok(())
+}
+
+fn bench(a: BenchArgs) -> anyhow::Result<()> {
+    // Dead letters are part of some scenarios: only errors are logged.
+    let _telemetry = orderly::telemetry::init("bench", "error")?;
+    let mut s = orderly::bench::Scenario::load(&a.scenario)?;
+    macro_rules! set {
+        ($($f:ident = $v:expr),*) => { $( if let Some(v) = $v { s.$f = v; } )* };
+    }
+    set!(
+        events = a.events,
+        entities = a.entities,
+        partitions = a.partitions,
+        rate = a.rate,
+        duration_s = a.duration,
+        payload_bytes = a.payload_bytes,
+        zipf = a.zipf,
+        late_ratio = a.late_ratio,
+        duplicate_ratio = a.duplicate_ratio,
+        failure_ratio = a.failure_ratio
+    );
+    if a.input.is_some() {
+        s.input = a.input;
+    }
+    if a.no_ceilings {
+        s.ceilings = false;
+    }
+    if a.rate.is_some() {
+        s.rate_fraction = 0.0;
+    }
+    s.validate()?;
+    orderly::bench::run(&s, a.brokers, &a.out)?;
     Ok(())
 }
 

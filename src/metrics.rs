@@ -85,6 +85,8 @@ pub struct Stats {
 struct Latency {
     append_to_durable: Histogram<u64>,
     occurred_to_durable: Histogram<u64>,
+    /// append → durable since the last [`Stats::take_window`].
+    window: Histogram<u64>,
 }
 
 impl Default for Latency {
@@ -96,6 +98,7 @@ impl Default for Latency {
         Latency {
             append_to_durable: h(),
             occurred_to_durable: h(),
+            window: h(),
         }
     }
 }
@@ -158,6 +161,7 @@ impl Stats {
         for (append, occurred) in samples {
             if let Some(us) = append {
                 l.append_to_durable.saturating_record(us.max(1));
+                l.window.saturating_record(us.max(1));
             }
             if let Some(us) = occurred {
                 l.occurred_to_durable.saturating_record(us.max(1));
@@ -173,6 +177,18 @@ impl Stats {
             }
             r.push_back(c);
         }
+    }
+
+    /// Kafka append → durable latency since the previous call, and a fresh window.
+    pub fn take_window(&self) -> Percentiles {
+        self.latency
+            .lock()
+            .map(|mut l| {
+                let p = percentiles(&l.window);
+                l.window.reset();
+                p
+            })
+            .unwrap_or_default()
     }
 
     /// Kafka append → durable latency so far.

@@ -31,6 +31,7 @@ use crate::source::{Source, SourceError, SourceParts};
 use crate::store::{SledStore, Store, StoreError};
 use crate::writer::{Writer, WriterMsg};
 use actix::Arbiter;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -371,6 +372,46 @@ impl Control {
     }
 }
 
+/// Feeds events to a pipeline started with [`Pipeline::start_engine`], as
+/// the Kafka source would: each gets a partition and the next offset of it,
+/// and feeding waits while `in_flight_high` events are in flight.
+pub struct Injector {
+    router: Router,
+    tracker: Arc<Mutex<CheckpointTracker>>,
+    stats: Arc<Stats>,
+    high: i64,
+    topic: Arc<str>,
+    offsets: HashMap<i32, i64>,
+}
+
+impl Injector {
+    /// Routes `event` as if read from `partition`; blocks while the pipeline is full.
+    pub fn inject(&mut self, event: crate::envelope::Event, partition: i32) {
+        while self.stats.in_flight.load(Relaxed) >= self.high {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let offset = self.offsets.entry(partition).or_insert(0);
+        let tp: crate::checkpoint::TopicPartition = (self.topic.clone(), partition);
+        self.tracker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .received(&tp, *offset);
+        crate::internal_events::emit(crate::internal_events::EventReceived, &self.stats);
+        let now = std::time::SystemTime::now();
+        self.router.route(crate::entity::Delivery {
+            event,
+            tp,
+            offset: *offset,
+            kafka_ts: Some(crate::telemetry::unix_ms(now)),
+            headers: Vec::new(),
+            received_at: now,
+            parent: None,
+            traced: crate::telemetry::spans_wanted(),
+        });
+        *offset += 1;
+    }
+}
+
 /// How long shutdown may run past the grace period for the final commit.
 pub const SHUTDOWN_ALLOWANCE: Duration = Duration::from_secs(2);
 
@@ -412,6 +453,25 @@ fn runtime() -> tokio::runtime::Runtime {
 impl Pipeline {
     /// Opens the store and starts every stage. Call inside an actix System.
     pub fn start(config: Config, handlers: Handlers) -> Result<Pipeline, PipelineError> {
+        Self::build(config, handlers, true).map(|(p, _)| p)
+    }
+
+    /// Starts every stage but the Kafka source: events are fed from memory
+    /// through the returned [`Injector`]. The benchmark uses it to measure
+    /// the engine (actors, fold, store) without Kafka. Call inside an actix System.
+    pub fn start_engine(
+        config: Config,
+        handlers: Handlers,
+    ) -> Result<(Pipeline, Injector), PipelineError> {
+        let (p, injector) = Self::build(config, handlers, false)?;
+        Ok((p, injector.expect("built without a source")))
+    }
+
+    fn build(
+        config: Config,
+        handlers: Handlers,
+        with_source: bool,
+    ) -> Result<(Pipeline, Option<Injector>), PipelineError> {
         // Metrics emitted before the recorder exists would be lost.
         crate::metrics::prometheus();
         let store = Arc::new(
@@ -493,6 +553,41 @@ impl Pipeline {
         };
 
         let ready = Arc::new(AtomicBool::new(false));
+        let stop_source = Arc::new(AtomicBool::new(false));
+        let grace = Duration::from_millis(config.shutdown_grace_ms);
+        if !with_source {
+            ready.store(true, Relaxed);
+            let injector = Injector {
+                router: router.clone(),
+                tracker,
+                stats: stats.clone(),
+                high: config.in_flight_high as i64,
+                topic: Arc::from(config.topic.as_str()),
+                offsets: HashMap::new(),
+            };
+            let pipeline = Pipeline {
+                stats,
+                fatal,
+                ready,
+                store_ok,
+                brokers_ok,
+                stop_source,
+                stop_publisher,
+                source: None,
+                router: resolver,
+                stalls,
+                watchdog: Some(watchdog),
+                writer_tx,
+                writer: Some(writer),
+                publisher: Some(publisher),
+                arbiters,
+                grace,
+                store,
+            };
+            // The writer's checkpoint requests have no source to commit them.
+            drop(commits_rx);
+            return Ok((pipeline, Some(injector)));
+        }
         let source = Source::new(
             &config,
             SourceParts {
@@ -508,30 +603,31 @@ impl Pipeline {
             },
         )
         .map_err(|e| PipelineError::Source(Box::new(e)))?;
-        let stop_source = Arc::new(AtomicBool::new(false));
         let stop = stop_source.clone();
-        let grace = Duration::from_millis(config.shutdown_grace_ms);
         let source = spawn("orderly-source", move || source.run(stop, grace))?;
         tracing::info!(shards = arbiters.len(), topic = %config.topic, group = %config.group, data_dir = %config.data_dir.display(), "pipeline started");
-        Ok(Pipeline {
-            stats,
-            fatal,
-            ready,
-            store_ok,
-            brokers_ok,
-            stop_source,
-            stop_publisher,
-            source: Some(source),
-            router: resolver,
-            stalls,
-            watchdog: Some(watchdog),
-            writer_tx,
-            writer: Some(writer),
-            publisher: Some(publisher),
-            arbiters,
-            grace,
-            store,
-        })
+        Ok((
+            Pipeline {
+                stats,
+                fatal,
+                ready,
+                store_ok,
+                brokers_ok,
+                stop_source,
+                stop_publisher,
+                source: Some(source),
+                router: resolver,
+                stalls,
+                watchdog: Some(watchdog),
+                writer_tx,
+                writer: Some(writer),
+                publisher: Some(publisher),
+                arbiters,
+                grace,
+                store,
+            },
+            None,
+        ))
     }
 
     /// The pipeline's counters.

@@ -36,6 +36,14 @@ pub struct WorkloadSpec {
     pub seed: u64,
     /// occurred_at of every entity's first event, ms since the Unix epoch.
     pub start_ms: i64,
+    /// Time between an entity's consecutive events, ms.
+    pub event_spacing_ms: i64,
+    /// Zipf exponent of the entity choice: 0 is uniform; 1 and above make a
+    /// few hot keys take most events.
+    pub zipf: f64,
+    /// Pad each `set` event's payload with a `notes` field to about this
+    /// many bytes; 0 leaves payloads as they are.
+    pub payload_bytes: usize,
 }
 
 impl Default for WorkloadSpec {
@@ -48,6 +56,9 @@ impl Default for WorkloadSpec {
             duplicate_ratio: 0.01,
             seed: 42,
             start_ms: 1_700_000_000_000,
+            event_spacing_ms: 1_000,
+            zipf: 0.0,
+            payload_bytes: 0,
         }
     }
 }
@@ -61,13 +72,20 @@ pub struct Workload {
     recent: Vec<Event>,
     emitted: u64,
     generated: u64,
+    zipf: Option<rand_distr::Zipf<f64>>,
+    padding: String,
 }
 
 impl Workload {
     /// A new workload.
     pub fn new(spec: WorkloadSpec) -> Self {
         let entities = spec.entities.max(1) as usize;
+        let zipf = (spec.zipf > 0.0)
+            .then(|| rand_distr::Zipf::new(entities as f64, spec.zipf).ok())
+            .flatten();
         Workload {
+            zipf,
+            padding: "x".repeat(spec.payload_bytes.saturating_sub(64)),
             rng: ChaCha8Rng::seed_from_u64(spec.seed),
             next_seq: vec![0; entities],
             held: Vec::new(),
@@ -82,13 +100,36 @@ impl Workload {
         let seq = self.next_seq[entity];
         self.next_seq[entity] += 1;
         self.generated += 1;
-        crm_event(
+        let mut e = crm_event(
             entity as u64,
             seq,
             self.spec.tenants,
             self.spec.start_ms,
             &mut self.rng,
-        )
+        );
+        if self.spec.event_spacing_ms != 1_000 {
+            let first = self.spec.start_ms + (entity as i64 % 997);
+            e.occurred_at = first + i64::from(seq) * self.spec.event_spacing_ms;
+        }
+        if !self.padding.is_empty()
+            && !matches!(
+                e.event_type.as_str(),
+                "conversion.recorded" | "lead.deleted"
+            )
+        {
+            e.payload
+                .insert("notes".into(), Value::String(self.padding.clone()));
+        }
+        e
+    }
+
+    fn pick_entity(&mut self) -> usize {
+        use rand::distr::Distribution;
+        match &self.zipf {
+            // Zipf samples 1..=n; rank 1 is the hottest key.
+            Some(z) => (z.sample(&mut self.rng) as usize).clamp(1, self.next_seq.len()) - 1,
+            None => self.rng.random_range(0..self.next_seq.len()),
+        }
     }
 
     fn remember(&mut self, e: &Event) {
@@ -122,7 +163,7 @@ impl Iterator for Workload {
             let i = self.rng.random_range(0..self.recent.len());
             return Some(self.recent[i].clone());
         }
-        let entity = self.rng.random_range(0..self.next_seq.len());
+        let entity = self.pick_entity();
         let late = self.rng.random::<f64>() < self.spec.late_ratio
             && remaining > self.held.len() as u64 + 1;
         let e = self.make(entity);

@@ -1,0 +1,114 @@
+//! `orderly bench` end to end at tiny sizes: it writes the table, the JSON
+//! report with every documented field, and the chart, and its counts add up.
+
+use std::process::Command;
+
+#[test]
+fn smoke_scenario_writes_a_complete_report_whose_counts_add_up() {
+    let out = tempfile::tempdir().unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_orderly"))
+        .args([
+            "bench",
+            "--scenario",
+            "smoke",
+            "--events",
+            "3000",
+            "--entities",
+            "300",
+            "--out",
+        ])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    for row in [
+        "orderly end to end (events/s)",
+        "bare consumer",
+        "store ceiling",
+        "engine ceiling",
+        "target ",
+    ] {
+        assert!(stdout.contains(row), "the table has no {row:?}:\n{stdout}");
+    }
+
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("report.json")).unwrap()).unwrap();
+    // Every documented field (BENCHMARKS.md, "The report") is present.
+    for path in [
+        "/schema",
+        "/scenario/name",
+        "/broker",
+        "/machine/cpus",
+        "/load/mode",
+        "/load/produced",
+        "/load/produce_rate_eps",
+        "/ceilings/bare_consumer_eps",
+        "/ceilings/store_eps",
+        "/ceilings/store_events_measured",
+        "/ceilings/engine_eps",
+        "/orderly/drain_eps",
+        "/orderly/seconds",
+        "/orderly/max_rss_mib",
+        "/ratios/vs_bare_consumer",
+        "/ratios/vs_store",
+        "/ratios/vs_engine",
+        "/latency/append_to_durable/p50_ms",
+        "/latency/append_to_durable/p95_ms",
+        "/latency/append_to_durable/p99_ms",
+        "/latency/append_to_durable/max_ms",
+        "/latency/occurred_to_durable/p99_ms",
+        "/reliability/processed",
+        "/reliability/dead_lettered",
+        "/reliability/duplicates",
+        "/reliability/retries",
+        "/reliability/errors",
+        "/reliability/late/recomputed",
+        "/reliability/corrections",
+        "/degradation/throughput",
+        "/degradation/p99",
+        "/windows/0/t_s",
+        "/windows/0/throughput_eps",
+        "/windows/0/p99_ms",
+        "/windows/0/rss_mib",
+        "/windows/0/active_actors",
+        "/windows/0/in_flight",
+        "/targets/0/met",
+    ] {
+        assert!(
+            r.pointer(path).is_some_and(|v| !v.is_null()),
+            "{path} missing in the report"
+        );
+    }
+    assert_eq!(r["load"]["produced"], 3000);
+    assert_eq!(r["load"]["mode"], "closed");
+    let n = |p: &str| r.pointer(p).and_then(|v| v.as_u64()).unwrap();
+    assert_eq!(
+        n("/reliability/processed")
+            + n("/reliability/dead_lettered")
+            + n("/reliability/duplicates"),
+        n("/load/produced"),
+        "processed + dead-lettered + duplicates = produced"
+    );
+    assert!(n("/reliability/duplicates") > 0 && n("/reliability/late/recomputed") > 0);
+    // Each ratio is computed from this run's own ceilings.
+    let f = |p: &str| r.pointer(p).and_then(|v| v.as_f64()).unwrap();
+    let drain = f("/orderly/drain_eps");
+    for (ratio, ceiling) in [
+        ("/ratios/vs_bare_consumer", "/ceilings/bare_consumer_eps"),
+        ("/ratios/vs_store", "/ceilings/store_eps"),
+        ("/ratios/vs_engine", "/ceilings/engine_eps"),
+    ] {
+        assert!((f(ratio) - drain / f(ceiling)).abs() < 1e-9, "{ratio}");
+    }
+
+    let svg = std::fs::read_to_string(out.path().join("report.svg")).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("<polyline"),
+        "a chart"
+    );
+}

@@ -88,6 +88,11 @@ impl CheckpointTracker {
         }
     }
 
+    /// One past the highest offset received on `tp`.
+    pub fn next(&self, tp: &TopicPartition) -> Option<i64> {
+        self.parts.get(tp).and_then(|p| p.next)
+    }
+
     /// Whether every received offset of `tp` is durable.
     pub fn drained(&self, tp: &TopicPartition) -> bool {
         self.parts.get(tp).is_none_or(|p| p.open.is_empty())

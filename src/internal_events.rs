@@ -55,6 +55,16 @@ pub const CATALOGUE: &[(&str, Kind, &str)] = &[
         "Messages whose effects are durable and acknowledged.",
     ),
     (
+        "orderly_offset_gaps_total",
+        Kind::Counter,
+        "Jumps in a partition's offsets (transaction markers, compaction, or skipped records).",
+    ),
+    (
+        "orderly_offsets_skipped_total",
+        Kind::Counter,
+        "Offsets never delivered, summed over the gaps.",
+    ),
+    (
         "orderly_duplicates_total",
         Kind::Counter,
         "Redeliveries and repeated event ids skipped.",
@@ -364,6 +374,31 @@ impl InternalEvent for PartitionsPaused {
     }
 }
 
+/// A partition's offsets jumped: the records in between were never
+/// delivered. Normal for transaction markers (a gap of one) and compacted
+/// topics; anything else means a broker or client skipped records.
+pub struct OffsetGap<'a> {
+    /// The topic.
+    pub topic: &'a str,
+    /// The partition.
+    pub partition: i32,
+    /// The offset expected next.
+    pub expected: i64,
+    /// The offset delivered.
+    pub got: i64,
+}
+
+impl InternalEvent for OffsetGap<'_> {
+    fn emit(self, _stats: &Stats) {
+        let missing = self.got - self.expected;
+        if missing > 1 {
+            tracing::warn!(topic = %self.topic, partition = self.partition, expected = self.expected, got = self.got, missing, "offsets skipped: records between these offsets were not delivered (compacted topic, or a broker that skips records)");
+        }
+        ::metrics::counter!("orderly_offset_gaps_total").increment(1);
+        ::metrics::counter!("orderly_offsets_skipped_total").increment(missing.max(0) as u64);
+    }
+}
+
 /// An event's handling ran past the stall deadline.
 pub struct EventStalled<'a> {
     /// The shard.
@@ -516,6 +551,8 @@ pub fn register_catalogue() {
         "orderly_retries_total",
         "orderly_stalled_events_total",
         "orderly_passivations_total",
+        "orderly_offset_gaps_total",
+        "orderly_offsets_skipped_total",
     ] {
         counter!(name).increment(0);
     }

@@ -5,8 +5,12 @@
 //! offset when the store has none), and the writer's checkpoints are committed
 //! to Kafka only after they are flushed. A revoked partition is drained (every
 //! received event made durable) and checkpointed before it is released. Above
-//! the in-flight high mark the source pauses its partitions, and resumes them
-//! below the low mark. Messages leave as [`Delivery`]s to the router, or as
+//! the in-flight high mark the source stops taking messages from librdkafka,
+//! whose own prefetch queue then fills (`queued.max.messages.kbytes`) and
+//! stops fetching; below the low mark it takes them again. Nothing is purged
+//! and re-fetched, so no fetch lands in the middle of a record batch (some
+//! Kafka-compatible brokers, tansu 0.6 among them, answer such a fetch from
+//! the next batch and so skip records). Messages leave as [`Delivery`]s to the router, or as
 //! dead-letter intents straight to the writer when they cannot be decoded.
 
 use crate::checkpoint::{CheckpointTracker, TopicPartition};
@@ -14,7 +18,9 @@ use crate::config::Config;
 use crate::dead_letter::DeadLetter;
 use crate::entity::Delivery;
 use crate::envelope::{self, ContentType};
-use crate::internal_events::{emit, ComponentError, DeadLettered, EventReceived, PartitionsPaused};
+use crate::internal_events::{
+    emit, ComponentError, DeadLettered, EventReceived, OffsetGap, PartitionsPaused,
+};
 use crate::metrics::Stats;
 use crate::router::Router;
 use crate::store::Store;
@@ -365,14 +371,22 @@ impl Source {
             }
             let in_flight = self.stats.in_flight.load(Relaxed);
             if !paused && in_flight >= self.high {
-                paused = self.set_paused(true);
+                paused = true;
+                let partitions = lock(&self.consumer.context().assigned).len();
+                emit(PartitionsPaused { paused: partitions }, &self.stats);
+                tracing::debug!(in_flight, "backpressure: not taking messages");
             } else if paused && in_flight <= self.low {
-                paused = !self.set_paused(false);
+                paused = false;
+                emit(PartitionsPaused { paused: 0 }, &self.stats);
+                tracing::debug!(in_flight, "backpressure released");
             }
-            match self
-                .consumer
-                .poll(Duration::from_millis(if paused { 20 } else { 100 }))
-            {
+            if paused {
+                // librdkafka keeps heartbeating on its own threads; the group
+                // stays joined while the actors catch up.
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            match self.consumer.poll(Duration::from_millis(100)) {
                 None => {}
                 Some(Ok(m)) => self.on_message(&m),
                 Some(Err(e)) => emit(
@@ -399,37 +413,6 @@ impl Source {
             "source stopped"
         );
         // Dropping the consumer leaves the group; the revoke callback drains (already done) and commits.
-    }
-
-    fn set_paused(&self, pause: bool) -> bool {
-        let Ok(assignment) = self.consumer.assignment() else {
-            return false;
-        };
-        let r = if pause {
-            self.consumer.pause(&assignment)
-        } else {
-            self.consumer.resume(&assignment)
-        };
-        match r {
-            Ok(()) => {
-                emit(
-                    PartitionsPaused {
-                        paused: if pause { assignment.count() } else { 0 },
-                    },
-                    &self.stats,
-                );
-                tracing::debug!(
-                    pause,
-                    in_flight = self.stats.in_flight.load(Relaxed),
-                    "backpressure"
-                );
-                true
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, pause, "pausing or resuming partitions failed");
-                false
-            }
-        }
     }
 
     /// Takes the writer's durable checkpoints.
@@ -493,10 +476,21 @@ impl Source {
         }
         let tp: TopicPartition = (self.topic_name(m.topic()), m.partition());
         let offset = m.offset();
-        self.tracker
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .received(&tp, offset);
+        {
+            let mut t = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = t.next(&tp).filter(|n| offset > *n) {
+                emit(
+                    OffsetGap {
+                        topic: &tp.0,
+                        partition: tp.1,
+                        expected: n,
+                        got: offset,
+                    },
+                    &self.stats,
+                );
+            }
+            t.received(&tp, offset);
+        }
         emit(EventReceived, &self.stats);
         let kafka_ts = m.timestamp().to_millis();
         let headers: Vec<(String, Vec<u8>)> = m

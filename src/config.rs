@@ -140,12 +140,23 @@ pub struct Config {
     pub store_cache_mb: u64,
     /// How often librdkafka reports statistics (consumer lag per partition), in ms.
     pub stats_interval_ms: u64,
+    /// Most entity actors alive at once; beyond it the least recently used
+    /// idle ones are passivated (their state stays in the store).
+    pub max_actors: usize,
     /// The reducer for event types not listed in `types`.
     pub default_reducer: ReduceOp,
     /// Settings per event type.
     pub types: BTreeMap<String, TypeConfig>,
     /// Extra librdkafka consumer properties, for example `"session.timeout.ms" = "6000"`.
     pub kafka: BTreeMap<String, String>,
+}
+
+/// Default most live entity actors.
+///
+/// An actor with its record costs about 10 KB; 50,000 keep a hot set that
+/// large in memory for about 500 MB, and a keyspace of millions bounded.
+pub const fn default_max_actors() -> usize {
+    50_000
 }
 
 /// Default librdkafka statistics interval.
@@ -220,6 +231,7 @@ impl Default for Config {
             shutdown_grace_ms: 30_000,
             store_cache_mb: 256,
             stats_interval_ms: default_stats_interval_ms(),
+            max_actors: default_max_actors(),
             default_reducer: ReduceOp::Set,
             types: BTreeMap::new(),
             kafka: BTreeMap::new(),
@@ -396,6 +408,9 @@ impl Config {
         if self.in_flight_low >= self.in_flight_high {
             return bad("in_flight_low", "must be below in_flight_high");
         }
+        if self.max_actors == 0 {
+            return bad("max_actors", "must be at least 1");
+        }
         if self.idle_timeout_ms == 0 {
             return bad("idle_timeout_ms", "must be at least 1");
         }
@@ -556,6 +571,7 @@ pub const FIELDS: &[&str] = &[
     "shutdown_grace_ms",
     "store_cache_mb",
     "stats_interval_ms",
+    "max_actors",
     "default_reducer",
 ];
 

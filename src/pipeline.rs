@@ -541,6 +541,7 @@ impl Pipeline {
             shared,
             Duration::from_millis(config.idle_timeout_ms),
             &busy,
+            config.max_actors,
         );
         let resolver = router.clone();
         let stalls = Arc::new(crate::stall::Stalls::default());

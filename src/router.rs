@@ -50,17 +50,57 @@ pub struct Shard {
     shared: Arc<Shared>,
     busy: Arc<crate::stall::Busy>,
     idle: Duration,
+    /// Most actors kept alive on this shard; beyond it the least recently
+    /// used quiescent ones are passivated.
+    max_actors: usize,
     entities: HashMap<String, Handle>,
 }
 
 impl Shard {
     /// A shard whose actors are passivated after `idle`.
-    pub fn new(shared: Arc<Shared>, idle: Duration, busy: Arc<crate::stall::Busy>) -> Self {
+    pub fn new(
+        shared: Arc<Shared>,
+        idle: Duration,
+        busy: Arc<crate::stall::Busy>,
+        max_actors: usize,
+    ) -> Self {
         Shard {
             shared,
             busy,
             idle,
+            max_actors: max_actors.max(1),
             entities: HashMap::new(),
+        }
+    }
+
+    /// Above `max_actors` (plus a tenth, so this runs once per many new
+    /// actors), passivates the least recently used quiescent actors down to
+    /// `max_actors`: memory follows the hot set, not every key ever seen.
+    fn passivate_over_cap(&mut self) {
+        if self.entities.len() <= self.max_actors + self.max_actors / 10 {
+            return;
+        }
+        let mut idle: Vec<(Instant, String)> = self
+            .entities
+            .iter()
+            .filter(|(_, h)| h.status.quiescent(h.delivered))
+            .map(|(k, h)| (h.last_delivery, k.clone()))
+            .collect();
+        let excess = self.entities.len().saturating_sub(self.max_actors);
+        if idle.len() > excess {
+            idle.select_nth_unstable(excess);
+            idle.truncate(excess);
+        }
+        for (_, k) in &idle {
+            self.entities.remove(k);
+        }
+        if !idle.is_empty() {
+            crate::internal_events::emit(
+                crate::internal_events::ActorsPassivated {
+                    count: idle.len() as u64,
+                },
+                &self.shared.stats,
+            );
         }
     }
 
@@ -93,6 +133,7 @@ impl Shard {
     /// The handle of an entity's actor, started if needed.
     fn actor(&mut self, entity_id: &str, tp: &TopicPartition) -> &mut Handle {
         if !self.entities.contains_key(entity_id) {
+            self.passivate_over_cap();
             let status = Arc::new(EntityStatus::default());
             let actor = EntityActor::new(
                 entity_id.to_owned(),
@@ -201,14 +242,18 @@ impl Router {
         shared: Arc<Shared>,
         idle: Duration,
         busy: &[Arc<crate::stall::Busy>],
+        max_actors: usize,
     ) -> Router {
+        let per_shard = max_actors.div_ceil(arbiters.len().max(1));
         let shards = arbiters
             .iter()
             .zip(busy)
             .map(|(a, b)| {
                 let shared = shared.clone();
                 let b = b.clone();
-                Shard::start_in_arbiter(&a.handle(), move |_| Shard::new(shared, idle, b))
+                Shard::start_in_arbiter(&a.handle(), move |_| {
+                    Shard::new(shared, idle, b, per_shard)
+                })
             })
             .collect();
         Router {

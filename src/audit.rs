@@ -135,15 +135,13 @@ pub fn repair(
             provenance: None,
             lateness: None,
         };
-        batch.outbox.push((
-            store.next_id()?,
-            OutboxRecord {
-                topic: changes_topic.to_owned(),
-                key: Some(replayed.entity_id.clone().into_bytes()),
-                value: record.to_bytes(),
-                headers: vec![("content-type".into(), b"application/json".to_vec())],
-            },
-        ));
+        batch.outbox_id = store.next_id()?;
+        batch.outbox.push(OutboxRecord {
+            topic: changes_topic.to_owned(),
+            key: Some(replayed.entity_id.clone().into_bytes()),
+            value: record.to_bytes(),
+            headers: vec![("content-type".into(), b"application/json".to_vec())],
+        });
     }
     store.commit(&batch)?;
     futures::executor::block_on(store.flush())

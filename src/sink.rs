@@ -66,7 +66,7 @@ impl Publisher {
         if page.is_empty() {
             return 0;
         }
-        let sends = page.iter().map(|(_, rec)| {
+        let sends = page.iter().flat_map(|(_, recs)| recs).map(|rec| {
             let mut headers = OwnedHeaders::new();
             for (k, v) in &rec.headers {
                 headers = headers.insert(Header {
@@ -82,14 +82,20 @@ impl Publisher {
             }
             self.producer.send(r, Duration::from_secs(5))
         });
-        let results = futures::future::join_all(sends).await;
+        let mut results = futures::future::join_all(sends).await.into_iter();
+        // A bundle is removed once every message in it is published; one that
+        // failed in part is published again, whole (at least once).
         let mut done = Vec::new();
-        for ((id, rec), r) in page.iter().zip(results) {
-            match r {
-                Ok(_) => done.push(*id),
-                Err((e, _)) => {
+        for (id, recs) in &page {
+            let mut ok = true;
+            for (rec, r) in recs.iter().zip(results.by_ref()) {
+                if let Err((e, _)) = r {
+                    ok = false;
                     tracing::warn!(topic = %rec.topic, error = %e, "publishing an outbox record failed; will retry");
                 }
+            }
+            if ok {
+                done.push(*id);
             }
         }
         if let Err(e) = self.store.remove_outbox(&done) {

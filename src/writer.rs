@@ -231,7 +231,7 @@ impl Writer {
                     value: dl.to_json().to_string().into_bytes(),
                     headers,
                 };
-                batch.outbox.push((self.store.next_id()?, record));
+                batch.outbox.push(record);
                 batch.dead_letters.push(dl);
                 view.open_dead_letters += 1;
                 batch.open_dead_letters = Some(view.open_dead_letters);
@@ -259,7 +259,7 @@ impl Writer {
                 }
             }
             for record in intent.outbox.drain(..) {
-                batch.outbox.push((self.store.next_id()?, record));
+                batch.outbox.push(record);
             }
             for mut a in intent.anomalies.drain(..) {
                 a.seq = *anomaly_seq;
@@ -271,13 +271,16 @@ impl Writer {
                         value: a.to_json().to_string().into_bytes(),
                         headers: Vec::new(),
                     };
-                    batch.outbox.push((self.store.next_id()?, record));
+                    batch.outbox.push(record);
                 }
                 batch.anomalies.push(a);
             }
             if let Some(ack) = &intent.ack {
                 touched.insert(ack.tp.clone());
             }
+        }
+        if !batch.outbox.is_empty() {
+            batch.outbox_id = self.store.next_id()?;
         }
         if !batch.anomalies.is_empty() {
             batch.anomaly_seq = Some(*anomaly_seq);

@@ -178,8 +178,9 @@ fn audit_finds_exactly_the_corrupted_entities_and_repair_fixes_them() {
         .outbox(100)
         .unwrap()
         .into_iter()
-        .filter(|(_, o)| o.topic == config.changes_topic)
-        .map(|(_, o)| serde_json::from_slice(&o.value).unwrap())
+        .flat_map(|(_, bundle)| bundle)
+        .filter(|o| o.topic == config.changes_topic)
+        .map(|o| serde_json::from_slice(&o.value).unwrap())
         .collect();
     assert_eq!(corrections.len(), 3);
     assert!(corrections

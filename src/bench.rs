@@ -78,8 +78,9 @@ pub struct Scenario {
     pub seed: u64,
     /// Measure the three ceilings (bare consumer, store, engine).
     pub ceilings: bool,
-    /// Most events the store ceiling writes (it keeps every record in memory).
-    pub store_ceiling_events: u64,
+    /// Most events the store and engine ceilings use (they hold them, and
+    /// every record, in memory).
+    pub ceiling_events: u64,
 }
 
 impl Default for Scenario {
@@ -105,7 +106,7 @@ impl Default for Scenario {
             window_ms: 1_000,
             seed: 7,
             ceilings: true,
-            store_ceiling_events: 1_000_000,
+            ceiling_events: 1_000_000,
         }
     }
 }
@@ -362,6 +363,8 @@ pub struct Window {
 
 /// What one end-to-end orderly run measured.
 struct E2e {
+    /// append → durable after the first window.
+    steady: Percentiles,
     drain_eps: f64,
     seconds: f64,
     stats: Arc<Stats>,
@@ -566,7 +569,7 @@ fn store_ceiling(
     let mut timed = Duration::ZERO;
     let mut n = 0u64;
     let mut offset = 0i64;
-    let mut events = events.take(s.store_ceiling_events as usize).peekable();
+    let mut events = events.take(s.ceiling_events as usize).peekable();
     while events.peek().is_some() {
         let mut batch = CommitBatch::default();
         let mut index: HashMap<String, usize> = HashMap::new();
@@ -656,6 +659,7 @@ fn end_to_end(
     config: Config,
     handlers: Handlers,
     expected: impl Fn() -> Option<u64> + Send + 'static,
+    consuming: Arc<std::sync::atomic::AtomicBool>,
     bar: &indicatif::ProgressBar,
 ) -> anyhow::Result<E2e> {
     let window = Duration::from_millis(s.window_ms);
@@ -664,6 +668,18 @@ fn end_to_end(
         let pipeline = Pipeline::start(config, handlers)?;
         let stats = pipeline.stats();
         let fatal = pipeline.fatal();
+        let waited = Instant::now();
+        while !pipeline.is_ready() {
+            if let Some(r) = fatal.reason() {
+                anyhow::bail!("the pipeline stopped: {r}");
+            }
+            anyhow::ensure!(
+                waited.elapsed() < Duration::from_secs(120),
+                "orderly got no partitions for 120 s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        consuming.store(true, Relaxed);
         // Time starts at the first message received: group formation is not orderly's speed.
         let waited = Instant::now();
         while Stats::get(&stats.received) == 0 {
@@ -678,6 +694,9 @@ fn end_to_end(
         }
         let started = Instant::now();
         stats.take_window();
+        // Latency after the first window: the steady state, without the
+        // first fetches and the first actors of a fresh start.
+        let mut steady: Option<hdrhistogram::Histogram<u64>> = None;
         let mut windows = Vec::new();
         let mut last_durable = Stats::get(&stats.durable);
         let mut last_t = started;
@@ -708,7 +727,20 @@ fn end_to_end(
             }
             if last_t.elapsed() >= window || done {
                 let dt = last_t.elapsed().as_secs_f64();
-                let p = stats.take_window();
+                let h = stats.take_window();
+                let p = h
+                    .as_ref()
+                    .map(crate::metrics::percentiles)
+                    .unwrap_or_default();
+                if let Some(h) = h {
+                    if windows.is_empty() {
+                        // The warm-up window is left out of `steady`.
+                    } else if let Some(s) = steady.as_mut() {
+                        let _ = s.add(&h);
+                    } else {
+                        steady = Some(h);
+                    }
+                }
                 let rss = rss_mib();
                 max_rss = max_rss.max(rss);
                 windows.push(Window {
@@ -733,6 +765,10 @@ fn end_to_end(
         let durable = Stats::get(&stats.durable);
         pipeline.shutdown()?;
         Ok(E2e {
+            steady: steady
+                .as_ref()
+                .map(crate::metrics::percentiles)
+                .unwrap_or_default(),
             drain_eps: durable as f64 / seconds.max(1e-9),
             seconds,
             stats,
@@ -787,7 +823,7 @@ pub fn run(s: &Scenario, brokers: Option<String>, out: &Path) -> anyhow::Result<
         let dir = tempfile::tempdir()?;
         let config = config_for(&servers, &topics, dir.path());
         let h = handlers(s, &config);
-        let e2e = end_to_end(s, config, h, move || Some(n), &bar)?;
+        let e2e = end_to_end(s, config, h, move || Some(n), Arc::default(), &bar)?;
         bar.finish_and_clear();
         println!("calibration: {:.0} events/s end to end", e2e.drain_eps);
         calibrated_max = Some(e2e.drain_eps);
@@ -833,12 +869,17 @@ pub fn run(s: &Scenario, brokers: Option<String>, out: &Path) -> anyhow::Result<
     // orderly end to end.
     let bar = progress(events, "orderly");
     let h = handlers(s, &config);
+    let consuming = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let producer = if open {
         let (servers, topic) = (servers.clone(), topics.input.clone());
         let (produced, finished) = (produced.clone(), finished.clone());
-        let stream = s.events(events, rate)?;
-        let stream: Vec<Event> = stream.collect();
-        Some(std::thread::spawn(move || {
+        let (scenario, consuming) = (s.clone(), consuming.clone());
+        Some(std::thread::spawn(move || -> anyhow::Result<f64> {
+            // Start once orderly consumes: a backlog built while the group
+            // forms would be measured as latency.
+            while !consuming.load(Relaxed) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
             let opts = ProduceOptions {
                 brokers: servers,
                 topic,
@@ -846,13 +887,16 @@ pub fn run(s: &Scenario, brokers: Option<String>, out: &Path) -> anyhow::Result<
                 format: Format::Proto,
             };
             let started = Instant::now();
-            let r = workload::produce(
-                &opts,
-                stream
-                    .iter()
-                    .map(|e| workload::message_of(e, Format::Proto)),
-                |n| produced.store(n, Relaxed),
-            );
+            // Generated here, as sent: the stream is never all in memory.
+            let stream = scenario.events(events, rate);
+            let r = stream.and_then(|stream| {
+                workload::produce(
+                    &opts,
+                    stream.map(|e| workload::message_of(&e, Format::Proto)),
+                    |n| produced.store(n, Relaxed),
+                )
+                .map_err(anyhow::Error::from)
+            });
             finished.store(true, Relaxed);
             r.map(|n| n as f64 / started.elapsed().as_secs_f64().max(1e-9))
         }))
@@ -863,7 +907,7 @@ pub fn run(s: &Scenario, brokers: Option<String>, out: &Path) -> anyhow::Result<
         let (produced, finished) = (produced.clone(), finished.clone());
         move || finished.load(Relaxed).then(|| produced.load(Relaxed))
     };
-    let e2e = end_to_end(s, config.clone(), h, expected, &bar)?;
+    let e2e = end_to_end(s, config.clone(), h, expected, consuming.clone(), &bar)?;
     bar.finish_and_clear();
     if let Some(p) = producer {
         produced_rate = p
@@ -892,7 +936,9 @@ pub fn run(s: &Scenario, brokers: Option<String>, out: &Path) -> anyhow::Result<
         let eps = engine_ceiling(
             engine_config,
             h,
-            s.events(events, rate)?.collect(),
+            s.events(events, rate)?
+                .take(s.ceiling_events as usize)
+                .collect(),
             s.partitions,
         )?;
         println!("engine ceiling: {eps:.0} events/s");
@@ -1000,21 +1046,33 @@ fn report(
             Some(p <= 25.0),
             Some((p - 25.0).max(0.0)),
         );
+        let p = e2e.steady.p99 as f64 / 1000.0;
+        target(
+            "steady: same, after the first window",
+            "≤ 25 ms",
+            Some(p),
+            Some(p <= 25.0),
+            Some((p - 25.0).max(0.0)),
+        );
     }
-    target(
-        "degradation of throughput ≥ 0.95",
-        "≥ 0.95",
-        deg_tp,
-        deg_tp.map(|d| d >= 0.95),
-        deg_tp.map(|d| (0.95 - d).max(0.0)),
-    );
-    target(
-        "degradation of p99 ≤ 1.2",
-        "≤ 1.2",
-        deg_p99,
-        deg_p99.map(|d| d <= 1.2),
-        deg_p99.map(|d| (d - 1.2).max(0.0)),
-    );
+    // Degradation is a property of a sustained load; a closed-loop run drains
+    // a backlog, whose latency grows by construction.
+    if open {
+        target(
+            "degradation of throughput ≥ 0.95",
+            "≥ 0.95",
+            deg_tp,
+            deg_tp.map(|d| d >= 0.95),
+            deg_tp.map(|d| (0.95 - d).max(0.0)),
+        );
+        target(
+            "degradation of p99 ≤ 1.2",
+            "≤ 1.2",
+            deg_p99,
+            deg_p99.map(|d| d <= 1.2),
+            deg_p99.map(|d| (d - 1.2).max(0.0)),
+        );
+    }
     target(
         "RSS < 1.5 GB",
         "< 1536 MiB",
@@ -1052,6 +1110,7 @@ fn report(
         },
         "latency": {
             "append_to_durable": pct_json(append),
+            "append_to_durable_after_warmup": pct_json(e2e.steady),
             "occurred_to_durable": pct_json(st.occurred_to_durable()),
         },
         "reliability": {
@@ -1114,6 +1173,14 @@ fn print_table(r: &serde_json::Value) {
                 f(&r["latency"]["append_to_durable"]["p50_ms"]),
                 f(&r["latency"]["append_to_durable"]["p99_ms"]),
                 f(&r["latency"]["append_to_durable"]["max_ms"])
+            ),
+        ),
+        (
+            "after warm-up p50/p99 ms",
+            format!(
+                "{} / {}",
+                f(&r["latency"]["append_to_durable_after_warmup"]["p50_ms"]),
+                f(&r["latency"]["append_to_durable_after_warmup"]["p99_ms"])
             ),
         ),
         (

@@ -136,7 +136,8 @@ pub struct Percentiles {
     pub max: u64,
 }
 
-fn percentiles(h: &Histogram<u64>) -> Percentiles {
+/// The percentiles of a latency histogram (µs).
+pub fn percentiles(h: &Histogram<u64>) -> Percentiles {
     Percentiles {
         count: h.len(),
         p50: h.value_at_quantile(0.50),
@@ -179,16 +180,13 @@ impl Stats {
         }
     }
 
-    /// Kafka append → durable latency since the previous call, and a fresh window.
-    pub fn take_window(&self) -> Percentiles {
-        self.latency
-            .lock()
-            .map(|mut l| {
-                let p = percentiles(&l.window);
-                l.window.reset();
-                p
-            })
-            .unwrap_or_default()
+    /// Kafka append → durable latency (µs) since the previous call, and a fresh window.
+    pub fn take_window(&self) -> Option<Histogram<u64>> {
+        self.latency.lock().ok().map(|mut l| {
+            let h = l.window.clone();
+            l.window.reset();
+            h
+        })
     }
 
     /// Kafka append → durable latency so far.

@@ -239,6 +239,7 @@ pub fn record_event_span(info: &SpanInfo, outcome: &str, durable_at: SystemTime)
             partition = info.partition,
             offset = info.offset,
             occurred_at = info.occurred_at,
+            received_at = unix_ms(info.received_at),
             read_start = unix_ms(info.read_start),
             write_start = unix_ms(info.write_start),
             durable_at = unix_ms(durable_at),

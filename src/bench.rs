@@ -634,6 +634,22 @@ fn engine_ceiling(
     })
 }
 
+/// Waits up to 120 s for `done`, failing early if the pipeline stops.
+async fn wait_for(pipeline: &Pipeline, what: &str, done: impl Fn() -> bool) -> anyhow::Result<()> {
+    let started = Instant::now();
+    while !done() {
+        if let Some(r) = pipeline.fatal().reason() {
+            anyhow::bail!("the pipeline stopped: {r}");
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "orderly got no {what} for 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Ok(())
+}
+
 async fn wait_durable(stats: &Stats, n: u64, pipeline: &Pipeline) -> anyhow::Result<()> {
     let mut last = (0, Instant::now());
     while Stats::get(&stats.durable) < n {
@@ -668,30 +684,13 @@ fn end_to_end(
         let pipeline = Pipeline::start(config, handlers)?;
         let stats = pipeline.stats();
         let fatal = pipeline.fatal();
-        let waited = Instant::now();
-        while !pipeline.is_ready() {
-            if let Some(r) = fatal.reason() {
-                anyhow::bail!("the pipeline stopped: {r}");
-            }
-            anyhow::ensure!(
-                waited.elapsed() < Duration::from_secs(120),
-                "orderly got no partitions for 120 s"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_for(&pipeline, "partitions", || pipeline.is_ready()).await?;
         consuming.store(true, Relaxed);
         // Time starts at the first message received: group formation is not orderly's speed.
-        let waited = Instant::now();
-        while Stats::get(&stats.received) == 0 {
-            if let Some(r) = fatal.reason() {
-                anyhow::bail!("the pipeline stopped: {r}");
-            }
-            anyhow::ensure!(
-                waited.elapsed() < Duration::from_secs(120),
-                "orderly received nothing for 120 s"
-            );
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        wait_for(&pipeline, "a first message", || {
+            Stats::get(&stats.received) > 0
+        })
+        .await?;
         let started = Instant::now();
         stats.take_window();
         // Latency after the first window: the steady state, without the

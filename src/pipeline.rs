@@ -556,8 +556,30 @@ impl Pipeline {
         let ready = Arc::new(AtomicBool::new(false));
         let stop_source = Arc::new(AtomicBool::new(false));
         let grace = Duration::from_millis(config.shutdown_grace_ms);
-        if !with_source {
+        let (source, injector) = if with_source {
+            let source = Source::new(
+                &config,
+                SourceParts {
+                    store: dyn_store,
+                    tracker,
+                    router,
+                    writer: writer_tx.clone(),
+                    stats: stats.clone(),
+                    commits: commits_rx,
+                    ready: ready.clone(),
+                    topics: config.input_topics(),
+                    brokers_ok: brokers_ok.clone(),
+                },
+            )
+            .map_err(|e| PipelineError::Source(Box::new(e)))?;
+            let stop = stop_source.clone();
+            let source = spawn("orderly-source", move || source.run(stop, grace))?;
+            (Some(source), None)
+        } else {
+            // Engine mode: events come from an Injector; the writer's
+            // checkpoint requests have no source to commit them.
             ready.store(true, Relaxed);
+            drop(commits_rx);
             let injector = Injector {
                 router: router.clone(),
                 tracker,
@@ -566,69 +588,29 @@ impl Pipeline {
                 topic: Arc::from(config.topic.as_str()),
                 offsets: HashMap::new(),
             };
-            let pipeline = Pipeline {
-                stats,
-                fatal,
-                ready,
-                store_ok,
-                brokers_ok,
-                stop_source,
-                stop_publisher,
-                source: None,
-                router: resolver,
-                stalls,
-                watchdog: Some(watchdog),
-                writer_tx,
-                writer: Some(writer),
-                publisher: Some(publisher),
-                arbiters,
-                grace,
-                store,
-            };
-            // The writer's checkpoint requests have no source to commit them.
-            drop(commits_rx);
-            return Ok((pipeline, Some(injector)));
-        }
-        let source = Source::new(
-            &config,
-            SourceParts {
-                store: dyn_store,
-                tracker,
-                router,
-                writer: writer_tx.clone(),
-                stats: stats.clone(),
-                commits: commits_rx,
-                ready: ready.clone(),
-                topics: config.input_topics(),
-                brokers_ok: brokers_ok.clone(),
-            },
-        )
-        .map_err(|e| PipelineError::Source(Box::new(e)))?;
-        let stop = stop_source.clone();
-        let source = spawn("orderly-source", move || source.run(stop, grace))?;
-        tracing::info!(shards = arbiters.len(), topic = %config.topic, group = %config.group, data_dir = %config.data_dir.display(), "pipeline started");
-        Ok((
-            Pipeline {
-                stats,
-                fatal,
-                ready,
-                store_ok,
-                brokers_ok,
-                stop_source,
-                stop_publisher,
-                source: Some(source),
-                router: resolver,
-                stalls,
-                watchdog: Some(watchdog),
-                writer_tx,
-                writer: Some(writer),
-                publisher: Some(publisher),
-                arbiters,
-                grace,
-                store,
-            },
-            None,
-        ))
+            (None, Some(injector))
+        };
+        tracing::info!(shards = arbiters.len(), topic = %config.topic, group = %config.group, data_dir = %config.data_dir.display(), kafka = with_source, "pipeline started");
+        let pipeline = Pipeline {
+            stats,
+            fatal,
+            ready,
+            store_ok,
+            brokers_ok,
+            stop_source,
+            stop_publisher,
+            source,
+            router: resolver,
+            stalls,
+            watchdog: Some(watchdog),
+            writer_tx,
+            writer: Some(writer),
+            publisher: Some(publisher),
+            arbiters,
+            grace,
+            store,
+        };
+        Ok((pipeline, injector))
     }
 
     /// The pipeline's counters.

@@ -496,6 +496,8 @@ fn bare_consumer(
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("bench-bare-{}", rand::random::<u32>()))
+        // The same fetch settings as orderly's source, so the ceiling is comparable.
+        .set("fetch.wait.max.ms", crate::source::FETCH_WAIT_MAX_MS)
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
         .create()
@@ -775,11 +777,6 @@ fn end_to_end(
             max_rss_mib: max_rss,
         })
     })
-}
-
-fn pct_json(p: Percentiles) -> serde_json::Value {
-    let ms = |us: u64| us as f64 / 1000.0;
-    serde_json::json!({"count": p.count, "p50_ms": ms(p.p50), "p95_ms": ms(p.p95), "p99_ms": ms(p.p99), "max_ms": ms(p.max)})
 }
 
 /// The degradation ratio of a series: last full window over first full
@@ -1108,9 +1105,9 @@ fn report(
             "vs_engine": ratio("engine_eps"),
         },
         "latency": {
-            "append_to_durable": pct_json(append),
-            "append_to_durable_after_warmup": pct_json(e2e.steady),
-            "occurred_to_durable": pct_json(st.occurred_to_durable()),
+            "append_to_durable": append.to_json(),
+            "append_to_durable_after_warmup": e2e.steady.to_json(),
+            "occurred_to_durable": st.occurred_to_durable().to_json(),
         },
         "reliability": {
             "produced": produced,

@@ -304,9 +304,10 @@ impl EntityRecord {
     /// Processes one event: classify it, then apply, skip, re-fold, drop,
     /// park or hold it, as `policies` say for its type.
     ///
-    /// On `Err`, the state is unchanged and the event is counted as
-    /// dead-lettered; its offset is recorded so a redelivery is recognised as
-    /// a duplicate rather than dead-lettered twice.
+    /// On `Err`, the record is left exactly as it was, offset included, so
+    /// a retry is processed like the first try; when the actor gives up,
+    /// [`EntityRecord::record_failure`] records the offset, so a redelivery
+    /// is then a duplicate rather than dead-lettered twice.
     pub fn process(
         &mut self,
         event: &Event,

@@ -177,31 +177,24 @@ enum DlqCommand {
         limit: usize,
     },
     /// Process dead letters again, through their entities' actors.
-    Retry {
-        /// The dead letter's id.
-        #[arg(required_unless_present = "all")]
-        id: Option<u64>,
-        /// Every open dead letter matching the filters.
-        #[arg(long)]
-        all: bool,
-        #[command(flatten)]
-        admin: AdminArgs,
-        #[command(flatten)]
-        filter: DlqFilter,
-    },
+    Retry(DlqTarget),
     /// Mark dead letters skipped.
-    Skip {
-        /// The dead letter's id.
-        #[arg(required_unless_present = "all")]
-        id: Option<u64>,
-        /// Every open dead letter matching the filters.
-        #[arg(long)]
-        all: bool,
-        #[command(flatten)]
-        admin: AdminArgs,
-        #[command(flatten)]
-        filter: DlqFilter,
-    },
+    Skip(DlqTarget),
+}
+
+/// Which dead letters `dlq retry` and `dlq skip` act on.
+#[derive(Args)]
+struct DlqTarget {
+    /// The dead letter's id.
+    #[arg(required_unless_present = "all")]
+    id: Option<u64>,
+    /// Every open dead letter matching the filters.
+    #[arg(long)]
+    all: bool,
+    #[command(flatten)]
+    admin: AdminArgs,
+    #[command(flatten)]
+    filter: DlqFilter,
 }
 
 #[derive(Args)]
@@ -472,30 +465,20 @@ fn dlq(cmd: DlqCommand) -> anyhow::Result<()> {
                 eprintln!("more: --after {next}");
             }
         }
-        DlqCommand::Retry {
-            id,
-            all,
-            admin,
-            filter,
-        } => dlq_act("retry", id, all, &admin, &filter)?,
-        DlqCommand::Skip {
-            id,
-            all,
-            admin,
-            filter,
-        } => dlq_act("skip", id, all, &admin, &filter)?,
+        DlqCommand::Retry(t) => dlq_act("retry", &t)?,
+        DlqCommand::Skip(t) => dlq_act("skip", &t)?,
     }
     Ok(())
 }
 
-fn dlq_act(
-    verb: &str,
-    id: Option<u64>,
-    all: bool,
-    admin: &AdminArgs,
-    filter: &DlqFilter,
-) -> anyhow::Result<()> {
-    let body = match (all, id) {
+fn dlq_act(verb: &str, target: &DlqTarget) -> anyhow::Result<()> {
+    let DlqTarget {
+        id,
+        all,
+        admin,
+        filter,
+    } = target;
+    let body = match (*all, *id) {
         (true, _) => admin_call(
             admin,
             reqwest::Method::POST,

@@ -118,6 +118,20 @@ pub struct Correction {
     pub fields: Vec<String>,
 }
 
+impl Percentiles {
+    /// As JSON, in milliseconds: `count`, `p50_ms`, `p95_ms`, `p99_ms`, `max_ms`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let ms = |us: u64| us as f64 / 1000.0;
+        serde_json::json!({
+            "count": self.count,
+            "p50_ms": ms(self.p50),
+            "p95_ms": ms(self.p95),
+            "p99_ms": ms(self.p99),
+            "max_ms": ms(self.max),
+        })
+    }
+}
+
 /// Corrections kept for the dashboard.
 const RECENT_CORRECTIONS: usize = 50;
 

@@ -163,12 +163,7 @@ impl Control {
     /// Sets the gauges that are read rather than counted; call before
     /// rendering metrics.
     pub fn sample_gauges(&self) {
-        let stalled_now = self
-            .stalls
-            .list()
-            .iter()
-            .filter(|s| s.finished_at.is_none())
-            .count();
+        let stalled_now = self.stalls.running();
         crate::internal_events::emit(
             crate::internal_events::GaugesSampled {
                 mailbox_depths: &self.router.mailbox_depths(),
@@ -185,16 +180,7 @@ impl Control {
         let s = &*self.stats;
         let c = |a: &std::sync::atomic::AtomicU64| a.load(Relaxed);
         let g = |a: &std::sync::atomic::AtomicI64| a.load(Relaxed);
-        let pct = |p: crate::metrics::Percentiles| {
-            let ms = |us: u64| us as f64 / 1000.0;
-            json!({"count": p.count, "p50": ms(p.p50), "p95": ms(p.p95), "p99": ms(p.p99), "max": ms(p.max)})
-        };
-        let stalled_now = self
-            .stalls
-            .list()
-            .iter()
-            .filter(|s| s.finished_at.is_none())
-            .count();
+        let stalled_now = self.stalls.running();
         let now = std::time::SystemTime::now();
         let lag = s.lag.lock().map(|l| l.clone()).unwrap_or_default();
         let checkpoints = s.checkpoints.lock().map(|c| c.clone()).unwrap_or_default();
@@ -253,8 +239,8 @@ impl Control {
                 "mailbox_depth": self.router.mailbox_depths().iter().sum::<i64>(),
             },
             "latency_ms": {
-                "append_to_durable": pct(s.append_to_durable()),
-                "occurred_to_durable": pct(s.occurred_to_durable()),
+                "append_to_durable": s.append_to_durable().to_json(),
+                "occurred_to_durable": s.occurred_to_durable().to_json(),
             },
             "partitions": partitions,
             "recent_corrections": corrections,

@@ -36,6 +36,13 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+/// librdkafka's `fetch.wait.max.ms` for orderly's consumers: how long a fetch
+/// may wait for data. Kafka answers as soon as data arrives, but some
+/// Kafka-protocol brokers (the mock cluster, tansu) hold every fetch this
+/// long: at librdkafka's 500 ms default that was the p50 latency of a lightly
+/// loaded orderly. 10 ms costs at most 100 idle fetches per second per broker.
+pub const FETCH_WAIT_MAX_MS: &str = "10";
+
 /// What the source shares with its rebalance callbacks.
 pub struct SourceContext {
     store: Arc<dyn Store>,
@@ -320,12 +327,7 @@ impl Source {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
-            // How long a fetch may wait for data. Kafka answers as soon as
-            // data arrives, but some Kafka-protocol brokers (the mock cluster,
-            // tansu) hold every fetch this long: at librdkafka's 500 ms default
-            // that was the p50 latency of a lightly loaded orderly. 10 ms costs
-            // at most 100 idle fetches per second per broker.
-            .set("fetch.wait.max.ms", "10")
+            .set("fetch.wait.max.ms", FETCH_WAIT_MAX_MS)
             // Consumer lag per partition comes from librdkafka's statistics.
             .set(
                 "statistics.interval.ms",

@@ -65,6 +65,14 @@ pub struct Stalls {
 }
 
 impl Stalls {
+    /// How many stalled events are still running.
+    pub fn running(&self) -> usize {
+        self.events
+            .lock()
+            .map(|e| e.iter().filter(|(_, s)| s.finished_at.is_none()).count())
+            .unwrap_or(0)
+    }
+
     /// The recent stalled events.
     pub fn list(&self) -> Vec<StalledEvent> {
         self.events

@@ -153,8 +153,9 @@ pub struct Config {
 
 /// Default most live entity actors.
 ///
-/// An actor with its record costs about 10 KB; 50,000 keep a hot set that
-/// large in memory for about 500 MB, and a keyspace of millions bounded.
+/// An actor with its record took about 10 KB in the `max` benchmark (RSS
+/// over live actors); 50,000 keep a hot set that large in memory for about
+/// 500 MB, and a keyspace of millions bounded.
 pub const fn default_max_actors() -> usize {
     50_000
 }

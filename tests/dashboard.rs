@@ -328,11 +328,15 @@ fn dashboard_shows_live_work_provenance_and_retries_a_dead_letter() {
     assert_ne!(completed, "–", "completed work is shown");
     // Latency percentiles from /api/overview reach the tile and the table.
     let p99 = browser.wait("a p99 latency", Duration::from_secs(20), |b| {
-        b.text("#p99").filter(|t| t.replace(',', "").parse::<f64>().is_ok())
+        b.text("#p99")
+            .filter(|t| t.replace(',', "").parse::<f64>().is_ok())
     });
     assert!(p99.replace(',', "").parse::<f64>().unwrap() > 0.0, "{p99}");
     let row = browser.text("#latency tr").unwrap_or_default();
-    assert!(row.starts_with("Kafka append → durable") && !row.contains('–'), "{row}");
+    assert!(
+        row.starts_with("Kafka append → durable") && !row.contains('–'),
+        "{row}"
+    );
 
     // Entity lookup shows, per field, the event that wrote it.
     browser.type_into("#entity-id", "lead-dash");

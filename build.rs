@@ -2,7 +2,10 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
-    let fds = protox::compile(["orderly/v1/event.proto"], ["proto"])?;
+    let fds = protox::compile(
+        ["orderly/v1/event.proto", "orderly/v1/settings.proto"],
+        ["proto"],
+    )?;
     prost_build::Config::new().compile_fds(fds)?;
     Ok(())
 }

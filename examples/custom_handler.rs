@@ -14,6 +14,7 @@ use orderly::handler::{
     DerivedEvent, EntityState, FieldReducer, Handler, HandlerError, Observer, ReduceOp,
 };
 use orderly::pipeline::Pipeline;
+use orderly::settings::TenantSettings;
 use orderly::store::Store;
 use orderly::value::Value;
 use orderly::workload::{self, Format, ProduceOptions};
@@ -24,7 +25,12 @@ use std::time::Duration;
 struct MaxScore;
 
 impl Handler for MaxScore {
-    fn apply(&self, state: &mut EntityState, event: &Event) -> Result<(), HandlerError> {
+    fn apply(
+        &self,
+        state: &mut EntityState,
+        event: &Event,
+        _settings: &TenantSettings,
+    ) -> Result<(), HandlerError> {
         let Some(new) = event.payload.get("score").and_then(Value::as_f64) else {
             return Err(HandlerError::Permanent(
                 "lead.scored needs a numeric `score`".into(),

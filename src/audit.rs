@@ -51,6 +51,7 @@ pub fn audit(
     record: &EntityRecord,
     history: &[LogEntry],
     handlers: &Handlers,
+    settings: &crate::settings::TenantView,
 ) -> (EntityAudit, EntityRecord) {
     let mut replayed = record.clone();
     let full_history = !history.is_empty()
@@ -69,13 +70,13 @@ pub fn audit(
         entries.sort_by(|a, b| a.key.cmp(&b.key));
         replayed.base = Default::default();
         replayed.log = entries;
-        replayed.refold(handlers);
+        replayed.refold(handlers, settings);
         // Keep the stored retention shape: the replay only decides the state.
         replayed.log = record.log.clone();
         replayed.base = record.base.clone();
         Source::History
     } else {
-        replayed.refold(handlers);
+        replayed.refold(handlers, settings);
         Source::Log
     };
     let json = |v: &Option<crate::value::Value>| {

@@ -254,7 +254,12 @@ fn unit_hash(s: &str) -> f64 {
 }
 
 impl Handler for Flaky {
-    fn apply(&self, state: &mut EntityState, event: &Event) -> Result<(), HandlerError> {
+    fn apply(
+        &self,
+        state: &mut EntityState,
+        event: &Event,
+        settings: &crate::settings::TenantSettings,
+    ) -> Result<(), HandlerError> {
         if self.permanent + self.transient > 0.0 {
             let h = unit_hash(&event.event_id);
             if h < self.permanent {
@@ -276,7 +281,7 @@ impl Handler for Flaky {
                 }
             }
         }
-        self.inner.apply(state, event)
+        self.inner.apply(state, event, settings)
     }
 }
 
@@ -559,11 +564,13 @@ fn store_ceiling(
 ) -> anyhow::Result<(f64, u64)> {
     let dir = tempfile::tempdir()?;
     let store = SledStore::open(dir.path(), 256)?;
-    let policies = Config {
-        types: Config::crm_types(),
-        ..Config::default()
-    }
-    .policies();
+    let policies = crate::settings::TenantView::defaults(
+        &Config {
+            types: Config::crm_types(),
+            ..Config::default()
+        }
+        .policies(),
+    );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -149,6 +149,8 @@ pub struct Config {
     pub types: BTreeMap<String, TypeConfig>,
     /// Extra librdkafka consumer properties, for example `"session.timeout.ms" = "6000"`.
     pub kafka: BTreeMap<String, String>,
+    /// Where tenant settings come from (`[settings]`).
+    pub settings: crate::settings::SettingsConfig,
 }
 
 /// Default most live entity actors.
@@ -236,6 +238,7 @@ impl Default for Config {
             default_reducer: ReduceOp::Set,
             types: BTreeMap::new(),
             kafka: BTreeMap::new(),
+            settings: Default::default(),
         }
     }
 }
@@ -414,6 +417,38 @@ impl Config {
         }
         if self.idle_timeout_ms == 0 {
             return bad("idle_timeout_ms", "must be at least 1");
+        }
+        use crate::settings::SettingsSource;
+        match self.settings.source {
+            SettingsSource::None => {}
+            SettingsSource::Topic => {
+                let t = &self.settings.topic;
+                if t.trim().is_empty() {
+                    return bad("settings.topic", "must name the compacted settings topic");
+                }
+                if self.input_topics().contains(t)
+                    || t == &self.dead_letter_topic
+                    || t == &self.changes_topic
+                    || t == &self.anomalies_topic
+                {
+                    return bad(
+                        "settings.topic",
+                        "must be a topic of its own, not an input, dead-letter, changes or anomalies topic",
+                    );
+                }
+            }
+            SettingsSource::Http => {
+                let u = &self.settings.url;
+                if !(u.starts_with("http://") || u.starts_with("https://")) {
+                    return bad(
+                        "settings.url",
+                        "must be an http:// or https:// URL when settings.source = \"http\"",
+                    );
+                }
+                if self.settings.ttl_ms < 100 {
+                    return bad("settings.ttl_ms", "must be at least 100");
+                }
+            }
         }
         Ok(())
     }

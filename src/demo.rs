@@ -49,6 +49,11 @@ pub struct Summary {
     pub corrections: u64,
     /// Late events applied on top (policy `apply`).
     pub late_applied: u64,
+    /// Events ignored because the tenant has not enabled their type.
+    pub ignored: u64,
+    /// Per tenant: the settings version in force at the end, and the
+    /// internal field names its entities hold.
+    pub tenant_settings: Vec<(String, u64, Vec<String>)>,
     /// Per tenant: conversion total and count, from the derived table.
     pub tenant_conversions: Vec<(String, serde_json::Value, serde_json::Value)>,
     /// Durable messages per second.
@@ -85,6 +90,11 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
         observers: vec!["tenant_conversions".into()],
         changes_topic: "crm.changes".into(),
         anomalies_topic: "crm.anomalies".into(),
+        settings: crate::settings::SettingsConfig {
+            source: crate::settings::SettingsSource::Topic,
+            topic: "crm.settings".into(),
+            ..Default::default()
+        },
         kafka: [
             ("session.timeout.ms", "6000"),
             ("heartbeat.interval.ms", "500"),
@@ -109,6 +119,19 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
     broker
         .create_topic("crm.derived", 8)
         .context("creating the derived-events topic")?;
+    broker
+        .create_topic(&config.settings.topic, 1)
+        .context("creating the settings topic")?;
+    // Three tenants, three mappings of the workload's field names.
+    for doc in demo_settings() {
+        crate::settings::produce_document(
+            &config.brokers,
+            &config.settings.topic,
+            &doc,
+            Duration::from_secs(30),
+        )
+        .map_err(anyhow::Error::msg)?;
+    }
     println!(
         "orderly demo: embedded broker at {}, topic {} (8 partitions)",
         config.brokers, config.topic
@@ -131,6 +154,7 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
     };
     let handlers = config.handlers();
     let admin_addr = config.admin_addr.clone();
+    let (brokers, settings_topic) = (config.brokers.clone(), config.settings.topic.clone());
     let summary = actix::System::new().block_on(async move {
         let pipeline = Pipeline::start(config, handlers)?;
         // With --keep-running, the dashboard shows the run live.
@@ -163,18 +187,31 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
         }
         let started = Instant::now();
         let counter = produced.clone();
+        let (half_tx, half_rx) = std::sync::mpsc::channel();
+        let (resume_tx, resume_rx) = std::sync::mpsc::channel::<()>();
         let producer = std::thread::spawn(move || {
             // Malformed messages ride along, spread evenly, so the dead-letter
             // path shows up too: with `every` >= 1 they all land before the end.
             let every = (opts.events / (malformed.len() as u64 + 1)).max(1);
             let mut bad = malformed.into_iter();
             let mut i = 0u64;
-            let messages = Workload::new(spec).flat_map(move |e| {
+            let mut messages = Workload::new(spec).flat_map(move |e| {
                 i += 1;
                 let extra = if i % every == 0 { bad.next() } else { None };
                 std::iter::once(workload::message_of(&e, Format::Proto)).chain(extra)
             });
-            workload::produce(&produce_opts, messages, |n| counter.store(n, Relaxed))
+            // The first half, then a pause while tenant-1's settings change.
+            let first = workload::produce(
+                &produce_opts,
+                messages.by_ref().take((total / 2) as usize),
+                |n| counter.store(n, Relaxed),
+            )?;
+            let _ = half_tx.send(first);
+            let _ = resume_rx.recv();
+            let rest = workload::produce(&produce_opts, messages, |n| {
+                counter.store(first + n, Relaxed)
+            })?;
+            Ok::<_, rdkafka::error::KafkaError>(first + rest)
         });
         let bar = indicatif::ProgressBar::new(total);
         bar.set_style(
@@ -184,11 +221,46 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         let mut last_progress = (0, Instant::now());
+        let mut changed = false;
+        let mut half = None;
+        let registry = pipeline.settings();
         loop {
             let durable = Stats::get(&stats.durable);
             bar.set_position(durable);
             if durable >= total {
                 break;
+            }
+            if let Ok(h) = half_rx.try_recv() {
+                half = Some(h);
+            }
+            if !changed && half.is_some_and(|h| durable >= h) {
+                // Mid-run, with the first half durable, tenant-1 renames
+                // `score`: events handled from now on write `rating`; those
+                // before keep `lead_score`.
+                changed = true;
+                let (brokers, topic) = (brokers.clone(), settings_topic.clone());
+                tokio::task::spawn_blocking(move || {
+                    crate::settings::produce_document(
+                        &brokers,
+                        &topic,
+                        &tenant_1_v2(),
+                        Duration::from_secs(30),
+                    )
+                })
+                .await?
+                .map_err(anyhow::Error::msg)?;
+                while registry.view("tenant-1").current().version() < 2 {
+                    if let Some(r) = fatal.reason() {
+                        anyhow::bail!("the pipeline stopped: {r}");
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                let _ = resume_tx.send(());
+                bar.suspend(|| {
+                    println!(
+                        "tenant-1 settings changed mid-run: score now maps to `rating` (version 2)"
+                    )
+                });
             }
             if let Some(r) = fatal.reason() {
                 anyhow::bail!("the pipeline stopped: {r}");
@@ -237,6 +309,8 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
             dead_letters: Stats::get(&s.dead_letters),
             corrections: Stats::get(&s.corrections),
             late_applied: Stats::get(&s.late_applied),
+            ignored: Stats::get(&s.ignored),
+            tenant_settings: Vec::new(),
             tenant_conversions: Vec::new(),
             throughput: Stats::get(&s.durable) as f64 / seconds,
             latency: s.append_to_durable(),
@@ -245,6 +319,8 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
         pipeline.shutdown()?;
         let mut entities = 0;
         let mut tenant_conversions = Vec::new();
+        let mut fields: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
+            Default::default();
         for r in store.entities() {
             let r = r?;
             if let Some(t) = r.entity_id.strip_prefix("tenant_conversions:") {
@@ -258,11 +334,25 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
                 tenant_conversions.push((t.to_owned(), f("amount"), f("conversions")));
             } else {
                 entities += 1;
+                if r.entity_id.starts_with("lead") {
+                    fields
+                        .entry(r.tenant_id.clone())
+                        .or_default()
+                        .extend(r.state.fields.keys().cloned());
+                }
             }
         }
+        let tenant_settings = fields
+            .into_iter()
+            .map(|(t, f)| {
+                let v = registry.view(&t).current().version();
+                (t, v, f.into_iter().collect())
+            })
+            .collect();
         Ok::<_, anyhow::Error>(Summary {
             entities,
             tenant_conversions,
+            tenant_settings,
             ..summary
         })
     })?;
@@ -286,6 +376,7 @@ fn print_summary(s: &Summary) {
             "late derived events added on top",
             s.late_applied.to_string(),
         ),
+        ("ignored (type not enabled)", s.ignored.to_string()),
         ("throughput", format!("{:.0} events/s", s.throughput)),
         ("latency p50 (append → durable)", ms(s.latency.p50)),
         ("latency p99 (append → durable)", ms(s.latency.p99)),
@@ -305,6 +396,58 @@ fn print_summary(s: &Summary) {
             n.to_string()
         );
     }
+    println!("\n tenant settings (version in force; fields their leads hold)");
+    println!(" {:-<12}-+-{:-<7}-+-{:-<60}", "", "", "");
+    for (t, v, f) in &s.tenant_settings {
+        println!(" {t:<12} | {v:>7} | {}", f.join(", "));
+    }
     println!("\nThe workload is produced as fast as possible, so latency includes time queued in the broker.");
     println!("The embedded broker serves fetches slowly: do not judge orderly's speed on it.");
+}
+
+fn mappings(pairs: &[(&str, &str)]) -> std::collections::BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
+}
+
+/// The demo's tenant settings: each tenant names the workload's fields its own way.
+fn demo_settings() -> Vec<crate::settings::SettingsDocument> {
+    use crate::settings::SettingsDocument;
+    vec![
+        SettingsDocument {
+            tenant_id: "tenant-0".into(),
+            version: 1,
+            field_mappings: mappings(&[("stage", "lifecycle_stage"), ("owner", "account_owner")]),
+            ..Default::default()
+        },
+        SettingsDocument {
+            tenant_id: "tenant-1".into(),
+            version: 1,
+            field_mappings: mappings(&[("score", "lead_score"), ("source", "channel")]),
+            integration_flags: [("crm_sync".to_owned(), true)].into(),
+            ..Default::default()
+        },
+        SettingsDocument {
+            tenant_id: "tenant-2".into(),
+            version: 1,
+            field_mappings: mappings(&[("status", "appointment_status")]),
+            // tenant-2 never deletes leads: lead.deleted is not enabled.
+            enabled_types: Config::crm_types()
+                .into_keys()
+                .filter(|t| t != "lead.deleted")
+                .collect(),
+            ..Default::default()
+        },
+    ]
+}
+
+/// tenant-1's settings after the mid-run change.
+fn tenant_1_v2() -> crate::settings::SettingsDocument {
+    crate::settings::SettingsDocument {
+        version: 2,
+        field_mappings: mappings(&[("score", "rating"), ("source", "channel")]),
+        ..demo_settings().swap_remove(1)
+    }
 }

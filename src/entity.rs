@@ -40,8 +40,11 @@ pub struct Shared {
     pub stats: Arc<Stats>,
     /// How transient failures are retried.
     pub retries: crate::config::Retries,
-    /// Out-of-order policies, retention and history, per type.
+    /// Out-of-order policies, retention and history, per type, as configured
+    /// (a tenant's settings may override the out-of-order policies).
     pub policies: crate::ordering::Policies,
+    /// Every tenant's compiled settings.
+    pub settings: Arc<crate::settings::Settings>,
     /// Where change records go; empty: nowhere.
     pub changes_topic: String,
     /// Where observers' derived events are published, if anywhere.
@@ -188,6 +191,7 @@ impl EntityActor {
             headers,
             processed_at,
             attempts,
+            settings,
         } = handled;
         let shared = &self.shared;
         let stats = &shared.stats;
@@ -241,10 +245,11 @@ impl EntityActor {
             | Outcome::Dropped { too_late, .. }
             | Outcome::Parked { too_late, .. } => {
                 let class = if *too_late { "too-late" } else { "late" };
+                let policies = settings.policies();
                 let policy = if *too_late {
-                    shared.policies.too_late(&event.event_type).name()
+                    policies.too_late(&event.event_type).name()
                 } else {
-                    shared.policies.late(&event.event_type).name()
+                    policies.late(&event.event_type).name()
                 };
                 Some((class, policy))
             }
@@ -299,8 +304,11 @@ impl EntityActor {
                 }
             }
             if let Some(before) = before {
+                // Observers see the event as its handler did: mapped.
+                let prepared = settings.prepare(event);
+                let seen = prepared.as_deref().unwrap_or(event);
                 fx.outbox
-                    .extend(derive(shared, event, before, &record.state));
+                    .extend(derive(shared, seen, before, &record.state));
             }
         }
         fx
@@ -349,6 +357,8 @@ struct Handled<'a> {
     headers: &'a [(String, Vec<u8>)],
     processed_at: i64,
     attempts: u32,
+    /// The tenant's settings it was handled under.
+    settings: &'a crate::settings::TenantSettings,
 }
 
 /// What processing one event asks to write besides the entity record.
@@ -398,14 +408,10 @@ impl EntityActor {
             }
         };
         let before = (!shared.handlers.observers().is_empty()).then(|| record.state.clone());
+        // The settings in force now: this event is handled under them.
+        let settings = shared.settings.view(&d.event.tenant_id);
         busy.begin(&d.event.entity_id, &d.event.event_id, processed_at);
-        let result = record.process(
-            &d.event,
-            &origin,
-            processed_at,
-            &shared.handlers,
-            &shared.policies,
-        );
+        let result = record.process(&d.event, &origin, processed_at, &shared.handlers, &settings);
         busy.end();
         if let Err(rejected) = &result {
             let transient = matches!(rejected.error, crate::handler::HandlerError::Transient(_));
@@ -433,6 +439,7 @@ impl EntityActor {
             headers: &d.headers,
             processed_at,
             attempts: attempt,
+            settings: settings.current(),
         };
         let fx = self.effects(handled, &result, before.as_ref());
         let outcome = match &result {
@@ -501,13 +508,8 @@ impl Handler<RetryDeadLetter> for EntityActor {
         let now = unix_ms(SystemTime::now());
         let record = self.record(&msg.event.entity_id, &msg.event.tenant_id)?;
         let before = record.state.clone();
-        let result = record.retry(
-            &msg.event,
-            &msg.origin,
-            now,
-            &shared.handlers,
-            &shared.policies,
-        );
+        let settings = shared.settings.view(&msg.event.tenant_id);
+        let result = record.retry(&msg.event, &msg.origin, now, &shared.handlers, &settings);
         match &result {
             Ok(outcome) => {
                 let name = outcome.name();
@@ -517,6 +519,7 @@ impl Handler<RetryDeadLetter> for EntityActor {
                     headers: &[],
                     processed_at: now,
                     attempts: 1,
+                    settings: settings.current(),
                 };
                 let observed = (!shared.handlers.observers().is_empty()).then_some(&before);
                 let mut fx = self.effects(handled, &result, observed);
@@ -547,7 +550,8 @@ impl Handler<Resolve> for EntityActor {
         }
         let before_all = record.state.clone();
         let parked_by = record.parked.as_ref().map(|p| p.event_id.clone());
-        let results = record.release(msg.skip, now, &shared.handlers, &shared.policies);
+        let settings = shared.settings.view(&record.tenant_id);
+        let results = record.release(msg.skip, now, &shared.handlers, &settings);
         tracing::info!(entity = %self.id, events = results.len(), skip = msg.skip, "parked entity released");
         let mut fx = Effects::default();
         for (held, result) in &results {
@@ -558,6 +562,7 @@ impl Handler<Resolve> for EntityActor {
                 headers: &[],
                 processed_at: now,
                 attempts: 1,
+                settings: settings.current(),
             };
             let one = self.effects(handled, result, before.as_ref());
             if result.is_ok() && parked_by.as_deref() == Some(held.event.event_id.as_str()) {

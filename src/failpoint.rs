@@ -2,8 +2,9 @@
 //!
 //! Set `ORDERLY_FAILPOINTS="name=action[@n[..m]],..."` before start.
 //! `action` is `exit` (the process exits at once with code 86, as a crash
-//! would, without flushing or committing anything) or `error` (the step
-//! returns an error). `@n` fires on the n-th hit instead of the first;
+//! would, without flushing or committing anything), `error` (the step
+//! returns an error) or `sleep(MS)` (the step waits MS milliseconds, as a
+//! slow broker or disk would). `@n` fires on the n-th hit instead of the first;
 //! `@n..m` on every hit from the n-th to the m-th. With the variable unset
 //! every check is a lookup in an empty map.
 
@@ -27,6 +28,7 @@ struct Point {
 enum Action {
     Exit,
     Error,
+    Sleep(u64),
 }
 
 static POINTS: OnceLock<HashMap<String, Point>> = OnceLock::new();
@@ -54,7 +56,14 @@ fn points() -> &'static HashMap<String, Point> {
             let action = match action {
                 "exit" => Action::Exit,
                 "error" => Action::Error,
-                _ => continue,
+                a => match a
+                    .strip_prefix("sleep(")
+                    .and_then(|a| a.strip_suffix(')'))
+                    .and_then(|ms| ms.parse().ok())
+                {
+                    Some(ms) => Action::Sleep(ms),
+                    None => continue,
+                },
             };
             out.insert(
                 name.to_owned(),
@@ -89,5 +98,9 @@ pub fn hit(name: &'static str) -> Result<(), StoreError> {
             std::process::exit(EXIT_CODE)
         }
         Action::Error => Err(StoreError::FailPoint(name)),
+        Action::Sleep(ms) => {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            Ok(())
+        }
     }
 }

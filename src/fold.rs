@@ -9,7 +9,8 @@
 
 use crate::envelope::Event;
 use crate::handler::{EntityState, HandlerError, Handlers};
-use crate::ordering::{LatePolicy, Lateness, OrderKey, Policies, TooLatePolicy};
+use crate::ordering::{LatePolicy, Lateness, OrderKey, TooLatePolicy};
+use crate::settings::{TenantSettings, TenantView};
 use crate::value::{Fields, Value};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -49,6 +50,8 @@ pub struct Provenance {
     pub occurred_at: i64,
     /// When orderly processed it, ms since the Unix epoch.
     pub processed_at: i64,
+    /// The version of the tenant's settings it was handled under; 0 for the defaults.
+    pub settings_version: u64,
 }
 
 /// One retained event in an entity's log, enough to re-fold it.
@@ -118,6 +121,8 @@ pub struct EntityRecord {
     pub held: Vec<HeldEvent>,
     /// The newest events skipped after a failure (dead-lettered), for provenance.
     pub skipped: Vec<Skipped>,
+    /// Events ignored because their type is not enabled in the tenant's settings.
+    pub ignored_events: u64,
 }
 
 /// An event that was skipped after a handler failure.
@@ -196,6 +201,11 @@ pub enum Outcome {
     },
     /// The entity is parked: the event is held until an operator releases it.
     Held,
+    /// Its type is not enabled in the tenant's settings: acknowledged, no effect.
+    Ignored {
+        /// The settings version that said so.
+        settings_version: u64,
+    },
 }
 
 impl Outcome {
@@ -215,6 +225,7 @@ impl Outcome {
             Outcome::Dropped { too_late: true, .. } => "too-late-dropped",
             Outcome::Parked { .. } => "parked",
             Outcome::Held => "held",
+            Outcome::Ignored { .. } => "ignored",
         }
     }
 
@@ -270,6 +281,14 @@ pub struct HeldEvent {
     pub origin: Origin,
 }
 
+/// An event as it arrived, and as its handler sees it (the tenant's field
+/// mappings applied).
+#[derive(Clone, Copy)]
+struct Prepared<'a> {
+    raw: &'a Event,
+    event: &'a Event,
+}
+
 #[derive(Clone, Copy, PartialEq)]
 enum Mode {
     /// A new arrival from the broker.
@@ -301,8 +320,10 @@ impl EntityRecord {
         }
     }
 
-    /// Processes one event: classify it, then apply, skip, re-fold, drop,
-    /// park or hold it, as `policies` say for its type.
+    /// Processes one event under its tenant's settings: classify it, then
+    /// apply, skip, re-fold, drop, park, hold or ignore it, as the settings in
+    /// force say for its type. The settings' field mappings are applied first,
+    /// so the log keeps the payload its handler saw.
     ///
     /// On `Err`, the record is left exactly as it was, offset included, so
     /// a retry is processed like the first try; when the actor gives up,
@@ -314,7 +335,7 @@ impl EntityRecord {
         origin: &Origin,
         processed_at: i64,
         handlers: &Handlers,
-        policies: &Policies,
+        settings: &TenantView,
     ) -> Result<Outcome, Rejected> {
         let tp = origin.topic_partition();
         if let Some(&last) = self.applied_offsets.get(&tp) {
@@ -331,12 +352,21 @@ impl EntityRecord {
             }
             return Ok(outcome);
         }
+        let Some(prepared) = settings.current().prepare(event) else {
+            self.ignored_events += 1;
+            return Ok(Outcome::Ignored {
+                settings_version: settings.current().version(),
+            });
+        };
         let result = self.apply_event(
-            event,
+            Prepared {
+                raw: event,
+                event: &prepared,
+            },
             origin,
             processed_at,
             handlers,
-            policies,
+            settings,
             Mode::Arrival,
         );
         if result.is_err() {
@@ -360,17 +390,27 @@ impl EntityRecord {
         origin: &Origin,
         processed_at: i64,
         handlers: &Handlers,
-        policies: &Policies,
+        settings: &TenantView,
     ) -> Result<Outcome, Rejected> {
         if let Some(outcome) = self.duplicate_or_held(event, origin) {
             return Ok(outcome);
         }
+        let Some(prepared) = settings.current().prepare(event) else {
+            self.ignored_events += 1;
+            self.skipped.retain(|s| s.event_id != event.event_id);
+            return Ok(Outcome::Ignored {
+                settings_version: settings.current().version(),
+            });
+        };
         let result = self.apply_event(
-            event,
+            Prepared {
+                raw: event,
+                event: &prepared,
+            },
             origin,
             processed_at,
             handlers,
-            policies,
+            settings,
             Mode::Release,
         );
         if result.is_ok() {
@@ -453,7 +493,7 @@ impl EntityRecord {
         skip: bool,
         processed_at: i64,
         handlers: &Handlers,
-        policies: &Policies,
+        settings: &TenantView,
     ) -> Vec<(HeldEvent, Result<Outcome, Rejected>)> {
         let Some(parked) = self.parked.take() else {
             return Vec::new();
@@ -465,14 +505,25 @@ impl EntityRecord {
         held.sort_by_key(|h| OrderKey::of(&h.event));
         held.into_iter()
             .map(|h| {
-                let r = self.apply_event(
-                    &h.event,
-                    &h.origin,
-                    processed_at,
-                    handlers,
-                    policies,
-                    Mode::Release,
-                );
+                let r = match settings.current().prepare(&h.event) {
+                    None => {
+                        self.ignored_events += 1;
+                        Ok(Outcome::Ignored {
+                            settings_version: settings.current().version(),
+                        })
+                    }
+                    Some(prepared) => self.apply_event(
+                        Prepared {
+                            raw: &h.event,
+                            event: &prepared,
+                        },
+                        &h.origin,
+                        processed_at,
+                        handlers,
+                        settings,
+                        Mode::Release,
+                    ),
+                };
                 if let Err(rejected) = &r {
                     // Failing again on release: dead-lettered and skipped.
                     self.record_failure(
@@ -490,13 +541,15 @@ impl EntityRecord {
 
     fn apply_event(
         &mut self,
-        event: &Event,
+        Prepared { raw, event }: Prepared<'_>,
         origin: &Origin,
         processed_at: i64,
         handlers: &Handlers,
-        policies: &Policies,
+        settings: &TenantView,
         mode: Mode,
     ) -> Result<Outcome, Rejected> {
+        let in_force = settings.current();
+        let policies = in_force.policies();
         let key = OrderKey::of(event);
         let entry = LogEntry {
             key: key.clone(),
@@ -510,6 +563,7 @@ impl EntityRecord {
                 offset: origin.offset,
                 occurred_at: event.occurred_at,
                 processed_at,
+                settings_version: in_force.version(),
             },
         };
         let reject = |error| Rejected {
@@ -557,15 +611,16 @@ impl EntityRecord {
                             ),
                             since: processed_at,
                         });
+                        // Held as it arrived: it is prepared again on release.
                         self.held.push(HeldEvent {
-                            event: event.clone(),
+                            event: raw.clone(),
                             origin: origin.clone(),
                         });
                         return Ok(Outcome::Parked { lateness, too_late });
                     }
                     LatePolicy::Apply => {
                         let changes = self
-                            .apply_on_top(handler, event, &entry.provenance)
+                            .apply_on_top(handler, event, in_force, &entry.provenance)
                             .map_err(reject)?;
                         let pos = self.log.partition_point(|e| e.key < key);
                         self.log.insert(pos, entry);
@@ -579,13 +634,13 @@ impl EntityRecord {
                     LatePolicy::Recompute => {
                         // Check the late event itself applies, on the state just before it.
                         let pos = self.log.partition_point(|e| e.key < key);
-                        let mut before = self.state_at(pos, handlers);
-                        if let Err(error) = handler.apply(&mut before, event) {
+                        let mut before = self.state_at(pos, handlers, settings);
+                        if let Err(error) = handler.apply(&mut before, event, in_force) {
                             return Err(reject(error));
                         }
                         self.log.insert(pos, entry);
                         let old = std::mem::take(&mut self.state);
-                        self.refold(handlers);
+                        self.refold(handlers, settings);
                         self.late_events += 1;
                         Outcome::Recomputed {
                             lateness,
@@ -596,7 +651,7 @@ impl EntityRecord {
             }
             _ => {
                 let changes = self
-                    .apply_on_top(handler, event, &entry.provenance)
+                    .apply_on_top(handler, event, in_force, &entry.provenance)
                     .map_err(reject)?;
                 self.high_water = Some(key);
                 self.log.push(entry);
@@ -604,7 +659,7 @@ impl EntityRecord {
             }
         };
         self.applied_events += 1;
-        self.trim(policies, handlers);
+        self.trim(handlers, settings);
         Ok(outcome)
     }
 
@@ -614,10 +669,11 @@ impl EntityRecord {
         &mut self,
         handler: &dyn crate::handler::Handler,
         event: &Event,
+        settings: &TenantSettings,
         provenance: &Provenance,
     ) -> Result<Vec<FieldChange>, HandlerError> {
         let mut next = self.state.clone();
-        handler.apply(&mut next, event)?;
+        handler.apply(&mut next, event, settings)?;
         let changes = diff(&self.state.fields, &next.fields);
         for c in &changes {
             self.provenance.insert(c.field.clone(), provenance.clone());
@@ -627,10 +683,10 @@ impl EntityRecord {
     }
 
     /// The state after the base and the first `upto` log entries.
-    fn state_at(&self, upto: usize, handlers: &Handlers) -> EntityState {
+    fn state_at(&self, upto: usize, handlers: &Handlers, settings: &TenantView) -> EntityState {
         let mut state = self.base.state.clone();
         for entry in &self.log[..upto] {
-            let _ = apply_entry(&mut state, entry, self, handlers);
+            let _ = apply_entry(&mut state, entry, self, handlers, settings);
         }
         state
     }
@@ -638,13 +694,16 @@ impl EntityRecord {
     /// Recomputes state, provenance and high-water mark from the base and the log.
     ///
     /// An entry whose handler fails in this order is skipped, deterministically,
-    /// so the result still depends only on the set of events.
-    pub fn refold(&mut self, handlers: &Handlers) {
+    /// so the result still depends only on the set of events. Each entry's
+    /// handler gets the settings version the entry was handled under, while
+    /// `settings` still knows it (see [`TenantView::at`]); the payload is
+    /// already mapped, so the built-in reducer does not depend on it.
+    pub fn refold(&mut self, handlers: &Handlers, settings: &TenantView) {
         let mut state = self.base.state.clone();
         let mut provenance = self.base.provenance.clone();
         for entry in &self.log {
             let before = state.fields.clone();
-            if apply_entry(&mut state, entry, self, handlers).is_ok() {
+            if apply_entry(&mut state, entry, self, handlers, settings).is_ok() {
                 for c in diff(&before, &state.fields) {
                     provenance.insert(c.field, entry.provenance.clone());
                 }
@@ -661,7 +720,8 @@ impl EntityRecord {
 
     /// Folds the oldest entries into the base until at most the retained
     /// number remain, and none is older than the time retention.
-    fn trim(&mut self, policies: &Policies, handlers: &Handlers) {
+    fn trim(&mut self, handlers: &Handlers, settings: &TenantView) {
+        let policies = settings.current().policies();
         let retention = policies.retention_events.max(1);
         let mut excess = self.log.len().saturating_sub(retention);
         if let (Some(ms), Some(hw)) = (policies.retention_ms, &self.high_water) {
@@ -680,7 +740,7 @@ impl EntityRecord {
         for entry in trimmed {
             let before = self.base.state.fields.clone();
             let mut state = std::mem::take(&mut self.base.state);
-            if apply_entry(&mut state, &entry, self, handlers).is_ok() {
+            if apply_entry(&mut state, &entry, self, handlers, settings).is_ok() {
                 for c in diff(&before, &state.fields) {
                     self.base
                         .provenance
@@ -711,12 +771,15 @@ fn apply_entry(
     entry: &LogEntry,
     record: &EntityRecord,
     handlers: &Handlers,
+    settings: &TenantView,
 ) -> Result<(), HandlerError> {
     let event = record.event_of(entry);
     let mut next = state.clone();
-    handlers
-        .for_type(&entry.event_type)
-        .apply(&mut next, &event)?;
+    handlers.for_type(&entry.event_type).apply(
+        &mut next,
+        &event,
+        settings.at(entry.provenance.settings_version),
+    )?;
     *state = next;
     Ok(())
 }
@@ -776,6 +839,7 @@ impl EntityRecord {
             "parked": self.parked,
             "held": self.held.len(),
             "skipped": self.skipped,
+            "ignored_events": self.ignored_events,
         })
     }
 }
@@ -784,6 +848,7 @@ impl EntityRecord {
 mod tests {
     use super::*;
     use crate::handler::{FieldReducer, ReduceOp};
+    use crate::ordering::Policies;
     use std::sync::Arc;
 
     fn handlers() -> Handlers {
@@ -807,8 +872,13 @@ mod tests {
         }
     }
 
-    fn pol(retention: usize) -> Policies {
-        Policies::new(LatePolicy::Recompute, TooLatePolicy::Drop, retention, None)
+    fn pol(retention: usize) -> TenantView {
+        TenantView::defaults(&Policies::new(
+            LatePolicy::Recompute,
+            TooLatePolicy::Drop,
+            retention,
+            None,
+        ))
     }
 
     fn origin(offset: i64) -> Origin {
@@ -817,6 +887,72 @@ mod tests {
             partition: 0,
             offset,
         }
+    }
+
+    #[test]
+    fn settings_map_filter_and_are_recorded_in_provenance() {
+        use crate::settings::{Settings, SettingsDocument};
+        let registry = Settings::new(Policies::default());
+        let doc = |version, to: &str| SettingsDocument {
+            tenant_id: "t".into(),
+            version,
+            field_mappings: [("Ext".to_owned(), to.to_owned())].into(),
+            enabled_types: vec!["set".into()],
+            ..Default::default()
+        };
+        registry.apply_document(doc(1, "a")).unwrap();
+        let h = handlers();
+        let mut r = EntityRecord::new("e", "t");
+        let v1 = registry.view("t");
+        r.process(
+            &ev("e1", 10, "set", serde_json::json!({"Ext": 1})),
+            &origin(0),
+            0,
+            &h,
+            &v1,
+        )
+        .unwrap();
+        assert_eq!(r.state.fields["a"], Value::Int(1));
+        assert_eq!(r.provenance["a"].settings_version, 1);
+        // A type the tenant has not enabled: ignored, but its offset counts.
+        let off = ev("e2", 20, "inc", serde_json::json!({"a": 5}));
+        let out = r.process(&off, &origin(1), 0, &h, &v1).unwrap();
+        assert_eq!(
+            out,
+            Outcome::Ignored {
+                settings_version: 1
+            }
+        );
+        assert_eq!(r.state.fields["a"], Value::Int(1));
+        assert_eq!(
+            r.process(&off, &origin(1), 0, &h, &v1).unwrap(),
+            Outcome::Duplicate(DuplicateKind::Redelivery)
+        );
+        // Version 2 maps Ext elsewhere: later events follow it, and a late
+        // event's re-fold keeps what version 1 mapped.
+        registry.apply_document(doc(2, "b")).unwrap();
+        let v2 = registry.view("t");
+        r.process(
+            &ev("e3", 30, "set", serde_json::json!({"Ext": 3})),
+            &origin(2),
+            0,
+            &h,
+            &v2,
+        )
+        .unwrap();
+        r.process(
+            &ev("e0", 5, "set", serde_json::json!({"Ext": 0})),
+            &origin(3),
+            0,
+            &h,
+            &v2,
+        )
+        .unwrap();
+        assert_eq!(r.state.fields["a"], Value::Int(1));
+        assert_eq!(r.state.fields["b"], Value::Int(3));
+        assert_eq!(r.provenance["a"].settings_version, 1);
+        assert_eq!(r.provenance["b"].settings_version, 2);
+        assert_eq!(r.ignored_events, 1);
     }
 
     #[test]
@@ -928,7 +1064,12 @@ mod tests {
     #[test]
     fn time_retention_trims_old_entries_into_the_base() {
         let h = handlers();
-        let p = Policies::new(LatePolicy::Recompute, TooLatePolicy::Drop, 100, Some(50));
+        let p = TenantView::defaults(&Policies::new(
+            LatePolicy::Recompute,
+            TooLatePolicy::Drop,
+            100,
+            Some(50),
+        ));
         let mut r = EntityRecord::new("e", "t");
         for i in 0..10 {
             let e = ev(&format!("e{i}"), i * 10, "inc", serde_json::json!({"n": 1}));

@@ -11,13 +11,23 @@
 //! ```
 //! use orderly::handler::{EntityState, Handler, HandlerError};
 //! use orderly::envelope::Event;
+//! use orderly::settings::TenantSettings;
 //! use orderly::value::Value;
 //!
-//! /// Counts the events of each type an entity has seen.
+//! /// Counts the events of each type an entity has seen, when the tenant's
+//! /// `count_types` integration flag is on.
 //! struct CountByType;
 //!
 //! impl Handler for CountByType {
-//!     fn apply(&self, state: &mut EntityState, event: &Event) -> Result<(), HandlerError> {
+//!     fn apply(
+//!         &self,
+//!         state: &mut EntityState,
+//!         event: &Event,
+//!         settings: &TenantSettings,
+//!     ) -> Result<(), HandlerError> {
+//!         if !settings.flag("count_types") {
+//!             return Ok(());
+//!         }
 //!         let n = state.fields.entry(event.event_type.clone()).or_insert(Value::Int(0));
 //!         match n {
 //!             Value::Int(i) => *i += 1,
@@ -29,6 +39,7 @@
 //! ```
 
 use crate::envelope::Event;
+use crate::settings::TenantSettings;
 use crate::value::{Fields, Value};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -69,9 +80,20 @@ impl HandlerError {
 /// Must be deterministic and must not perform I/O whose result changes the
 /// state: orderly calls it again when it re-folds after a late event. A failed
 /// call must leave no partial effect visible; orderly applies it to a copy.
+///
+/// `settings` are the compiled settings of the event's tenant: the version in
+/// force when the event was handled (on a re-fold, that same version while
+/// orderly still knows it; see [`crate::settings::TenantView::at`]). The
+/// event's payload already has the tenant's field mappings applied, and
+/// events of types the tenant has not enabled never reach a handler.
 pub trait Handler: Send + Sync + 'static {
     /// Applies `event` to `state`.
-    fn apply(&self, state: &mut EntityState, event: &Event) -> Result<(), HandlerError>;
+    fn apply(
+        &self,
+        state: &mut EntityState,
+        event: &Event,
+        settings: &TenantSettings,
+    ) -> Result<(), HandlerError>;
 }
 
 /// An event derived by an [`Observer`], to be published keyed by `entity_id`.
@@ -120,7 +142,12 @@ pub enum ReduceOp {
 pub struct FieldReducer(pub ReduceOp);
 
 impl Handler for FieldReducer {
-    fn apply(&self, state: &mut EntityState, event: &Event) -> Result<(), HandlerError> {
+    fn apply(
+        &self,
+        state: &mut EntityState,
+        event: &Event,
+        _settings: &TenantSettings,
+    ) -> Result<(), HandlerError> {
         match self.0 {
             ReduceOp::Set => {
                 state.deleted = false;
@@ -218,6 +245,10 @@ impl Handlers {
 mod tests {
     use super::*;
 
+    fn d() -> TenantSettings {
+        TenantSettings::defaults(&Default::default())
+    }
+
     fn ev(t: &str, payload: serde_json::Value) -> Event {
         let Value::Object(payload) = Value::from(payload) else {
             unreachable!()
@@ -237,19 +268,27 @@ mod tests {
     fn set_inc_delete() {
         let mut s = EntityState::default();
         FieldReducer(ReduceOp::Set)
-            .apply(&mut s, &ev("x", serde_json::json!({"a": 1, "b": "x"})))
+            .apply(
+                &mut s,
+                &ev("x", serde_json::json!({"a": 1, "b": "x"})),
+                &d(),
+            )
             .unwrap();
         FieldReducer(ReduceOp::Inc)
-            .apply(&mut s, &ev("x", serde_json::json!({"a": 2, "c": 0.5})))
+            .apply(
+                &mut s,
+                &ev("x", serde_json::json!({"a": 2, "c": 0.5})),
+                &d(),
+            )
             .unwrap();
         assert_eq!(s.fields["a"], Value::Int(3));
         assert_eq!(s.fields["c"], Value::Float(0.5));
         FieldReducer(ReduceOp::Delete)
-            .apply(&mut s, &ev("x", serde_json::json!({})))
+            .apply(&mut s, &ev("x", serde_json::json!({})), &d())
             .unwrap();
         assert!(s.deleted && s.fields.is_empty());
         FieldReducer(ReduceOp::Set)
-            .apply(&mut s, &ev("x", serde_json::json!({"a": 1})))
+            .apply(&mut s, &ev("x", serde_json::json!({"a": 1})), &d())
             .unwrap();
         assert!(!s.deleted);
     }
@@ -258,10 +297,10 @@ mod tests {
     fn inc_on_a_string_is_permanent() {
         let mut s = EntityState::default();
         FieldReducer(ReduceOp::Set)
-            .apply(&mut s, &ev("x", serde_json::json!({"a": "text"})))
+            .apply(&mut s, &ev("x", serde_json::json!({"a": "text"})), &d())
             .unwrap();
         let err = FieldReducer(ReduceOp::Inc)
-            .apply(&mut s, &ev("x", serde_json::json!({"a": 1})))
+            .apply(&mut s, &ev("x", serde_json::json!({"a": 1})), &d())
             .unwrap_err();
         assert_eq!(err.kind(), "permanent");
     }

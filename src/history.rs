@@ -8,6 +8,7 @@
 use crate::fold::{EntityRecord, LogEntry};
 use crate::handler::{EntityState, Handlers};
 use crate::ordering::OrderKey;
+use crate::settings::TenantView;
 
 /// Encodes an order key so that byte order is order-key order.
 pub fn encode_key(key: &OrderKey) -> Vec<u8> {
@@ -34,7 +35,15 @@ pub struct Version {
 }
 
 /// Folds `entries` (in order-key order) into the versions they produce.
-pub fn versions(record: &EntityRecord, entries: &[LogEntry], handlers: &Handlers) -> Vec<Version> {
+///
+/// Each handler gets the settings version its entry was handled under, while
+/// `settings` knows it; payloads in the log are already mapped.
+pub fn versions(
+    record: &EntityRecord,
+    entries: &[LogEntry],
+    handlers: &Handlers,
+    settings: &TenantView,
+) -> Vec<Version> {
     let mut state = EntityState::default();
     let mut out = Vec::with_capacity(entries.len());
     for entry in entries {
@@ -42,7 +51,11 @@ pub fn versions(record: &EntityRecord, entries: &[LogEntry], handlers: &Handlers
         let mut next = state.clone();
         if handlers
             .for_type(&entry.event_type)
-            .apply(&mut next, &event)
+            .apply(
+                &mut next,
+                &event,
+                settings.at(entry.provenance.settings_version),
+            )
             .is_ok()
         {
             state = next;
@@ -64,6 +77,7 @@ pub fn as_of(
     history: &[LogEntry],
     at: i64,
     handlers: &Handlers,
+    settings: &TenantView,
 ) -> (EntityState, bool) {
     let mut entries: Vec<LogEntry> = history.to_vec();
     for e in &record.log {
@@ -82,7 +96,7 @@ pub fn as_of(
         .into_iter()
         .filter(|e| e.key.occurred_at <= at)
         .collect();
-    let state = versions(record, &relevant, handlers)
+    let state = versions(record, &relevant, handlers, settings)
         .pop()
         .map(|v| v.state)
         .unwrap_or_default();

@@ -186,6 +186,36 @@ pub const CATALOGUE: &[(&str, Kind, &str)] = &[
         "Errors inside orderly, by stage and error code.",
     ),
     (
+        "orderly_settings_lookups_total",
+        Kind::Counter,
+        "Tenant settings lookups, one per event: hit (the tenant has settings) or miss (the defaults apply).",
+    ),
+    (
+        "orderly_settings_compiled_total",
+        Kind::Counter,
+        "Tenant settings documents compiled: once per tenant and version, never per event.",
+    ),
+    (
+        "orderly_settings_rejected_total",
+        Kind::Counter,
+        "Tenant settings documents rejected, by code; the last good settings stay in force.",
+    ),
+    (
+        "orderly_settings_refreshes_total",
+        Kind::Counter,
+        "HTTP settings source: conditional refreshes, by result (changed, unchanged, not_modified, error).",
+    ),
+    (
+        "orderly_settings_tenants",
+        Kind::Gauge,
+        "Tenants with settings in force.",
+    ),
+    (
+        "orderly_settings_caught_up",
+        Kind::Gauge,
+        "1 once the settings source was read to its end at start; processing waits for it.",
+    ),
+    (
         "orderly_build_info",
         Kind::Gauge,
         "Always 1; the version label says which build runs.",
@@ -238,6 +268,7 @@ impl InternalEvent for EventProcessed<'_> {
             Outcome::Dropped { too_late: true, .. } => &stats.too_late,
             Outcome::Parked { .. } => &stats.parked,
             Outcome::Held => &stats.held,
+            Outcome::Ignored { .. } => &stats.ignored,
         };
         Stats::incr(counter);
         ::metrics::counter!("orderly_events_processed_total", "outcome" => outcome.name())
@@ -253,7 +284,7 @@ impl InternalEvent for EventProcessed<'_> {
             } => Some(("apply", *too_late, lateness)),
             Outcome::Dropped { lateness, too_late } => Some(("drop", *too_late, lateness)),
             Outcome::Parked { lateness, too_late } => Some(("park", *too_late, lateness)),
-            Outcome::Applied { .. } | Outcome::Held => None,
+            Outcome::Applied { .. } | Outcome::Held | Outcome::Ignored { .. } => None,
         };
         if let Some((policy, too_late, lateness)) = late {
             ::metrics::counter!(
@@ -539,6 +570,50 @@ impl InternalEvent for GaugesSampled<'_> {
     }
 }
 
+/// A tenant's settings document was compiled and swapped in.
+pub fn settings_applied(tenant: &str, version: u64, tenants: usize) {
+    ::metrics::counter!("orderly_settings_compiled_total").increment(1);
+    ::metrics::gauge!("orderly_settings_tenants").set(tenants as f64);
+    tracing::debug!(tenant, version, "tenant settings in force");
+}
+
+/// A tenant's settings document was rejected; the last good one stays.
+pub struct SettingsRejected<'a> {
+    /// The rejection code (`settings_invalid`, ...).
+    pub code: &'static str,
+    /// The reason, for the log.
+    pub reason: &'a dyn std::fmt::Display,
+    /// Where it came from: `topic/partition@offset` or the URL.
+    pub origin: &'a str,
+}
+
+impl InternalEvent for SettingsRejected<'_> {
+    fn emit(self, stats: &Stats) {
+        ::metrics::counter!("orderly_settings_rejected_total", "code" => self.code).increment(1);
+        tracing::warn!(code = self.code, origin = self.origin, reason = %self.reason, "tenant settings rejected; the last good settings stay in force");
+        emit(
+            DeadLettered {
+                stage: "settings",
+                code: self.code,
+            },
+            stats,
+        );
+    }
+}
+
+/// The HTTP settings source revalidated its copy.
+pub struct SettingsRefreshed {
+    /// `changed`, `unchanged`, `not_modified` or `error`.
+    pub result: &'static str,
+}
+
+impl InternalEvent for SettingsRefreshed {
+    fn emit(self, _stats: &Stats) {
+        ::metrics::counter!("orderly_settings_refreshes_total", "result" => self.result)
+            .increment(1);
+    }
+}
+
 /// Registers every series whose labels are known in advance at zero, so
 /// dashboards and alerts see 0 rather than "no data" before the first event.
 pub fn register_catalogue() {
@@ -553,6 +628,7 @@ pub fn register_catalogue() {
         "orderly_passivations_total",
         "orderly_offset_gaps_total",
         "orderly_offsets_skipped_total",
+        "orderly_settings_compiled_total",
     ] {
         counter!(name).increment(0);
     }
@@ -566,6 +642,7 @@ pub fn register_catalogue() {
         "too-late-dropped",
         "parked",
         "held",
+        "ignored",
     ] {
         counter!("orderly_events_processed_total", "outcome" => outcome).increment(0);
     }
@@ -578,6 +655,22 @@ pub fn register_catalogue() {
                 .increment(0);
         }
     }
+    for result in ["hit", "miss"] {
+        counter!("orderly_settings_lookups_total", "result" => result).increment(0);
+    }
+    for result in ["changed", "unchanged", "not_modified", "error"] {
+        counter!("orderly_settings_refreshes_total", "result" => result).increment(0);
+    }
+    for code in [
+        "settings_undecodable",
+        "settings_invalid",
+        "settings_key_mismatch",
+        "settings_stale",
+    ] {
+        counter!("orderly_settings_rejected_total", "code" => code).increment(0);
+    }
+    ::metrics::gauge!("orderly_settings_tenants").set(0.0);
+    ::metrics::gauge!("orderly_settings_caught_up").set(0.0);
     for reason in ["late", "too_late"] {
         counter!("orderly_dropped_records_total", "reason" => reason).increment(0);
     }

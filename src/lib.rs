@@ -31,6 +31,7 @@ pub mod observers;
 pub mod ordering;
 pub mod pipeline;
 pub mod router;
+pub mod settings;
 pub mod sink;
 pub mod source;
 pub mod stall;

@@ -37,6 +37,8 @@ pub struct Stats {
     pub parked: AtomicU64,
     /// Events held because their entity is parked.
     pub held: AtomicU64,
+    /// Events ignored: their type is not enabled in the tenant's settings.
+    pub ignored: AtomicU64,
     /// Late events that changed the state: corrections emitted.
     pub corrections: AtomicU64,
     /// Retries after transient handler failures.

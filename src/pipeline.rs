@@ -29,7 +29,7 @@ use crate::router::Router;
 use crate::sink::Publisher;
 use crate::source::{Source, SourceError, SourceParts};
 use crate::store::{SledStore, Store, StoreError};
-use crate::writer::{Writer, WriterMsg};
+use crate::writer::{WriteIntent, Writer, WriterMsg};
 use actix::Arbiter;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -147,9 +147,15 @@ pub struct Control {
     fatal: Arc<Fatal>,
     stats: Arc<Stats>,
     stalls: Arc<crate::stall::Stalls>,
+    settings: Arc<crate::settings::Settings>,
 }
 
 impl Control {
+    /// Every tenant's compiled settings.
+    pub fn settings(&self) -> &crate::settings::Settings {
+        &self.settings
+    }
+
     /// The recent stalled events (those still running have no `finished_at`).
     pub fn stalled(&self) -> Vec<crate::stall::StalledEvent> {
         self.stalls.list()
@@ -263,6 +269,9 @@ impl Control {
         if !self.brokers_ok.load(Relaxed) {
             return Some("all Kafka brokers are down; retrying".into());
         }
+        if !self.settings.is_caught_up() {
+            return Some("reading tenant settings; processing has not started".into());
+        }
         if !self.ready.load(Relaxed) {
             return Some("no partitions assigned yet".into());
         }
@@ -288,6 +297,11 @@ impl Control {
     /// late one is re-folded, so the entity's order is kept). Returns the outcome.
     pub async fn retry_dead_letter(&self, id: u64) -> Result<&'static str, ControlError> {
         let dl = self.open_dead_letter(id)?;
+        if dl.code.starts_with("settings_") {
+            return Err(ControlError::Conflict(format!(
+                "dead letter {id} is a rejected settings document, not an event: write a corrected version (orderly settings put), then skip this one"
+            )));
+        }
         let content_type = dl
             .headers
             .iter()
@@ -420,6 +434,9 @@ pub struct Pipeline {
     watchdog: Option<JoinHandle<()>>,
     grace: Duration,
     store: Arc<SledStore>,
+    settings: Arc<crate::settings::Settings>,
+    stop_settings: Arc<AtomicBool>,
+    settings_reader: Option<JoinHandle<()>>,
 }
 
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, PipelineError> {
@@ -509,7 +526,33 @@ impl Pipeline {
             runtime().block_on(publisher.run())
         })?;
 
+        let settings = Arc::new(crate::settings::Settings::new(config.policies()));
+        let stop_settings = Arc::new(AtomicBool::new(false));
+        let settings_reader = {
+            let writer = writer_tx.clone();
+            let parts = crate::settings::SourceParts {
+                settings: settings.clone(),
+                stats: stats.clone(),
+                reject: Box::new(move |dl| {
+                    // Recorded like any dead letter (deduplicated by position).
+                    let _ = writer.send(WriterMsg::Write(Box::new(WriteIntent {
+                        entity: None,
+                        dead_letter: Some(dl),
+                        outbox: Vec::new(),
+                        anomalies: Vec::new(),
+                        history: Vec::new(),
+                        ack: None,
+                        durable: None,
+                        resolve_dead_letter: None,
+                    })));
+                }),
+                stop: stop_settings.clone(),
+            };
+            crate::settings::start_source(&config, parts).map_err(PipelineError::Thread)?
+        };
+
         let shared = Arc::new(Shared {
+            settings: settings.clone(),
             handlers,
             store: dyn_store.clone(),
             writer: writer_tx.clone(),
@@ -555,6 +598,7 @@ impl Pipeline {
                     ready: ready.clone(),
                     topics: config.input_topics(),
                     brokers_ok: brokers_ok.clone(),
+                    settings: settings.clone(),
                 },
             )
             .map_err(|e| PipelineError::Source(Box::new(e)))?;
@@ -595,6 +639,9 @@ impl Pipeline {
             arbiters,
             grace,
             store,
+            settings,
+            stop_settings,
+            settings_reader,
         };
         Ok((pipeline, injector))
     }
@@ -627,7 +674,13 @@ impl Pipeline {
             fatal: self.fatal.clone(),
             stats: self.stats.clone(),
             stalls: self.stalls.clone(),
+            settings: self.settings.clone(),
         }
+    }
+
+    /// Every tenant's compiled settings.
+    pub fn settings(&self) -> Arc<crate::settings::Settings> {
+        self.settings.clone()
     }
 
     /// The store, for reads while running.
@@ -660,6 +713,12 @@ impl Pipeline {
             abandoned.push("writer (last batch not durable)");
         }
         self.stop_publisher.store(true, Relaxed);
+        self.stop_settings.store(true, Relaxed);
+        if let Some(s) = self.settings_reader.take() {
+            if !finish_by(deadline, move || drop(s.join())) {
+                abandoned.push("settings reader");
+            }
+        }
         if let Some(w) = self.watchdog.take() {
             if !finish_by(deadline, move || drop(w.join())) {
                 abandoned.push("watchdog");

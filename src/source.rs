@@ -276,6 +276,7 @@ pub struct Source {
     high: i64,
     low: i64,
     topic_names: std::cell::RefCell<HashMap<String, Arc<str>>>,
+    settings: Arc<crate::settings::Settings>,
 }
 
 /// Why the source could not start.
@@ -311,6 +312,8 @@ pub struct SourceParts {
     pub topics: Vec<String>,
     /// Cleared while every broker is down.
     pub brokers_ok: Arc<AtomicBool>,
+    /// Tenant settings: nothing is consumed before they are caught up.
+    pub settings: Arc<crate::settings::Settings>,
 }
 
 impl Source {
@@ -363,11 +366,23 @@ impl Source {
             high: config.in_flight_high as i64,
             low: config.in_flight_low as i64,
             topic_names: Default::default(),
+            settings: parts.settings,
         })
     }
 
     /// Consumes until `stop` is set, then drains for up to `grace` and commits.
     pub fn run(self, stop: Arc<AtomicBool>, grace: Duration) {
+        // Every event is handled under the settings in force: none before
+        // the settings source has delivered what it had at start.
+        if !self.settings.is_caught_up() {
+            tracing::info!("waiting for tenant settings before consuming");
+            while !self.settings.is_caught_up() {
+                if stop.load(Relaxed) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         tracing::info!(topics = ?self.topics, "source started");
         let mut paused = false;
         let mut last_commit = Instant::now();

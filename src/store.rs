@@ -16,8 +16,10 @@
 //! | `m\0anomaly_seq` | the next anomaly sequence number |
 //! | `h\0<entity id>\0<order key>` | a history entry ([`LogEntry`]) for types that keep history |
 //!
-//! Every value starts with a format-version byte. This module does not decide
-//! what goes into a batch; the writer does.
+//! Every value starts with a format-version byte. Version 2 added the
+//! settings version to provenance and the ignored-events count to entity
+//! records; version 1 values are still read (see [`Stored`]). This module
+//! does not decide what goes into a batch; the writer does.
 
 use crate::anomaly::Anomaly;
 use crate::dead_letter::DeadLetter;
@@ -29,7 +31,161 @@ use std::path::Path;
 use std::pin::Pin;
 
 /// The format version written at the start of every stored value.
-pub const FORMAT_VERSION: u8 = 1;
+pub const FORMAT_VERSION: u8 = 2;
+
+/// A value the store keeps, and how it is read from an older format.
+pub trait Stored: DeserializeOwned {
+    /// Decodes the bincode body of a format-1 value. The default suits the
+    /// types whose layout did not change.
+    fn from_v1(body: &[u8]) -> std::result::Result<Self, bincode::error::DecodeError> {
+        bincode::serde::decode_from_slice(body, bincode::config::standard()).map(|(v, _)| v)
+    }
+}
+
+impl Stored for Anomaly {}
+impl Stored for DeadLetter {}
+impl Stored for OutboxRecord {}
+impl Stored for Vec<OutboxRecord> {}
+
+impl Stored for EntityRecord {
+    fn from_v1(body: &[u8]) -> std::result::Result<Self, bincode::error::DecodeError> {
+        bincode::serde::decode_from_slice::<format_v1::EntityRecord, _>(
+            body,
+            bincode::config::standard(),
+        )
+        .map(|(v, _)| v.into())
+    }
+}
+
+impl Stored for LogEntry {
+    fn from_v1(body: &[u8]) -> std::result::Result<Self, bincode::error::DecodeError> {
+        bincode::serde::decode_from_slice::<format_v1::LogEntry, _>(
+            body,
+            bincode::config::standard(),
+        )
+        .map(|(v, _)| v.into())
+    }
+}
+
+/// The layouts of format 1 that changed in format 2, and their upgrade.
+mod format_v1 {
+    use crate::fold::{self, HeldEvent, Parked, Skipped};
+    use crate::handler::EntityState;
+    use crate::ordering::OrderKey;
+    use crate::value::Fields;
+    use serde::{Deserialize, Serialize};
+    use std::collections::BTreeMap;
+
+    #[derive(Serialize, Deserialize)]
+    pub struct Provenance {
+        pub event_id: String,
+        pub event_type: String,
+        pub topic: String,
+        pub partition: i32,
+        pub offset: i64,
+        pub occurred_at: i64,
+        pub processed_at: i64,
+    }
+
+    impl From<Provenance> for fold::Provenance {
+        fn from(p: Provenance) -> Self {
+            fold::Provenance {
+                event_id: p.event_id,
+                event_type: p.event_type,
+                topic: p.topic,
+                partition: p.partition,
+                offset: p.offset,
+                occurred_at: p.occurred_at,
+                processed_at: p.processed_at,
+                settings_version: 0,
+            }
+        }
+    }
+
+    fn upgrade(p: BTreeMap<String, Provenance>) -> BTreeMap<String, fold::Provenance> {
+        p.into_iter().map(|(k, v)| (k, v.into())).collect()
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct LogEntry {
+        pub key: OrderKey,
+        pub event_type: String,
+        pub payload: Fields,
+        pub provenance: Provenance,
+    }
+
+    impl From<LogEntry> for fold::LogEntry {
+        fn from(e: LogEntry) -> Self {
+            fold::LogEntry {
+                key: e.key,
+                event_type: e.event_type,
+                payload: e.payload,
+                provenance: e.provenance.into(),
+            }
+        }
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct Base {
+        pub state: EntityState,
+        pub provenance: BTreeMap<String, Provenance>,
+        pub key: Option<OrderKey>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct EntityRecord {
+        pub entity_id: String,
+        pub tenant_id: String,
+        pub state: EntityState,
+        pub provenance: BTreeMap<String, Provenance>,
+        pub high_water: Option<OrderKey>,
+        pub log: Vec<LogEntry>,
+        pub base: Base,
+        pub applied_offsets: BTreeMap<String, i64>,
+        pub applied_events: u64,
+        pub duplicates: u64,
+        pub redeliveries: u64,
+        pub late_events: u64,
+        pub too_late_events: u64,
+        pub dead_lettered: u64,
+        pub late_applied: u64,
+        pub late_dropped: u64,
+        pub parked: Option<Parked>,
+        pub held: Vec<HeldEvent>,
+        pub skipped: Vec<Skipped>,
+    }
+
+    impl From<EntityRecord> for fold::EntityRecord {
+        fn from(r: EntityRecord) -> Self {
+            fold::EntityRecord {
+                entity_id: r.entity_id,
+                tenant_id: r.tenant_id,
+                state: r.state,
+                provenance: upgrade(r.provenance),
+                high_water: r.high_water,
+                log: r.log.into_iter().map(Into::into).collect(),
+                base: fold::Base {
+                    state: r.base.state,
+                    provenance: upgrade(r.base.provenance),
+                    key: r.base.key,
+                },
+                applied_offsets: r.applied_offsets,
+                applied_events: r.applied_events,
+                duplicates: r.duplicates,
+                redeliveries: r.redeliveries,
+                late_events: r.late_events,
+                too_late_events: r.too_late_events,
+                dead_lettered: r.dead_lettered,
+                late_applied: r.late_applied,
+                late_dropped: r.late_dropped,
+                parked: r.parked,
+                held: r.held,
+                skipped: r.skipped,
+                ignored_events: 0,
+            }
+        }
+    }
+}
 
 const ENTITY: u8 = b'e';
 const CHECKPOINT: u8 = b'c';
@@ -175,17 +331,19 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 }
 
 /// Decodes a value written by [`encode`].
-pub fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T> {
+pub fn decode<T: Stored>(key: &[u8], bytes: &[u8]) -> Result<T> {
     let key_text = || String::from_utf8_lossy(key).into_owned();
+    let corrupt = |e: bincode::error::DecodeError| StoreError::Corrupt {
+        key: key_text(),
+        reason: e.to_string(),
+    };
     match bytes.first() {
         Some(&FORMAT_VERSION) => {
             bincode::serde::decode_from_slice(&bytes[1..], bincode::config::standard())
                 .map(|(v, _)| v)
-                .map_err(|e| StoreError::Corrupt {
-                    key: key_text(),
-                    reason: e.to_string(),
-                })
+                .map_err(corrupt)
         }
+        Some(1) => T::from_v1(&bytes[1..]).map_err(corrupt),
         Some(&found) => Err(StoreError::UnsupportedFormat {
             key: key_text(),
             found,
@@ -554,6 +712,72 @@ mod tests {
         assert_eq!(store.checkpoints("in").unwrap(), BTreeMap::from([(3, 42)]));
         assert!(store.checkpoints("other").unwrap().is_empty());
 
+        let err = decode::<EntityRecord>(b"k", &[9, 1, 2]).unwrap_err();
+        assert!(
+            matches!(err, StoreError::UnsupportedFormat { found: 9, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn format_1_records_are_read() {
+        let prov = |offset| format_v1::Provenance {
+            event_id: "e1".into(),
+            event_type: "lead.updated".into(),
+            topic: "in".into(),
+            partition: 2,
+            offset,
+            occurred_at: 5,
+            processed_at: 6,
+        };
+        let old = format_v1::EntityRecord {
+            entity_id: "lead-1".into(),
+            tenant_id: "t1".into(),
+            state: Default::default(),
+            provenance: [("stage".to_owned(), prov(7))].into(),
+            high_water: None,
+            log: vec![format_v1::LogEntry {
+                key: crate::ordering::OrderKey {
+                    version: None,
+                    occurred_at: 5,
+                    event_id: "e1".into(),
+                },
+                event_type: "lead.updated".into(),
+                payload: Default::default(),
+                provenance: prov(7),
+            }],
+            base: format_v1::Base {
+                state: Default::default(),
+                provenance: Default::default(),
+                key: None,
+            },
+            applied_offsets: [("in/2".to_owned(), 7)].into(),
+            applied_events: 1,
+            duplicates: 0,
+            redeliveries: 0,
+            late_events: 0,
+            too_late_events: 0,
+            dead_lettered: 0,
+            late_applied: 0,
+            late_dropped: 0,
+            parked: None,
+            held: vec![],
+            skipped: vec![],
+        };
+        let mut bytes = vec![1u8];
+        bincode::serde::encode_into_std_write(&old, &mut bytes, bincode::config::standard())
+            .unwrap();
+        let r: EntityRecord = decode(b"k", &bytes).unwrap();
+        assert_eq!(r.entity_id, "lead-1");
+        assert_eq!(r.provenance["stage"].offset, 7);
+        assert_eq!(r.provenance["stage"].settings_version, 0);
+        assert_eq!(r.log[0].provenance.event_id, "e1");
+        assert_eq!(r.applied_offsets["in/2"], 7);
+        assert_eq!(r.ignored_events, 0);
+    }
+
+    #[test]
+    fn unknown_formats_are_refused() {
         let err = decode::<EntityRecord>(b"k", &[9, 1, 2]).unwrap_err();
         assert!(
             matches!(err, StoreError::UnsupportedFormat { found: 9, .. }),

@@ -9,6 +9,7 @@ use orderly::envelope::Event;
 use orderly::handler::{EntityState, FieldReducer, Handler, HandlerError, ReduceOp};
 use orderly::metrics::Stats;
 use orderly::pipeline::Pipeline;
+use orderly::settings::TenantSettings;
 use orderly::store::Store;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
@@ -283,11 +284,16 @@ fn operators_retry_and_skip_dead_letters_and_release_parked_entities() {
 struct Sleepy;
 
 impl Handler for Sleepy {
-    fn apply(&self, state: &mut EntityState, event: &Event) -> Result<(), HandlerError> {
+    fn apply(
+        &self,
+        state: &mut EntityState,
+        event: &Event,
+        settings: &TenantSettings,
+    ) -> Result<(), HandlerError> {
         if event.event_id == "slow-1" {
             std::thread::sleep(Duration::from_millis(1_500));
         }
-        FieldReducer(ReduceOp::Set).apply(state, event)
+        FieldReducer(ReduceOp::Set).apply(state, event, settings)
     }
 }
 

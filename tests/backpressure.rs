@@ -8,6 +8,7 @@ use orderly::envelope::Event;
 use orderly::handler::{EntityState, FieldReducer, Handler, HandlerError, ReduceOp};
 use orderly::metrics::Stats;
 use orderly::pipeline::Pipeline;
+use orderly::settings::TenantSettings;
 use orderly::workload::{self, Format, Workload, WorkloadSpec};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
@@ -16,9 +17,14 @@ use std::time::{Duration, Instant};
 struct Slow;
 
 impl Handler for Slow {
-    fn apply(&self, state: &mut EntityState, event: &Event) -> Result<(), HandlerError> {
+    fn apply(
+        &self,
+        state: &mut EntityState,
+        event: &Event,
+        settings: &TenantSettings,
+    ) -> Result<(), HandlerError> {
         std::thread::sleep(Duration::from_millis(1));
-        FieldReducer(ReduceOp::Set).apply(state, event)
+        FieldReducer(ReduceOp::Set).apply(state, event, settings)
     }
 }
 

@@ -171,6 +171,19 @@ fn compose_agrees_with_the_code() {
             "kafka-init does not create {t}"
         );
     }
+    // The settings topic is compacted: the latest document per tenant stays.
+    assert_eq!(
+        config.settings.source,
+        orderly::settings::SettingsSource::Topic
+    );
+    assert!(
+        init.contains(&format!(
+            "--topic {} --partitions 1 --replication-factor 1 --config cleanup.policy=compact",
+            config.settings.topic
+        )),
+        "kafka-init does not create the compacted settings topic {}",
+        config.settings.topic
+    );
 
     // Spans go to the jaeger service's OTLP/HTTP port, which is enabled.
     let endpoint = &env["OTEL_EXPORTER_OTLP_ENDPOINT"];
@@ -360,6 +373,7 @@ fn check_promql(expr: &str, what: &str) -> Vec<String> {
         "partition",
         "from",
         "version",
+        "result",
         "le",
         "instance",
         "job",

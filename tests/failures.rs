@@ -10,6 +10,7 @@ use orderly::envelope::Event;
 use orderly::handler::{EntityState, FieldReducer, Handler, HandlerError, ReduceOp};
 use orderly::metrics::Stats;
 use orderly::pipeline::Pipeline;
+use orderly::settings::TenantSettings;
 use orderly::store::Store;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::SeqCst};
 use std::sync::Arc;
@@ -24,7 +25,12 @@ struct Flaky {
 }
 
 impl Handler for Flaky {
-    fn apply(&self, state: &mut EntityState, event: &Event) -> Result<(), HandlerError> {
+    fn apply(
+        &self,
+        state: &mut EntityState,
+        event: &Event,
+        settings: &TenantSettings,
+    ) -> Result<(), HandlerError> {
         if event.event_id == self.fail_id {
             if self.remaining.load(SeqCst) > 0 {
                 self.remaining.fetch_sub(1, SeqCst);
@@ -35,7 +41,7 @@ impl Handler for Flaky {
             }
             self.succeeded.store(true, SeqCst);
         }
-        FieldReducer(ReduceOp::Set).apply(state, event)
+        FieldReducer(ReduceOp::Set).apply(state, event, settings)
     }
 }
 

@@ -68,8 +68,14 @@ fn fold(arrivals: &[Event]) -> EntityRecord {
             partition: 0,
             offset: offset as i64,
         };
-        r.process(e, &origin, 0, &h, &orderly::ordering::Policies::default())
-            .expect("no handler error: set fields and inc fields are disjoint");
+        r.process(
+            e,
+            &origin,
+            0,
+            &h,
+            &orderly::settings::TenantView::defaults(&Default::default()),
+        )
+        .expect("no handler error: set fields and inc fields are disjoint");
     }
     r
 }

@@ -708,6 +708,7 @@ impl orderly::handler::Handler for Validating {
         &self,
         state: &mut orderly::handler::EntityState,
         event: &Event,
+        settings: &orderly::settings::TenantSettings,
     ) -> Result<(), orderly::handler::HandlerError> {
         use orderly::handler::{FieldReducer, HandlerError, ReduceOp};
         if self.broken.load(std::sync::atomic::Ordering::SeqCst)
@@ -718,7 +719,7 @@ impl orderly::handler::Handler for Validating {
                 event.event_id
             )));
         }
-        FieldReducer(ReduceOp::Set).apply(state, event)
+        FieldReducer(ReduceOp::Set).apply(state, event, settings)
     }
 }
 

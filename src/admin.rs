@@ -18,6 +18,7 @@
 //! | `GET /api/entities/{id}` | state, provenance per field, the retained event log, history entries and recent anomalies |
 //! | `GET /` | the live dashboard |
 //! | `GET /metrics` | Prometheus metrics |
+//! | `GET /api/partitions` | this instance's partitions: assigned or only held, entities, checkpoint, lag, changelog position |
 //! | `GET /api/overview` | counters, gauges, latency percentiles, partitions and recent corrections, for the dashboard |
 //! | `GET /api/anomalies?limit=` | the most recent anomalies, newest first |
 //! | `GET /api/stalled` | events that ran past the stall deadline (running ones have no `finished_at`) |
@@ -58,6 +59,7 @@ pub fn start(
             .service(metrics)
             .service(dashboard)
             .service(overview)
+            .service(partitions)
             .service(recent_anomalies)
     })
     .workers(1)
@@ -423,4 +425,15 @@ async fn recent_anomalies(admin: web::Data<Admin>, q: web::Query<Recent>) -> imp
 #[get("/api/overview")]
 async fn overview(admin: web::Data<Admin>) -> impl Responder {
     HttpResponse::Ok().json(admin.control.overview())
+}
+
+#[get("/api/partitions")]
+async fn partitions(admin: web::Data<Admin>) -> impl Responder {
+    let control = admin.control.clone();
+    match web::block(move || control.partitions()).await {
+        Ok(v) => HttpResponse::Ok().json(v),
+        Err(e) => {
+            HttpResponse::InternalServerError().json(serde_json::json!({"error": e.to_string()}))
+        }
+    }
 }

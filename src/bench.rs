@@ -81,6 +81,9 @@ pub struct Scenario {
     /// Most events the store and engine ceilings use (they hold them, and
     /// every record, in memory).
     pub ceiling_events: u64,
+    /// Run with the changelog on, then measure how fast a fresh instance
+    /// (empty data dir, same group) restores every partition from it.
+    pub restore: bool,
 }
 
 impl Default for Scenario {
@@ -107,6 +110,7 @@ impl Default for Scenario {
             seed: 7,
             ceilings: true,
             ceiling_events: 1_000_000,
+            restore: false,
         }
     }
 }
@@ -120,6 +124,7 @@ pub const BUILT_IN: &[(&str, &str)] = &[
     ("hot-keys", include_str!("../bench/hot-keys.toml")),
     ("late-heavy", include_str!("../bench/late-heavy.toml")),
     ("failures", include_str!("../bench/failures.toml")),
+    ("restore", include_str!("../bench/restore.toml")),
 ];
 
 impl Scenario {
@@ -439,6 +444,9 @@ impl Topics {
         broker.create_topic(&t.dead_letters, 1)?;
         broker.create_topic(&t.changes, s.partitions)?;
         broker.create_topic(&t.anomalies, 1)?;
+        if s.restore {
+            broker.create_topic(&format!("{}{CHANGELOG}", t.input), s.partitions)?;
+        }
         Ok(t)
     }
 }
@@ -786,6 +794,38 @@ fn end_to_end(
     })
 }
 
+/// The changelog suffix the `restore` scenarios use.
+const CHANGELOG: &str = ".changelog";
+
+/// A fresh instance of the same group, with an empty data dir, restores every
+/// partition from the changelog the run wrote: entities and records per second
+/// of restore time (the sum of the partitions' restores, which run one after
+/// the other), group formation excluded.
+fn restore(mut config: Config) -> anyhow::Result<serde_json::Value> {
+    let dir = tempfile::tempdir()?;
+    config.data_dir = dir.path().to_owned();
+    let handlers = config.handlers();
+    actix::System::new().block_on(async move {
+        let pipeline = Pipeline::start(config, handlers)?;
+        wait_for(&pipeline, "the restore", || pipeline.is_ready()).await?;
+        let stats = pipeline.stats();
+        let store = pipeline.store();
+        let records = Stats::get(&stats.restored_records);
+        let seconds = Stats::get(&stats.restore_micros) as f64 / 1e6;
+        let entities: u64 = crate::store::Store::partition_counts(store.as_ref())?
+            .values()
+            .sum();
+        pipeline.shutdown()?;
+        Ok(serde_json::json!({
+            "entities": entities,
+            "records": records,
+            "seconds": seconds,
+            "entities_per_s": entities as f64 / seconds.max(1e-9),
+            "records_per_s": records as f64 / seconds.max(1e-9),
+        }))
+    })
+}
+
 /// The degradation ratio of a series: last full window over first full
 /// window (the partial windows at either end are left out).
 fn degradation(values: &[f64]) -> Option<f64> {
@@ -839,7 +879,10 @@ pub fn run(s: &Scenario, brokers: Option<String>, out: &Path) -> anyhow::Result<
 
     let topics = Topics::create(&broker, s, "run")?;
     let dir = tempfile::tempdir()?;
-    let config = config_for(&servers, &topics, dir.path());
+    let mut config = config_for(&servers, &topics, dir.path());
+    if s.restore {
+        config.changelog_suffix = CHANGELOG.into();
+    }
     let batch_max = config.batch_max;
     let mut produced_rate = 0.0;
     let produced = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -948,7 +991,7 @@ pub fn run(s: &Scenario, brokers: Option<String>, out: &Path) -> anyhow::Result<
         ceilings.insert("engine_eps".into(), eps.into());
     }
 
-    let report = report(
+    let mut report = report(
         s,
         &broker,
         rate,
@@ -958,6 +1001,14 @@ pub fn run(s: &Scenario, brokers: Option<String>, out: &Path) -> anyhow::Result<
         &e2e,
         ceilings,
     );
+    if s.restore {
+        let r = restore(config)?;
+        println!(
+            "restore: {} entities ({} changelog records) in {:.2} s: {:.0} entities/s",
+            r["entities"], r["records"], r["seconds"], r["entities_per_s"]
+        );
+        report["restore"] = r;
+    }
     let json = serde_json::to_string_pretty(&report)?;
     std::fs::write(out.join("report.json"), &json)?;
     std::fs::write(out.join("report.svg"), chart(s, &e2e.windows))?;
@@ -1001,7 +1052,8 @@ fn report(
         + g(&st.late_dropped)
         + g(&st.too_late)
         + g(&st.parked)
-        + g(&st.held);
+        + g(&st.held)
+        + g(&st.ignored);
     let open = s.open_loop();
     let dead = g(&st.dead_letters);
     let dups = g(&st.duplicates);

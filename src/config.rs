@@ -151,6 +151,19 @@ pub struct Config {
     pub kafka: BTreeMap<String, String>,
     /// Where tenant settings come from (`[settings]`).
     pub settings: crate::settings::SettingsConfig,
+    /// Turns the changelog on: every entity record made durable is also
+    /// written to `<input topic><changelog_suffix>` (compacted, as many
+    /// partitions as the input), so a partition's state can move to another
+    /// instance. Empty: no changelog (one instance per group only).
+    pub changelog_suffix: String,
+    /// This instance's static group membership id (`group.instance.id`):
+    /// a restart within the session timeout keeps its partitions. Unset:
+    /// dynamic membership.
+    pub instance_id: Option<String>,
+    /// With the changelog on, the state of a partition this instance no
+    /// longer owns is removed once the assignment has not changed for this
+    /// long, in ms.
+    pub purge_after_ms: u64,
 }
 
 /// Default most live entity actors.
@@ -239,6 +252,10 @@ impl Default for Config {
             types: BTreeMap::new(),
             kafka: BTreeMap::new(),
             settings: Default::default(),
+            changelog_suffix: String::new(),
+            instance_id: None,
+            // Long enough that a rolling restart's reassignments settle first.
+            purge_after_ms: 30_000,
         }
     }
 }
@@ -417,6 +434,16 @@ impl Config {
         }
         if self.idle_timeout_ms == 0 {
             return bad("idle_timeout_ms", "must be at least 1");
+        }
+        if let Some(id) = &self.instance_id {
+            if id.trim().is_empty() {
+                return bad("instance_id", "must not be empty when set");
+            }
+        }
+        if !self.changelog_suffix.is_empty()
+            && self.changelog_suffix.trim() != self.changelog_suffix
+        {
+            return bad("changelog_suffix", "must not start or end with spaces");
         }
         use crate::settings::SettingsSource;
         match self.settings.source {
@@ -609,6 +636,9 @@ pub const FIELDS: &[&str] = &[
     "stats_interval_ms",
     "max_actors",
     "default_reducer",
+    "changelog_suffix",
+    "instance_id",
+    "purge_after_ms",
 ];
 
 fn scalar(v: &str, always_string: bool) -> toml::Value {

@@ -110,6 +110,8 @@ pub struct EntityActor {
     waiting: std::collections::VecDeque<Delivery>,
     /// The shard's slot for the stall watchdog.
     busy: Arc<crate::stall::Busy>,
+    /// The home partition the store's partition index has for the entity.
+    stored_home: Option<crate::fold::Home>,
 }
 
 impl EntityActor {
@@ -128,6 +130,7 @@ impl EntityActor {
             retrying: None,
             waiting: Default::default(),
             busy,
+            stored_home: None,
         }
     }
 }
@@ -171,6 +174,7 @@ impl EntityActor {
                 .store
                 .load_entity(&self.id)
                 .map_err(|e| format!("cannot read entity {:?}: {e}", self.id))?;
+            self.stored_home = loaded.as_ref().and_then(|r| r.home.clone());
             self.record = Some(loaded.unwrap_or_else(|| EntityRecord::new(entity_id, tenant_id)));
         }
         Ok(self.record.as_mut().expect("set above"))
@@ -315,16 +319,21 @@ impl EntityActor {
     }
 
     /// Sends one write intent to the writer.
-    fn send(&self, entity_changed: bool, fx: Effects, ack: Option<Ack>) {
+    fn send(&mut self, entity_changed: bool, fx: Effects, ack: Option<Ack>) {
         let entity = entity_changed
             .then(|| {
                 self.record.as_ref().map(|r| crate::writer::EntityWrite {
                     id: self.id.clone(),
                     bytes: crate::store::encode(r),
                     parked: r.parked.is_some(),
+                    home: r.home.clone(),
+                    previous_home: self.stored_home.clone(),
                 })
             })
             .flatten();
+        if let Some(w) = &entity {
+            self.stored_home = w.home.clone();
+        }
         let intent = WriteIntent {
             entity,
             dead_letter: fx.dead_letter,
@@ -447,6 +456,20 @@ impl EntityActor {
             Err(_) => "dead-lettered",
         };
         let changed = result.as_ref().map(Outcome::changes_record).unwrap_or(true);
+        if changed {
+            // The entity's state lives under the partition its events arrive on.
+            if let Some(r) = self.record.as_mut() {
+                if r.home
+                    .as_ref()
+                    .is_none_or(|h| h.partition != d.tp.1 || *h.topic != *d.tp.0)
+                {
+                    r.home = Some(crate::fold::Home {
+                        topic: d.tp.0.to_string(),
+                        partition: d.tp.1,
+                    });
+                }
+            }
+        }
         let write_start = SystemTime::now();
         let span = d.traced.then(|| {
             Box::new(SpanInfo {

@@ -123,6 +123,20 @@ pub struct EntityRecord {
     pub skipped: Vec<Skipped>,
     /// Events ignored because their type is not enabled in the tenant's settings.
     pub ignored_events: u64,
+    /// The partition the entity's events arrive on: its state lives under
+    /// it (in the store's partition index and in that partition's changelog).
+    pub home: Option<Home>,
+    /// How many times the entity was handed over to another partition.
+    pub moves: u32,
+}
+
+/// The input partition an entity's state lives under.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Home {
+    /// The input topic.
+    pub topic: String,
+    /// Its partition.
+    pub partition: i32,
 }
 
 /// An event that was skipped after a handler failure.

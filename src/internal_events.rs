@@ -216,6 +216,26 @@ pub const CATALOGUE: &[(&str, Kind, &str)] = &[
         "1 once the settings source was read to its end at start; processing waits for it.",
     ),
     (
+        "orderly_restore_records_total",
+        Kind::Counter,
+        "Entity records restored from changelogs.",
+    ),
+    (
+        "orderly_restore_seconds",
+        Kind::Histogram,
+        "Time to restore one partition from its changelog.",
+    ),
+    (
+        "orderly_restore_rate",
+        Kind::Gauge,
+        "Records per second of the last partition restore.",
+    ),
+    (
+        "orderly_restoring_partitions",
+        Kind::Gauge,
+        "Partitions being restored now; the instance is not ready meanwhile.",
+    ),
+    (
         "orderly_build_info",
         Kind::Gauge,
         "Always 1; the version label says which build runs.",
@@ -570,6 +590,60 @@ impl InternalEvent for GaugesSampled<'_> {
     }
 }
 
+/// A partition's restore from its changelog began.
+pub struct RestoreStarted<'a> {
+    /// The changelog topic.
+    pub topic: &'a str,
+    /// Its partition.
+    pub partition: i32,
+    /// The offset the store held, if any.
+    pub from: Option<i64>,
+    /// The changelog's end offset.
+    pub to: i64,
+}
+
+impl InternalEvent for RestoreStarted<'_> {
+    fn emit(self, _stats: &Stats) {
+        ::metrics::gauge!("orderly_restoring_partitions").increment(1.0);
+        tracing::info!(topic = self.topic, partition = self.partition, from = ?self.from, to = self.to, "restoring a partition from its changelog; not ready until done");
+    }
+}
+
+/// A partition's restore finished.
+pub struct RestoreFinished<'a> {
+    /// The changelog topic.
+    pub topic: &'a str,
+    /// Its partition.
+    pub partition: i32,
+    /// Records read.
+    pub records: u64,
+    /// How long it took.
+    pub took: Duration,
+}
+
+impl InternalEvent for RestoreFinished<'_> {
+    fn emit(self, stats: &Stats) {
+        stats.restored_records.fetch_add(self.records, Relaxed);
+        stats
+            .restore_micros
+            .fetch_add(self.took.as_micros() as u64, Relaxed);
+        let secs = self.took.as_secs_f64();
+        let rate = self.records as f64 / secs.max(1e-6);
+        ::metrics::gauge!("orderly_restoring_partitions").decrement(1.0);
+        ::metrics::counter!("orderly_restore_records_total").increment(self.records);
+        ::metrics::histogram!("orderly_restore_seconds").record(secs);
+        ::metrics::gauge!("orderly_restore_rate").set(rate);
+        tracing::info!(
+            topic = self.topic,
+            partition = self.partition,
+            records = self.records,
+            seconds = secs,
+            rate = rate as u64,
+            "partition restored"
+        );
+    }
+}
+
 /// A tenant's settings document was compiled and swapped in.
 pub fn settings_applied(tenant: &str, version: u64, tenants: usize) {
     ::metrics::counter!("orderly_settings_compiled_total").increment(1);
@@ -629,6 +703,7 @@ pub fn register_catalogue() {
         "orderly_offset_gaps_total",
         "orderly_offsets_skipped_total",
         "orderly_settings_compiled_total",
+        "orderly_restore_records_total",
     ] {
         counter!(name).increment(0);
     }
@@ -680,4 +755,7 @@ pub fn register_catalogue() {
     let _ = histogram!("orderly_record_lateness_seconds");
     let _ = histogram!("orderly_store_batch_size");
     let _ = histogram!("orderly_store_flush_seconds");
+    let _ = histogram!("orderly_restore_seconds");
+    ::metrics::gauge!("orderly_restoring_partitions").set(0.0);
+    ::metrics::gauge!("orderly_restore_rate").set(0.0);
 }

@@ -67,6 +67,12 @@ enum Command {
     /// Built-in scenarios (bench/*.toml): smoke, steady, max, soak, hot-keys,
     /// late-heavy, failures. Flags override the scenario's fields.
     Bench(BenchArgs),
+    /// Every partition of a group: its owner, entities, checkpoint, lag and
+    /// changelog position, gathered from each instance's admin API.
+    ///
+    /// Pass every instance's admin URL (`--admin` repeated). With `--brokers`
+    /// and `--topic`, partitions nobody owns are listed too.
+    Partitions(PartitionsArgs),
     /// Tenant settings: print a tenant's document in force, or validate one
     /// and write it to the settings topic.
     Settings {
@@ -95,6 +101,22 @@ enum SettingsCommand {
         #[command(flatten)]
         source: SettingsArgs,
     },
+}
+
+#[derive(Args)]
+struct PartitionsArgs {
+    /// An instance's admin API base URL; repeat for each instance.
+    #[arg(long, required = true)]
+    admin: Vec<String>,
+    /// Kafka bootstrap servers, to list unowned partitions too.
+    #[arg(long)]
+    brokers: Option<String>,
+    /// The input topic, with --brokers.
+    #[arg(long)]
+    topic: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -405,6 +427,7 @@ fn main() {
         Command::Bench(a) => bench(a),
         Command::Dlq { command } => dlq(command),
         Command::Settings { command } => settings(command),
+        Command::Partitions(a) => partitions(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -626,6 +649,88 @@ fn open_store(dir: &std::path::Path) -> anyhow::Result<SledStore> {
             dir.display()
         )
     })
+}
+
+fn partitions(a: PartitionsArgs) -> anyhow::Result<()> {
+    use std::collections::BTreeMap;
+    // (topic, partition) -> rows from each instance that owns or holds it.
+    let mut rows: BTreeMap<(String, i64), Vec<serde_json::Value>> = BTreeMap::new();
+    let mut problems = Vec::new();
+    for url in &a.admin {
+        let args = AdminArgs {
+            admin: url.clone(),
+            token: None,
+        };
+        match admin_call(&args, reqwest::Method::GET, "/api/partitions", &[]) {
+            Ok(body) => {
+                let instance = body["instance"].as_str().unwrap_or(url).to_owned();
+                for p in body["partitions"].as_array().into_iter().flatten() {
+                    let mut p = p.clone();
+                    p["owner"] = serde_json::json!(instance);
+                    let k = (
+                        p["topic"].as_str().unwrap_or_default().to_owned(),
+                        p["partition"].as_i64().unwrap_or(-1),
+                    );
+                    rows.entry(k).or_default().push(p);
+                }
+            }
+            Err(e) => problems.push(format!("{url}: {e}")),
+        }
+    }
+    if let (Some(brokers), Some(topic)) = (&a.brokers, &a.topic) {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let c: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .create()?;
+        let md = c.fetch_metadata(Some(topic), std::time::Duration::from_secs(10))?;
+        for t in md.topics().iter().filter(|t| t.name() == topic) {
+            for p in t.partitions() {
+                rows.entry((topic.clone(), i64::from(p.id()))).or_default();
+            }
+        }
+    }
+    if a.json {
+        let all: Vec<_> = rows.values().flatten().cloned().collect();
+        println!("{}", serde_json::to_string_pretty(&all)?);
+    } else {
+        println!(
+            "{:<28} {:>9}  {:<24} {:>9} {:>11} {:>8} {:>11}",
+            "topic", "partition", "owner", "entities", "checkpoint", "lag", "changelog"
+        );
+        let s = |v: &serde_json::Value| match v {
+            serde_json::Value::Null => "-".to_owned(),
+            v => v.to_string(),
+        };
+        for ((topic, partition), held) in &rows {
+            let owner = held.iter().find(|p| p["assigned"] == true);
+            let stale: Vec<&str> = held
+                .iter()
+                .filter(|p| p["assigned"] != true)
+                .filter_map(|p| p["owner"].as_str())
+                .collect();
+            let (name, p) = match owner {
+                Some(p) => (p["owner"].as_str().unwrap_or("?").to_owned(), Some(p)),
+                None => ("(unassigned)".to_owned(), None),
+            };
+            let f = |k: &str| p.map(|p| s(&p[k])).unwrap_or_else(|| "-".into());
+            println!(
+                "{topic:<28} {partition:>9}  {name:<24} {:>9} {:>11} {:>8} {:>11}{}",
+                f("entities"),
+                f("checkpoint"),
+                f("lag"),
+                f("changelog_position"),
+                if stale.is_empty() {
+                    String::new()
+                } else {
+                    format!("  (also held by {}, to be purged)", stale.join(", "))
+                }
+            );
+        }
+    }
+    if !problems.is_empty() {
+        anyhow::bail!("some instances did not answer: {}", problems.join("; "));
+    }
+    Ok(())
 }
 
 fn settings(cmd: SettingsCommand) -> anyhow::Result<()> {

@@ -78,6 +78,12 @@ pub struct Stats {
     pub recent_corrections: Mutex<std::collections::VecDeque<Correction>>,
     /// Consumer lag by (topic, partition), from librdkafka's statistics.
     pub lag: Mutex<BTreeMap<(String, i32), i64>>,
+    /// Changelog records restored.
+    pub restored_records: AtomicU64,
+    /// Time spent restoring partitions, µs.
+    pub restore_micros: AtomicU64,
+    /// The input partitions assigned to this instance now.
+    pub assigned: Mutex<std::collections::BTreeSet<(String, i32)>>,
     /// The durable checkpoint of each partition and when it last advanced.
     pub checkpoints: Mutex<BTreeMap<(String, i32), (i64, SystemTime)>>,
     latency: Mutex<Latency>,

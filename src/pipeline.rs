@@ -98,10 +98,44 @@ pub enum PipelineError {
     /// The pipeline stopped because of a fatal condition.
     #[error("pipeline stopped: {0}")]
     Fatal(String),
+    /// The changelog is on but a changelog topic is missing or too small.
+    #[error("changelog: {0}")]
+    Changelog(String),
     /// Shutdown ran past the grace period; the named stages were abandoned.
     /// Everything acknowledged is durable; the rest is redelivered on restart.
     #[error("shutdown exceeded shutdown_grace_ms; abandoned: {0}")]
     ShutdownTimeout(String),
+}
+
+/// Checks that each input topic has its changelog, with at least as many
+/// partitions: records go to the partition number of their input partition.
+fn check_changelogs(config: &Config) -> Result<(), PipelineError> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &config.brokers)
+        .create()
+        .map_err(|e| PipelineError::Changelog(e.to_string()))?;
+    let partitions = |topic: &str| -> Result<usize, PipelineError> {
+        let md = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .map_err(|e| PipelineError::Changelog(format!("metadata of {topic}: {e}")))?;
+        Ok(md
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none())
+            .map(|t| t.partitions().len())
+            .unwrap_or(0))
+    };
+    for input in config.input_topics() {
+        let changelog = format!("{input}{}", config.changelog_suffix);
+        let (n, m) = (partitions(&input)?, partitions(&changelog)?);
+        if m < n {
+            return Err(PipelineError::Changelog(format!(
+                "{changelog} has {m} partitions, {input} has {n}: create it with at least {n} partitions and cleanup.policy=compact (or unset changelog_suffix)"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Runs `f` on a helper thread and waits for it until `deadline`. Returns
@@ -148,9 +182,74 @@ pub struct Control {
     stats: Arc<Stats>,
     stalls: Arc<crate::stall::Stalls>,
     settings: Arc<crate::settings::Settings>,
+    identity: Arc<Identity>,
+}
+
+/// Who this instance is, for operators.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// `instance_id` if set, else the consumer group and process id.
+    pub instance: String,
+    /// The changelog suffix; empty when the changelog is off.
+    pub changelog_suffix: String,
 }
 
 impl Control {
+    /// The partitions this instance owns and holds state for: entities,
+    /// checkpoint, lag and changelog position of each, for `orderly partitions`.
+    pub fn partitions(&self) -> serde_json::Value {
+        use serde_json::json;
+        let assigned = self
+            .stats
+            .assigned
+            .lock()
+            .map(|a| a.clone())
+            .unwrap_or_default();
+        let counts = self.store.partition_counts().unwrap_or_default();
+        let lag = self.stats.lag.lock().map(|l| l.clone()).unwrap_or_default();
+        let mut held: std::collections::BTreeSet<(String, i32)> = assigned.clone();
+        held.extend(counts.keys().map(|h| (h.topic.clone(), h.partition)));
+        let rows: Vec<_> = held
+            .into_iter()
+            .map(|(topic, partition)| {
+                let home = crate::fold::Home {
+                    topic: topic.clone(),
+                    partition,
+                };
+                let checkpoint = self
+                    .store
+                    .checkpoints(&topic)
+                    .ok()
+                    .and_then(|c| c.get(&partition).copied());
+                let changelog = (!self.identity.changelog_suffix.is_empty())
+                    .then(|| {
+                        self.store
+                            .changelog_position(
+                                &format!("{topic}{}", self.identity.changelog_suffix),
+                                partition,
+                            )
+                            .ok()
+                            .flatten()
+                    })
+                    .flatten();
+                json!({
+                    "topic": topic,
+                    "partition": partition,
+                    "assigned": assigned.contains(&(topic.clone(), partition)),
+                    "entities": counts.get(&home).copied().unwrap_or(0),
+                    "checkpoint": checkpoint,
+                    "lag": lag.get(&(topic.clone(), partition)),
+                    "changelog_position": changelog,
+                })
+            })
+            .collect();
+        json!({
+            "instance": self.identity.instance,
+            "ready": self.not_ready().is_none(),
+            "partitions": rows,
+        })
+    }
+
     /// Every tenant's compiled settings.
     pub fn settings(&self) -> &crate::settings::Settings {
         &self.settings
@@ -435,6 +534,7 @@ pub struct Pipeline {
     grace: Duration,
     store: Arc<SledStore>,
     settings: Arc<crate::settings::Settings>,
+    identity: Arc<Identity>,
     stop_settings: Arc<AtomicBool>,
     settings_reader: Option<JoinHandle<()>>,
 }
@@ -506,6 +606,16 @@ impl Pipeline {
             anomalies_topic: config.anomalies_topic.clone(),
             anomalies_retained: config.anomalies_retained,
             store_ok: store_ok.clone(),
+            changelog: if config.changelog_suffix.is_empty() || !with_source {
+                None
+            } else {
+                check_changelogs(&config)?;
+                Some(crate::writer::Changelog {
+                    producer: crate::sink::producer(&config.brokers, &[("linger.ms", "2")])
+                        .map_err(PipelineError::Producer)?,
+                    suffix: config.changelog_suffix.clone(),
+                })
+            },
         };
         let writer_fatal = fatal.clone();
         let writer = spawn("orderly-writer", move || {
@@ -599,6 +709,7 @@ impl Pipeline {
                     topics: config.input_topics(),
                     brokers_ok: brokers_ok.clone(),
                     settings: settings.clone(),
+                    fatal: fatal.clone(),
                 },
             )
             .map_err(|e| PipelineError::Source(Box::new(e)))?;
@@ -640,6 +751,13 @@ impl Pipeline {
             grace,
             store,
             settings,
+            identity: Arc::new(Identity {
+                instance: config
+                    .instance_id
+                    .clone()
+                    .unwrap_or_else(|| format!("{}-{}", config.group, std::process::id())),
+                changelog_suffix: config.changelog_suffix.clone(),
+            }),
             stop_settings,
             settings_reader,
         };
@@ -675,6 +793,7 @@ impl Pipeline {
             stats: self.stats.clone(),
             stalls: self.stalls.clone(),
             settings: self.settings.clone(),
+            identity: self.identity.clone(),
         }
     }
 

@@ -20,6 +20,7 @@ use crate::entity::Delivery;
 use crate::envelope::{self, ContentType};
 use crate::internal_events::{
     emit, ComponentError, DeadLettered, EventReceived, OffsetGap, PartitionsPaused,
+    RestoreFinished, RestoreStarted,
 };
 use crate::metrics::Stats;
 use crate::router::Router;
@@ -60,6 +61,171 @@ pub struct SourceContext {
     brokers_ok: Arc<AtomicBool>,
     /// Counters; consumer lag is written here from librdkafka's statistics.
     stats: Arc<Stats>,
+    /// Restores assigned partitions from their changelog, when it is on.
+    restorer: Option<Restorer>,
+    /// Input partitions whose state the store holds.
+    local: Mutex<HashSet<(String, i32)>>,
+    /// When the assignment last changed; `None` before the first assignment.
+    last_rebalance: Mutex<Option<Instant>>,
+    /// Raised when a partition cannot be restored.
+    fatal: Arc<crate::pipeline::Fatal>,
+}
+
+/// Reads a changelog partition into the store when this instance is assigned
+/// an input partition whose changelog has records the store lacks.
+pub struct Restorer {
+    consumer: BaseConsumer,
+    suffix: String,
+}
+
+impl Restorer {
+    /// A restorer reading `<input><suffix>` changelogs on `config.brokers`.
+    pub fn new(config: &Config) -> Result<Self, KafkaError> {
+        let mut cc = ClientConfig::new();
+        for (k, v) in &config.kafka {
+            if !k.starts_with("group.") && k != "partition.assignment.strategy" {
+                cc.set(k, v);
+            }
+        }
+        cc.set("bootstrap.servers", &config.brokers)
+            .set("group.id", format!("{}.restore", config.group))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            .set("fetch.wait.max.ms", FETCH_WAIT_MAX_MS);
+        Ok(Restorer {
+            consumer: cc.create()?,
+            suffix: config.changelog_suffix.clone(),
+        })
+    }
+
+    /// The changelog topic of `input`.
+    pub fn topic_of(&self, input: &str) -> String {
+        format!("{input}{}", self.suffix)
+    }
+
+    /// Brings the store's copy of `input`/`partition` up to its changelog's
+    /// end. Returns whether anything was read: then consumption must resume
+    /// from the offset committed to Kafka, not the stored checkpoint.
+    pub fn restore(
+        &self,
+        store: &dyn Store,
+        stats: &Stats,
+        input: &str,
+        partition: i32,
+    ) -> Result<bool, String> {
+        let topic = self.topic_of(input);
+        let timeout = Duration::from_secs(10);
+        let (low, high) = self
+            .consumer
+            .fetch_watermarks(&topic, partition, timeout)
+            .map_err(|e| format!("cannot read the end of changelog {topic}/{partition}: {e}"))?;
+        let position = store
+            .changelog_position(&topic, partition)
+            .map_err(|e| e.to_string())?;
+        let from = match position {
+            Some(p) if p >= high => return Ok(false),
+            None if high <= low => return Ok(false),
+            Some(p) => Offset::Offset(p),
+            None => Offset::Beginning,
+        };
+        let home = crate::fold::Home {
+            topic: input.to_owned(),
+            partition,
+        };
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&topic, partition, from)
+            .map_err(|e| e.to_string())?;
+        self.consumer.assign(&tpl).map_err(|e| e.to_string())?;
+        emit(
+            RestoreStarted {
+                topic: &topic,
+                partition,
+                from: position,
+                to: high,
+            },
+            stats,
+        );
+        let started = Instant::now();
+        let mut batch: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut records = 0u64;
+        let mut next = position.unwrap_or(low);
+        let mut last_progress = (next, Instant::now());
+        let mut last_log = Instant::now();
+        let write = |batch: &mut Vec<(String, Vec<u8>)>, next: i64| {
+            store
+                .restore(
+                    &home,
+                    batch,
+                    &crate::store::Checkpoint {
+                        topic: topic.clone(),
+                        partition,
+                        next_offset: next,
+                    },
+                )
+                .map_err(|e| e.to_string())?;
+            batch.clear();
+            Ok::<_, String>(())
+        };
+        let result = loop {
+            if next >= high {
+                break Ok(());
+            }
+            match self.consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => {
+                    if let (Some(k), Some(v)) = (m.key(), m.payload()) {
+                        batch.push((String::from_utf8_lossy(k).into_owned(), v.to_vec()));
+                        records += 1;
+                    }
+                    next = m.offset() + 1;
+                    if batch.len() >= 1000 {
+                        if let Err(e) = write(&mut batch, next) {
+                            break Err(e);
+                        }
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(%topic, partition, error = %e, "changelog read error; retrying")
+                }
+                None => {
+                    // Compaction can leave the end offset without a record.
+                    if let Ok(pos) = self.consumer.position() {
+                        if let Some(Offset::Offset(o)) =
+                            pos.find_partition(&topic, partition).map(|e| e.offset())
+                        {
+                            next = next.max(o);
+                        }
+                    }
+                }
+            }
+            if next != last_progress.0 {
+                last_progress = (next, Instant::now());
+            } else if last_progress.1.elapsed() > Duration::from_secs(60) {
+                break Err(format!(
+                    "restoring {topic}/{partition}: no progress for 60 s at offset {next} of {high}"
+                ));
+            }
+            if last_log.elapsed() >= Duration::from_secs(5) {
+                last_log = Instant::now();
+                let rate = records as f64 / started.elapsed().as_secs_f64().max(1e-3);
+                tracing::info!(%topic, partition, records, offset = next, end = high, rate = rate as u64, "restoring");
+            }
+        };
+        let _ = self.consumer.unassign();
+        result?;
+        write(&mut batch, next.max(high))?;
+        futures::executor::block_on(store.flush()).map_err(|e| e.to_string())?;
+        emit(
+            RestoreFinished {
+                topic: &topic,
+                partition,
+                records,
+                took: started.elapsed(),
+            },
+            stats,
+        );
+        Ok(true)
+    }
 }
 
 impl ClientContext for SourceContext {
@@ -137,6 +303,28 @@ impl ConsumerContext for SourceContext {
         );
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                *lock(&self.last_rebalance) = Some(Instant::now());
+                let mut restored: HashSet<(String, i32)> = HashSet::new();
+                if let Some(r) = &self.restorer {
+                    // Not ready while state is restored.
+                    self.ready.store(false, Relaxed);
+                    for e in tpl.elements() {
+                        let (topic, partition) = (e.topic().to_owned(), e.partition());
+                        match r.restore(self.store.as_ref(), &self.stats, &topic, partition) {
+                            Ok(true) => {
+                                restored.insert((topic.clone(), partition));
+                            }
+                            Ok(false) => {}
+                            Err(reason) => {
+                                // Processing without the state would apply events to empty records.
+                                tracing::error!(%reason, "cannot restore a partition from its changelog; stopping");
+                                self.fatal.raise(reason);
+                                return;
+                            }
+                        }
+                        lock(&self.local).insert((topic, partition));
+                    }
+                }
                 let mut stored: HashMap<String, std::collections::BTreeMap<i32, i64>> =
                     HashMap::new();
                 let elems: Vec<(String, i32)> = tpl
@@ -156,6 +344,8 @@ impl ConsumerContext for SourceContext {
                         }
                     };
                     let offset = match cps.get(partition) {
+                        // Restored: resume where Kafka's committed offset says; the changelog covers it.
+                        _ if restored.contains(&(topic.clone(), *partition)) => Offset::Stored,
                         Some(&o) => {
                             // Durable already; make sure Kafka learns it even if nothing new arrives.
                             let mut d = lock(&self.durable);
@@ -181,9 +371,11 @@ impl ConsumerContext for SourceContext {
                     a.clear();
                 }
                 a.extend(elems.into_iter().map(|(t, p)| (Arc::from(t.as_str()), p)));
+                *lock(&self.stats.assigned) = a.iter().map(|(t, p)| (t.to_string(), *p)).collect();
                 self.ready.store(!a.is_empty(), Relaxed);
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                *lock(&self.last_rebalance) = Some(Instant::now());
                 let tps: HashSet<TopicPartition> = tpl
                     .elements()
                     .iter()
@@ -218,6 +410,7 @@ impl ConsumerContext for SourceContext {
                 for tp in &tps {
                     a.remove(tp);
                 }
+                *lock(&self.stats.assigned) = a.iter().map(|(t, p)| (t.to_string(), *p)).collect();
                 {
                     let mut cps = lock(&self.stats.checkpoints);
                     let mut lag = lock(&self.stats.lag);
@@ -277,6 +470,7 @@ pub struct Source {
     low: i64,
     topic_names: std::cell::RefCell<HashMap<String, Arc<str>>>,
     settings: Arc<crate::settings::Settings>,
+    purge_after: Duration,
 }
 
 /// Why the source could not start.
@@ -314,6 +508,8 @@ pub struct SourceParts {
     pub brokers_ok: Arc<AtomicBool>,
     /// Tenant settings: nothing is consumed before they are caught up.
     pub settings: Arc<crate::settings::Settings>,
+    /// Raised when the source cannot go on.
+    pub fatal: Arc<crate::pipeline::Fatal>,
 }
 
 impl Source {
@@ -326,6 +522,8 @@ impl Source {
         let mut cc = ClientConfig::new();
         cc.set("bootstrap.servers", &config.brokers)
             .set("group.id", &config.group)
+            // Incremental rebalances: only the partitions that move stop.
+            .set("partition.assignment.strategy", "cooperative-sticky")
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
@@ -336,10 +534,30 @@ impl Source {
                 "statistics.interval.ms",
                 config.stats_interval_ms.to_string(),
             );
+        if let Some(id) = &config.instance_id {
+            cc.set("group.instance.id", id);
+        }
         for (k, v) in &config.kafka {
             cc.set(k, v);
         }
+        let restorer = if config.changelog_suffix.is_empty() {
+            None
+        } else {
+            Some(Restorer::new(config).map_err(err)?)
+        };
+        let local: HashSet<(String, i32)> = parts
+            .store
+            .partition_counts()
+            .unwrap_or_default()
+            .into_keys()
+            .filter(|h| parts.topics.contains(&h.topic))
+            .map(|h| (h.topic, h.partition))
+            .collect();
         let context = SourceContext {
+            restorer,
+            local: Mutex::new(local),
+            last_rebalance: Mutex::new(None),
+            fatal: parts.fatal,
             store: parts.store,
             tracker: parts.tracker.clone(),
             router: parts.router.clone(),
@@ -367,6 +585,7 @@ impl Source {
             low: config.in_flight_low as i64,
             topic_names: Default::default(),
             settings: parts.settings,
+            purge_after: Duration::from_millis(config.purge_after_ms),
         })
     }
 
@@ -386,7 +605,12 @@ impl Source {
         tracing::info!(topics = ?self.topics, "source started");
         let mut paused = false;
         let mut last_commit = Instant::now();
+        let mut last_purge_check = Instant::now();
         while !stop.load(Relaxed) {
+            if last_purge_check.elapsed() >= Duration::from_secs(1) {
+                last_purge_check = Instant::now();
+                self.purge_stale();
+            }
             self.collect_commits();
             if last_commit.elapsed() >= Duration::from_millis(200) {
                 self.commit(CommitMode::Async);
@@ -436,6 +660,50 @@ impl Source {
             "source stopped"
         );
         // Dropping the consumer leaves the group; the revoke callback drains (already done) and commits.
+    }
+
+    /// With the changelog on, removes the state of partitions this instance
+    /// no longer owns, once the assignment has been stable for `purge_after`.
+    fn purge_stale(&self) {
+        let ctx = self.consumer.context();
+        let Some(r) = &ctx.restorer else {
+            return;
+        };
+        // Only once the group has settled: a partition that comes back
+        // soon is cheaper kept than restored.
+        if lock(&ctx.last_rebalance).is_none_or(|t| t.elapsed() < self.purge_after) {
+            return;
+        }
+        let assigned: HashSet<(String, i32)> = lock(&ctx.assigned)
+            .iter()
+            .map(|(t, p)| (t.to_string(), *p))
+            .collect();
+        let stale: Vec<(String, i32)> = lock(&ctx.local)
+            .iter()
+            .filter(|tp| !assigned.contains(*tp))
+            .cloned()
+            .collect();
+        for (topic, partition) in stale {
+            let home = crate::fold::Home {
+                topic: topic.clone(),
+                partition,
+            };
+            match ctx.store.purge_partition(&home, &r.topic_of(&topic)) {
+                Ok(n) => {
+                    tracing::info!(%topic, partition, entities = n, "removed the state of a partition another instance owns");
+                    lock(&ctx.local).remove(&(topic, partition));
+                    let _ = self.writer.send(WriterMsg::Reload);
+                }
+                Err(e) => emit(
+                    ComponentError {
+                        stage: "store",
+                        error_code: "purge_failed",
+                        error: &e,
+                    },
+                    &self.stats,
+                ),
+            }
+        }
     }
 
     /// Takes the writer's durable checkpoints.

@@ -14,6 +14,8 @@
 //! | `x\0<topic>\0<partition, i32 BE><offset, i64 BE>` | dead-letter id: one dead letter per message, even after a replay |
 //! | `a\0<seq, u64 BE>` | [`Anomaly`]; the newest `anomalies_retained` are kept |
 //! | `m\0anomaly_seq` | the next anomaly sequence number |
+//! | `i\0<topic>\0<partition, i32 BE><entity id>` | the partition index: the entities whose home is that input partition |
+//! | `l\0<changelog topic>\0<partition, i32 BE>` | the next changelog offset this store holds (written or restored), i64 BE |
 //! | `h\0<entity id>\0<order key>` | a history entry ([`LogEntry`]) for types that keep history |
 //!
 //! Every value starts with a format-version byte. Version 2 added the
@@ -23,7 +25,7 @@
 
 use crate::anomaly::Anomaly;
 use crate::dead_letter::DeadLetter;
-use crate::fold::{EntityRecord, LogEntry};
+use crate::fold::{EntityRecord, Home, LogEntry};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -182,6 +184,8 @@ mod format_v1 {
                 held: r.held,
                 skipped: r.skipped,
                 ignored_events: 0,
+                home: None,
+                moves: 0,
             }
         }
     }
@@ -198,6 +202,10 @@ const HISTORY: u8 = b'h';
 const PARKED: u8 = b'p';
 /// Outbox bundles: all the messages one batch publishes, under one key.
 const OUTBOX_BUNDLE: u8 = b'b';
+/// The partition index: entities by home partition.
+const PARTITION_INDEX: u8 = b'i';
+/// Changelog positions.
+const CHANGELOG: u8 = b'l';
 
 /// A store failure.
 #[derive(Debug, thiserror::Error)]
@@ -278,6 +286,23 @@ pub struct CommitBatch {
     pub parked: Vec<(String, bool)>,
     /// The count of open dead letters, to persist.
     pub open_dead_letters: Option<u64>,
+    /// Entities whose home partition changed (or was first set): the
+    /// partition index follows.
+    pub homes: Vec<HomeChange>,
+    /// The next changelog offset per changelog partition, once this batch's
+    /// changelog records are acknowledged.
+    pub changelog_positions: Vec<Checkpoint>,
+}
+
+/// An entity's home partition, before and after a batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HomeChange {
+    /// The entity.
+    pub entity: String,
+    /// Its home before, if any.
+    pub from: Option<Home>,
+    /// Its home now.
+    pub to: Home,
 }
 
 /// A boxed future, for the async parts of the trait.
@@ -319,6 +344,45 @@ pub trait Store: Send + Sync + 'static {
     fn parked(&self) -> Result<Vec<String>>;
     /// How many dead letters have status open.
     fn open_dead_letters(&self) -> Result<u64>;
+    /// The next changelog offset this store holds for a changelog partition.
+    fn changelog_position(&self, topic: &str, partition: i32) -> Result<Option<i64>>;
+    /// Entities per home partition, from the partition index.
+    fn partition_counts(&self) -> Result<BTreeMap<Home, u64>>;
+    /// Writes records restored from a changelog partition (each the whole
+    /// encoded record, which names its home), and the changelog position
+    /// reached. The input partition's checkpoint is removed: after a restore,
+    /// consumption resumes from the offset committed to Kafka, which the
+    /// changelog covers.
+    fn restore(
+        &self,
+        input: &Home,
+        records: &[(String, Vec<u8>)],
+        changelog: &Checkpoint,
+    ) -> Result<()>;
+    /// Removes everything held for an input partition this instance no longer
+    /// owns: its checkpoint, its changelog position, and its entities (with
+    /// their history and parked entries). Returns how many entities went.
+    fn purge_partition(&self, input: &Home, changelog_topic: &str) -> Result<u64>;
+}
+
+fn index_key(home: &Home, entity: &str) -> Vec<u8> {
+    let mut k = index_prefix(home);
+    k.extend_from_slice(entity.as_bytes());
+    k
+}
+
+fn index_prefix(home: &Home) -> Vec<u8> {
+    let mut k = key(PARTITION_INDEX, home.topic.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&home.partition.to_be_bytes());
+    k
+}
+
+fn changelog_key(topic: &str, partition: i32) -> Vec<u8> {
+    let mut k = key(CHANGELOG, topic.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&partition.to_be_bytes());
+    k
 }
 
 /// Encodes a value with the format-version prefix.
@@ -524,8 +588,131 @@ impl Store for SledStore {
                 cp.next_offset.to_be_bytes().to_vec(),
             );
         }
+        for h in &batch.homes {
+            if let Some(from) = &h.from {
+                b.remove(index_key(from, &h.entity));
+            }
+            b.insert(index_key(&h.to, &h.entity), &[][..]);
+        }
+        for cp in &batch.changelog_positions {
+            b.insert(
+                changelog_key(&cp.topic, cp.partition),
+                cp.next_offset.to_be_bytes().to_vec(),
+            );
+        }
         self.tree.apply_batch(b)?;
         Ok(())
+    }
+
+    fn changelog_position(&self, topic: &str, partition: i32) -> Result<Option<i64>> {
+        let k = changelog_key(topic, partition);
+        match self.tree.get(&k)? {
+            Some(v) => Ok(Some(i64::from_be_bytes(v.as_ref().try_into().map_err(
+                |_| StoreError::Corrupt {
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    reason: "changelog position is not 8 bytes".into(),
+                },
+            )?))),
+            None => Ok(None),
+        }
+    }
+
+    fn partition_counts(&self) -> Result<BTreeMap<Home, u64>> {
+        let mut out = BTreeMap::new();
+        for k in self.tree.scan_prefix(key(PARTITION_INDEX, b"")).keys() {
+            let k = k?;
+            let rest = &k[2..];
+            let corrupt = || StoreError::Corrupt {
+                key: String::from_utf8_lossy(&k).into_owned(),
+                reason: "partition index key is malformed".into(),
+            };
+            let nul = rest.iter().position(|b| *b == 0).ok_or_else(corrupt)?;
+            let p: [u8; 4] = rest
+                .get(nul + 1..nul + 5)
+                .and_then(|s| s.try_into().ok())
+                .ok_or_else(corrupt)?;
+            let home = Home {
+                topic: String::from_utf8_lossy(&rest[..nul]).into_owned(),
+                partition: i32::from_be_bytes(p),
+            };
+            *out.entry(home).or_insert(0) += 1;
+        }
+        Ok(out)
+    }
+
+    fn restore(
+        &self,
+        input: &Home,
+        records: &[(String, Vec<u8>)],
+        changelog: &Checkpoint,
+    ) -> Result<()> {
+        let mut b = sled::Batch::default();
+        for (id, bytes) in records {
+            let k = key(ENTITY, id.as_bytes());
+            let record: EntityRecord = decode(&k, bytes)?;
+            if let Some(old) = self.tree.get(&k)? {
+                // Keep the partition index exact when the record lived elsewhere.
+                if let Ok(old) = decode::<EntityRecord>(&k, &old) {
+                    if let Some(h) = old.home.filter(|h| Some(h) != record.home.as_ref()) {
+                        b.remove(index_key(&h, id));
+                    }
+                }
+            }
+            b.insert(
+                index_key(record.home.as_ref().unwrap_or(input), id),
+                &[][..],
+            );
+            if record.parked.is_some() {
+                b.insert(key(PARKED, id.as_bytes()), &[][..]);
+            } else {
+                b.remove(key(PARKED, id.as_bytes()));
+            }
+            b.insert(k, bytes.as_slice());
+        }
+        b.insert(
+            changelog_key(&changelog.topic, changelog.partition),
+            changelog.next_offset.to_be_bytes().to_vec(),
+        );
+        b.remove(checkpoint_key(&input.topic, input.partition));
+        self.tree.apply_batch(b)?;
+        Ok(())
+    }
+
+    fn purge_partition(&self, input: &Home, changelog_topic: &str) -> Result<u64> {
+        // First what says the partition is here: a crash halfway leaves
+        // entities that the next assignment restores over.
+        let mut b = sled::Batch::default();
+        b.remove(checkpoint_key(&input.topic, input.partition));
+        b.remove(changelog_key(changelog_topic, input.partition));
+        self.tree.apply_batch(b)?;
+        let prefix = index_prefix(input);
+        let mut purged = 0;
+        loop {
+            let keys: Vec<sled::IVec> = self
+                .tree
+                .scan_prefix(&prefix)
+                .keys()
+                .take(1000)
+                .collect::<std::result::Result<_, _>>()?;
+            if keys.is_empty() {
+                break;
+            }
+            let mut b = sled::Batch::default();
+            for k in &keys {
+                let id = &k[prefix.len()..];
+                b.remove(key(ENTITY, id));
+                b.remove(key(PARKED, id));
+                let entity = String::from_utf8_lossy(id);
+                for h in self.tree.scan_prefix(history_prefix(&entity)).keys() {
+                    b.remove(h?);
+                }
+                b.remove(k.clone());
+                purged += 1;
+            }
+            self.tree.apply_batch(b)?;
+        }
+        self.tree.flush()?;
+        Ok(purged)
     }
 
     fn flush(&self) -> BoxFuture<'_, Result<()>> {

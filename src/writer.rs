@@ -9,9 +9,10 @@
 
 use crate::checkpoint::{CheckpointTracker, TopicPartition};
 use crate::dead_letter::DeadLetter;
+use crate::fold::Home;
 use crate::internal_events::{emit, BatchCommitted, ComponentError, EventsDurable};
 use crate::metrics::Stats;
-use crate::store::{Checkpoint, CommitBatch, OutboxRecord, Store, StoreError};
+use crate::store::{Checkpoint, CommitBatch, HomeChange, OutboxRecord, Store, StoreError};
 use crate::telemetry::{self, SpanInfo};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -66,6 +67,10 @@ pub struct EntityWrite {
     pub bytes: Vec<u8>,
     /// Whether the entity is parked (kept in the parked index).
     pub parked: bool,
+    /// Its home partition: the changelog partition it is written to.
+    pub home: Option<crate::fold::Home>,
+    /// Its home before this write, when that differs.
+    pub previous_home: Option<crate::fold::Home>,
 }
 
 /// What the writer keeps across batches for operators: parked entities and
@@ -92,6 +97,9 @@ pub enum WriterMsg {
     Barrier(std::sync::mpsc::Sender<()>),
     /// Write what came before, then stop.
     Stop,
+    /// Re-read the operator view (parked entities, open dead letters) from
+    /// the store, after something other than the writer changed it.
+    Reload,
 }
 
 /// Checkpoints for the source to commit to Kafka.
@@ -119,6 +127,101 @@ pub struct Writer {
     pub anomalies_retained: u64,
     /// False while store writes are failing.
     pub store_ok: Arc<std::sync::atomic::AtomicBool>,
+    /// Where entity records are also written, when the changelog is on.
+    pub changelog: Option<Changelog>,
+}
+
+/// The changelog: every entity record the store makes durable is also
+/// produced, keyed by entity id, to `<input topic><suffix>`, at the partition
+/// number of the record's home. The value is the stored record itself, format
+/// byte first.
+pub struct Changelog {
+    /// An idempotent producer.
+    pub producer: rdkafka::producer::FutureProducer,
+    /// Appended to an input topic's name to name its changelog.
+    pub suffix: String,
+}
+
+impl Changelog {
+    /// The changelog topic of `input`.
+    pub fn topic_of(&self, input: &str) -> String {
+        format!("{input}{}", self.suffix)
+    }
+
+    /// Produces the batch's records and waits until the broker has them all;
+    /// failures are retried, with backoff, until they succeed (nothing is
+    /// acknowledged meanwhile). Returns the next offset per changelog partition.
+    async fn write(
+        &self,
+        entities: &[(String, Vec<u8>)],
+        homes: &HashMap<String, (Option<Home>, Option<Home>)>,
+        stats: &Stats,
+    ) -> Vec<Checkpoint> {
+        use rdkafka::producer::FutureRecord;
+        let mut pending: Vec<(&str, &[u8], String, i32)> = entities
+            .iter()
+            .filter_map(|(id, bytes)| {
+                let home = homes.get(id)?.1.as_ref()?;
+                Some((
+                    id.as_str(),
+                    bytes.as_slice(),
+                    self.topic_of(&home.topic),
+                    home.partition,
+                ))
+            })
+            .collect();
+        let mut positions: HashMap<(String, i32), i64> = HashMap::new();
+        let mut attempt = 0u32;
+        while !pending.is_empty() {
+            let sends = pending.iter().map(|(id, bytes, topic, partition)| {
+                self.producer.send(
+                    FutureRecord::to(topic)
+                        .partition(*partition)
+                        .key(*id)
+                        .payload(*bytes),
+                    Duration::from_secs(30),
+                )
+            });
+            let results = futures::future::join_all(sends).await;
+            let mut failed = Vec::new();
+            for (r, p) in results.into_iter().zip(pending.drain(..)) {
+                match r {
+                    Ok(d) => {
+                        let next = positions.entry((p.2.clone(), p.3)).or_insert(0);
+                        *next = (*next).max(d.offset + 1);
+                    }
+                    Err((e, _)) => {
+                        if failed.is_empty() {
+                            emit(
+                                ComponentError {
+                                    stage: "changelog",
+                                    error_code: "produce_failed",
+                                    error: &format!("{}/{}: {e}", p.2, p.3),
+                                },
+                                stats,
+                            );
+                        }
+                        failed.push(p);
+                    }
+                }
+            }
+            if !failed.is_empty() {
+                attempt += 1;
+                let delay = Duration::from_millis(100u64.saturating_mul(1 << attempt.min(6)));
+                tracing::error!(failed = failed.len(), attempt, ?delay, "changelog records not acknowledged; retrying (nothing is checkpointed meanwhile)");
+                tokio::time::sleep(delay).await;
+            }
+            pending = failed;
+        }
+        positions
+            .into_iter()
+            .map(|((topic, partition), next_offset)| Checkpoint {
+                topic,
+                partition,
+                next_offset,
+            })
+            .collect()
+    }
 }
 
 /// Why the writer stopped.
@@ -172,9 +275,17 @@ impl Writer {
                 WriterMsg::Write(i) => intents.push(i),
                 WriterMsg::Barrier(b) => barriers.push(b),
                 WriterMsg::Stop => {}
+                WriterMsg::Reload => {
+                    *view = OperatorView {
+                        parked: self.store.parked()?.into_iter().collect(),
+                        open_dead_letters: self.store.open_dead_letters()?,
+                    };
+                }
             }
         }
         let mut touched: HashSet<TopicPartition> = HashSet::new();
+        // Per entity: its home in the partition index before the batch, and after.
+        let mut homes: HashMap<String, (Option<Home>, Option<Home>)> = HashMap::new();
         for intent in intents.iter_mut() {
             if !intent.history.is_empty() {
                 if let Some(w) = &intent.entity {
@@ -183,7 +294,25 @@ impl Writer {
                         .extend(intent.history.drain(..).map(|h| (w.id.clone(), h)));
                 }
             }
-            if let Some(EntityWrite { id, bytes, parked }) = intent.entity.take() {
+            if let Some(EntityWrite {
+                id,
+                bytes,
+                parked,
+                home,
+                previous_home,
+            }) = intent.entity.take()
+            {
+                // The partition index and the changelog exist for moving
+                // partitions between instances: without a changelog, neither
+                // costs a write.
+                if self.changelog.is_some() {
+                    match homes.get_mut(&id) {
+                        Some(h) => h.1 = home,
+                        None => {
+                            homes.insert(id.clone(), (previous_home, home));
+                        }
+                    }
+                }
                 if parked != view.parked.contains(&id) {
                     if parked {
                         view.parked.insert(id.clone());
@@ -278,6 +407,21 @@ impl Writer {
             if let Some(ack) = &intent.ack {
                 touched.insert(ack.tp.clone());
             }
+        }
+        for (entity, (from, to)) in &homes {
+            if let Some(to) = to.as_ref().filter(|to| from.as_ref() != Some(*to)) {
+                batch.homes.push(HomeChange {
+                    entity: entity.clone(),
+                    from: from.clone(),
+                    to: to.clone(),
+                });
+            }
+        }
+        if let Some(changelog) = &self.changelog {
+            // The changelog first: a record the store holds is always in the
+            // changelog too, so the next owner of a partition never restores
+            // less than a checkpoint covers.
+            batch.changelog_positions = changelog.write(&batch.entities, &homes, &self.stats).await;
         }
         if !batch.outbox.is_empty() {
             batch.outbox_id = self.store.next_id()?;

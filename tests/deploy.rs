@@ -171,6 +171,27 @@ fn compose_agrees_with_the_code() {
             "kafka-init does not create {t}"
         );
     }
+    // The changelog is compacted, with the input topic's partition count.
+    assert!(
+        !config.changelog_suffix.is_empty(),
+        "the stack runs with a changelog"
+    );
+    let partitions_of = |topic: &str| {
+        let at = init
+            .find(&format!("--topic {topic} --partitions "))
+            .unwrap_or_else(|| panic!("kafka-init does not create {topic}"));
+        init[at..]
+            .split_whitespace()
+            .nth(3)
+            .and_then(|n| n.parse::<u32>().ok())
+            .unwrap()
+    };
+    let changelog = format!("{}{}", config.topic, config.changelog_suffix);
+    assert_eq!(partitions_of(&changelog), partitions_of(&config.topic));
+    assert!(init.contains(&format!(
+        "--topic {changelog} --partitions {} --replication-factor 1 --config cleanup.policy=compact",
+        partitions_of(&config.topic)
+    )));
     // The settings topic is compacted: the latest document per tenant stays.
     assert_eq!(
         config.settings.source,

@@ -1,0 +1,275 @@
+//! Several `orderly run` instances in one consumer group, on the embedded
+//! broker, with the changelog on: a member killed mid-stream and restarted,
+//! and an instance with an empty data dir that restores what others built.
+
+mod common;
+
+use common::{Oracle, OrderlyProcess, TestTopic};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const SUFFIX: &str = ".changelog";
+
+/// The topic plus its changelog, and a config for instance `name`.
+fn changelog_topic(t: &TestTopic) {
+    t.broker
+        .create_topic(&format!("{}{SUFFIX}", t.topic), t.partitions)
+        .expect("changelog topic");
+}
+
+fn instance_config(t: &TestTopic, dir: &Path, name: &str) -> PathBuf {
+    let mut config = t.config(&dir.join(format!("data-{name}")));
+    config.changelog_suffix = SUFFIX.into();
+    config.purge_after_ms = 2_000;
+    // Static membership: a stopped member's partitions wait for it (for
+    // the session timeout) instead of moving at once.
+    config.instance_id = Some(name.into());
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+    path
+}
+
+fn start(dir: &Path, config: &Path, name: &str) -> OrderlyProcess {
+    OrderlyProcess::start(config, &dir.join(format!("{name}.log")), &[])
+}
+
+/// `orderly state dump` of a stopped instance's data dir: entity id -> record JSON.
+fn dump(data_dir: &Path) -> BTreeMap<String, serde_json::Value> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_orderly"))
+        .args(["state", "dump", "--data-dir"])
+        .arg(data_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["entity_id"].as_str().unwrap().to_owned(), v)
+        })
+        .collect()
+}
+
+/// Compares the union of dumps with the oracle: every entity present exactly
+/// once, the same state, and applied exactly once per distinct event.
+fn check(oracle: &Oracle, dumps: &[BTreeMap<String, serde_json::Value>]) {
+    let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut problems = Vec::new();
+    for (i, d) in dumps.iter().enumerate() {
+        for (id, r) in d {
+            if let Some(j) = seen.insert(id, i) {
+                problems.push(format!("{id} is held by instances {j} and {i}"));
+            }
+            let Some((fields, deleted)) = oracle.state.get(id) else {
+                problems.push(format!("{id}: not in the oracle"));
+                continue;
+            };
+            if r["state"].as_object() != Some(fields) || r["deleted"].as_bool() != Some(*deleted) {
+                problems.push(format!("{id}: state {} oracle {fields:?}", r["state"]));
+            }
+            if r["applied_events"].as_u64() != Some(oracle.distinct[id]) {
+                problems.push(format!(
+                    "{id}: applied {} events, oracle has {} distinct",
+                    r["applied_events"], oracle.distinct[id]
+                ));
+            }
+        }
+    }
+    if seen.len() != oracle.state.len() {
+        problems.push(format!(
+            "{} entities across instances, oracle {}",
+            seen.len(),
+            oracle.state.len()
+        ));
+    }
+    assert!(
+        problems.is_empty(),
+        "{} problems: {:#?}",
+        problems.len(),
+        &problems[..problems.len().min(20)]
+    );
+}
+
+fn wait_for_log(p: &OrderlyProcess, needle: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !std::fs::read_to_string(&p.log)
+        .unwrap_or_default()
+        .contains(needle)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} in the log:\n{}",
+            p.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn three_instances_share_twelve_partitions_through_a_kill_and_a_restart() {
+    let t = TestTopic::new(12);
+    changelog_topic(&t);
+    let dir = tempfile::tempdir().unwrap();
+    let configs: Vec<PathBuf> = (0..3)
+        .map(|i| instance_config(&t, dir.path(), &format!("i{i}")))
+        .collect();
+    let mut instances: Vec<OrderlyProcess> = (0..3)
+        .map(|i| start(dir.path(), &configs[i], &format!("i{i}")))
+        .collect();
+    for p in &instances {
+        wait_for_log(p, "partition assigned", Duration::from_secs(60));
+    }
+    let events = common::shuffled_stream(600, 10, 0.02, 11);
+    let oracle = Oracle::of(&events);
+    let (brokers, topic) = (t.brokers.clone(), t.topic.clone());
+    let (first, rest) = events.split_at(events.len() / 3);
+    common::produce_events(&brokers, &topic, first);
+    let rest = rest.to_vec();
+    let producer = std::thread::spawn(move || {
+        common::produce_to(
+            &brokers,
+            &topic,
+            Some(1_500.0),
+            rest.iter()
+                .map(|e| orderly::workload::message_of(e, orderly::workload::Format::Proto)),
+        )
+    });
+    // Mid-stream: one member dies without a goodbye.
+    std::thread::sleep(Duration::from_secs(2));
+    instances[2].kill();
+    // The survivors take over its partitions after the session timeout,
+    // restoring them from the changelog; then it comes back.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !(0..2).any(|i| {
+        std::fs::read_to_string(dir.path().join(format!("i{i}.log")))
+            .unwrap_or_default()
+            .contains("partition restored")
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "the killed member's partitions never moved"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    producer.join().unwrap();
+    instances[2] = start(dir.path(), &configs[2], "i2");
+    t.wait_all_committed(Duration::from_secs(180))
+        .unwrap_or_else(|e| panic!("{e}\n{}", instances[0].log_tail()));
+    // The group settles: every partition owned once, and the copies of
+    // partitions an instance no longer owns purged.
+    let admins: Vec<String> = instances
+        .iter_mut()
+        .map(|p| format!("http://{}", p.admin_addr(Duration::from_secs(30))))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut settled = 0;
+    while settled < 3 {
+        assert!(Instant::now() < deadline, "the group never settled");
+        std::thread::sleep(Duration::from_secs(1));
+        let mut owners: BTreeMap<i64, usize> = BTreeMap::new();
+        let mut stale = 0;
+        for a in &admins {
+            let body: serde_json::Value = reqwest::blocking::get(format!("{a}/api/partitions"))
+                .and_then(|r| r.json())
+                .unwrap_or_default();
+            for p in body["partitions"].as_array().into_iter().flatten() {
+                if p["assigned"] == true {
+                    *owners.entry(p["partition"].as_i64().unwrap()).or_default() += 1;
+                } else {
+                    stale += 1;
+                }
+            }
+        }
+        let ok = owners.len() == 12 && owners.values().all(|n| *n == 1) && stale == 0;
+        settled = if ok { settled + 1 } else { 0 };
+    }
+    // `orderly partitions` shows each partition's owner.
+    let mut args = vec!["partitions".to_owned()];
+    for a in &admins {
+        args.extend(["--admin".to_owned(), a.clone()]);
+    }
+    args.extend([
+        "--brokers".into(),
+        t.brokers.clone(),
+        "--topic".into(),
+        t.topic.clone(),
+    ]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_orderly"))
+        .args(&args)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{table}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<&str> = table.lines().filter(|l| l.starts_with(&t.topic)).collect();
+    assert_eq!(rows.len(), 12, "{table}");
+    assert!(
+        rows.iter()
+            .all(|r| !r.contains("unassigned") && !r.contains("purged")),
+        "{table}"
+    );
+    for p in instances.iter_mut() {
+        assert!(
+            p.terminate(Duration::from_secs(40)).success(),
+            "{}",
+            p.log_tail()
+        );
+    }
+    let logs: String = (0..3)
+        .map(|i| std::fs::read_to_string(dir.path().join(format!("i{i}.log"))).unwrap())
+        .collect();
+    assert!(logs.contains("partition restored"), "no restore happened");
+    let dumps: Vec<_> = (0..3)
+        .map(|i| dump(&dir.path().join(format!("data-i{i}"))))
+        .collect();
+    check(&oracle, &dumps);
+}
+
+#[test]
+fn an_instance_with_an_empty_data_dir_restores_and_continues() {
+    let t = TestTopic::new(4);
+    changelog_topic(&t);
+    let dir = tempfile::tempdir().unwrap();
+    let events = common::shuffled_stream(300, 8, 0.02, 5);
+    let (before, after) = events.split_at(events.len() / 2);
+    // Two instances build the state of the first half.
+    let a = instance_config(&t, dir.path(), "a");
+    let b = instance_config(&t, dir.path(), "b");
+    let mut pa = start(dir.path(), &a, "a");
+    let mut pb = start(dir.path(), &b, "b");
+    t.produce_events(before);
+    t.wait_all_committed(Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{e}\n{}", pa.log_tail()));
+    assert!(pa.terminate(Duration::from_secs(40)).success());
+    assert!(pb.terminate(Duration::from_secs(40)).success());
+    // A new instance, empty data dir, owns every partition now.
+    let c = instance_config(&t, dir.path(), "c");
+    let mut pc = start(dir.path(), &c, "c");
+    wait_for_log(&pc, "partition restored", Duration::from_secs(60));
+    t.produce_events(after);
+    t.wait_all_committed(Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{e}\n{}", pc.log_tail()));
+    let addr = pc.admin_addr(Duration::from_secs(10));
+    let metrics = reqwest::blocking::get(format!("http://{addr}/metrics"))
+        .unwrap()
+        .text()
+        .unwrap();
+    let restored: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("orderly_restore_records_total"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(restored >= 300.0, "restored {restored} records\n{metrics}");
+    assert!(pc.terminate(Duration::from_secs(40)).success());
+    let dump_c = dump(&dir.path().join("data-c"));
+    check(&Oracle::of(&events), &[dump_c]);
+}

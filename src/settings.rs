@@ -697,22 +697,9 @@ impl TopicReader {
     /// A reader of `config.settings.topic` on `config.brokers`. It assigns
     /// every partition itself: it never joins the group or commits.
     pub fn new(config: &crate::config::Config) -> Self {
-        let mut cc = rdkafka::ClientConfig::new();
-        for (k, v) in &config.kafka {
-            // Security and client settings apply; group membership does not.
-            if !k.starts_with("group.") {
-                cc.set(k, v);
-            }
-        }
-        cc.set("bootstrap.servers", &config.brokers)
-            .set("group.id", format!("{}.settings", config.group))
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("enable.partition.eof", "false")
-            .set("fetch.wait.max.ms", crate::source::FETCH_WAIT_MAX_MS);
         TopicReader {
             topic: config.settings.topic.clone(),
-            client: cc,
+            client: crate::source::reader_config(config, "settings"),
         }
     }
 

@@ -44,6 +44,25 @@ use std::time::{Duration, Instant, SystemTime};
 /// loaded orderly. 10 ms costs at most 100 idle fetches per second per broker.
 pub const FETCH_WAIT_MAX_MS: &str = "10";
 
+/// The client config of a consumer that assigns partitions itself and never
+/// joins the group or commits (the changelog restorer, the settings reader):
+/// the configured security and client properties apply, group ones do not.
+pub fn reader_config(config: &Config, purpose: &str) -> ClientConfig {
+    let mut cc = ClientConfig::new();
+    for (k, v) in &config.kafka {
+        if !k.starts_with("group.") && k != "partition.assignment.strategy" {
+            cc.set(k, v);
+        }
+    }
+    cc.set("bootstrap.servers", &config.brokers)
+        .set("group.id", format!("{}.{purpose}", config.group))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        .set("fetch.wait.max.ms", FETCH_WAIT_MAX_MS);
+    cc
+}
+
 /// What the source shares with its rebalance callbacks.
 pub struct SourceContext {
     store: Arc<dyn Store>,
@@ -69,6 +88,8 @@ pub struct SourceContext {
     last_rebalance: Mutex<Option<Instant>>,
     /// Raised when a partition cannot be restored.
     fatal: Arc<crate::pipeline::Fatal>,
+    /// When an offset commit last failed.
+    commit_failed_at: Mutex<Option<Instant>>,
 }
 
 /// Reads a changelog partition into the store when this instance is assigned
@@ -81,20 +102,8 @@ pub struct Restorer {
 impl Restorer {
     /// A restorer reading `<input><suffix>` changelogs on `config.brokers`.
     pub fn new(config: &Config) -> Result<Self, KafkaError> {
-        let mut cc = ClientConfig::new();
-        for (k, v) in &config.kafka {
-            if !k.starts_with("group.") && k != "partition.assignment.strategy" {
-                cc.set(k, v);
-            }
-        }
-        cc.set("bootstrap.servers", &config.brokers)
-            .set("group.id", format!("{}.restore", config.group))
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("enable.partition.eof", "false")
-            .set("fetch.wait.max.ms", FETCH_WAIT_MAX_MS);
         Ok(Restorer {
-            consumer: cc.create()?,
+            consumer: reader_config(config, "restore").create()?,
             suffix: config.changelog_suffix.clone(),
         })
     }
@@ -451,7 +460,10 @@ impl ConsumerContext for SourceContext {
                     }
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "committing offsets to Kafka failed; retrying"),
+            Err(e) => {
+                *lock(&self.commit_failed_at) = Some(Instant::now());
+                tracing::warn!(error = %e, "committing offsets to Kafka failed; retrying")
+            }
         }
     }
 }
@@ -557,6 +569,7 @@ impl Source {
             restorer,
             local: Mutex::new(local),
             last_rebalance: Mutex::new(None),
+            commit_failed_at: Mutex::new(None),
             fatal: parts.fatal,
             store: parts.store,
             tracker: parts.tracker.clone(),
@@ -738,6 +751,13 @@ impl Source {
             }
         }
         if tpl.count() == 0 {
+            return;
+        }
+        // While the group rebalances every commit fails (and librdkafka logs
+        // each): after a failure, asynchronous commits wait a second.
+        if matches!(mode, CommitMode::Async)
+            && lock(&ctx.commit_failed_at).is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
             return;
         }
         // The checkpoints are durable in the store; a crash here must not keep Kafka behind.

@@ -59,6 +59,9 @@ pub fn reader_config(config: &Config, purpose: &str) -> ClientConfig {
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false")
+        // An offset the log no longer has (retention, compaction) reads from
+        // the start of what it has: never skip to the end.
+        .set("auto.offset.reset", "earliest")
         .set("fetch.wait.max.ms", FETCH_WAIT_MAX_MS);
     cc
 }
@@ -135,8 +138,8 @@ impl Restorer {
         let from = match position {
             Some(p) if p >= high => return Ok(false),
             None if high <= low => return Ok(false),
-            Some(p) => Offset::Offset(p),
-            None => Offset::Beginning,
+            Some(p) if p > low => Offset::Offset(p),
+            _ => Offset::Beginning,
         };
         let home = crate::fold::Home {
             topic: input.to_owned(),
@@ -158,7 +161,7 @@ impl Restorer {
         let started = Instant::now();
         let mut batch: Vec<(String, Vec<u8>)> = Vec::new();
         let mut records = 0u64;
-        let mut next = position.unwrap_or(low);
+        let mut next = position.unwrap_or(low).max(low);
         let mut last_progress = (next, Instant::now());
         let mut last_log = Instant::now();
         let write = |batch: &mut Vec<(String, Vec<u8>)>, next: i64| {

@@ -245,6 +245,23 @@ fn validate(e: &Event) -> Result<(), DecodeError> {
 }
 
 impl Event {
+    /// An event of entity `e`, tenant `t`, for unit tests.
+    #[cfg(test)]
+    pub(crate) fn test(id: &str, at: i64, event_type: &str, payload: serde_json::Value) -> Event {
+        let Value::Object(payload) = Value::from(payload) else {
+            panic!("a test payload must be a JSON object")
+        };
+        Event {
+            entity_id: "e".into(),
+            tenant_id: "t".into(),
+            event_id: id.into(),
+            event_type: event_type.into(),
+            occurred_at: at,
+            version: None,
+            payload,
+        }
+    }
+
     /// Encodes as protobuf, the default wire format of `orderly produce`.
     pub fn to_proto_bytes(&self) -> Vec<u8> {
         proto::Event {

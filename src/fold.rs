@@ -126,8 +126,6 @@ pub struct EntityRecord {
     /// The partition the entity's events arrive on: its state lives under
     /// it (in the store's partition index and in that partition's changelog).
     pub home: Option<Home>,
-    /// How many times the entity was handed over to another partition.
-    pub moves: u32,
 }
 
 /// The input partition an entity's state lives under.
@@ -872,18 +870,7 @@ mod tests {
     }
 
     fn ev(id: &str, at: i64, t: &str, payload: serde_json::Value) -> Event {
-        let Value::Object(payload) = Value::from(payload) else {
-            unreachable!()
-        };
-        Event {
-            entity_id: "e".into(),
-            tenant_id: "t".into(),
-            event_id: id.into(),
-            event_type: t.into(),
-            occurred_at: at,
-            version: None,
-            payload,
-        }
+        Event::test(id, at, t, payload)
     }
 
     fn pol(retention: usize) -> TenantView {

@@ -250,18 +250,7 @@ mod tests {
     }
 
     fn ev(t: &str, payload: serde_json::Value) -> Event {
-        let Value::Object(payload) = Value::from(payload) else {
-            unreachable!()
-        };
-        Event {
-            entity_id: "e".into(),
-            tenant_id: "t".into(),
-            event_id: "1".into(),
-            event_type: t.into(),
-            occurred_at: 0,
-            version: None,
-            payload,
-        }
+        Event::test("1", 0, t, payload)
     }
 
     #[test]

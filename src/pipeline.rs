@@ -209,6 +209,14 @@ impl Control {
         let lag = self.stats.lag.lock().map(|l| l.clone()).unwrap_or_default();
         let mut held: std::collections::BTreeSet<(String, i32)> = assigned.clone();
         held.extend(counts.keys().map(|h| (h.topic.clone(), h.partition)));
+        // Each topic's checkpoints in one scan.
+        let mut checkpoints: HashMap<String, std::collections::BTreeMap<i32, i64>> = HashMap::new();
+        for (topic, _) in &held {
+            if !checkpoints.contains_key(topic) {
+                let c = self.store.checkpoints(topic).unwrap_or_default();
+                checkpoints.insert(topic.clone(), c);
+            }
+        }
         let rows: Vec<_> = held
             .into_iter()
             .map(|(topic, partition)| {
@@ -216,11 +224,7 @@ impl Control {
                     topic: topic.clone(),
                     partition,
                 };
-                let checkpoint = self
-                    .store
-                    .checkpoints(&topic)
-                    .ok()
-                    .and_then(|c| c.get(&partition).copied());
+                let checkpoint = checkpoints[&topic].get(&partition).copied();
                 let changelog = (!self.identity.changelog_suffix.is_empty())
                     .then(|| {
                         self.store

@@ -388,12 +388,7 @@ impl TenantView {
     }
 
     fn then(&self, next: TenantSettings) -> Self {
-        let mut versions: Vec<_> = self
-            .versions
-            .iter()
-            .filter(|s| s.version != 0)
-            .cloned()
-            .collect();
+        let mut versions = self.versions.clone();
         versions.push(Arc::new(next));
         let excess = versions.len().saturating_sub(RETAINED_VERSIONS);
         versions.drain(..excess);
@@ -566,14 +561,6 @@ impl Settings {
     /// Tenants with settings in force.
     pub fn tenant_count(&self) -> usize {
         read(&self.tenants).len()
-    }
-
-    /// Every tenant's document in force, by tenant id.
-    pub fn documents(&self) -> BTreeMap<String, SettingsDocument> {
-        read(&self.tenants)
-            .iter()
-            .filter_map(|(t, v)| v.current().document().map(|d| (t.clone(), d.clone())))
-            .collect()
     }
 
     /// True once the source has delivered everything it had at start.
@@ -978,8 +965,7 @@ impl HttpReader {
         };
         let mut changed = false;
         for doc in docs {
-            let raw = serde_json::to_vec(&doc).unwrap_or_default();
-            let outcome = serde_json::from_value::<SettingsDocument>(doc)
+            let outcome = SettingsDocument::deserialize(&doc)
                 .map_err(|e| SettingsError::Undecodable(format!("JSON: {e}")))
                 .and_then(|d| parts.settings.apply_document(d));
             match outcome {
@@ -992,6 +978,7 @@ impl HttpReader {
                 Ok(_) => {}
                 Err(e) => {
                     // One dead letter per distinct rejected document.
+                    let raw = serde_json::to_vec(&doc).unwrap_or_default();
                     let offset = (crc32(&raw) & 0x7fff_ffff) as i64;
                     let dl =
                         rejected_dead_letter(&e, &self.url, 0, offset, None, Some(&raw), vec![]);
@@ -1141,28 +1128,15 @@ mod tests {
         }
     }
 
-    fn event(t: &str, payload: serde_json::Value) -> Event {
-        let Value::Object(payload) = Value::from(payload) else {
-            unreachable!()
-        };
-        Event {
-            entity_id: "e".into(),
-            tenant_id: "t1".into(),
-            event_id: "1".into(),
-            event_type: t.into(),
-            occurred_at: 0,
-            version: None,
-            payload,
-        }
-    }
-
     #[test]
     fn mappings_and_enabled_types() {
         let mut d = doc(1);
         d.enabled_types = vec!["lead.updated".into()];
         d.field_mappings.insert("Stage".into(), "stage".into());
         let s = d.compile(&Policies::default()).unwrap();
-        let e = event(
+        let e = Event::test(
+            "1",
+            0,
             "lead.updated",
             serde_json::json!({"Email": "a@b", "stage": "old", "Stage": "new", "x": 1}),
         );
@@ -1173,7 +1147,7 @@ mod tests {
         assert_eq!(p.payload["x"], Value::Int(1));
         assert!(!p.payload.contains_key("Email"));
         assert!(s
-            .prepare(&event("lead.deleted", serde_json::json!({})))
+            .prepare(&Event::test("1", 0, "lead.deleted", serde_json::json!({})))
             .is_none());
         d.drop_unmapped = true;
         let s = d.compile(&Policies::default()).unwrap();

@@ -158,19 +158,20 @@ impl Changelog {
         stats: &Stats,
     ) -> Vec<Checkpoint> {
         use rdkafka::producer::FutureRecord;
-        let mut pending: Vec<(&str, &[u8], String, i32)> = entities
+        // One changelog name per input topic, not one per record.
+        let mut topics: HashMap<&str, Arc<str>> = HashMap::new();
+        let mut pending: Vec<(&str, &[u8], Arc<str>, i32)> = entities
             .iter()
             .filter_map(|(id, bytes)| {
                 let home = homes.get(id)?.1.as_ref()?;
-                Some((
-                    id.as_str(),
-                    bytes.as_slice(),
-                    self.topic_of(&home.topic),
-                    home.partition,
-                ))
+                let topic = topics
+                    .entry(home.topic.as_str())
+                    .or_insert_with(|| self.topic_of(&home.topic).into())
+                    .clone();
+                Some((id.as_str(), bytes.as_slice(), topic, home.partition))
             })
             .collect();
-        let mut positions: HashMap<(String, i32), i64> = HashMap::new();
+        let mut positions: HashMap<(Arc<str>, i32), i64> = HashMap::new();
         let mut attempt = 0u32;
         while !pending.is_empty() {
             let sends = pending.iter().map(|(id, bytes, topic, partition)| {
@@ -216,7 +217,7 @@ impl Changelog {
         positions
             .into_iter()
             .map(|((topic, partition), next_offset)| Checkpoint {
-                topic,
+                topic: topic.to_string(),
                 partition,
                 next_offset,
             })

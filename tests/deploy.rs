@@ -104,16 +104,7 @@ fn compose_agrees_with_the_code() {
     // orderly's variables are real config fields, and the config they give is valid.
     let orderly = &doc["services"]["orderly"];
     let env = env_of(orderly);
-    for k in env
-        .keys()
-        .filter(|k| k.starts_with("ORDERLY_") && *k != "ORDERLY_CONFIG")
-    {
-        let field = k.trim_start_matches("ORDERLY_").to_ascii_lowercase();
-        assert!(
-            orderly::config::FIELDS.contains(&field.as_str()),
-            "{k} is not a config field"
-        );
-    }
+    assert_config_variables(env.keys());
     let file = env["ORDERLY_CONFIG"].clone();
     let mounted = strings(&orderly["volumes"])
         .into_iter()
@@ -527,16 +518,7 @@ fn k8s_manifests_agree_with_the_code() {
         .iter()
         .map(|e| (e["name"].as_str().unwrap().to_owned(), e.clone()))
         .collect();
-    for k in env
-        .keys()
-        .filter(|k| k.starts_with("ORDERLY_") && *k != "ORDERLY_CONFIG")
-    {
-        let field = k.trim_start_matches("ORDERLY_").to_ascii_lowercase();
-        assert!(
-            orderly::config::FIELDS.contains(&field.as_str()),
-            "{k} is not a config field"
-        );
-    }
+    assert_config_variables(env.keys());
     let plain: BTreeMap<String, String> = env
         .iter()
         .filter_map(|(k, e)| e["value"].as_str().map(|v| (k.clone(), v.to_owned())))
@@ -641,4 +623,15 @@ fn k8s_manifests_agree_with_the_code() {
         dockerfile.contains(&format!("--uid {uid} ")),
         "the Dockerfile's user is not uid {uid}"
     );
+}
+
+/// Every `ORDERLY_*` variable (but `ORDERLY_CONFIG`) names a config field.
+fn assert_config_variables<'a>(names: impl Iterator<Item = &'a String>) {
+    for k in names.filter(|k| k.starts_with("ORDERLY_") && *k != "ORDERLY_CONFIG") {
+        let field = k.trim_start_matches("ORDERLY_").to_ascii_lowercase();
+        assert!(
+            orderly::config::FIELDS.contains(&field.as_str()),
+            "{k} is not a config field"
+        );
+    }
 }

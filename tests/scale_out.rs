@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Oracle, OrderlyProcess, TestTopic};
+use common::{Found, Oracle, OrderlyProcess, TestTopic};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -34,8 +34,8 @@ fn start(dir: &Path, config: &Path, name: &str) -> OrderlyProcess {
     OrderlyProcess::start(config, &dir.join(format!("{name}.log")), &[])
 }
 
-/// `orderly state dump` of a stopped instance's data dir: entity id -> record JSON.
-fn dump(data_dir: &Path) -> BTreeMap<String, serde_json::Value> {
+/// `orderly state dump` of a stopped instance's data dir.
+fn dump(data_dir: &Path) -> Vec<Found> {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_orderly"))
         .args(["state", "dump", "--data-dir"])
         .arg(data_dir)
@@ -48,45 +48,13 @@ fn dump(data_dir: &Path) -> BTreeMap<String, serde_json::Value> {
     );
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (v["entity_id"].as_str().unwrap().to_owned(), v)
-        })
+        .map(|l| Found::from_dump(&serde_json::from_str(l).unwrap()))
         .collect()
 }
 
-/// Compares the union of dumps with the oracle: every entity present exactly
-/// once, the same state, and applied exactly once per distinct event.
-fn check(oracle: &Oracle, dumps: &[BTreeMap<String, serde_json::Value>]) {
-    let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
-    let mut problems = Vec::new();
-    for (i, d) in dumps.iter().enumerate() {
-        for (id, r) in d {
-            if let Some(j) = seen.insert(id, i) {
-                problems.push(format!("{id} is held by instances {j} and {i}"));
-            }
-            let Some((fields, deleted)) = oracle.state.get(id) else {
-                problems.push(format!("{id}: not in the oracle"));
-                continue;
-            };
-            if r["state"].as_object() != Some(fields) || r["deleted"].as_bool() != Some(*deleted) {
-                problems.push(format!("{id}: state {} oracle {fields:?}", r["state"]));
-            }
-            if r["applied_events"].as_u64() != Some(oracle.distinct[id]) {
-                problems.push(format!(
-                    "{id}: applied {} events, oracle has {} distinct",
-                    r["applied_events"], oracle.distinct[id]
-                ));
-            }
-        }
-    }
-    if seen.len() != oracle.state.len() {
-        problems.push(format!(
-            "{} entities across instances, oracle {}",
-            seen.len(),
-            oracle.state.len()
-        ));
-    }
+/// The union of the instances' dumps equals the oracle, each entity once.
+fn check(oracle: &Oracle, dumps: Vec<Vec<Found>>) {
+    let problems = oracle.diff_found(dumps.into_iter().flatten());
     assert!(
         problems.is_empty(),
         "{} problems: {:#?}",
@@ -230,7 +198,7 @@ fn three_instances_share_twelve_partitions_through_a_kill_and_a_restart() {
     let dumps: Vec<_> = (0..3)
         .map(|i| dump(&dir.path().join(format!("data-i{i}"))))
         .collect();
-    check(&oracle, &dumps);
+    check(&oracle, dumps);
 }
 
 #[test]
@@ -271,5 +239,35 @@ fn an_instance_with_an_empty_data_dir_restores_and_continues() {
     assert!(restored >= 300.0, "restored {restored} records\n{metrics}");
     assert!(pc.terminate(Duration::from_secs(40)).success());
     let dump_c = dump(&dir.path().join("data-c"));
-    check(&Oracle::of(&events), &[dump_c]);
+    check(&Oracle::of(&events), vec![dump_c]);
+}
+
+#[test]
+fn a_missing_changelog_topic_stops_start_up_and_says_which() {
+    let t = TestTopic::new(3);
+    let dir = tempfile::tempdir().unwrap();
+    // No changelog topic created.
+    let config = instance_config(&t, dir.path(), "lone");
+    let mut p = start(dir.path(), &config, "lone");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = p.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "orderly kept running:\n{}",
+            p.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success());
+    let log = std::fs::read_to_string(&p.log).unwrap();
+    assert!(
+        log.contains(&format!(
+            "{}{SUFFIX} has 0 partitions, {} has 3: create it",
+            t.topic, t.topic
+        )),
+        "{log}"
+    );
 }

@@ -306,39 +306,78 @@ impl Oracle {
 
     /// As [`Oracle::diff`], ignoring the entities in `skip` (and `junk-*`).
     pub fn diff_excluding(&self, store: &dyn orderly::store::Store, skip: &[&str]) -> Vec<String> {
+        self.diff_found(
+            store
+                .entities()
+                .map(|r| r.expect("record decodes"))
+                .filter(|r| {
+                    !r.entity_id.starts_with("junk") && !skip.contains(&r.entity_id.as_str())
+                })
+                .map(|r| Found {
+                    state: orderly::value::fields_to_json(&r.state.fields),
+                    deleted: r.state.deleted,
+                    applied: r.applied_events,
+                    id: r.entity_id,
+                }),
+        )
+    }
+
+    /// Compares entities found (in one store, or gathered from several
+    /// instances) with the oracle: each present exactly once, the same
+    /// state, and applied once per distinct event. Returns the mismatches.
+    pub fn diff_found(&self, found: impl IntoIterator<Item = Found>) -> Vec<String> {
         let mut problems = Vec::new();
-        let mut seen = 0;
-        for r in store.entities() {
-            let r = r.expect("record decodes");
-            if r.entity_id.starts_with("junk") || skip.contains(&r.entity_id.as_str()) {
+        let mut seen = HashSet::new();
+        for f in found {
+            if !seen.insert(f.id.clone()) {
+                problems.push(format!("{}: present more than once", f.id));
                 continue;
             }
-            seen += 1;
-            let Some((fields, deleted)) = self.state.get(&r.entity_id) else {
-                problems.push(format!("{}: not in the oracle", r.entity_id));
+            let Some((fields, deleted)) = self.state.get(&f.id) else {
+                problems.push(format!("{}: not in the oracle", f.id));
                 continue;
             };
-            let got = orderly::value::fields_to_json(&r.state.fields);
-            if got.as_object() != Some(fields) || r.state.deleted != *deleted {
+            if f.state.as_object() != Some(fields) || f.deleted != *deleted {
                 problems.push(format!(
-                    "{}: state {got} deleted={}, oracle {fields:?} deleted={deleted}",
-                    r.entity_id, r.state.deleted
+                    "{}: state {} deleted={}, oracle {fields:?} deleted={deleted}",
+                    f.id, f.state, f.deleted
                 ));
             }
-            if r.applied_events != self.distinct[&r.entity_id] {
+            if f.applied != self.distinct[&f.id] {
                 problems.push(format!(
                     "{}: applied {} events, oracle has {} distinct",
-                    r.entity_id, r.applied_events, self.distinct[&r.entity_id]
+                    f.id, f.applied, self.distinct[&f.id]
                 ));
             }
         }
-        if seen != self.state.len() {
+        if seen.len() != self.state.len() {
             problems.push(format!(
-                "store has {seen} entities, oracle {}",
+                "found {} entities, oracle {}",
+                seen.len(),
                 self.state.len()
             ));
         }
         problems
+    }
+}
+
+/// One entity as a store or `orderly state dump` has it.
+pub struct Found {
+    pub id: String,
+    pub state: serde_json::Value,
+    pub deleted: bool,
+    pub applied: u64,
+}
+
+impl Found {
+    /// From one line of `orderly state dump`.
+    pub fn from_dump(v: &serde_json::Value) -> Found {
+        Found {
+            id: v["entity_id"].as_str().expect("entity_id").to_owned(),
+            state: v["state"].clone(),
+            deleted: v["deleted"].as_bool().expect("deleted"),
+            applied: v["applied_events"].as_u64().expect("applied_events"),
+        }
     }
 }
 

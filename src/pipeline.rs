@@ -329,6 +329,7 @@ impl Control {
                 "too_late": c(&s.too_late),
                 "parked_events": c(&s.parked),
                 "held": c(&s.held),
+                "ignored": c(&s.ignored),
                 "corrections": c(&s.corrections),
                 "retries": c(&s.retries),
                 "dead_letters": c(&s.dead_letters),

@@ -64,18 +64,15 @@ fn check(oracle: &Oracle, dumps: Vec<Vec<Found>>) {
 }
 
 fn wait_for_log(p: &OrderlyProcess, needle: &str, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while !std::fs::read_to_string(&p.log)
-        .unwrap_or_default()
-        .contains(needle)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "no {needle:?} in the log:\n{}",
-            p.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::wait_until(
+        &format!("{needle:?} in {}", p.log.display()),
+        timeout,
+        || {
+            std::fs::read_to_string(&p.log)
+                .unwrap_or_default()
+                .contains(needle)
+        },
+    );
 }
 
 #[test]
@@ -112,18 +109,17 @@ fn three_instances_share_twelve_partitions_through_a_kill_and_a_restart() {
     instances[2].kill();
     // The survivors take over its partitions after the session timeout,
     // restoring them from the changelog; then it comes back.
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while !(0..2).any(|i| {
-        std::fs::read_to_string(dir.path().join(format!("i{i}.log")))
-            .unwrap_or_default()
-            .contains("partition restored")
-    }) {
-        assert!(
-            Instant::now() < deadline,
-            "the killed member's partitions never moved"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    common::wait_until(
+        "the killed member's partitions to move",
+        Duration::from_secs(90),
+        || {
+            (0..2).any(|i| {
+                std::fs::read_to_string(dir.path().join(format!("i{i}.log")))
+                    .unwrap_or_default()
+                    .contains("partition restored")
+            })
+        },
+    );
     producer.join().unwrap();
     instances[2] = start(dir.path(), &configs[2], "i2");
     t.wait_all_committed(Duration::from_secs(180))
@@ -249,19 +245,12 @@ fn a_missing_changelog_topic_stops_start_up_and_says_which() {
     // No changelog topic created.
     let config = instance_config(&t, dir.path(), "lone");
     let mut p = start(dir.path(), &config, "lone");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = p.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "orderly kept running:\n{}",
-            p.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(!status.success());
+    let mut status = None;
+    common::wait_until("orderly to exit", Duration::from_secs(60), || {
+        status = p.child.try_wait().unwrap();
+        status.is_some()
+    });
+    assert!(!status.unwrap().success(), "{}", p.log_tail());
     let log = std::fs::read_to_string(&p.log).unwrap();
     assert!(
         log.contains(&format!(

@@ -13,7 +13,7 @@ use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Creates a settings topic next to `t`'s topics and points `config` at it.
 fn with_settings_topic(t: &TestTopic, config: &mut orderly::config::Config) -> String {
@@ -124,14 +124,6 @@ fn mapped(events: &[Event], mappings: &[(&str, &str)]) -> Vec<Event> {
         .collect()
 }
 
-fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Checks each field's provenance: events of `versions` were handled under
 /// that settings version.
 fn assert_provenance(store: &dyn Store, versions: &HashMap<String, u64>) {
@@ -194,7 +186,7 @@ fn a_mapping_changed_mid_stream_applies_to_later_events_only() {
             "acme",
             &doc("acme", 2, &v2_map).to_json_bytes(),
         );
-        wait_for("version 2 in force", Duration::from_secs(30), || {
+        common::wait_until("version 2 in force", Duration::from_secs(30), || {
             control
                 .settings()
                 .get("acme")
@@ -250,7 +242,7 @@ fn an_invalid_document_is_dead_lettered_and_the_last_good_one_stays() {
         // Two external fields onto one internal field: ambiguous, rejected.
         let bad = doc("acme", 2, &[("Stage", "stage"), ("Owner", "stage")]);
         produce_setting(&brokers, &settings_topic, "acme", &bad.to_json_bytes());
-        wait_for("the dead letter", Duration::from_secs(30), || {
+        common::wait_until("the dead letter", Duration::from_secs(30), || {
             control
                 .store()
                 .dead_letters(0, 10)
@@ -362,7 +354,7 @@ fn a_thousand_tenants_compile_once_per_version_over_a_hundred_thousand_events() 
     let compiled = Arc::new(Mutex::new(Vec::new()));
     let seen = compiled.clone();
     let store = common::run_to_quiet_with(config, n, move |control, wait_durable| {
-        wait_for("settings caught up", Duration::from_secs(60), || {
+        common::wait_until("settings caught up", Duration::from_secs(60), || {
             control.settings().is_caught_up()
         });
         seen.lock().unwrap().push(control.settings().compiled());
@@ -378,7 +370,7 @@ fn a_thousand_tenants_compile_once_per_version_over_a_hundred_thousand_events() 
             })
             .collect();
         produce_settings(&brokers, &settings_topic, &changes);
-        wait_for("ten changes", Duration::from_secs(30), || {
+        common::wait_until("ten changes", Duration::from_secs(30), || {
             control.settings().compiled() == tenants + 10
         });
         common::produce_events(&brokers, &topic, &make(n / 2..n));
@@ -486,7 +478,7 @@ fn the_http_source_revalidates_with_etags_and_picks_up_a_change_at_the_next_refr
         common::produce_events(&brokers, &topic, &first);
         wait_durable(first.len() as u64);
         // Unchanged refreshes are conditional and answered 304.
-        wait_for("a 304", Duration::from_secs(30), || {
+        common::wait_until("a 304", Duration::from_secs(30), || {
             log.lock().unwrap().iter().any(|(_, s, _)| *s == 304)
         });
         {
@@ -494,7 +486,7 @@ fn the_http_source_revalidates_with_etags_and_picks_up_a_change_at_the_next_refr
             *changed.lock().unwrap() = log.lock().unwrap().len();
             *d = doc("acme", 2, &map2);
         }
-        wait_for("version 2 in force", Duration::from_secs(30), || {
+        common::wait_until("version 2 in force", Duration::from_secs(30), || {
             control
                 .settings()
                 .get("acme")

@@ -361,6 +361,15 @@ impl Oracle {
     }
 }
 
+/// Polls `done` every 20 ms until it holds; fails the test after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// One entity as a store or `orderly state dump` has it.
 pub struct Found {
     pub id: String,

@@ -142,6 +142,7 @@ pub fn repair(
             key: Some(replayed.entity_id.clone().into_bytes()),
             value: record.to_bytes(),
             headers: vec![("content-type".into(), b"application/json".to_vec())],
+            partition: None,
         });
     }
     store.commit(&batch)?;

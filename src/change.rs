@@ -14,7 +14,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ChangeRecord {
     /// `change`, or `correction` for a late event that changed the state
-    /// (also for an audit repair, with `repair` as its event type).
+    /// (also for an audit repair, with `repair` as its event type), or
+    /// `handover` when merging the entity's record from another partition
+    /// changed it (no causing event: its event fields are empty).
     pub kind: String,
     /// The entity.
     pub entity_id: String,

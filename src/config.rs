@@ -164,6 +164,13 @@ pub struct Config {
     /// longer owns is removed once the assignment has not changed for this
     /// long, in ms.
     pub purge_after_ms: u64,
+    /// The partitioner the producers of the input topics use: `murmur2`
+    /// (the Java client's default) or `consistent_random` (librdkafka's).
+    /// When an entity's events arrive on two partitions (partitions were
+    /// added, or the producers' partitioner changed), its state moves to the
+    /// partition this partitioner gives for the current partition count.
+    /// orderly's own producers (`orderly produce`, derived events) use it too.
+    pub partitioner: crate::partitioner::Partitioner,
 }
 
 /// Default most live entity actors.
@@ -256,6 +263,7 @@ impl Default for Config {
             instance_id: None,
             // Long enough that a rolling restart's reassignments settle first.
             purge_after_ms: 30_000,
+            partitioner: Default::default(),
         }
     }
 }
@@ -639,6 +647,7 @@ pub const FIELDS: &[&str] = &[
     "changelog_suffix",
     "instance_id",
     "purge_after_ms",
+    "partitioner",
 ];
 
 fn scalar(v: &str, always_string: bool) -> toml::Value {

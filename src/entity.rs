@@ -16,7 +16,8 @@ use crate::envelope::Event;
 use crate::fold::{EntityRecord, Origin, Outcome};
 use crate::handler::{derived_event_id, Handlers};
 use crate::internal_events::{
-    emit, ActorStarted, ActorStopped, DeadLettered, EventProcessed, RetryDue, RetryScheduled,
+    emit, ActorStarted, ActorStopped, DeadLettered, EventForwarded, EventProcessed, HandedOver,
+    HandoverMerged, HandoverYielded, KeyMisrouted, RetryDue, RetryScheduled,
 };
 use crate::metrics::Stats;
 use crate::store::{OutboxRecord, Store};
@@ -51,6 +52,8 @@ pub struct Shared {
     pub derived_topic: Option<String>,
     /// Raised when the pipeline cannot go on.
     pub fatal: Arc<crate::pipeline::Fatal>,
+    /// Which partition each key belongs on, for entities that change partition.
+    pub layout: Arc<crate::partitioner::Layout>,
 }
 
 /// One decoded message on its way to its entity.
@@ -97,6 +100,18 @@ impl EntityStatus {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Deliver(pub Delivery);
+
+/// A record of this entity kept under another partition (read from that
+/// partition's changelog, or restored there): the entity's events arrive on
+/// two partitions. The actor merges it if its own partition is the rightful
+/// one, or yields (becomes a forwarding stub) if the other one is.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Merge(pub Box<EntityRecord>);
+
+/// The header naming where a forwarded event was first read:
+/// `topic/partition/offset`.
+pub const FORWARDED_FROM: &str = "orderly.forwarded_from";
 
 /// The actor of one entity.
 pub struct EntityActor {
@@ -178,6 +193,20 @@ impl EntityActor {
             self.record = Some(loaded.unwrap_or_else(|| EntityRecord::new(entity_id, tenant_id)));
         }
         Ok(self.record.as_mut().expect("set above"))
+    }
+
+    /// The entity's record if this instance has one, loaded on first use.
+    fn existing(&mut self) -> Result<Option<&mut EntityRecord>, String> {
+        if self.record.is_none() {
+            let loaded = self
+                .shared
+                .store
+                .load_entity(&self.id)
+                .map_err(|e| format!("cannot read entity {:?}: {e}", self.id))?;
+            self.stored_home = loaded.as_ref().and_then(|r| r.home.clone());
+            self.record = loaded;
+        }
+        Ok(self.record.as_mut())
     }
 
     /// Turns one processing result into the records it produces: change
@@ -300,6 +329,7 @@ impl EntityActor {
                     key: Some(event.entity_id.clone().into_bytes()),
                     value: change.to_bytes(),
                     headers: vec![("content-type".into(), b"application/json".to_vec())],
+                    partition: None,
                 });
             }
             if shared.policies.history(&event.event_type) {
@@ -355,6 +385,36 @@ impl EntityActor {
                 .fatal
                 .raise("the store writer has stopped".into());
         }
+    }
+}
+
+/// The acknowledgement of a delivery, with its span data when traced; the
+/// write starts now.
+fn ack_of(d: &Delivery, read_start: SystemTime, outcome: &'static str) -> Ack {
+    let write_start = SystemTime::now();
+    let span = d.traced.then(|| {
+        Box::new(SpanInfo {
+            parent: d.parent.clone(),
+            received_at: d.received_at,
+            read_start,
+            write_start,
+            topic: d.tp.0.clone(),
+            partition: d.tp.1,
+            offset: d.offset,
+            entity_id: d.event.entity_id.clone(),
+            tenant_id: d.event.tenant_id.clone(),
+            event_id: d.event.event_id.clone(),
+            event_type: d.event.event_type.clone(),
+            occurred_at: d.event.occurred_at,
+        })
+    });
+    Ack {
+        tp: d.tp.clone(),
+        offset: d.offset,
+        kafka_ts: d.kafka_ts,
+        occurred_at: Some(d.event.occurred_at),
+        outcome,
+        span,
     }
 }
 
@@ -416,6 +476,16 @@ impl EntityActor {
                 return;
             }
         };
+        if let Some(to) = record.moved_to.clone() {
+            if to.partition == d.tp.1 && *to.topic == *d.tp.0 {
+                // Its new partition is owned here now: it lives here again.
+                record.moved_to = None;
+            } else {
+                self.forward(d, to, origin, read_start);
+                return;
+            }
+        }
+        let handover = record.is_handover(&origin);
         let before = (!shared.handlers.observers().is_empty()).then(|| record.state.clone());
         // The settings in force now: this event is handled under them.
         let settings = shared.settings.view(&d.event.tenant_id);
@@ -442,6 +512,10 @@ impl EntityActor {
             let park = shared.retries.park_on_failure.contains(&d.event.event_type);
             record.record_failure(&d.event, &origin, &reason, processed_at, park);
         }
+        if handover {
+            // Its events now come from a second partition, both handled here.
+            record.handovers += 1;
+        }
         let handled = Handled {
             event: &d.event,
             origin: &origin,
@@ -456,47 +530,118 @@ impl EntityActor {
             Err(_) => "dead-lettered",
         };
         let changed = result.as_ref().map(Outcome::changes_record).unwrap_or(true);
-        if changed {
-            // The entity's state lives under the partition its events arrive on.
-            if let Some(r) = self.record.as_mut() {
-                if r.home
-                    .as_ref()
-                    .is_none_or(|h| h.partition != d.tp.1 || *h.topic != *d.tp.0)
-                {
-                    r.home = Some(crate::fold::Home {
-                        topic: d.tp.0.to_string(),
-                        partition: d.tp.1,
-                    });
-                }
-            }
+        if changed || handover {
+            self.settle_home(&d.tp, handover);
         }
-        let write_start = SystemTime::now();
-        let span = d.traced.then(|| {
-            Box::new(SpanInfo {
-                parent: d.parent,
-                received_at: d.received_at,
-                read_start,
-                write_start,
-                topic: d.tp.0.clone(),
-                partition: d.tp.1,
-                offset: d.offset,
-                entity_id: d.event.entity_id.clone(),
-                tenant_id: d.event.tenant_id.clone(),
-                event_id: d.event.event_id.clone(),
-                event_type: d.event.event_type.clone(),
-                occurred_at: d.event.occurred_at,
-            })
-        });
-        let ack = Ack {
-            tp: d.tp,
-            offset: d.offset,
-            kafka_ts: d.kafka_ts,
-            occurred_at: Some(d.event.occurred_at),
-            outcome,
-            span,
-        };
+        let ack = ack_of(&d, read_start, outcome);
         self.status.handled.fetch_add(1, Relaxed);
         self.send(changed, fx, Some(ack));
+    }
+
+    /// Decides the partition the entity's state lives under after an event
+    /// from `tp`: the partition its events arrive on, and when they arrive
+    /// on two, the one the configured partitioner maps its key to.
+    fn settle_home(&mut self, tp: &TopicPartition, handover: bool) {
+        let shared = self.shared.clone();
+        let Some(r) = self.record.as_mut() else {
+            return;
+        };
+        let here = crate::fold::Home {
+            topic: tp.0.to_string(),
+            partition: tp.1,
+        };
+        let moved = match &r.home {
+            None => true,
+            Some(h) if *h == here => false,
+            Some(h) if h.topic != here.topic => true,
+            Some(h) => match shared.layout.rightful(&h.topic, &self.id) {
+                // Unknown partition count (no source): its latest partition.
+                None => true,
+                Some(p) if p == here.partition => true,
+                // A straggler from the partition it left.
+                Some(p) if p == h.partition => false,
+                rightful => {
+                    if handover {
+                        emit(
+                            KeyMisrouted {
+                                entity_id: &self.id,
+                                topic: &h.topic,
+                                home: h.partition,
+                                other: here.partition,
+                                rightful,
+                                partitioner: shared.layout.partitioner.name(),
+                            },
+                            &shared.stats,
+                        );
+                    }
+                    false
+                }
+            },
+        };
+        if handover {
+            let home = if moved {
+                here.partition
+            } else {
+                r.home.as_ref().map_or(here.partition, |h| h.partition)
+            };
+            emit(
+                HandedOver {
+                    entity_id: &self.id,
+                    home,
+                    how: "arrival",
+                },
+                &shared.stats,
+            );
+        }
+        if moved {
+            // Kept for the changelog follower: a new entity under a partition
+            // its key does not map to may have a record elsewhere.
+            shared
+                .layout
+                .note_home(&here.topic, &self.id, Some(here.partition));
+            r.home = Some(here);
+        }
+    }
+
+    /// Forwards an event that arrived at a forwarding stub to the entity's
+    /// new partition, through the outbox: it is published once the stub's
+    /// record of its offset is durable, and acknowledged then.
+    fn forward(
+        &mut self,
+        d: Delivery,
+        to: crate::fold::Home,
+        origin: Origin,
+        read_start: SystemTime,
+    ) {
+        let record = self.record.as_mut().expect("loaded by the caller");
+        let mut fx = Effects::default();
+        let outcome = if record.forward(&origin) {
+            let mut headers: Vec<(String, Vec<u8>)> = d
+                .headers
+                .iter()
+                .filter(|(k, _)| k != FORWARDED_FROM && k != "content-type")
+                .cloned()
+                .collect();
+            headers.push(("content-type".into(), b"application/x-protobuf".to_vec()));
+            headers.push((
+                FORWARDED_FROM.into(),
+                format!("{}/{}/{}", origin.topic, origin.partition, origin.offset).into_bytes(),
+            ));
+            fx.outbox.push(OutboxRecord {
+                topic: to.topic.clone(),
+                key: Some(d.event.entity_id.clone().into_bytes()),
+                value: d.event.to_proto_bytes(),
+                headers,
+                partition: Some(to.partition),
+            });
+            emit(EventForwarded, &self.shared.stats);
+            "forwarded"
+        } else {
+            "duplicate"
+        };
+        let ack = ack_of(&d, read_start, outcome);
+        self.status.handled.fetch_add(1, Relaxed);
+        self.send(true, fx, Some(ack));
     }
 
     /// Processes the deliveries that waited behind a retry, until one needs a retry of its own.
@@ -552,6 +697,105 @@ impl Handler<RetryDeadLetter> for EntityActor {
                 Ok(name)
             }
             Err(rejected) => Err(format!("still failing: {rejected}")),
+        }
+    }
+}
+
+impl Handler<Merge> for EntityActor {
+    type Result = ();
+
+    fn handle(&mut self, Merge(other): Merge, _: &mut Self::Context) {
+        self.status.handled.fetch_add(1, Relaxed);
+        let shared = self.shared.clone();
+        let id = self.id.clone();
+        let mine = match self.existing() {
+            Ok(Some(r)) => r,
+            // Not held here: nothing to combine.
+            Ok(None) => return,
+            Err(reason) => {
+                tracing::warn!(entity = %id, %reason, "cannot load an entity to merge its other record; skipped");
+                return;
+            }
+        };
+        let (Some(home), Some(theirs)) = (mine.home.clone(), other.home.clone()) else {
+            return;
+        };
+        if mine.moved_to.is_some() || home == theirs || home.topic != theirs.topic {
+            return;
+        }
+        let rightful = shared.layout.rightful(&home.topic, &id);
+        if rightful == Some(home.partition) {
+            let settings = shared.settings.view(&mine.tenant_id);
+            let merged = mine.merge(&other, &shared.handlers, &settings);
+            emit(
+                HandoverMerged {
+                    added: merged.added,
+                    too_late: merged.too_late,
+                },
+                &shared.stats,
+            );
+            if merged.handover {
+                emit(
+                    HandedOver {
+                        entity_id: &id,
+                        home: home.partition,
+                        how: "merge",
+                    },
+                    &shared.stats,
+                );
+            }
+            let mut fx = Effects::default();
+            if !merged.changes.is_empty() && !shared.changes_topic.is_empty() {
+                let change = ChangeRecord {
+                    kind: "handover".into(),
+                    entity_id: id.clone(),
+                    tenant_id: mine.tenant_id.clone(),
+                    event_id: String::new(),
+                    event_type: String::new(),
+                    occurred_at: 0,
+                    changes: merged.changes.iter().map(JsonChange::from).collect(),
+                    provenance: None,
+                    lateness: None,
+                };
+                fx.outbox.push(OutboxRecord {
+                    topic: shared.changes_topic.clone(),
+                    key: Some(id.clone().into_bytes()),
+                    value: change.to_bytes(),
+                    headers: vec![("content-type".into(), b"application/json".to_vec())],
+                    partition: None,
+                });
+            }
+            // A live copy elsewhere only yields once its owner reads this
+            // record in the changelog: write it, even if nothing changed.
+            let write =
+                merged.added > 0 || merged.handover || merged.rebased || other.moved_to.is_none();
+            if write {
+                self.send(true, fx, None);
+            }
+        } else if rightful == Some(theirs.partition) && other.moved_to.is_none() {
+            mine.moved_to = Some(theirs.clone());
+            shared.layout.note_home(&home.topic, &id, None);
+            emit(
+                HandoverYielded {
+                    entity_id: &id,
+                    from: home.partition,
+                    to: theirs.partition,
+                },
+                &shared.stats,
+            );
+            self.send(true, Effects::default(), None);
+        } else if other.moved_to.is_none() {
+            emit(
+                KeyMisrouted {
+                    entity_id: &id,
+                    topic: &home.topic,
+                    home: home.partition,
+                    other: theirs.partition,
+                    rightful,
+                    partitioner: shared.layout.partitioner.name(),
+                },
+                &shared.stats,
+            );
         }
     }
 }
@@ -641,6 +885,7 @@ fn derive(
                 key: Some(derived.event.entity_id.clone().into_bytes()),
                 value: derived.event.to_proto_bytes(),
                 headers: vec![("content-type".into(), b"application/x-protobuf".to_vec())],
+                partition: None,
             });
         }
     }

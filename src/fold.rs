@@ -126,6 +126,15 @@ pub struct EntityRecord {
     /// The partition the entity's events arrive on: its state lives under
     /// it (in the store's partition index and in that partition's changelog).
     pub home: Option<Home>,
+    // Format 3 appended the two fields below; `Stored::from_v2` relies on
+    // their being last. Add new fields after them.
+    /// Set when the entity has moved to another partition, owned elsewhere:
+    /// this record is then a forwarding stub. Its events that still arrive
+    /// on `home` are forwarded there, and it is not part of the state.
+    pub moved_to: Option<Home>,
+    /// How many times events of this entity began arriving on another
+    /// partition of its topic, and the two were combined here.
+    pub handovers: u32,
 }
 
 /// The input partition an entity's state lives under.
@@ -135,6 +144,21 @@ pub struct Home {
     pub topic: String,
     /// Its partition.
     pub partition: i32,
+}
+
+/// What [`EntityRecord::merge`] did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Merged {
+    /// Events of the other record this one lacked, now in its log.
+    pub added: usize,
+    /// Events of the other record too old to re-fold (below the base).
+    pub too_late: usize,
+    /// Whether the other record's base, which had folded more, replaced this one's.
+    pub rebased: bool,
+    /// Whether this record gained events from another partition of its topic.
+    pub handover: bool,
+    /// The fields that changed, old and new values.
+    pub changes: Vec<FieldChange>,
 }
 
 /// An event that was skipped after a handler failure.
@@ -730,6 +754,133 @@ impl EntityRecord {
             .or_else(|| self.base.key.clone());
     }
 
+    /// Combines `other`, a record of the same entity kept under another
+    /// partition, into this one: the union of the two event logs, re-folded.
+    /// Because the state is a function of the set of events, the result is
+    /// what one record would hold had it seen every event of both, in any
+    /// order. It is idempotent: merging the same record again adds nothing.
+    ///
+    /// Counters of distinct events follow the union: `applied_events` grows
+    /// by the events this record lacked. The per-partition offsets are
+    /// combined, so a redelivery from either partition is still a duplicate.
+    /// When the two bases differ, the one that folded more (the higher order
+    /// key) is kept; retained events of the other below it cannot be
+    /// re-folded and are counted as too late, as any event older than the
+    /// retention is.
+    pub fn merge(
+        &mut self,
+        other: &EntityRecord,
+        handlers: &Handlers,
+        settings: &TenantView,
+    ) -> Merged {
+        let topic = self
+            .home
+            .as_ref()
+            .or(other.home.as_ref())
+            .map(|h| h.topic.clone())
+            .unwrap_or_default();
+        let partitions_before = self.partitions_of(&topic);
+        let before = self.state.fields.clone();
+        let mut merged = Merged::default();
+        if other.base.key > self.base.key {
+            let floor = other.base.key.clone();
+            let (keep, below): (Vec<LogEntry>, Vec<LogEntry>) = std::mem::take(&mut self.log)
+                .into_iter()
+                .partition(|e| Some(&e.key) > floor.as_ref());
+            merged.too_late += below
+                .iter()
+                .filter(|e| !other.log.iter().any(|o| o.key.event_id == e.key.event_id))
+                .count();
+            // The other record counted everything its base folded; ours adds
+            // what only we retain.
+            let own = keep
+                .iter()
+                .filter(|e| !other.log.iter().any(|o| o.key.event_id == e.key.event_id))
+                .count();
+            self.applied_events = other.applied_events + own as u64;
+            self.base = other.base.clone();
+            self.log = keep;
+            merged.rebased = true;
+        }
+        let known: std::collections::HashSet<&str> =
+            self.log.iter().map(|e| e.key.event_id.as_str()).collect();
+        let mut fresh = Vec::new();
+        for e in &other.log {
+            if known.contains(e.key.event_id.as_str()) {
+                continue;
+            }
+            if self.base.key.as_ref().is_some_and(|b| e.key <= *b) {
+                merged.too_late += 1;
+                continue;
+            }
+            fresh.push(e.clone());
+        }
+        merged.added = fresh.len();
+        self.log.extend(fresh);
+        self.log.sort_by(|a, b| a.key.cmp(&b.key));
+        for (tp, &offset) in &other.applied_offsets {
+            let o = self.applied_offsets.entry(tp.clone()).or_insert(offset);
+            *o = (*o).max(offset);
+        }
+        for s in &other.skipped {
+            if !self.skipped.iter().any(|x| x.event_id == s.event_id) {
+                self.skipped.push(s.clone());
+            }
+        }
+        if self.tenant_id.is_empty() {
+            self.tenant_id = other.tenant_id.clone();
+        }
+        if !merged.rebased {
+            self.applied_events += merged.added as u64;
+        }
+        self.too_late_events += merged.too_late as u64;
+        if merged.added > 0 || merged.rebased {
+            self.refold(handlers, settings);
+            self.trim(handlers, settings);
+        }
+        if partitions_before > 0 && self.partitions_of(&topic) > partitions_before {
+            self.handovers = self.handovers.max(other.handovers) + 1;
+            merged.handover = true;
+        }
+        merged.changes = diff(&before, &self.state.fields);
+        merged
+    }
+
+    /// How many partitions of `topic` this entity's events have come from.
+    fn partitions_of(&self, topic: &str) -> usize {
+        self.applied_offsets
+            .keys()
+            .filter(|tp| tp.rsplit_once('/').is_some_and(|(t, _)| t == topic))
+            .count()
+    }
+
+    /// Whether an event from `origin` is the first from its partition while
+    /// the entity already has events from another partition of the same
+    /// topic: its events have begun arriving on a second partition.
+    pub fn is_handover(&self, origin: &Origin) -> bool {
+        !self.applied_offsets.is_empty()
+            && !self.applied_offsets.contains_key(&origin.topic_partition())
+            && self.partitions_of(&origin.topic) > 0
+    }
+
+    /// Records an event that arrived at a forwarding stub (see
+    /// [`EntityRecord::moved_to`]) and is forwarded to the entity's home.
+    /// Returns false, counting a redelivery, if its offset was seen before.
+    pub fn forward(&mut self, origin: &Origin) -> bool {
+        let tp = origin.topic_partition();
+        if self
+            .applied_offsets
+            .get(&tp)
+            .is_some_and(|&last| origin.offset <= last)
+        {
+            self.duplicates += 1;
+            self.redeliveries += 1;
+            return false;
+        }
+        self.applied_offsets.insert(tp, origin.offset);
+        true
+    }
+
     /// Folds the oldest entries into the base until at most the retained
     /// number remain, and none is older than the time retention.
     fn trim(&mut self, handlers: &Handlers, settings: &TenantView) {
@@ -852,6 +1003,9 @@ impl EntityRecord {
             "held": self.held.len(),
             "skipped": self.skipped,
             "ignored_events": self.ignored_events,
+            "home": self.home.as_ref().map(|h| format!("{}/{}", h.topic, h.partition)),
+            "moved_to": self.moved_to.as_ref().map(|h| format!("{}/{}", h.topic, h.partition)),
+            "handovers": self.handovers,
         })
     }
 }
@@ -888,6 +1042,98 @@ mod tests {
             partition: 0,
             offset,
         }
+    }
+
+    /// The events of one entity split over two partitions, processed into
+    /// two records, merge into what one record of all of them holds.
+    #[test]
+    fn merging_two_partitions_records_gives_the_fold_of_the_union() {
+        let h = handlers();
+        let p = pol(32);
+        let events: Vec<Event> = (0..12)
+            .map(|i| {
+                let payload = if i % 3 == 0 {
+                    serde_json::json!({"n": i})
+                } else {
+                    serde_json::json!({"stage": format!("s{i}")})
+                };
+                ev(
+                    &format!("e{i}"),
+                    100 - i * 7 % 50,
+                    if i % 3 == 0 { "inc" } else { "set" },
+                    payload,
+                )
+            })
+            .collect();
+        let at = |partition, offset| Origin {
+            topic: "in".into(),
+            partition,
+            offset,
+        };
+        let mut whole = EntityRecord::new("e", "t");
+        let mut old = EntityRecord::new("e", "t");
+        let mut new = EntityRecord::new("e", "t");
+        for (i, e) in events.iter().enumerate() {
+            whole.process(e, &at(0, i as i64), 0, &h, &p).unwrap();
+            // Events 0-7 on the old partition, 5-11 on the new: 5-7 on both.
+            if i < 8 {
+                old.process(e, &at(1, i as i64), 0, &h, &p).unwrap();
+            }
+            if i >= 5 {
+                new.process(e, &at(5, i as i64), 0, &h, &p).unwrap();
+            }
+        }
+        old.home = Some(Home {
+            topic: "in".into(),
+            partition: 1,
+        });
+        new.home = Some(Home {
+            topic: "in".into(),
+            partition: 5,
+        });
+        let merged = new.merge(&old, &h, &p);
+        assert_eq!(merged.added, 5);
+        assert!(merged.handover);
+        assert_eq!(new.state, whole.state);
+        assert_eq!(new.applied_events, 12);
+        assert_eq!(new.handovers, 1);
+        assert_eq!(new.applied_offsets["in/1"], 7);
+        // Idempotent: the same record again (a later stub) changes nothing.
+        let again = new.merge(&old, &h, &p);
+        assert_eq!((again.added, again.handover), (0, false));
+        assert!(again.changes.is_empty());
+        assert_eq!(new.handovers, 1);
+        // A redelivery from the old partition is still a duplicate.
+        assert_eq!(
+            new.process(&events[3], &at(1, 3), 0, &h, &p).unwrap(),
+            Outcome::Duplicate(DuplicateKind::Redelivery)
+        );
+        // A stub forwards each offset once.
+        assert!(old.forward(&at(1, 8)));
+        assert!(!old.forward(&at(1, 8)));
+    }
+
+    #[test]
+    fn merging_keeps_the_base_that_folded_more() {
+        let h = handlers();
+        let at = |partition, offset| Origin {
+            topic: "in".into(),
+            partition,
+            offset,
+        };
+        let mut old = EntityRecord::new("e", "t");
+        for i in 0..6 {
+            let e = ev(&format!("e{i}"), i * 10, "inc", serde_json::json!({"n": 1}));
+            old.process(&e, &at(1, i), 0, &h, &pol(2)).unwrap();
+        }
+        assert!(old.base.key.is_some(), "retention 2 trimmed the old record");
+        let mut new = EntityRecord::new("e", "t");
+        let e = ev("e9", 90, "inc", serde_json::json!({"n": 1}));
+        new.process(&e, &at(5, 0), 0, &h, &pol(2)).unwrap();
+        let merged = new.merge(&old, &h, &pol(2));
+        assert!(merged.rebased);
+        assert_eq!(new.state.fields["n"], Value::Int(7));
+        assert_eq!(new.applied_events, 7);
     }
 
     #[test]

@@ -236,6 +236,41 @@ pub const CATALOGUE: &[(&str, Kind, &str)] = &[
         "Partitions being restored now; the instance is not ready meanwhile.",
     ),
     (
+        "orderly_handovers_total",
+        Kind::Counter,
+        "Entities whose events began arriving on a second partition, combined here (how = arrival or merge).",
+    ),
+    (
+        "orderly_handover_merges_total",
+        Kind::Counter,
+        "Records of an entity from another partition's changelog merged into its live record.",
+    ),
+    (
+        "orderly_handover_merged_events_total",
+        Kind::Counter,
+        "Events those merges added to the live records.",
+    ),
+    (
+        "orderly_handover_too_late_events_total",
+        Kind::Counter,
+        "Events of merged records below the live record's base: not re-folded.",
+    ),
+    (
+        "orderly_handover_yields_total",
+        Kind::Counter,
+        "Live records that became forwarding stubs: their entity's partition is owned elsewhere now.",
+    ),
+    (
+        "orderly_forwarded_events_total",
+        Kind::Counter,
+        "Events that arrived at a forwarding stub and were forwarded to their entity's partition.",
+    ),
+    (
+        "orderly_key_misrouted_total",
+        Kind::Counter,
+        "Entities on two partitions that the configured partitioner maps to neither (wrong `partitioner`).",
+    ),
+    (
         "orderly_build_info",
         Kind::Gauge,
         "Always 1; the version label says which build runs.",
@@ -704,8 +739,17 @@ pub fn register_catalogue() {
         "orderly_offsets_skipped_total",
         "orderly_settings_compiled_total",
         "orderly_restore_records_total",
+        "orderly_handover_merges_total",
+        "orderly_handover_merged_events_total",
+        "orderly_handover_too_late_events_total",
+        "orderly_handover_yields_total",
+        "orderly_forwarded_events_total",
+        "orderly_key_misrouted_total",
     ] {
         counter!(name).increment(0);
+    }
+    for how in ["arrival", "merge"] {
+        counter!("orderly_handovers_total", "how" => how).increment(0);
     }
     for outcome in [
         "applied",
@@ -758,4 +802,117 @@ pub fn register_catalogue() {
     let _ = histogram!("orderly_restore_seconds");
     ::metrics::gauge!("orderly_restoring_partitions").set(0.0);
     ::metrics::gauge!("orderly_restore_rate").set(0.0);
+}
+
+/// An entity's events began arriving on a second partition of its topic,
+/// and the two were combined in this instance: in its actor (both partitions
+/// are owned here) or by merging the record from the other partition's
+/// changelog.
+pub struct HandedOver<'a> {
+    /// The entity.
+    pub entity_id: &'a str,
+    /// The partition its state lives under now.
+    pub home: i32,
+    /// How: `arrival` (an event arrived on the other partition) or `merge`.
+    pub how: &'static str,
+}
+
+impl InternalEvent for HandedOver<'_> {
+    fn emit(self, stats: &Stats) {
+        stats.handovers.fetch_add(1, Relaxed);
+        ::metrics::counter!("orderly_handovers_total", "how" => self.how).increment(1);
+        tracing::debug!(
+            entity = self.entity_id,
+            home = self.home,
+            how = self.how,
+            "entity handed over"
+        );
+    }
+}
+
+/// A record of an entity from another partition's changelog was merged
+/// into the live record here.
+pub struct HandoverMerged {
+    /// Events the live record lacked.
+    pub added: usize,
+    /// Events below the live record's base, which could not be re-folded.
+    pub too_late: usize,
+}
+
+impl InternalEvent for HandoverMerged {
+    fn emit(self, _stats: &Stats) {
+        ::metrics::counter!("orderly_handover_merges_total").increment(1);
+        ::metrics::counter!("orderly_handover_merged_events_total").increment(self.added as u64);
+        if self.too_late > 0 {
+            ::metrics::counter!("orderly_handover_too_late_events_total")
+                .increment(self.too_late as u64);
+        }
+    }
+}
+
+/// This instance's live record of an entity became a forwarding stub: the
+/// entity's rightful partition, owned by another instance, has it now.
+pub struct HandoverYielded<'a> {
+    /// The entity.
+    pub entity_id: &'a str,
+    /// The partition it lived under here.
+    pub from: i32,
+    /// Its new partition.
+    pub to: i32,
+}
+
+impl InternalEvent for HandoverYielded<'_> {
+    fn emit(self, _stats: &Stats) {
+        ::metrics::counter!("orderly_handover_yields_total").increment(1);
+        tracing::debug!(
+            entity = self.entity_id,
+            from = self.from,
+            to = self.to,
+            "entity moved to another instance; forwarding its events there"
+        );
+    }
+}
+
+/// An event arrived at a forwarding stub and was forwarded to its entity's
+/// new partition.
+pub struct EventForwarded;
+
+impl InternalEvent for EventForwarded {
+    fn emit(self, stats: &Stats) {
+        stats.forwarded.fetch_add(1, Relaxed);
+        ::metrics::counter!("orderly_forwarded_events_total").increment(1);
+    }
+}
+
+/// An entity's events arrive on two partitions, and the configured
+/// partitioner maps its key to neither: orderly cannot tell which is its
+/// home, so it does not move it.
+pub struct KeyMisrouted<'a> {
+    /// The entity.
+    pub entity_id: &'a str,
+    /// The topic.
+    pub topic: &'a str,
+    /// Where its state lives.
+    pub home: i32,
+    /// The other partition.
+    pub other: i32,
+    /// What the partitioner says.
+    pub rightful: Option<i32>,
+    /// The partitioner's name.
+    pub partitioner: &'static str,
+}
+
+impl InternalEvent for KeyMisrouted<'_> {
+    fn emit(self, _stats: &Stats) {
+        ::metrics::counter!("orderly_key_misrouted_total").increment(1);
+        tracing::warn!(
+            entity = self.entity_id,
+            topic = self.topic,
+            home = self.home,
+            other = self.other,
+            rightful = ?self.rightful,
+            partitioner = self.partitioner,
+            "an entity's events arrive on two partitions and the configured partitioner maps its key to neither: set `partitioner` to the producers' partitioner"
+        );
+    }
 }

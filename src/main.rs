@@ -379,7 +379,8 @@ enum StateCommand {
         #[command(flatten)]
         store: StoreArgs,
     },
-    /// Print every entity as JSON Lines.
+    /// Print every entity as JSON Lines (not the forwarding stubs of
+    /// entities that moved to a partition another instance owns).
     Dump {
         #[command(flatten)]
         store: StoreArgs,
@@ -840,7 +841,11 @@ fn state(cmd: StateCommand) -> anyhow::Result<()> {
         StateCommand::Dump { store: args } => {
             let store = open_store(&args.data_dir)?;
             for r in store.entities() {
-                writeln!(out, "{}", r?.to_json())?;
+                let r = r?;
+                // A forwarding stub is not state: the entity lives elsewhere.
+                if r.moved_to.is_none() {
+                    writeln!(out, "{}", r.to_json())?;
+                }
             }
         }
         StateCommand::History { id, store: args } => {

@@ -82,6 +82,11 @@ pub struct Stats {
     pub restored_records: AtomicU64,
     /// Time spent restoring partitions, µs.
     pub restore_micros: AtomicU64,
+    /// Entities whose events began arriving on a second partition and were
+    /// combined here (see `orderly_handovers_total`).
+    pub handovers: AtomicU64,
+    /// Events forwarded from a stub to their entity's new partition.
+    pub forwarded: AtomicU64,
     /// The input partitions assigned to this instance now.
     pub assigned: Mutex<std::collections::BTreeSet<(String, i32)>>,
     /// The durable checkpoint of each partition and when it last advanced.

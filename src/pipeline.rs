@@ -542,6 +542,8 @@ pub struct Pipeline {
     identity: Arc<Identity>,
     stop_settings: Arc<AtomicBool>,
     settings_reader: Option<JoinHandle<()>>,
+    /// The changelog follower; it stops with the source.
+    follower: Option<JoinHandle<()>>,
 }
 
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, PipelineError> {
@@ -632,8 +634,11 @@ impl Pipeline {
         let stop_publisher = Arc::new(AtomicBool::new(false));
         let publisher = Publisher {
             store: dyn_store.clone(),
-            producer: crate::sink::producer(&config.brokers, &[])
-                .map_err(PipelineError::Producer)?,
+            producer: crate::sink::producer(
+                &config.brokers,
+                &[("partitioner", config.partitioner.librdkafka_name())],
+            )
+            .map_err(PipelineError::Producer)?,
             ready: outbox_ready,
             stop: stop_publisher.clone(),
         };
@@ -666,7 +671,9 @@ impl Pipeline {
             crate::settings::start_source(&config, parts).map_err(PipelineError::Thread)?
         };
 
+        let layout = Arc::new(crate::partitioner::Layout::new(config.partitioner));
         let shared = Arc::new(Shared {
+            layout: layout.clone(),
             settings: settings.clone(),
             handlers,
             store: dyn_store.clone(),
@@ -700,6 +707,25 @@ impl Pipeline {
         let ready = Arc::new(AtomicBool::new(false));
         let stop_source = Arc::new(AtomicBool::new(false));
         let grace = Duration::from_millis(config.shutdown_grace_ms);
+        let follower = if with_source && !config.changelog_suffix.is_empty() {
+            let follower = crate::handover::Follower::new(
+                &config,
+                dyn_store.clone(),
+                router.clone(),
+                layout.clone(),
+                stats.clone(),
+            )
+            .map_err(|e| {
+                PipelineError::Source(Box::new(SourceError::Kafka {
+                    context: "the changelog follower".into(),
+                    source: e,
+                }))
+            })?;
+            let stop = stop_source.clone();
+            Some(spawn("orderly-follower", move || follower.run(stop))?)
+        } else {
+            None
+        };
         let (source, injector) = if with_source {
             let source = Source::new(
                 &config,
@@ -715,6 +741,7 @@ impl Pipeline {
                     brokers_ok: brokers_ok.clone(),
                     settings: settings.clone(),
                     fatal: fatal.clone(),
+                    layout,
                 },
             )
             .map_err(|e| PipelineError::Source(Box::new(e)))?;
@@ -765,6 +792,7 @@ impl Pipeline {
             }),
             stop_settings,
             settings_reader,
+            follower,
         };
         Ok((pipeline, injector))
     }
@@ -824,6 +852,11 @@ impl Pipeline {
         if let Some(s) = self.source.take() {
             if !finish_by(deadline, move || drop(s.join())) {
                 abandoned.push("source");
+            }
+        }
+        if let Some(f) = self.follower.take() {
+            if !finish_by(deadline, move || drop(f.join())) {
+                abandoned.push("changelog follower");
             }
         }
         // Everything the source delivered is durable (or the grace ran out);

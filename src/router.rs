@@ -10,7 +10,7 @@
 
 use crate::checkpoint::TopicPartition;
 use crate::entity::{
-    Deliver, Delivery, EntityActor, EntityStatus, Released, Resolve, RetryDeadLetter, Shared,
+    Deliver, Delivery, EntityActor, EntityStatus, Merge, Released, Resolve, RetryDeadLetter, Shared,
 };
 use actix::prelude::*;
 use std::collections::{HashMap, HashSet};
@@ -207,6 +207,22 @@ impl Handler<Route> for Shard {
     }
 }
 
+/// A record of an entity from another partition, routed to its actor.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RouteMerge(pub Box<crate::fold::EntityRecord>, pub TopicPartition);
+
+impl Handler<RouteMerge> for Shard {
+    type Result = ();
+
+    fn handle(&mut self, RouteMerge(record, tp): RouteMerge, _: &mut Self::Context) {
+        let h = self.actor(&record.entity_id.clone(), &tp);
+        h.delivered += 1;
+        h.last_delivery = Instant::now();
+        h.addr.do_send(Merge(record));
+    }
+}
+
 impl Handler<Release> for Shard {
     type Result = usize;
 
@@ -278,6 +294,19 @@ impl Router {
             .iter()
             .map(|b| b.queued.load(std::sync::atomic::Ordering::Relaxed))
             .collect()
+    }
+
+    /// Hands `record`, an entity's record kept under another partition, to
+    /// the entity's actor, which merges it or yields to it. `partition` is
+    /// the partition of the entity's input topic the actor is counted under.
+    pub fn merge(&self, record: crate::fold::EntityRecord, partition: i32) {
+        let i = shard_of(&record.entity_id, self.shards.len());
+        let topic = record
+            .home
+            .as_ref()
+            .map(|h| Arc::from(h.topic.as_str()))
+            .unwrap_or_else(|| Arc::from(""));
+        self.shards[i].do_send(RouteMerge(Box::new(record), (topic, partition)));
     }
 
     /// Releases (or, with `skip`, skips the parking event of) a parked entity.

@@ -80,6 +80,9 @@ impl Publisher {
             if let Some(k) = &rec.key {
                 r = r.key(k.as_slice());
             }
+            if let Some(p) = rec.partition {
+                r = r.partition(p);
+            }
             self.producer.send(r, Duration::from_secs(5))
         });
         let mut results = futures::future::join_all(sends).await.into_iter();

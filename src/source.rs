@@ -93,6 +93,8 @@ pub struct SourceContext {
     fatal: Arc<crate::pipeline::Fatal>,
     /// When an offset commit last failed.
     commit_failed_at: Mutex<Option<Instant>>,
+    /// The partitioner and partition counts, for entities whose partition changes.
+    layout: Arc<crate::partitioner::Layout>,
 }
 
 /// Reads a changelog partition into the store when this instance is assigned
@@ -117,15 +119,17 @@ impl Restorer {
     }
 
     /// Brings the store's copy of `input`/`partition` up to its changelog's
-    /// end. Returns whether anything was read: then consumption must resume
-    /// from the offset committed to Kafka, not the stored checkpoint.
+    /// end. Returns whether anything was read (then consumption must resume
+    /// from the offset committed to Kafka, not the stored checkpoint), and
+    /// the restored records of entities this store holds live under another
+    /// partition, which their actors merge.
     pub fn restore(
         &self,
         store: &dyn Store,
         stats: &Stats,
         input: &str,
         partition: i32,
-    ) -> Result<bool, String> {
+    ) -> Result<(bool, Vec<crate::fold::EntityRecord>), String> {
         let topic = self.topic_of(input);
         let timeout = Duration::from_secs(10);
         let (low, high) = self
@@ -136,8 +140,8 @@ impl Restorer {
             .changelog_position(&topic, partition)
             .map_err(|e| e.to_string())?;
         let from = match position {
-            Some(p) if p >= high => return Ok(false),
-            None if high <= low => return Ok(false),
+            Some(p) if p >= high => return Ok((false, Vec::new())),
+            None if high <= low => return Ok((false, Vec::new())),
             Some(p) if p > low => Offset::Offset(p),
             _ => Offset::Beginning,
         };
@@ -164,8 +168,9 @@ impl Restorer {
         let mut next = position.unwrap_or(low).max(low);
         let mut last_progress = (next, Instant::now());
         let mut last_log = Instant::now();
-        let write = |batch: &mut Vec<(String, Vec<u8>)>, next: i64| {
-            store
+        let mut conflicts = Vec::new();
+        let mut write = |batch: &mut Vec<(String, Vec<u8>)>, next: i64| {
+            let found = store
                 .restore(
                     &home,
                     batch,
@@ -176,6 +181,7 @@ impl Restorer {
                     },
                 )
                 .map_err(|e| e.to_string())?;
+            conflicts.extend(found);
             batch.clear();
             Ok::<_, String>(())
         };
@@ -236,7 +242,7 @@ impl Restorer {
             },
             stats,
         );
-        Ok(true)
+        Ok((true, conflicts))
     }
 }
 
@@ -272,6 +278,31 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl SourceContext {
+    /// Reads `topic`'s partition count from the brokers into the layout. An
+    /// assignment follows every change of the count, so the layout is
+    /// current whenever events of new partitions arrive.
+    fn learn_partition_count(&self, consumer: &BaseConsumer<Self>, topic: &str) {
+        match consumer.fetch_metadata(Some(topic), Duration::from_secs(10)) {
+            Ok(md) => {
+                let Some(n) = md
+                    .topics()
+                    .iter()
+                    .find(|t| t.name() == topic)
+                    .map(|t| t.partitions().len() as i32)
+                    .filter(|n| *n > 0)
+                else {
+                    return;
+                };
+                if let Some(old) = self.layout.set_count(topic, n) {
+                    tracing::warn!(%topic, from = old, to = n, partitioner = self.layout.partitioner.name(), "the topic's partition count changed: entities whose key now maps to another partition move there as their events arrive");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%topic, error = %e, "cannot read the topic's partition count; entities that change partition are not moved until it is known")
+            }
+        }
+    }
+
     /// Waits until every received event of `tps` is durable, or the drain timeout.
     fn drain(&self, tps: &HashSet<TopicPartition>) -> bool {
         let deadline = Instant::now() + self.drain_timeout;
@@ -323,10 +354,14 @@ impl ConsumerContext for SourceContext {
                     for e in tpl.elements() {
                         let (topic, partition) = (e.topic().to_owned(), e.partition());
                         match r.restore(self.store.as_ref(), &self.stats, &topic, partition) {
-                            Ok(true) => {
+                            Ok((true, conflicts)) => {
                                 restored.insert((topic.clone(), partition));
+                                for record in conflicts {
+                                    // The entity moved: its actor merges this copy.
+                                    self.router.merge(record, partition);
+                                }
                             }
-                            Ok(false) => {}
+                            Ok((false, _)) => {}
                             Err(reason) => {
                                 // Processing without the state would apply events to empty records.
                                 tracing::error!(%reason, "cannot restore a partition from its changelog; stopping");
@@ -344,6 +379,10 @@ impl ConsumerContext for SourceContext {
                     .iter()
                     .map(|e| (e.topic().to_owned(), e.partition()))
                     .collect();
+                let topics: HashSet<&str> = elems.iter().map(|(t, _)| t.as_str()).collect();
+                for topic in topics {
+                    self.learn_partition_count(consumer, topic);
+                }
                 for (topic, partition) in &elems {
                     let cps = match stored.get(topic) {
                         Some(c) => c,
@@ -525,6 +564,8 @@ pub struct SourceParts {
     pub settings: Arc<crate::settings::Settings>,
     /// Raised when the source cannot go on.
     pub fatal: Arc<crate::pipeline::Fatal>,
+    /// The partitioner, and the partition counts this source keeps current.
+    pub layout: Arc<crate::partitioner::Layout>,
 }
 
 impl Source {
@@ -569,6 +610,7 @@ impl Source {
             .map(|h| (h.topic, h.partition))
             .collect();
         let context = SourceContext {
+            layout: parts.layout,
             restorer,
             local: Mutex::new(local),
             last_rebalance: Mutex::new(None),

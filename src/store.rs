@@ -20,7 +20,9 @@
 //!
 //! Every value starts with a format-version byte. Version 2 added the
 //! settings version to provenance and the ignored-events count to entity
-//! records; version 1 values are still read (see [`Stored`]). This module
+//! records; version 3 added the forwarding stub and handover count to entity
+//! records and an explicit partition to outbox records. Values of versions 1
+//! and 2 are still read (see [`Stored`]). This module
 //! does not decide what goes into a batch; the writer does.
 
 use crate::anomaly::Anomaly;
@@ -33,7 +35,7 @@ use std::path::Path;
 use std::pin::Pin;
 
 /// The format version written at the start of every stored value.
-pub const FORMAT_VERSION: u8 = 2;
+pub const FORMAT_VERSION: u8 = 3;
 
 /// A value the store keeps, and how it is read from an older format.
 pub trait Stored: DeserializeOwned {
@@ -42,12 +44,44 @@ pub trait Stored: DeserializeOwned {
     fn from_v1(body: &[u8]) -> std::result::Result<Self, bincode::error::DecodeError> {
         bincode::serde::decode_from_slice(body, bincode::config::standard()).map(|(v, _)| v)
     }
+
+    /// Decodes the bincode body of a format-2 value. The default suits the
+    /// types whose layout did not change.
+    fn from_v2(body: &[u8]) -> std::result::Result<Self, bincode::error::DecodeError> {
+        bincode::serde::decode_from_slice(body, bincode::config::standard()).map(|(v, _)| v)
+    }
 }
 
 impl Stored for Anomaly {}
 impl Stored for DeadLetter {}
-impl Stored for OutboxRecord {}
-impl Stored for Vec<OutboxRecord> {}
+
+impl Stored for OutboxRecord {
+    fn from_v1(body: &[u8]) -> std::result::Result<Self, bincode::error::DecodeError> {
+        Self::from_v2(body)
+    }
+
+    fn from_v2(body: &[u8]) -> std::result::Result<Self, bincode::error::DecodeError> {
+        bincode::serde::decode_from_slice::<format_v2::OutboxRecord, _>(
+            body,
+            bincode::config::standard(),
+        )
+        .map(|(v, _)| v.into())
+    }
+}
+
+impl Stored for Vec<OutboxRecord> {
+    fn from_v1(body: &[u8]) -> std::result::Result<Self, bincode::error::DecodeError> {
+        Self::from_v2(body)
+    }
+
+    fn from_v2(body: &[u8]) -> std::result::Result<Self, bincode::error::DecodeError> {
+        bincode::serde::decode_from_slice::<Vec<format_v2::OutboxRecord>, _>(
+            body,
+            bincode::config::standard(),
+        )
+        .map(|(v, _)| v.into_iter().map(Into::into).collect())
+    }
+}
 
 impl Stored for EntityRecord {
     fn from_v1(body: &[u8]) -> std::result::Result<Self, bincode::error::DecodeError> {
@@ -57,6 +91,21 @@ impl Stored for EntityRecord {
         )
         .map(|(v, _)| v.into())
     }
+
+    fn from_v2(body: &[u8]) -> std::result::Result<Self, bincode::error::DecodeError> {
+        entity_from_v2(body)
+    }
+}
+
+/// Format 3 appended `moved_to` (`None`) and `handovers` (0) to the entity
+/// record. bincode writes fields in order with no names, and encodes both
+/// defaults as one zero byte, so a format-2 body plus two zero bytes is the
+/// same record in format 3.
+fn entity_from_v2(body: &[u8]) -> std::result::Result<EntityRecord, bincode::error::DecodeError> {
+    let mut upgraded = Vec::with_capacity(body.len() + 2);
+    upgraded.extend_from_slice(body);
+    upgraded.extend_from_slice(&[0, 0]);
+    bincode::serde::decode_from_slice(&upgraded, bincode::config::standard()).map(|(v, _)| v)
 }
 
 impl Stored for LogEntry {
@@ -185,6 +234,8 @@ mod format_v1 {
                 skipped: r.skipped,
                 ignored_events: 0,
                 home: None,
+                moved_to: None,
+                handovers: 0,
             }
         }
     }
@@ -247,6 +298,34 @@ pub struct OutboxRecord {
     pub value: Vec<u8>,
     /// The headers.
     pub headers: Vec<(String, Vec<u8>)>,
+    /// The partition, when it must be this one (a forwarded event); `None`:
+    /// the producer's partitioner chooses.
+    pub partition: Option<i32>,
+}
+
+/// The outbox record of formats 1 and 2, without a partition.
+mod format_v2 {
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Serialize, Deserialize)]
+    pub(super) struct OutboxRecord {
+        pub topic: String,
+        pub key: Option<Vec<u8>>,
+        pub value: Vec<u8>,
+        pub headers: Vec<(String, Vec<u8>)>,
+    }
+
+    impl From<OutboxRecord> for super::OutboxRecord {
+        fn from(r: OutboxRecord) -> Self {
+            super::OutboxRecord {
+                topic: r.topic,
+                key: r.key,
+                value: r.value,
+                headers: r.headers,
+                partition: None,
+            }
+        }
+    }
 }
 
 /// The checkpoint of one partition: the next offset to consume.
@@ -352,12 +431,17 @@ pub trait Store: Send + Sync + 'static {
     /// reached. The input partition's checkpoint is removed: after a restore,
     /// consumption resumes from the offset committed to Kafka, which the
     /// changelog covers.
+    ///
+    /// A record whose entity the store already holds live under another
+    /// home (the entity moved partitions) does not replace it: a forwarding
+    /// stub is dropped, and a live record is returned, to be merged by the
+    /// entity's actor.
     fn restore(
         &self,
         input: &Home,
         records: &[(String, Vec<u8>)],
         changelog: &Checkpoint,
-    ) -> Result<()>;
+    ) -> Result<Vec<EntityRecord>>;
     /// Removes everything held for an input partition this instance no longer
     /// owns: its checkpoint, its changelog position, and its entities (with
     /// their history and parked entries). Returns how many entities went.
@@ -407,6 +491,7 @@ pub fn decode<T: Stored>(key: &[u8], bytes: &[u8]) -> Result<T> {
                 .map_err(corrupt)
         }
         Some(1) => T::from_v1(&bytes[1..]).map_err(corrupt),
+        Some(2) => T::from_v2(&bytes[1..]).map_err(corrupt),
         Some(&found) => Err(StoreError::UnsupportedFormat {
             key: key_text(),
             found,
@@ -644,16 +729,28 @@ impl Store for SledStore {
         input: &Home,
         records: &[(String, Vec<u8>)],
         changelog: &Checkpoint,
-    ) -> Result<()> {
+    ) -> Result<Vec<EntityRecord>> {
         let mut b = sled::Batch::default();
+        let mut conflicts = Vec::new();
         for (id, bytes) in records {
             let k = key(ENTITY, id.as_bytes());
             let record: EntityRecord = decode(&k, bytes)?;
             if let Some(old) = self.tree.get(&k)? {
-                // Keep the partition index exact when the record lived elsewhere.
                 if let Ok(old) = decode::<EntityRecord>(&k, &old) {
-                    if let Some(h) = old.home.filter(|h| Some(h) != record.home.as_ref()) {
-                        b.remove(index_key(&h, id));
+                    let elsewhere = old
+                        .home
+                        .as_ref()
+                        .filter(|h| Some(*h) != record.home.as_ref());
+                    if elsewhere.is_some() && old.moved_to.is_none() {
+                        // The entity lives on under another partition here.
+                        if record.moved_to.is_none() {
+                            conflicts.push(record);
+                        }
+                        continue;
+                    }
+                    // Keep the partition index exact when the record lived elsewhere.
+                    if let Some(h) = elsewhere {
+                        b.remove(index_key(h, id));
                     }
                 }
             }
@@ -674,7 +771,7 @@ impl Store for SledStore {
         );
         b.remove(checkpoint_key(&input.topic, input.partition));
         self.tree.apply_batch(b)?;
-        Ok(())
+        Ok(conflicts)
     }
 
     fn purge_partition(&self, input: &Home, changelog_topic: &str) -> Result<u64> {
@@ -960,5 +1057,86 @@ mod tests {
         assert_eq!(r.log[0].provenance.event_id, "e1");
         assert_eq!(r.applied_offsets["in/2"], 7);
         assert_eq!(r.ignored_events, 0);
+    }
+
+    #[test]
+    fn format_2_records_are_read() {
+        use crate::fold::{Base, HeldEvent, Home, LogEntry, Parked, Provenance, Skipped};
+        use crate::handler::EntityState;
+        use crate::ordering::OrderKey;
+        // The entity record of format 2: format 3 without its last two fields.
+        #[derive(Serialize)]
+        struct V2 {
+            entity_id: String,
+            tenant_id: String,
+            state: EntityState,
+            provenance: BTreeMap<String, Provenance>,
+            high_water: Option<OrderKey>,
+            log: Vec<LogEntry>,
+            base: Base,
+            applied_offsets: BTreeMap<String, i64>,
+            applied_events: u64,
+            duplicates: u64,
+            redeliveries: u64,
+            late_events: u64,
+            too_late_events: u64,
+            dead_lettered: u64,
+            late_applied: u64,
+            late_dropped: u64,
+            parked: Option<Parked>,
+            held: Vec<HeldEvent>,
+            skipped: Vec<Skipped>,
+            ignored_events: u64,
+            home: Option<Home>,
+        }
+        let old = V2 {
+            entity_id: "lead-1".into(),
+            tenant_id: "t1".into(),
+            state: Default::default(),
+            provenance: Default::default(),
+            high_water: None,
+            log: vec![],
+            base: Default::default(),
+            applied_offsets: [("in/2".to_owned(), 7)].into(),
+            applied_events: 1,
+            duplicates: 2,
+            redeliveries: 0,
+            late_events: 0,
+            too_late_events: 0,
+            dead_lettered: 0,
+            late_applied: 0,
+            late_dropped: 0,
+            parked: None,
+            held: vec![],
+            skipped: vec![],
+            ignored_events: 3,
+            home: Some(Home {
+                topic: "in".into(),
+                partition: 2,
+            }),
+        };
+        let mut bytes = vec![2u8];
+        bincode::serde::encode_into_std_write(&old, &mut bytes, bincode::config::standard())
+            .unwrap();
+        let r: EntityRecord = decode(b"k", &bytes).unwrap();
+        assert_eq!(r.entity_id, "lead-1");
+        assert_eq!(r.ignored_events, 3);
+        assert_eq!(r.home.as_ref().map(|h| h.partition), Some(2));
+        assert_eq!((r.moved_to, r.handovers), (None, 0));
+
+        let outbox = vec![format_v2::OutboxRecord {
+            topic: "t".into(),
+            key: Some(b"k".to_vec()),
+            value: b"v".to_vec(),
+            headers: vec![],
+        }];
+        for version in [1u8, 2] {
+            let mut bytes = vec![version];
+            bincode::serde::encode_into_std_write(&outbox, &mut bytes, bincode::config::standard())
+                .unwrap();
+            let read: Vec<OutboxRecord> = decode(b"o", &bytes).unwrap();
+            assert_eq!(read[0].value, b"v");
+            assert_eq!(read[0].partition, None);
+        }
     }
 }

@@ -151,6 +151,11 @@ impl Changelog {
     /// Produces the batch's records and waits until the broker has them all;
     /// failures are retried, with backoff, until they succeed (nothing is
     /// acknowledged meanwhile). Returns the next offset per changelog partition.
+    ///
+    /// An entity whose home moved to another partition of its topic in this
+    /// batch also gets a forwarding stub (its record, with `moved_to` set) in
+    /// its old home's changelog partition: whoever restores that partition
+    /// forwards the entity's stragglers instead of holding a stale copy.
     async fn write(
         &self,
         entities: &[(String, Vec<u8>)],
@@ -160,6 +165,34 @@ impl Changelog {
         use rdkafka::producer::FutureRecord;
         // One changelog name per input topic, not one per record.
         let mut topics: HashMap<&str, Arc<str>> = HashMap::new();
+        let stubs: Vec<(&str, Vec<u8>, Arc<str>, i32)> = entities
+            .iter()
+            .filter_map(|(id, bytes)| {
+                let (Some(from), Some(to)) = homes.get(id)? else {
+                    return None;
+                };
+                if from == to || from.topic != to.topic {
+                    return None;
+                }
+                let mut stub: crate::fold::EntityRecord =
+                    crate::store::decode(id.as_bytes(), bytes).ok()?;
+                if stub.moved_to.is_some() {
+                    return None;
+                }
+                stub.moved_to = Some(to.clone());
+                stub.home = Some(from.clone());
+                let topic = topics
+                    .entry(from.topic.as_str())
+                    .or_insert_with(|| self.topic_of(&from.topic).into())
+                    .clone();
+                Some((
+                    id.as_str(),
+                    crate::store::encode(&stub),
+                    topic,
+                    from.partition,
+                ))
+            })
+            .collect();
         let mut pending: Vec<(&str, &[u8], Arc<str>, i32)> = entities
             .iter()
             .filter_map(|(id, bytes)| {
@@ -171,6 +204,9 @@ impl Changelog {
                 Some((id.as_str(), bytes.as_slice(), topic, home.partition))
             })
             .collect();
+        pending.extend(stubs.iter().map(|(id, bytes, topic, partition)| {
+            (*id, bytes.as_slice(), topic.clone(), *partition)
+        }));
         let mut positions: HashMap<(Arc<str>, i32), i64> = HashMap::new();
         let mut attempt = 0u32;
         while !pending.is_empty() {
@@ -360,6 +396,7 @@ impl Writer {
                     key: dl.key.clone(),
                     value: dl.to_json().to_string().into_bytes(),
                     headers,
+                    partition: None,
                 };
                 batch.outbox.push(record);
                 batch.dead_letters.push(dl);
@@ -400,6 +437,7 @@ impl Writer {
                         key: Some(a.entity_id.clone().into_bytes()),
                         value: a.to_json().to_string().into_bytes(),
                         headers: Vec::new(),
+                        partition: None,
                     };
                     batch.outbox.push(record);
                 }

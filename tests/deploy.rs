@@ -386,6 +386,7 @@ fn check_promql(expr: &str, what: &str) -> Vec<String> {
         "from",
         "version",
         "result",
+        "how",
         "le",
         "instance",
         "job",

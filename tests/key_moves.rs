@@ -1,0 +1,347 @@
+//! Keys that move to another partition, as when partitions are added: the
+//! embedded broker cannot add partitions, so the topic has 8 from the start
+//! and the producer routes each key by `murmur2(key) % 4` first and by
+//! `murmur2(key) % 8` after a point, with events still in flight across the
+//! switch. The state must follow each moved key, and each moved entity must
+//! be handed over exactly once.
+
+mod common;
+
+use common::{Found, Oracle, OrderlyProcess, TestTopic};
+use orderly::envelope::Event;
+use orderly::partitioner::Partitioner;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::ClientConfig;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const SUFFIX: &str = ".changelog";
+
+/// The partition a message of `e` goes to: by `murmur2 % 4` before the
+/// switch, `murmur2 % 8` after.
+fn route(e: &Event, grown: bool) -> i32 {
+    Partitioner::Murmur2.partition(e.entity_id.as_bytes(), if grown { 8 } else { 4 })
+}
+
+/// Produces `events` to explicit partitions; returns each entity's partitions.
+fn produce_routed(
+    brokers: &str,
+    topic: &str,
+    events: &[(Event, bool)],
+) -> HashMap<String, BTreeSet<i32>> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    let mut partitions: HashMap<String, BTreeSet<i32>> = HashMap::new();
+    let sends: Vec<_> = events
+        .iter()
+        .map(|(e, grown)| {
+            let p = route(e, *grown);
+            partitions.entry(e.entity_id.clone()).or_default().insert(p);
+            let m = orderly::workload::message_of(e, orderly::workload::Format::Proto);
+            let mut headers = OwnedHeaders::new();
+            for (k, v) in &m.headers {
+                headers = headers.insert(Header {
+                    key: k,
+                    value: Some(v.as_slice()),
+                });
+            }
+            producer
+                .send_result(
+                    FutureRecord::to(topic)
+                        .partition(p)
+                        .key(&e.entity_id)
+                        .payload(&m.value)
+                        .headers(headers),
+                )
+                .map_err(|(e, _)| e)
+                .unwrap()
+        })
+        .collect();
+    for s in sends {
+        futures::executor::block_on(s).unwrap().unwrap();
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+    partitions
+}
+
+/// The entities whose events went to two partitions: the moved ones.
+fn moved(partitions: &HashMap<String, BTreeSet<i32>>) -> BTreeSet<String> {
+    partitions
+        .iter()
+        .filter(|(_, ps)| ps.len() > 1)
+        .map(|(id, _)| id.clone())
+        .collect()
+}
+
+/// The stream, with the switch from 4 to 8 partitions halfway; the last
+/// tenth is routed by % 4 again, as by a producer that has not seen the new
+/// partitions yet: those events arrive on the old partitions after their
+/// entities moved.
+fn switched(events: Vec<Event>) -> Vec<(Event, bool)> {
+    let n = events.len();
+    events
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| (e, i >= n / 2 && i < n * 9 / 10))
+        .collect()
+}
+
+/// The partition an entity's state must end under: the one murmur2 % 8
+/// gives if its events went to two partitions, else its only one.
+fn expected_home(id: &str, partitions: &BTreeSet<i32>) -> i32 {
+    if partitions.len() > 1 {
+        Partitioner::Murmur2.partition(id.as_bytes(), 8)
+    } else {
+        *partitions.first().expect("sent somewhere")
+    }
+}
+
+#[test]
+fn the_partitioners_agree_with_librdkafkas() {
+    let t = TestTopic::new(7);
+    for partitioner in [Partitioner::Murmur2, Partitioner::ConsistentRandom] {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &t.brokers)
+            .set("partitioner", partitioner.librdkafka_name())
+            .create()
+            .unwrap();
+        for i in 0..200 {
+            let key = format!("lead-{i}");
+            let delivery = futures::executor::block_on(
+                producer
+                    .send_result(
+                        FutureRecord::<_, [u8]>::to(&t.topic)
+                            .key(&key)
+                            .payload(b"x"),
+                    )
+                    .map_err(|(e, _)| e)
+                    .unwrap(),
+            )
+            .unwrap()
+            .unwrap();
+            assert_eq!(
+                delivery.partition,
+                partitioner.partition(key.as_bytes(), 7),
+                "{partitioner:?} {key}"
+            );
+        }
+    }
+}
+
+/// One instance owns all 8 partitions: the moves happen inside its actors.
+#[test]
+fn keys_that_move_partition_in_one_instance_keep_their_state() {
+    let t = TestTopic::new(8);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = t.config(dir.path());
+    config.partitioner = Partitioner::Murmur2;
+    let events = switched(common::shuffled_stream(300, 8, 0.02, 31));
+    let oracle = Oracle::of(&events.iter().map(|(e, _)| e.clone()).collect::<Vec<_>>());
+    let (brokers, topic) = (t.brokers.clone(), t.topic.clone());
+    let sent = std::sync::Arc::new(std::sync::Mutex::new(HashMap::new()));
+    let out = sent.clone();
+    let n = events.len() as u64;
+    let handlers = config.handlers();
+    let store = common::run_to_quiet(config, handlers, n, move || {
+        *out.lock().unwrap() = produce_routed(&brokers, &topic, &events);
+    });
+    let sent = sent.lock().unwrap().clone();
+    let moved = moved(&sent);
+    assert!(moved.len() > 50, "only {} keys moved", moved.len());
+    let problems = oracle.diff(store.as_ref());
+    assert!(problems.is_empty(), "{problems:#?}");
+    use orderly::store::Store;
+    for r in store.entities() {
+        let r = r.unwrap();
+        let want = u32::from(moved.contains(&r.entity_id));
+        assert_eq!(r.handovers, want, "{}", r.entity_id);
+        assert!(r.moved_to.is_none(), "{}", r.entity_id);
+        assert_eq!(
+            r.home.unwrap().partition,
+            expected_home(&r.entity_id, &sent[&r.entity_id]),
+            "{}",
+            r.entity_id
+        );
+    }
+}
+
+fn instance_config(t: &TestTopic, dir: &Path, name: &str) -> PathBuf {
+    let mut config = t.config(&dir.join(format!("data-{name}")));
+    config.changelog_suffix = SUFFIX.into();
+    config.purge_after_ms = 2_000;
+    config.instance_id = Some(name.into());
+    config.partitioner = Partitioner::Murmur2;
+    // The range assignor gives one instance partitions 0-3 and the other
+    // 4-7: every key that moves from p to p + 4 moves to the other instance.
+    config
+        .kafka
+        .insert("partition.assignment.strategy".into(), "range".into());
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+    path
+}
+
+fn dump(data_dir: &Path) -> Vec<serde_json::Value> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_orderly"))
+        .args(["state", "dump", "--data-dir"])
+        .arg(data_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The sum of a counter's series in a Prometheus text exposition.
+fn counter(admin: &str, name: &str) -> u64 {
+    let text = reqwest::blocking::get(format!("{admin}/metrics"))
+        .and_then(|r| r.text())
+        .unwrap_or_default();
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+#[test]
+fn keys_that_move_to_another_instance_are_handed_over_once() {
+    let t = TestTopic::new(8);
+    t.broker
+        .create_topic(&format!("{}{SUFFIX}", t.topic), 8)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let names = ["a", "b"];
+    let mut instances: Vec<OrderlyProcess> = names
+        .iter()
+        .map(|n| {
+            let config = instance_config(&t, dir.path(), n);
+            OrderlyProcess::start(&config, &dir.path().join(format!("{n}.log")), &[])
+        })
+        .collect();
+    let admins: Vec<String> = instances
+        .iter_mut()
+        .map(|p| format!("http://{}", p.admin_addr(Duration::from_secs(30))))
+        .collect();
+    // Both members own four partitions before anything is produced.
+    common::wait_until(
+        "both instances to own 4 partitions",
+        Duration::from_secs(90),
+        || {
+            admins.iter().all(|a| {
+                let body: serde_json::Value = reqwest::blocking::get(format!("{a}/api/partitions"))
+                    .and_then(|r| r.json())
+                    .unwrap_or_default();
+                body["partitions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|p| p["assigned"] == true)
+                    .count()
+                    == 4
+            })
+        },
+    );
+    let events = switched(common::shuffled_stream(400, 10, 0.02, 47));
+    let oracle = Oracle::of(&events.iter().map(|(e, _)| e.clone()).collect::<Vec<_>>());
+    // The first nine tenths at once: the instances are still working
+    // through the first half when the second, routed by % 8, arrives.
+    let late_from = events.len() * 9 / 10;
+    let mut sent = produce_routed(&t.brokers, &t.topic, &events[..late_from]);
+    let moved_before = moved(&sent).len() as u64;
+    let scraped = admins.clone();
+    let total = move |name: &str| scraped.iter().map(|a| counter(a, name)).sum::<u64>();
+    t.wait_all_committed(Duration::from_secs(180))
+        .unwrap_or_else(|e| panic!("{e}\n{}", instances[0].log_tail()));
+    common::wait_until("the first moves", Duration::from_secs(120), || {
+        total("orderly_handover_yields_total") >= moved_before
+    });
+    // The last tenth, routed by % 4 again: events of moved entities reach
+    // their old owner, which forwards them.
+    for (id, ps) in produce_routed(&t.brokers, &t.topic, &events[late_from..]) {
+        sent.entry(id).or_default().extend(ps);
+    }
+    let moved = moved(&sent);
+    assert!(moved.len() > 100, "only {} keys moved", moved.len());
+    t.wait_all_committed(Duration::from_secs(180))
+        .unwrap_or_else(|e| panic!("{e}\n{}", instances[0].log_tail()));
+    // Every moved entity is handed over exactly once, by the instance that
+    // owns its new partition, and the old owner's copy becomes a stub once.
+    common::wait_until(
+        "every moved entity handed over",
+        Duration::from_secs(120),
+        || {
+            total("orderly_handovers_total") >= moved.len() as u64
+                && total("orderly_handover_yields_total") >= moved.len() as u64
+        },
+    );
+    // The last merges (the old owner's stubs) settle.
+    let mut last = (0, Instant::now());
+    common::wait_until("the merges to settle", Duration::from_secs(60), || {
+        let merges = total("orderly_handover_merges_total");
+        if merges != last.0 {
+            last = (merges, Instant::now());
+        }
+        last.1.elapsed() > Duration::from_secs(3)
+    });
+    // Events forwarded by the old owners are consumed too.
+    t.wait_all_committed(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}\n{}", instances[1].log_tail()));
+    assert_eq!(total("orderly_handovers_total"), moved.len() as u64);
+    assert_eq!(total("orderly_handover_yields_total"), moved.len() as u64);
+    assert_eq!(total("orderly_key_misrouted_total"), 0);
+    let forwarded = total("orderly_forwarded_events_total");
+    assert!(
+        forwarded > 0,
+        "no event reached an old owner after its entity moved"
+    );
+    for p in instances.iter_mut() {
+        assert!(
+            p.terminate(Duration::from_secs(40)).success(),
+            "{}",
+            p.log_tail()
+        );
+    }
+    let dumps: Vec<Vec<serde_json::Value>> = names
+        .iter()
+        .map(|n| dump(&dir.path().join(format!("data-{n}"))))
+        .collect();
+    let mut handovers: BTreeMap<String, u64> = BTreeMap::new();
+    for v in dumps.iter().flatten() {
+        let id = v["entity_id"].as_str().unwrap().to_owned();
+        let home: i32 = v["home"]
+            .as_str()
+            .unwrap()
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(home, expected_home(&id, &sent[&id]), "{id}");
+        handovers.insert(id, v["handovers"].as_u64().unwrap());
+    }
+    let problems = oracle.diff_found(dumps.iter().flatten().map(Found::from_dump));
+    assert!(
+        problems.is_empty(),
+        "{} problems (forwarded {forwarded}): {:#?}",
+        problems.len(),
+        &problems[..problems.len().min(20)]
+    );
+    for (id, n) in &handovers {
+        assert_eq!(*n, u64::from(moved.contains(id)), "{id} handovers");
+    }
+}

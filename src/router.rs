@@ -216,6 +216,17 @@ impl Handler<RouteMerge> for Shard {
     type Result = ();
 
     fn handle(&mut self, RouteMerge(record, tp): RouteMerge, _: &mut Self::Context) {
+        // Only an entity held here has anything to merge or yield: one
+        // whose actor is alive (its record may not be in the store yet),
+        // or one in the store. No actor is started for the others.
+        if !self.entities.contains_key(&record.entity_id)
+            && !matches!(
+                self.shared.store.load_entity(&record.entity_id),
+                Ok(Some(_))
+            )
+        {
+            return;
+        }
         let h = self.actor(&record.entity_id.clone(), &tp);
         h.delivered += 1;
         h.last_delivery = Instant::now();

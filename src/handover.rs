@@ -72,13 +72,30 @@ impl Follower {
         })
     }
 
-    /// Follows until `stop`. Reads each changelog from its beginning: which
-    /// records concern this instance depends on what it holds now, so a
-    /// restart cannot skip any. New partitions are picked up every 10 s.
+    /// Follows until `stop`. Which records concern this instance depends on
+    /// the partitions it owns, so it waits for an assignment, and reads each
+    /// changelog from its beginning then and again whenever the assignment
+    /// changes. New changelog partitions are picked up every 10 s.
     pub fn run(self, stop: Arc<AtomicBool>) {
         let mut known: HashMap<String, i32> = HashMap::new();
         let mut last_check: Option<Instant> = None;
+        let mut owned_then = std::collections::BTreeSet::new();
         while !stop.load(Relaxed) {
+            let owned = self
+                .stats
+                .assigned
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            if owned.is_empty() {
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            if owned != owned_then {
+                owned_then = owned;
+                known.clear();
+                last_check = None;
+            }
             if last_check.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
                 last_check = Some(Instant::now());
                 self.assign_new_partitions(&mut known);
@@ -98,8 +115,10 @@ impl Follower {
         }
     }
 
-    /// Adds the changelog partitions not followed yet, from their beginning.
+    /// Adds the changelog partitions not followed yet, from their beginning;
+    /// with `known` empty, follows every partition from its beginning again.
     fn assign_new_partitions(&self, known: &mut HashMap<String, i32>) {
+        let restart = known.is_empty();
         let mut grew = false;
         for changelog in self.inputs.keys() {
             let n = match self
@@ -125,7 +144,11 @@ impl Follower {
             return;
         }
         // Partitions followed already keep their position.
-        let positions = self.consumer.position().unwrap_or_default();
+        let positions = if restart {
+            TopicPartitionList::new()
+        } else {
+            self.consumer.position().unwrap_or_default()
+        };
         let mut tpl = TopicPartitionList::new();
         for (topic, n) in known.iter() {
             for p in 0..*n {

@@ -131,11 +131,12 @@ impl TestTopic {
         }
     }
 
-    /// Waits until the group has committed every message on the topic.
+    /// Waits until the group has committed every message on the topic,
+    /// including any written meanwhile (orderly forwards events to it).
     pub fn wait_all_committed(&self, timeout: Duration) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
-        let end = self.end_offsets();
         loop {
+            let end = self.end_offsets();
             let committed = self.committed();
             if committed == end {
                 return Ok(());

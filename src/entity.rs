@@ -535,7 +535,7 @@ impl EntityActor {
         }
         let ack = ack_of(&d, read_start, outcome);
         self.status.handled.fetch_add(1, Relaxed);
-        self.send(changed, fx, Some(ack));
+        self.send(changed || handover, fx, Some(ack));
     }
 
     /// Decides the partition the entity's state lives under after an event

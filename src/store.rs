@@ -975,6 +975,64 @@ impl Store for SledStore {
 mod tests {
     use super::*;
 
+    /// A restore does not overwrite an entity that lives on here under
+    /// another partition: a restored stub is dropped, a restored live copy
+    /// is returned for its actor to merge; a local stub gives way.
+    #[test]
+    fn restore_keeps_an_entity_that_moved_here() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 16).unwrap();
+        let home = |partition| Home {
+            topic: "in".into(),
+            partition,
+        };
+        let record = |id: &str, at: i32, moved: Option<i32>| {
+            let mut r = EntityRecord::new(id, "t");
+            r.home = Some(home(at));
+            r.moved_to = moved.map(home);
+            r
+        };
+        let live_here = record("a", 5, None);
+        let stub_here = record("b", 5, Some(1));
+        store
+            .commit(&CommitBatch {
+                entities: vec![
+                    ("a".into(), encode(&live_here)),
+                    ("b".into(), encode(&stub_here)),
+                ],
+                ..Default::default()
+            })
+            .unwrap();
+        let changelog = Checkpoint {
+            topic: "in.changelog".into(),
+            partition: 1,
+            next_offset: 3,
+        };
+        // Partition 1's changelog: a stub of a (it moved to 5, here), a live
+        // a (an older copy), a live b, and c, new here.
+        let restored = |r: &EntityRecord| (r.entity_id.clone(), encode(r));
+        let conflicts = store
+            .restore(
+                &home(1),
+                &[
+                    restored(&record("a", 1, Some(5))),
+                    restored(&record("b", 1, None)),
+                    restored(&record("c", 1, None)),
+                ],
+                &changelog,
+            )
+            .unwrap();
+        assert!(conflicts.is_empty(), "{conflicts:?}");
+        assert_eq!(store.load_entity("a").unwrap(), Some(live_here.clone()));
+        assert_eq!(store.load_entity("b").unwrap(), Some(record("b", 1, None)));
+        assert_eq!(store.load_entity("c").unwrap(), Some(record("c", 1, None)));
+        let conflicts = store
+            .restore(&home(1), &[restored(&record("a", 1, None))], &changelog)
+            .unwrap();
+        assert_eq!(conflicts, vec![record("a", 1, None)]);
+        assert_eq!(store.load_entity("a").unwrap(), Some(live_here));
+    }
+
     #[test]
     fn batch_round_trip_and_format_version() {
         let dir = tempfile::tempdir().unwrap();

@@ -226,12 +226,14 @@ fn keys_that_move_to_another_instance_are_handed_over_once() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let names = ["a", "b"];
+    let configs: Vec<PathBuf> = names
+        .iter()
+        .map(|n| instance_config(&t, dir.path(), n))
+        .collect();
     let mut instances: Vec<OrderlyProcess> = names
         .iter()
-        .map(|n| {
-            let config = instance_config(&t, dir.path(), n);
-            OrderlyProcess::start(&config, &dir.path().join(format!("{n}.log")), &[])
-        })
+        .zip(&configs)
+        .map(|(n, c)| OrderlyProcess::start(c, &dir.path().join(format!("{n}.log")), &[]))
         .collect();
     let admins: Vec<String> = instances
         .iter_mut()
@@ -263,13 +265,45 @@ fn keys_that_move_to_another_instance_are_handed_over_once() {
     let late_from = events.len() * 9 / 10;
     let mut sent = produce_routed(&t.brokers, &t.topic, &events[..late_from]);
     let moved_before = moved(&sent).len() as u64;
-    let scraped = admins.clone();
-    let total = move |name: &str| scraped.iter().map(|a| counter(a, name)).sum::<u64>();
+    // Counters summed over the instances, plus what a restarted one counted
+    // before its restart.
+    let admins = std::cell::RefCell::new(admins);
+    let carried: std::cell::RefCell<HashMap<String, u64>> = Default::default();
+    let total = |name: &str| {
+        admins
+            .borrow()
+            .iter()
+            .map(|a| counter(a, name))
+            .sum::<u64>()
+            + carried.borrow().get(name).copied().unwrap_or(0)
+    };
     t.wait_all_committed(Duration::from_secs(180))
         .unwrap_or_else(|e| panic!("{e}\n{}", instances[0].log_tail()));
     common::wait_until("the first moves", Duration::from_secs(120), || {
         total("orderly_handover_yields_total") >= moved_before
     });
+    // A restart in the middle of the move: the instance gets its partitions
+    // back (static membership), its changelog follower reads every changelog
+    // again, and nothing is handed over twice.
+    for name in [
+        "orderly_handovers_total",
+        "orderly_handover_yields_total",
+        "orderly_forwarded_events_total",
+        "orderly_key_misrouted_total",
+    ] {
+        let before = counter(&admins.borrow()[1], name);
+        *carried.borrow_mut().entry(name.into()).or_default() += before;
+    }
+    assert!(
+        instances[1].terminate(Duration::from_secs(40)).success(),
+        "{}",
+        instances[1].log_tail()
+    );
+    instances[1] = OrderlyProcess::start(&configs[1], &dir.path().join("b-restarted.log"), &[]);
+    admins.borrow_mut()[1] = format!(
+        "http://{}",
+        instances[1].admin_addr(Duration::from_secs(30))
+    );
     // The last tenth, routed by % 4 again: events of moved entities reach
     // their old owner, which forwards them.
     for (id, ps) in produce_routed(&t.brokers, &t.topic, &events[late_from..]) {

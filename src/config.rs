@@ -173,6 +173,11 @@ pub struct Config {
     pub partitioner: crate::partitioner::Partitioner,
 }
 
+/// The changelog topic of input topic `input`: `<input><suffix>`.
+pub fn changelog_topic(input: &str, suffix: &str) -> String {
+    format!("{input}{suffix}")
+}
+
 /// Default most live entity actors.
 ///
 /// An actor with its record took about 10 KB in the `max` benchmark (RSS

@@ -182,15 +182,10 @@ pub struct Released {
 
 impl EntityActor {
     /// The entity's record, loaded from the store on first use.
+    /// A new one if the store has none.
     fn record(&mut self, entity_id: &str, tenant_id: &str) -> Result<&mut EntityRecord, String> {
-        if self.record.is_none() {
-            let loaded = self
-                .shared
-                .store
-                .load_entity(&self.id)
-                .map_err(|e| format!("cannot read entity {:?}: {e}", self.id))?;
-            self.stored_home = loaded.as_ref().and_then(|r| r.home.clone());
-            self.record = Some(loaded.unwrap_or_else(|| EntityRecord::new(entity_id, tenant_id)));
+        if self.existing()?.is_none() {
+            self.record = Some(EntityRecord::new(entity_id, tenant_id));
         }
         Ok(self.record.as_mut().expect("set above"))
     }

@@ -36,6 +36,9 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// The input partitions this instance owns, by topic.
+type Owned = HashMap<String, std::collections::HashSet<i32>>;
+
 /// Follows every partition of the changelogs of the input topics.
 pub struct Follower {
     consumer: BaseConsumer,
@@ -60,7 +63,12 @@ impl Follower {
         let inputs = config
             .input_topics()
             .into_iter()
-            .map(|t| (format!("{t}{}", config.changelog_suffix), t))
+            .map(|t| {
+                (
+                    crate::config::changelog_topic(&t, &config.changelog_suffix),
+                    t,
+                )
+            })
             .collect();
         Ok(Follower {
             consumer,
@@ -79,22 +87,33 @@ impl Follower {
     pub fn run(self, stop: Arc<AtomicBool>) {
         let mut known: HashMap<String, i32> = HashMap::new();
         let mut last_check: Option<Instant> = None;
-        let mut owned_then = std::collections::BTreeSet::new();
+        let mut assigned = std::collections::BTreeSet::new();
+        // The same, by input topic, for lookups without allocating.
+        let mut owned = Owned::new();
         while !stop.load(Relaxed) {
-            let owned = self
-                .stats
-                .assigned
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
-            if owned.is_empty() {
-                std::thread::sleep(Duration::from_millis(100));
-                continue;
-            }
-            if owned != owned_then {
-                owned_then = owned;
+            let changed = {
+                let now = self
+                    .stats
+                    .assigned
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                let changed = *now != assigned;
+                if changed {
+                    assigned = now.clone();
+                }
+                changed
+            };
+            if changed {
+                owned = Owned::new();
+                for (topic, p) in &assigned {
+                    owned.entry(topic.clone()).or_default().insert(*p);
+                }
                 known.clear();
                 last_check = None;
+            }
+            if assigned.is_empty() {
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
             }
             if last_check.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
                 last_check = Some(Instant::now());
@@ -103,7 +122,7 @@ impl Follower {
             match self.consumer.poll(Duration::from_millis(100)) {
                 Some(Ok(m)) => {
                     if let (Some(key), Some(value)) = (m.key(), m.payload()) {
-                        self.consider(m.topic(), m.partition(), key, value);
+                        self.consider(&owned, m.topic(), m.partition(), key, value);
                     }
                 }
                 Some(Err(e)) => {
@@ -167,17 +186,11 @@ impl Follower {
 
     /// Hands one changelog record to its entity's actor if it concerns this
     /// instance.
-    fn consider(&self, changelog: &str, partition: i32, key: &[u8], value: &[u8]) {
+    fn consider(&self, owned: &Owned, changelog: &str, partition: i32, key: &[u8], value: &[u8]) {
         let Some(input) = self.inputs.get(changelog) else {
             return;
         };
-        let owned = |p: i32| {
-            self.stats
-                .assigned
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .contains(&(input.clone(), p))
-        };
+        let owned = |p: i32| owned.get(input).is_some_and(|ps| ps.contains(&p));
         if owned(partition) {
             return;
         }

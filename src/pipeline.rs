@@ -127,7 +127,7 @@ fn check_changelogs(config: &Config) -> Result<(), PipelineError> {
             .unwrap_or(0))
     };
     for input in config.input_topics() {
-        let changelog = format!("{input}{}", config.changelog_suffix);
+        let changelog = crate::config::changelog_topic(&input, &config.changelog_suffix);
         let (n, m) = (partitions(&input)?, partitions(&changelog)?);
         if m < n {
             return Err(PipelineError::Changelog(format!(
@@ -229,7 +229,10 @@ impl Control {
                     .then(|| {
                         self.store
                             .changelog_position(
-                                &format!("{topic}{}", self.identity.changelog_suffix),
+                                &crate::config::changelog_topic(
+                                    &topic,
+                                    &self.identity.changelog_suffix,
+                                ),
                                 partition,
                             )
                             .ok()

@@ -115,7 +115,7 @@ impl Restorer {
 
     /// The changelog topic of `input`.
     pub fn topic_of(&self, input: &str) -> String {
-        format!("{input}{}", self.suffix)
+        crate::config::changelog_topic(input, &self.suffix)
     }
 
     /// Brings the store's copy of `input`/`partition` up to its changelog's

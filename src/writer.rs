@@ -145,7 +145,7 @@ pub struct Changelog {
 impl Changelog {
     /// The changelog topic of `input`.
     pub fn topic_of(&self, input: &str) -> String {
-        format!("{input}{}", self.suffix)
+        crate::config::changelog_topic(input, &self.suffix)
     }
 
     /// Produces the batch's records and waits until the broker has them all;

@@ -1037,9 +1037,13 @@ mod tests {
     }
 
     fn origin(offset: i64) -> Origin {
+        at(0, offset)
+    }
+
+    fn at(partition: i32, offset: i64) -> Origin {
         Origin {
             topic: "in".into(),
-            partition: 0,
+            partition,
             offset,
         }
     }
@@ -1065,11 +1069,6 @@ mod tests {
                 )
             })
             .collect();
-        let at = |partition, offset| Origin {
-            topic: "in".into(),
-            partition,
-            offset,
-        };
         let mut whole = EntityRecord::new("e", "t");
         let mut old = EntityRecord::new("e", "t");
         let mut new = EntityRecord::new("e", "t");
@@ -1116,11 +1115,6 @@ mod tests {
     #[test]
     fn merging_keeps_the_base_that_folded_more() {
         let h = handlers();
-        let at = |partition, offset| Origin {
-            topic: "in".into(),
-            partition,
-            offset,
-        };
         let mut old = EntityRecord::new("e", "t");
         for i in 0..6 {
             let e = ev(&format!("e{i}"), i * 10, "inc", serde_json::json!({"n": 1}));

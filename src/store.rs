@@ -975,6 +975,14 @@ impl Store for SledStore {
 mod tests {
     use super::*;
 
+    /// `value` as a store value of an older format `version`.
+    fn encode_as<T: Serialize>(version: u8, value: &T) -> Vec<u8> {
+        let mut bytes = vec![version];
+        bincode::serde::encode_into_std_write(value, &mut bytes, bincode::config::standard())
+            .unwrap();
+        bytes
+    }
+
     /// A restore does not overwrite an entity that lives on here under
     /// another partition: a restored stub is dropped, a restored live copy
     /// is returned for its actor to merge; a local stub gives way.
@@ -1105,10 +1113,7 @@ mod tests {
             held: vec![],
             skipped: vec![],
         };
-        let mut bytes = vec![1u8];
-        bincode::serde::encode_into_std_write(&old, &mut bytes, bincode::config::standard())
-            .unwrap();
-        let r: EntityRecord = decode(b"k", &bytes).unwrap();
+        let r: EntityRecord = decode(b"k", &encode_as(1, &old)).unwrap();
         assert_eq!(r.entity_id, "lead-1");
         assert_eq!(r.provenance["stage"].offset, 7);
         assert_eq!(r.provenance["stage"].settings_version, 0);
@@ -1173,10 +1178,7 @@ mod tests {
                 partition: 2,
             }),
         };
-        let mut bytes = vec![2u8];
-        bincode::serde::encode_into_std_write(&old, &mut bytes, bincode::config::standard())
-            .unwrap();
-        let r: EntityRecord = decode(b"k", &bytes).unwrap();
+        let r: EntityRecord = decode(b"k", &encode_as(2, &old)).unwrap();
         assert_eq!(r.entity_id, "lead-1");
         assert_eq!(r.ignored_events, 3);
         assert_eq!(r.home.as_ref().map(|h| h.partition), Some(2));
@@ -1189,10 +1191,7 @@ mod tests {
             headers: vec![],
         }];
         for version in [1u8, 2] {
-            let mut bytes = vec![version];
-            bincode::serde::encode_into_std_write(&outbox, &mut bytes, bincode::config::standard())
-                .unwrap();
-            let read: Vec<OutboxRecord> = decode(b"o", &bytes).unwrap();
+            let read: Vec<OutboxRecord> = decode(b"o", &encode_as(version, &outbox)).unwrap();
             assert_eq!(read[0].value, b"v");
             assert_eq!(read[0].partition, None);
         }

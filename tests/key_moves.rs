@@ -187,37 +187,6 @@ fn instance_config(t: &TestTopic, dir: &Path, name: &str) -> PathBuf {
     path
 }
 
-fn dump(data_dir: &Path) -> Vec<serde_json::Value> {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_orderly"))
-        .args(["state", "dump", "--data-dir"])
-        .arg(data_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-/// The sum of a counter's series in a Prometheus text exposition.
-fn counter(admin: &str, name: &str) -> u64 {
-    let text = reqwest::blocking::get(format!("{admin}/metrics"))
-        .and_then(|r| r.text())
-        .unwrap_or_default();
-    text.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
-}
-
 #[test]
 fn keys_that_move_to_another_instance_are_handed_over_once() {
     let t = TestTopic::new(8);
@@ -237,7 +206,7 @@ fn keys_that_move_to_another_instance_are_handed_over_once() {
         .collect();
     let admins: Vec<String> = instances
         .iter_mut()
-        .map(|p| format!("http://{}", p.admin_addr(Duration::from_secs(30))))
+        .map(|p| p.admin_addr(Duration::from_secs(30)))
         .collect();
     // Both members own four partitions before anything is produced.
     common::wait_until(
@@ -245,9 +214,10 @@ fn keys_that_move_to_another_instance_are_handed_over_once() {
         Duration::from_secs(90),
         || {
             admins.iter().all(|a| {
-                let body: serde_json::Value = reqwest::blocking::get(format!("{a}/api/partitions"))
-                    .and_then(|r| r.json())
-                    .unwrap_or_default();
+                let body: serde_json::Value =
+                    reqwest::blocking::get(format!("http://{a}/api/partitions"))
+                        .and_then(|r| r.json())
+                        .unwrap_or_default();
                 body["partitions"]
                     .as_array()
                     .into_iter()
@@ -273,7 +243,7 @@ fn keys_that_move_to_another_instance_are_handed_over_once() {
         admins
             .borrow()
             .iter()
-            .map(|a| counter(a, name))
+            .map(|a| common::metric(a, name) as u64)
             .sum::<u64>()
             + carried.borrow().get(name).copied().unwrap_or(0)
     };
@@ -291,7 +261,7 @@ fn keys_that_move_to_another_instance_are_handed_over_once() {
         "orderly_forwarded_events_total",
         "orderly_key_misrouted_total",
     ] {
-        let before = counter(&admins.borrow()[1], name);
+        let before = common::metric(&admins.borrow()[1], name) as u64;
         *carried.borrow_mut().entry(name.into()).or_default() += before;
     }
     assert!(
@@ -300,10 +270,7 @@ fn keys_that_move_to_another_instance_are_handed_over_once() {
         instances[1].log_tail()
     );
     instances[1] = OrderlyProcess::start(&configs[1], &dir.path().join("b-restarted.log"), &[]);
-    admins.borrow_mut()[1] = format!(
-        "http://{}",
-        instances[1].admin_addr(Duration::from_secs(30))
-    );
+    admins.borrow_mut()[1] = instances[1].admin_addr(Duration::from_secs(30));
     // The last tenth, routed by % 4 again: events of moved entities reach
     // their old owner, which forwards them.
     for (id, ps) in produce_routed(&t.brokers, &t.topic, &events[late_from..]) {
@@ -352,7 +319,7 @@ fn keys_that_move_to_another_instance_are_handed_over_once() {
     }
     let dumps: Vec<Vec<serde_json::Value>> = names
         .iter()
-        .map(|n| dump(&dir.path().join(format!("data-{n}"))))
+        .map(|n| common::state_dump(&dir.path().join(format!("data-{n}"))))
         .collect();
     let mut handovers: BTreeMap<String, u64> = BTreeMap::new();
     for v in dumps.iter().flatten() {

@@ -36,19 +36,9 @@ fn start(dir: &Path, config: &Path, name: &str) -> OrderlyProcess {
 
 /// `orderly state dump` of a stopped instance's data dir.
 fn dump(data_dir: &Path) -> Vec<Found> {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_orderly"))
-        .args(["state", "dump", "--data-dir"])
-        .arg(data_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| Found::from_dump(&serde_json::from_str(l).unwrap()))
+    common::state_dump(data_dir)
+        .iter()
+        .map(Found::from_dump)
         .collect()
 }
 
@@ -222,17 +212,8 @@ fn an_instance_with_an_empty_data_dir_restores_and_continues() {
     t.wait_all_committed(Duration::from_secs(120))
         .unwrap_or_else(|e| panic!("{e}\n{}", pc.log_tail()));
     let addr = pc.admin_addr(Duration::from_secs(10));
-    let metrics = reqwest::blocking::get(format!("http://{addr}/metrics"))
-        .unwrap()
-        .text()
-        .unwrap();
-    let restored: f64 = metrics
-        .lines()
-        .find(|l| l.starts_with("orderly_restore_records_total"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
-    assert!(restored >= 300.0, "restored {restored} records\n{metrics}");
+    let restored = common::metric(&addr, "orderly_restore_records_total");
+    assert!(restored >= 300.0, "restored {restored} records");
     assert!(pc.terminate(Duration::from_secs(40)).success());
     let dump_c = dump(&dir.path().join("data-c"));
     check(&Oracle::of(&events), vec![dump_c]);

@@ -10,13 +10,7 @@ use orderly::store::Store;
 use std::time::{Duration, Instant};
 
 fn durable(admin: &str) -> u64 {
-    let text = reqwest::blocking::get(format!("http://{admin}/metrics"))
-        .and_then(|r| r.text())
-        .unwrap_or_default();
-    text.lines()
-        .find_map(|l| l.strip_prefix("orderly_events_durable_total "))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .unwrap_or(0.0) as u64
+    common::metric(admin, "orderly_events_durable_total") as u64
 }
 
 /// Runs `orderly run` until every message is durable, then stops it.

@@ -362,6 +362,41 @@ impl Oracle {
     }
 }
 
+/// The sum of a metric family's series (every label set) at the `/metrics`
+/// of the instance whose admin server is at `admin` (host:port); 0 when
+/// absent or unreachable.
+pub fn metric(admin: &str, name: &str) -> f64 {
+    let text = reqwest::blocking::get(format!("http://{admin}/metrics"))
+        .and_then(|r| r.text())
+        .unwrap_or_default();
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// `orderly state dump` of a stopped instance's data dir: one JSON value
+/// per entity.
+pub fn state_dump(data_dir: &Path) -> Vec<serde_json::Value> {
+    let out = Command::new(env!("CARGO_BIN_EXE_orderly"))
+        .args(["state", "dump", "--data-dir"])
+        .arg(data_dir)
+        .output()
+        .expect("orderly state dump");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
+
 /// Polls `done` every 20 ms until it holds; fails the test after `timeout`.
 pub fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;

@@ -169,7 +169,8 @@ pub struct Config {
     /// When an entity's events arrive on two partitions (partitions were
     /// added, or the producers' partitioner changed), its state moves to the
     /// partition this partitioner gives for the current partition count.
-    /// orderly's own producers (`orderly produce`, derived events) use it too.
+    /// The producer of orderly's outbox (derived events, changes, dead
+    /// letters) uses it too; `orderly produce` uses librdkafka's default.
     pub partitioner: crate::partitioner::Partitioner,
 }
 

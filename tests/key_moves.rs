@@ -9,10 +9,13 @@ mod common;
 
 use common::{Found, Oracle, OrderlyProcess, TestTopic};
 use orderly::envelope::Event;
+use orderly::fold::EntityRecord;
 use orderly::partitioner::Partitioner;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::ClientConfig;
+use rdkafka::Message;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -134,13 +137,53 @@ fn the_partitioners_agree_with_librdkafkas() {
     }
 }
 
+/// The newest changelog record of each entity in each partition of
+/// `topic`: what compaction keeps, and what a restore reads.
+fn changelog(t: &TestTopic, topic: &str) -> BTreeMap<(i32, String), EntityRecord> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &t.brokers)
+        .set("group.id", "changelog-reader")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    let mut end = BTreeMap::new();
+    for p in 0..t.partitions {
+        let (_, high) = c
+            .fetch_watermarks(topic, p, Duration::from_secs(10))
+            .unwrap();
+        end.insert(p, high);
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    c.assign(&tpl).unwrap();
+    let mut next: BTreeMap<i32, i64> = end.keys().map(|p| (*p, 0)).collect();
+    let mut newest = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while next.iter().any(|(p, o)| *o < end[p]) {
+        assert!(Instant::now() < deadline, "changelog not read to its end");
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+            next.insert(m.partition(), m.offset() + 1);
+            let (Some(k), Some(v)) = (m.key(), m.payload()) else {
+                continue;
+            };
+            let id = String::from_utf8(k.to_vec()).unwrap();
+            let record: EntityRecord = orderly::store::decode(k, v).unwrap();
+            newest.insert((m.partition(), id), record);
+        }
+    }
+    newest
+}
+
 /// One instance owns all 8 partitions: the moves happen inside its actors.
 #[test]
 fn keys_that_move_partition_in_one_instance_keep_their_state() {
     let t = TestTopic::new(8);
+    let changelog_name = format!("{}{SUFFIX}", t.topic);
+    t.broker.create_topic(&changelog_name, 8).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut config = t.config(dir.path());
     config.partitioner = Partitioner::Murmur2;
+    config.changelog_suffix = SUFFIX.into();
     let events = switched(common::shuffled_stream(300, 8, 0.02, 31));
     let oracle = Oracle::of(&events.iter().map(|(e, _)| e.clone()).collect::<Vec<_>>());
     let (brokers, topic) = (t.brokers.clone(), t.topic.clone());
@@ -169,6 +212,25 @@ fn keys_that_move_partition_in_one_instance_keep_their_state() {
             r.entity_id
         );
     }
+    // In the changelog, a moved entity's record is under its new partition,
+    // and what its old partition keeps is a forwarding stub: a restore of
+    // the old partition forwards instead of holding a stale copy.
+    let mut stubs = 0;
+    for ((partition, id), record) in changelog(&t, &changelog_name) {
+        let rightful = expected_home(&id, &sent[&id]);
+        if partition == rightful {
+            assert!(record.moved_to.is_none(), "{id} at {partition}");
+        } else {
+            assert!(moved.contains(&id), "{id} at {partition}");
+            assert_eq!(
+                record.moved_to.map(|h| h.partition),
+                Some(rightful),
+                "{id}: the record at its old partition {partition} is a stub"
+            );
+            stubs += 1;
+        }
+    }
+    assert!(stubs > 50, "only {stubs} stubs");
 }
 
 fn instance_config(t: &TestTopic, dir: &Path, name: &str) -> PathBuf {

@@ -7,17 +7,17 @@
 //!
 //! Run it with `cargo run --example custom_handler`; it uses the embedded broker.
 
-use orderly::broker::EmbeddedBroker;
 use orderly::config::Config;
-use orderly::envelope::Event;
-use orderly::handler::{
+use orderly::model::envelope::Event;
+use orderly::model::handler::{
     DerivedEvent, EntityState, FieldReducer, Handler, HandlerError, Observer, ReduceOp,
 };
+use orderly::model::value::Value;
 use orderly::pipeline::Pipeline;
 use orderly::settings::TenantSettings;
 use orderly::store::Store;
-use orderly::value::Value;
-use orderly::workload::{self, Format, ProduceOptions};
+use orderly::tools::broker::EmbeddedBroker;
+use orderly::tools::workload::{self, Format, ProduceOptions};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -90,8 +90,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         orderly::config::TypeConfig {
             reducer: ReduceOp::Inc,
             // A sum commutes: late conversions are added on top, no re-fold.
-            late_policy: Some(orderly::ordering::LatePolicy::Apply),
-            too_late_policy: Some(orderly::ordering::TooLatePolicy::Apply),
+            late_policy: Some(orderly::model::ordering::LatePolicy::Apply),
+            too_late_policy: Some(orderly::model::ordering::TooLatePolicy::Apply),
             history: false,
             on_failure: orderly::config::FailurePolicy::Skip,
         },
@@ -117,7 +117,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "occurred_at": 1_700_000_000_000i64 + i,
                 "payload": if i % 2 == 0 { serde_json::json!({"score": 10 * (i % 3)}) } else { serde_json::json!({"amount": 100}) },
             });
-            orderly::envelope::decode(None, Some(json.to_string().as_bytes()), None, Default::default())
+            orderly::model::envelope::decode(None, Some(json.to_string().as_bytes()), None, Default::default())
                 .expect("valid example event")
         })
         .collect();
@@ -148,7 +148,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let record = store.load_entity(id)?.ok_or("entity missing")?;
         println!(
             "{id}: {}",
-            orderly::value::fields_to_json(&record.state.fields)
+            orderly::model::value::fields_to_json(&record.state.fields)
         );
     }
     Ok(())

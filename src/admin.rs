@@ -23,7 +23,7 @@
 //! | `GET /api/anomalies?limit=` | the most recent anomalies, newest first |
 //! | `GET /api/stalled` | events that ran past the stall deadline (running ones have no `finished_at`) |
 
-use crate::dead_letter::DeadLetter;
+use crate::model::dead_letter::DeadLetter;
 use crate::pipeline::{Control, ControlError};
 use crate::store::Store;
 use actix_web::{get, post, web, HttpRequest, HttpResponse, Responder};
@@ -212,7 +212,7 @@ async fn skip_one(admin: web::Data<Admin>, req: HttpRequest, id: web::Path<u64>)
 /// Applies `retry` (or skip) to every open dead letter matching the filter.
 async fn bulk(admin: &Admin, filter: Filter, retry: bool) -> HttpResponse {
     let filter = Filter {
-        status: Some(crate::dead_letter::OPEN.into()),
+        status: Some(crate::model::dead_letter::OPEN.into()),
         after: None,
         ..filter
     };
@@ -376,13 +376,13 @@ async fn entity_view(admin: web::Data<Admin>, id: web::Path<String>) -> impl Res
     }
 }
 
-fn log_entry_json(e: &crate::fold::LogEntry) -> serde_json::Value {
+fn log_entry_json(e: &crate::model::fold::LogEntry) -> serde_json::Value {
     serde_json::json!({
         "event_id": e.provenance.event_id,
         "event_type": e.event_type,
         "occurred_at": e.key.occurred_at,
         "version": e.key.version,
-        "payload": crate::value::fields_to_json(&e.payload),
+        "payload": crate::model::value::fields_to_json(&e.payload),
         "partition": e.provenance.partition,
         "offset": e.provenance.offset,
         "processed_at": e.provenance.processed_at,

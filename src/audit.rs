@@ -8,9 +8,9 @@
 //! it cannot re-derive the snapshot itself. `--repair` writes the replayed
 //! state and emits a correction record for each repaired entity.
 
-use crate::change::{ChangeRecord, JsonChange};
-use crate::fold::{diff, EntityRecord, FieldChange, LogEntry};
-use crate::handler::Handlers;
+use crate::model::change::{ChangeRecord, JsonChange};
+use crate::model::fold::{diff, EntityRecord, FieldChange, LogEntry};
+use crate::model::handler::Handlers;
 use crate::store::{CommitBatch, OutboxRecord, Store, StoreError};
 use serde::Serialize;
 
@@ -79,7 +79,7 @@ pub fn audit(
         replayed.refold(handlers, settings);
         Source::Log
     };
-    let json = |v: &Option<crate::value::Value>| {
+    let json = |v: &Option<crate::model::value::Value>| {
         v.as_ref()
             .map(|v| v.to_json())
             .unwrap_or(serde_json::Value::Null)

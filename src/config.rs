@@ -8,12 +8,53 @@
 //! librdkafka property `session.timeout.ms` (a double underscore enters a
 //! table; in `kafka`, single underscores become dots).
 
-use crate::envelope::ContentType;
-use crate::handler::ReduceOp;
-use crate::ordering::{LatePolicy, Policies, TooLatePolicy};
+use crate::model::envelope::ContentType;
+use crate::model::handler::ReduceOp;
+use crate::model::ordering::{LatePolicy, Policies, TooLatePolicy};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+
+/// Where tenant settings come from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SettingsSource {
+    /// No settings: every tenant gets the defaults.
+    #[default]
+    None,
+    /// A compacted Kafka topic keyed by tenant id.
+    Topic,
+    /// An HTTP endpoint, polled with conditional requests.
+    Http,
+}
+
+/// The `[settings]` section of the configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SettingsConfig {
+    /// `none`, `topic` or `http`.
+    pub source: SettingsSource,
+    /// The compacted settings topic (source `topic`).
+    pub topic: String,
+    /// The endpoint serving every tenant's document (source `http`): a JSON
+    /// array of documents, or `{"tenants": [...]}`.
+    pub url: String,
+    /// Source `http`: how long a fetched copy is trusted before it is
+    /// revalidated with a conditional request, in ms. A changed document is
+    /// picked up within this interval.
+    pub ttl_ms: u64,
+}
+
+impl Default for SettingsConfig {
+    fn default() -> Self {
+        SettingsConfig {
+            source: SettingsSource::None,
+            topic: "orderly.settings".into(),
+            url: String::new(),
+            ttl_ms: 30_000,
+        }
+    }
+}
 
 /// A configuration error, naming the field or the file.
 #[derive(Debug, thiserror::Error)]
@@ -150,7 +191,7 @@ pub struct Config {
     /// Extra librdkafka consumer properties, for example `"session.timeout.ms" = "6000"`.
     pub kafka: BTreeMap<String, String>,
     /// Where tenant settings come from (`[settings]`).
-    pub settings: crate::settings::SettingsConfig,
+    pub settings: SettingsConfig,
     /// Turns the changelog on: every entity record made durable is also
     /// written to `<input topic><changelog_suffix>` (compacted, as many
     /// partitions as the input), so a partition's state can move to another
@@ -174,9 +215,21 @@ pub struct Config {
     pub partitioner: crate::partitioner::Partitioner,
 }
 
-/// The changelog topic of input topic `input`: `<input><suffix>`.
-pub fn changelog_topic(input: &str, suffix: &str) -> String {
-    format!("{input}{suffix}")
+/// The changelog, when it is on: how its topics are named.
+///
+/// [`Config::changelog`] gives it; `None` means the changelog is off, and so
+/// are restore, the follower, purging and key moves across instances.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChangelogConfig {
+    /// Appended to an input topic's name to name its changelog; never empty.
+    pub suffix: String,
+}
+
+impl ChangelogConfig {
+    /// The changelog topic of input topic `input`: `<input><suffix>`.
+    pub fn topic_of(&self, input: &str) -> String {
+        format!("{input}{}", self.suffix)
+    }
 }
 
 /// Default most live entity actors.
@@ -288,6 +341,13 @@ pub struct Overrides {
 }
 
 impl Config {
+    /// The changelog, when `changelog_suffix` turns it on.
+    pub fn changelog(&self) -> Option<ChangelogConfig> {
+        (!self.changelog_suffix.is_empty()).then(|| ChangelogConfig {
+            suffix: self.changelog_suffix.clone(),
+        })
+    }
+
     /// Loads the configuration: defaults, then `file`, then `ORDERLY_*`
     /// variables from `env`, then `overrides`; and validates it.
     pub fn load(
@@ -406,12 +466,12 @@ impl Config {
             }
         }
         for o in &self.observers {
-            if !crate::observers::BUILT_IN.contains(&o.as_str()) {
+            if !crate::model::observers::BUILT_IN.contains(&o.as_str()) {
                 return Err(ConfigError::Invalid {
                     field: "observers",
                     reason: format!(
                         "unknown observer {o:?}; built in: {:?}",
-                        crate::observers::BUILT_IN
+                        crate::model::observers::BUILT_IN
                     ),
                 });
             }
@@ -459,7 +519,7 @@ impl Config {
         {
             return bad("changelog_suffix", "must not start or end with spaces");
         }
-        use crate::settings::SettingsSource;
+
         match self.settings.source {
             SettingsSource::None => {}
             SettingsSource::Topic => {
@@ -506,15 +566,15 @@ impl Config {
     }
 
     /// The built-in handlers for the configured types.
-    pub fn handlers(&self) -> crate::handler::Handlers {
-        use crate::handler::{FieldReducer, Handlers};
+    pub fn handlers(&self) -> crate::model::handler::Handlers {
+        use crate::model::handler::{FieldReducer, Handlers};
         let mut h = Handlers::default()
             .with_default(std::sync::Arc::new(FieldReducer(self.default_reducer)));
         for (t, c) in &self.types {
             h = h.with_handler(t.clone(), std::sync::Arc::new(FieldReducer(c.reducer)));
         }
         for o in &self.observers {
-            if let Some(o) = crate::observers::built_in(o) {
+            if let Some(o) = crate::model::observers::built_in(o) {
                 h = h.with_observer(o);
             }
         }
@@ -572,7 +632,7 @@ impl Config {
             )
         })
         .chain(std::iter::once((
-            crate::observers::TENANT_CONVERSION.to_owned(),
+            crate::model::observers::TENANT_CONVERSION.to_owned(),
             // A sum commutes: late or very late conversions are added on top.
             TypeConfig {
                 reducer: ReduceOp::Inc,

@@ -7,15 +7,23 @@
 //! slow broker or disk would). `@n` fires on the n-th hit instead of the first;
 //! `@n..m` on every hit from the n-th to the m-th. With the variable unset
 //! every check is a lookup in an empty map.
+//!
+//! The points exist only in builds with the `failpoints` feature (the tests
+//! turn it on); elsewhere [`hit`] is an empty inline function, and a set
+//! `ORDERLY_FAILPOINTS` is reported once and ignored.
 
 use crate::store::StoreError;
+#[cfg(feature = "failpoints")]
 use std::collections::HashMap;
+#[cfg(feature = "failpoints")]
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+#[cfg(feature = "failpoints")]
 use std::sync::OnceLock;
 
 /// The exit code of a process stopped by an `exit` fail point.
 pub const EXIT_CODE: i32 = 86;
 
+#[cfg(feature = "failpoints")]
 #[derive(Debug)]
 struct Point {
     action: Action,
@@ -24,6 +32,7 @@ struct Point {
     hits: AtomicU64,
 }
 
+#[cfg(feature = "failpoints")]
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Action {
     Exit,
@@ -31,8 +40,10 @@ enum Action {
     Sleep(u64),
 }
 
+#[cfg(feature = "failpoints")]
 static POINTS: OnceLock<HashMap<String, Point>> = OnceLock::new();
 
+#[cfg(feature = "failpoints")]
 fn points() -> &'static HashMap<String, Point> {
     POINTS.get_or_init(|| {
         let mut out = HashMap::new();
@@ -80,6 +91,7 @@ fn points() -> &'static HashMap<String, Point> {
 }
 
 /// Passes a fail point.
+#[cfg(feature = "failpoints")]
 pub fn hit(name: &'static str) -> Result<(), StoreError> {
     let points = points();
     if points.is_empty() {
@@ -103,4 +115,18 @@ pub fn hit(name: &'static str) -> Result<(), StoreError> {
             Ok(())
         }
     }
+}
+
+/// Passes a fail point: in a build without the `failpoints` feature there
+/// are none, so this does nothing.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn hit(_name: &'static str) -> Result<(), StoreError> {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    WARNED.call_once(|| {
+        if std::env::var_os("ORDERLY_FAILPOINTS").is_some() {
+            tracing::warn!("ORDERLY_FAILPOINTS is set, but this build has no fail points (build with --features failpoints); ignored");
+        }
+    });
+    Ok(())
 }

@@ -210,7 +210,10 @@ impl Handler<Route> for Shard {
 /// A record of an entity from another partition, routed to its actor.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct RouteMerge(pub Box<crate::fold::EntityRecord>, pub TopicPartition);
+pub struct RouteMerge(
+    pub Box<crate::model::fold::EntityRecord>,
+    pub TopicPartition,
+);
 
 impl Handler<RouteMerge> for Shard {
     type Result = ();
@@ -310,7 +313,7 @@ impl Router {
     /// Hands `record`, an entity's record kept under another partition, to
     /// the entity's actor, which merges it or yields to it. `partition` is
     /// the partition of the entity's input topic the actor is counted under.
-    pub fn merge(&self, record: crate::fold::EntityRecord, partition: i32) {
+    pub fn merge(&self, record: crate::model::fold::EntityRecord, partition: i32) {
         let i = shard_of(&record.entity_id, self.shards.len());
         let topic = record
             .home

@@ -9,7 +9,6 @@
 use crate::store::Store;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::ClientConfig;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,21 +23,6 @@ pub struct Publisher {
     pub ready: Arc<tokio::sync::Notify>,
     /// Set to stop after one last pass.
     pub stop: Arc<AtomicBool>,
-}
-
-/// Creates the producer used for the outbox and by `orderly produce`.
-pub fn producer(
-    brokers: &str,
-    extra: &[(&str, &str)],
-) -> rdkafka::error::KafkaResult<FutureProducer> {
-    let mut cc = ClientConfig::new();
-    cc.set("bootstrap.servers", brokers)
-        .set("message.timeout.ms", "30000")
-        .set("enable.idempotence", "true");
-    for (k, v) in extra {
-        cc.set(*k, *v);
-    }
-    cc.create()
 }
 
 impl Publisher {

@@ -13,16 +13,16 @@
 //! the next batch and so skip records). Messages leave as [`Delivery`]s to the router, or as
 //! dead-letter intents straight to the writer when they cannot be decoded.
 
+use crate::changelog::Restorer;
 use crate::checkpoint::{CheckpointTracker, TopicPartition};
 use crate::config::Config;
-use crate::dead_letter::DeadLetter;
 use crate::entity::Delivery;
-use crate::envelope::{self, ContentType};
 use crate::internal_events::{
     emit, ComponentError, DeadLettered, EventReceived, OffsetGap, PartitionsPaused,
-    RestoreFinished, RestoreStarted,
 };
 use crate::metrics::Stats;
+use crate::model::dead_letter::{DeadLetter, Received};
+use crate::model::envelope::{self, ContentType};
 use crate::router::Router;
 use crate::store::Store;
 use crate::telemetry::{self, unix_ms, SpanInfo};
@@ -31,40 +31,11 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Reb
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::types::RDKafkaRespErr;
-use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
-
-/// librdkafka's `fetch.wait.max.ms` for orderly's consumers: how long a fetch
-/// may wait for data. Kafka answers as soon as data arrives, but some
-/// Kafka-protocol brokers (the mock cluster, tansu) hold every fetch this
-/// long: at librdkafka's 500 ms default that was the p50 latency of a lightly
-/// loaded orderly. 10 ms costs at most 100 idle fetches per second per broker.
-pub const FETCH_WAIT_MAX_MS: &str = "10";
-
-/// The client config of a consumer that assigns partitions itself and never
-/// joins the group or commits (the changelog restorer, the settings reader):
-/// the configured security and client properties apply, group ones do not.
-pub fn reader_config(config: &Config, purpose: &str) -> ClientConfig {
-    let mut cc = ClientConfig::new();
-    for (k, v) in &config.kafka {
-        if !k.starts_with("group.") && k != "partition.assignment.strategy" {
-            cc.set(k, v);
-        }
-    }
-    cc.set("bootstrap.servers", &config.brokers)
-        .set("group.id", format!("{}.{purpose}", config.group))
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "false")
-        // An offset the log no longer has (retention, compaction) reads from
-        // the start of what it has: never skip to the end.
-        .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", FETCH_WAIT_MAX_MS);
-    cc
-}
 
 /// What the source shares with its rebalance callbacks.
 pub struct SourceContext {
@@ -90,160 +61,11 @@ pub struct SourceContext {
     /// When the assignment last changed; `None` before the first assignment.
     last_rebalance: Mutex<Option<Instant>>,
     /// Raised when a partition cannot be restored.
-    fatal: Arc<crate::pipeline::Fatal>,
+    fatal: Arc<crate::lifecycle::Fatal>,
     /// When an offset commit last failed.
     commit_failed_at: Mutex<Option<Instant>>,
     /// The partitioner and partition counts, for entities whose partition changes.
     layout: Arc<crate::partitioner::Layout>,
-}
-
-/// Reads a changelog partition into the store when this instance is assigned
-/// an input partition whose changelog has records the store lacks.
-pub struct Restorer {
-    consumer: BaseConsumer,
-    suffix: String,
-}
-
-impl Restorer {
-    /// A restorer reading `<input><suffix>` changelogs on `config.brokers`.
-    pub fn new(config: &Config) -> Result<Self, KafkaError> {
-        Ok(Restorer {
-            consumer: reader_config(config, "restore").create()?,
-            suffix: config.changelog_suffix.clone(),
-        })
-    }
-
-    /// The changelog topic of `input`.
-    pub fn topic_of(&self, input: &str) -> String {
-        crate::config::changelog_topic(input, &self.suffix)
-    }
-
-    /// Brings the store's copy of `input`/`partition` up to its changelog's
-    /// end. Returns whether anything was read (then consumption must resume
-    /// from the offset committed to Kafka, not the stored checkpoint), and
-    /// the restored records of entities this store holds live under another
-    /// partition, which their actors merge.
-    pub fn restore(
-        &self,
-        store: &dyn Store,
-        stats: &Stats,
-        input: &str,
-        partition: i32,
-    ) -> Result<(bool, Vec<crate::fold::EntityRecord>), String> {
-        let topic = self.topic_of(input);
-        let timeout = Duration::from_secs(10);
-        let (low, high) = self
-            .consumer
-            .fetch_watermarks(&topic, partition, timeout)
-            .map_err(|e| format!("cannot read the end of changelog {topic}/{partition}: {e}"))?;
-        let position = store
-            .changelog_position(&topic, partition)
-            .map_err(|e| e.to_string())?;
-        let from = match position {
-            Some(p) if p >= high => return Ok((false, Vec::new())),
-            None if high <= low => return Ok((false, Vec::new())),
-            Some(p) if p > low => Offset::Offset(p),
-            _ => Offset::Beginning,
-        };
-        let home = crate::fold::Home {
-            topic: input.to_owned(),
-            partition,
-        };
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&topic, partition, from)
-            .map_err(|e| e.to_string())?;
-        self.consumer.assign(&tpl).map_err(|e| e.to_string())?;
-        emit(
-            RestoreStarted {
-                topic: &topic,
-                partition,
-                from: position,
-                to: high,
-            },
-            stats,
-        );
-        let started = Instant::now();
-        let mut batch: Vec<(String, Vec<u8>)> = Vec::new();
-        let mut records = 0u64;
-        let mut next = position.unwrap_or(low).max(low);
-        let mut last_progress = (next, Instant::now());
-        let mut last_log = Instant::now();
-        let mut conflicts = Vec::new();
-        let mut write = |batch: &mut Vec<(String, Vec<u8>)>, next: i64| {
-            let found = store
-                .restore(
-                    &home,
-                    batch,
-                    &crate::store::Checkpoint {
-                        topic: topic.clone(),
-                        partition,
-                        next_offset: next,
-                    },
-                )
-                .map_err(|e| e.to_string())?;
-            conflicts.extend(found);
-            batch.clear();
-            Ok::<_, String>(())
-        };
-        let result = loop {
-            if next >= high {
-                break Ok(());
-            }
-            match self.consumer.poll(Duration::from_millis(100)) {
-                Some(Ok(m)) => {
-                    if let (Some(k), Some(v)) = (m.key(), m.payload()) {
-                        batch.push((String::from_utf8_lossy(k).into_owned(), v.to_vec()));
-                        records += 1;
-                    }
-                    next = m.offset() + 1;
-                    if batch.len() >= 1000 {
-                        if let Err(e) = write(&mut batch, next) {
-                            break Err(e);
-                        }
-                    }
-                }
-                Some(Err(e)) => {
-                    tracing::warn!(%topic, partition, error = %e, "changelog read error; retrying")
-                }
-                None => {
-                    // Compaction can leave the end offset without a record.
-                    if let Ok(pos) = self.consumer.position() {
-                        if let Some(Offset::Offset(o)) =
-                            pos.find_partition(&topic, partition).map(|e| e.offset())
-                        {
-                            next = next.max(o);
-                        }
-                    }
-                }
-            }
-            if next != last_progress.0 {
-                last_progress = (next, Instant::now());
-            } else if last_progress.1.elapsed() > Duration::from_secs(60) {
-                break Err(format!(
-                    "restoring {topic}/{partition}: no progress for 60 s at offset {next} of {high}"
-                ));
-            }
-            if last_log.elapsed() >= Duration::from_secs(5) {
-                last_log = Instant::now();
-                let rate = records as f64 / started.elapsed().as_secs_f64().max(1e-3);
-                tracing::info!(%topic, partition, records, offset = next, end = high, rate = rate as u64, "restoring");
-            }
-        };
-        let _ = self.consumer.unassign();
-        result?;
-        write(&mut batch, next.max(high))?;
-        futures::executor::block_on(store.flush()).map_err(|e| e.to_string())?;
-        emit(
-            RestoreFinished {
-                topic: &topic,
-                partition,
-                records,
-                took: started.elapsed(),
-            },
-            stats,
-        );
-        Ok((true, conflicts))
-    }
 }
 
 impl ClientContext for SourceContext {
@@ -563,7 +385,7 @@ pub struct SourceParts {
     /// Tenant settings: nothing is consumed before they are caught up.
     pub settings: Arc<crate::settings::Settings>,
     /// Raised when the source cannot go on.
-    pub fatal: Arc<crate::pipeline::Fatal>,
+    pub fatal: Arc<crate::lifecycle::Fatal>,
     /// The partitioner, and the partition counts this source keeps current.
     pub layout: Arc<crate::partitioner::Layout>,
 }
@@ -575,31 +397,10 @@ impl Source {
             context: format!("brokers {:?}, group {:?}", config.brokers, config.group),
             source,
         };
-        let mut cc = ClientConfig::new();
-        cc.set("bootstrap.servers", &config.brokers)
-            .set("group.id", &config.group)
-            // Incremental rebalances: only the partitions that move stop.
-            .set("partition.assignment.strategy", "cooperative-sticky")
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("enable.partition.eof", "false")
-            .set("fetch.wait.max.ms", FETCH_WAIT_MAX_MS)
-            // Consumer lag per partition comes from librdkafka's statistics.
-            .set(
-                "statistics.interval.ms",
-                config.stats_interval_ms.to_string(),
-            );
-        if let Some(id) = &config.instance_id {
-            cc.set("group.instance.id", id);
-        }
-        for (k, v) in &config.kafka {
-            cc.set(k, v);
-        }
-        let restorer = if config.changelog_suffix.is_empty() {
-            None
-        } else {
-            Some(Restorer::new(config).map_err(err)?)
+        let cc = crate::kafka::group_consumer(config);
+        let restorer = match config.changelog() {
+            Some(changelog) => Some(Restorer::new(config, changelog).map_err(err)?),
+            None => None,
         };
         let local: HashSet<(String, i32)> = parts
             .store
@@ -742,7 +543,7 @@ impl Source {
             .cloned()
             .collect();
         for (topic, partition) in stale {
-            let home = crate::fold::Home {
+            let home = crate::model::fold::Home {
                 topic: topic.clone(),
                 partition,
             };
@@ -919,26 +720,19 @@ impl Source {
                         occurred_at: 0,
                     })
                 });
-                let dl = DeadLetter {
-                    id: 0,
-                    code: e.code().to_owned(),
-                    reason: e.to_string(),
-                    attempts: 1,
-                    topic: tp.0.to_string(),
-                    partition: tp.1,
-                    offset,
-                    entity_id: key
-                        .as_deref()
-                        .and_then(|k| std::str::from_utf8(k).ok())
-                        .map(str::to_owned),
-                    key,
-                    value: m.payload().map(<[u8]>::to_vec),
-                    headers,
-                    event_id: None,
-                    event_type: None,
-                    created_at: unix_ms(now),
-                    status: crate::dead_letter::OPEN.into(),
-                };
+                let dl = DeadLetter::undecodable(
+                    e.code(),
+                    e.to_string(),
+                    Received {
+                        topic: tp.0.to_string(),
+                        partition: tp.1,
+                        offset,
+                        key,
+                        value: m.payload().map(<[u8]>::to_vec),
+                        headers,
+                    },
+                    unix_ms(now),
+                );
                 let intent = WriteIntent {
                     entity: None,
                     dead_letter: Some(dl),

@@ -5,9 +5,9 @@ mod common;
 
 use common::{event, TestTopic};
 use orderly::config::Config;
-use orderly::envelope::Event;
-use orderly::handler::{EntityState, FieldReducer, Handler, HandlerError, ReduceOp};
 use orderly::metrics::Stats;
+use orderly::model::envelope::Event;
+use orderly::model::handler::{EntityState, FieldReducer, Handler, HandlerError, ReduceOp};
 use orderly::pipeline::Pipeline;
 use orderly::settings::TenantSettings;
 use orderly::store::Store;
@@ -274,7 +274,7 @@ fn operators_retry_and_skip_dead_letters_and_release_parked_entities() {
         pipeline.shutdown().unwrap();
         let c = store.load_entity("contract-1").unwrap().unwrap();
         assert_eq!(
-            orderly::value::fields_to_json(&c.state.fields),
+            orderly::model::value::fields_to_json(&c.state.fields),
             serde_json::json!({"stage": "active", "currency": "XTS"})
         );
     });
@@ -357,7 +357,7 @@ fn a_slow_event_is_reported_as_stalled_and_not_killed() {
         pipeline.shutdown().unwrap();
         let r = store.load_entity("report-1").unwrap().unwrap();
         assert_eq!(
-            orderly::value::fields_to_json(&r.state.fields),
+            orderly::model::value::fields_to_json(&r.state.fields),
             serde_json::json!({"pages": 40, "done": true})
         );
     });
@@ -368,7 +368,7 @@ fn a_slow_event_is_reported_as_stalled_and_not_killed() {
 /// last page says so, and the open count comes from the store's counter.
 #[test]
 fn dead_letters_page_through_a_hundred_thousand_records() {
-    use orderly::dead_letter::DeadLetter;
+    use orderly::model::dead_letter::DeadLetter;
     use orderly::store::{CommitBatch, SledStore};
     let topic = TestTopic::new(1);
     let dir = tempfile::tempdir().unwrap();

@@ -4,8 +4,8 @@
 mod common;
 
 use common::{event, run_to_quiet, TestTopic};
+use orderly::model::value::Value;
 use orderly::store::{SledStore, Store};
-use orderly::value::Value;
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -171,7 +171,7 @@ fn audit_finds_exactly_the_corrupted_entities_and_repair_fixes_them() {
     let store = SledStore::open(&data, 16).unwrap();
     let r = store.load_entity("lead-9999").unwrap().unwrap();
     assert_eq!(
-        orderly::value::fields_to_json(&r.state.fields),
+        orderly::model::value::fields_to_json(&r.state.fields),
         serde_json::json!({"stage": "won", "score": 9999, "owner": "rep-1"})
     );
     let corrections: Vec<serde_json::Value> = store

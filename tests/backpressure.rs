@@ -4,12 +4,12 @@
 mod common;
 
 use common::TestTopic;
-use orderly::envelope::Event;
-use orderly::handler::{EntityState, FieldReducer, Handler, HandlerError, ReduceOp};
 use orderly::metrics::Stats;
+use orderly::model::envelope::Event;
+use orderly::model::handler::{EntityState, FieldReducer, Handler, HandlerError, ReduceOp};
 use orderly::pipeline::Pipeline;
 use orderly::settings::TenantSettings;
-use orderly::workload::{self, Format, Workload, WorkloadSpec};
+use orderly::tools::workload::{self, Format, Workload, WorkloadSpec};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 

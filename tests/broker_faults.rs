@@ -20,7 +20,7 @@ fn request_errors_and_a_broker_outage_lose_nothing() {
         .map(|c| c.to_vec())
         .collect();
     let (brokers, name) = (topic.brokers.clone(), topic.topic.clone());
-    let produce = move |batch: &[orderly::envelope::Event]| {
+    let produce = move |batch: &[orderly::model::envelope::Event]| {
         common::produce_events(&brokers, &name, batch);
     };
     let cluster = topic.broker.cluster();

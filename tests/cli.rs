@@ -4,7 +4,7 @@
 mod common;
 
 use common::{Oracle, OrderlyProcess};
-use orderly::workload::{Workload, WorkloadSpec};
+use orderly::tools::workload::{Workload, WorkloadSpec};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use std::io::{BufRead, BufReader};

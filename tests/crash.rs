@@ -6,7 +6,7 @@ mod common;
 
 use common::{shuffled_stream, Oracle, OrderlyProcess, TestTopic};
 use orderly::store::Store;
-use orderly::workload::{self, Format};
+use orderly::tools::workload::{self, Format};
 use rand::{Rng, SeedableRng};
 use std::time::{Duration, Instant};
 

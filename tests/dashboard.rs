@@ -308,8 +308,9 @@ fn dashboard_shows_live_work_provenance_and_retries_a_dead_letter() {
             &brokers,
             &name,
             Some(150.0),
-            flow.iter()
-                .map(|e| orderly::workload::message_of(e, orderly::workload::Format::Proto)),
+            flow.iter().map(|e| {
+                orderly::tools::workload::message_of(e, orderly::tools::workload::Format::Proto)
+            }),
         )
     });
 

@@ -370,7 +370,7 @@ fn promql_refs(expr: &str) -> (Vec<String>, Vec<String>) {
 
 /// Checks an expression against the catalogue; returns the metric families it uses.
 fn check_promql(expr: &str, what: &str) -> Vec<String> {
-    use orderly::internal_events::{Kind, CATALOGUE};
+    use orderly::metrics::{Kind, CATALOGUE};
     // Labels orderly sets, plus Prometheus' own.
     const LABELS: &[&str] = &[
         "outcome",
@@ -451,7 +451,7 @@ fn grafana_and_alerts_query_only_metrics_orderly_emits() {
         }
     }
     // The dashboard covers every metric orderly exports.
-    for (name, _, _) in orderly::internal_events::CATALOGUE {
+    for (name, _, _) in orderly::metrics::CATALOGUE {
         assert!(
             covered.contains(*name),
             "the Grafana dashboard does not show {name}"

@@ -6,9 +6,9 @@
 mod common;
 
 use common::{event, shuffled_stream, Oracle, TestTopic};
-use orderly::envelope::Event;
-use orderly::handler::{EntityState, FieldReducer, Handler, HandlerError, ReduceOp};
 use orderly::metrics::Stats;
+use orderly::model::envelope::Event;
+use orderly::model::handler::{EntityState, FieldReducer, Handler, HandlerError, ReduceOp};
 use orderly::pipeline::Pipeline;
 use orderly::settings::TenantSettings;
 use orderly::store::Store;
@@ -108,7 +108,7 @@ fn transient_failures_are_retried_in_order_while_other_entities_flow() {
         pipeline.shutdown().unwrap();
         let r = store.load_entity("flaky-1").unwrap().unwrap();
         assert_eq!(
-            orderly::value::fields_to_json(&r.state.fields),
+            orderly::model::value::fields_to_json(&r.state.fields),
             serde_json::json!({"step": 5, "a": 1, "b": 1, "c": 1})
         );
         assert_eq!(r.applied_events, 5);
@@ -177,7 +177,7 @@ fn permanent_failures_skip_or_park_and_a_release_applies_the_event_in_order() {
         );
         let inv = store.load_entity("invoice-1").unwrap().unwrap();
         assert_eq!(
-            orderly::value::fields_to_json(&inv.state.fields),
+            orderly::model::value::fields_to_json(&inv.state.fields),
             serde_json::json!({"total": 1, "status": "sent"})
         );
         assert_eq!(inv.skipped.len(), 1);
@@ -187,7 +187,7 @@ fn permanent_failures_skip_or_park_and_a_release_applies_the_event_in_order() {
         assert_eq!(con.parked.as_ref().unwrap().event_id, "c2");
         assert_eq!(con.held.len(), 3);
         assert_eq!(
-            orderly::value::fields_to_json(&con.state.fields),
+            orderly::model::value::fields_to_json(&con.state.fields),
             serde_json::json!({"stage": "draft"})
         );
         // The cause is fixed; the release applies c2, c3 and c4 in order-key order.
@@ -204,7 +204,7 @@ fn permanent_failures_skip_or_park_and_a_release_applies_the_event_in_order() {
         assert!(con.parked.is_none());
         // The in-order oracle of all four contract events.
         assert_eq!(
-            orderly::value::fields_to_json(&con.state.fields),
+            orderly::model::value::fields_to_json(&con.state.fields),
             serde_json::json!({"stage": "active", "currency": "XTS", "x": 1, "y": 1})
         );
         assert_eq!(con.provenance["stage"].event_id, "c3");

@@ -1,10 +1,10 @@
 //! Property: any arrival order of an entity's events, with duplicates, folds
 //! to the in-order state (and to an independent oracle's).
 
-use orderly::envelope::Event;
-use orderly::fold::{EntityRecord, Origin};
-use orderly::handler::{FieldReducer, Handlers, ReduceOp};
-use orderly::value::Value;
+use orderly::model::envelope::Event;
+use orderly::model::fold::{EntityRecord, Origin};
+use orderly::model::handler::{FieldReducer, Handlers, ReduceOp};
+use orderly::model::value::Value;
 use proptest::prelude::*;
 use std::sync::Arc;
 
@@ -110,14 +110,14 @@ proptest! {
 
         // And an oracle written apart from orderly's fold agrees.
         let oracle = oracle(&in_order);
-        prop_assert_eq!(orderly::value::fields_to_json(&got.state.fields), oracle);
+        prop_assert_eq!(orderly::model::value::fields_to_json(&got.state.fields), oracle);
     }
 }
 
 fn oracle(in_order: &[Event]) -> serde_json::Value {
     let mut m = serde_json::Map::new();
     for e in in_order {
-        let p = orderly::value::fields_to_json(&e.payload);
+        let p = orderly::model::value::fields_to_json(&e.payload);
         match e.event_type.as_str() {
             "set" => m.extend(p.as_object().unwrap().clone()),
             "inc" => {

@@ -8,8 +8,8 @@
 mod common;
 
 use common::{Found, Oracle, OrderlyProcess, TestTopic};
-use orderly::envelope::Event;
-use orderly::fold::EntityRecord;
+use orderly::model::envelope::Event;
+use orderly::model::fold::EntityRecord;
 use orderly::partitioner::Partitioner;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -46,7 +46,8 @@ fn produce_routed(
         .map(|(e, grown)| {
             let p = route(e, *grown);
             partitions.entry(e.entity_id.clone()).or_default().insert(p);
-            let m = orderly::workload::message_of(e, orderly::workload::Format::Proto);
+            let m =
+                orderly::tools::workload::message_of(e, orderly::tools::workload::Format::Proto);
             let mut headers = OwnedHeaders::new();
             for (k, v) in &m.headers {
                 headers = headers.insert(Header {

@@ -127,7 +127,7 @@ fn metrics_agree_with_the_run() {
     let events = shuffled_stream(150, 8, 0.05, 21);
     let distinct: HashSet<_> = events.iter().map(|e| e.event_id.clone()).collect();
     let late = late_on_arrival(&events).len();
-    let malformed = orderly::workload::malformed_samples();
+    let malformed = orderly::tools::workload::malformed_samples();
     let produced = topic.produce_events(&events) + topic.produce(malformed.clone().into_iter());
 
     let dir = tempfile::tempdir().unwrap();
@@ -233,14 +233,14 @@ fn metrics_agree_with_the_run() {
     // Every metric in the catalogue is exported with its declared type, so
     // dashboards and alerts see a value (0 included), not "no data". Errors
     // are labelled by what failed, so a clean run has none.
-    for (name, kind, _) in orderly::internal_events::CATALOGUE {
+    for (name, kind, _) in orderly::metrics::CATALOGUE {
         if *name == "orderly_component_errors_total" {
             continue;
         }
         let want = match kind {
-            orderly::internal_events::Kind::Counter => "counter",
-            orderly::internal_events::Kind::Gauge => "gauge",
-            orderly::internal_events::Kind::Histogram => "histogram",
+            orderly::metrics::Kind::Counter => "counter",
+            orderly::metrics::Kind::Gauge => "gauge",
+            orderly::metrics::Kind::Histogram => "histogram",
         };
         assert_eq!(
             types.get(*name).map(String::as_str),

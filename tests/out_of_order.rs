@@ -4,17 +4,17 @@ mod common;
 
 use common::{event, late_on_arrival, read_json, run_to_quiet, shuffled_stream, Oracle, TestTopic};
 use orderly::config::TypeConfig;
-use orderly::handler::ReduceOp;
-use orderly::ordering::LatePolicy;
+use orderly::model::handler::ReduceOp;
+use orderly::model::ordering::LatePolicy;
 use orderly::store::Store;
-use orderly::workload::{Workload, WorkloadSpec};
+use orderly::tools::workload::{Workload, WorkloadSpec};
 use rand::{seq::SliceRandom, SeedableRng};
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 fn produce(
     topic: &TestTopic,
-    events: Vec<orderly::envelope::Event>,
+    events: Vec<orderly::model::envelope::Event>,
 ) -> impl FnOnce() + Send + 'static {
     let (brokers, name) = (topic.brokers.clone(), topic.topic.clone());
     move || {
@@ -89,13 +89,13 @@ fn apply_adds_late_counters_on_top_without_a_refold() {
         let r = r.unwrap();
         assert_eq!(
             r.state.fields["amount"],
-            orderly::value::Value::Int(210),
+            orderly::model::value::Value::Int(210),
             "{}",
             r.entity_id
         );
         assert_eq!(
             r.state.fields["conversions"],
-            orderly::value::Value::Int(20)
+            orderly::model::value::Value::Int(20)
         );
         assert_eq!(r.late_events, 0, "no re-fold");
     }
@@ -129,7 +129,7 @@ fn drop_discards_late_events_and_reports_each_one() {
         let r = r.unwrap();
         let (fields, _) = &oracle.state[&r.entity_id];
         assert_eq!(
-            orderly::value::fields_to_json(&r.state.fields)
+            orderly::model::value::fields_to_json(&r.state.fields)
                 .as_object()
                 .unwrap(),
             fields,
@@ -196,7 +196,7 @@ fn park_holds_one_entity_while_others_flow_and_release_resumes_it_in_order() {
         assert_eq!(r.parked.as_ref().unwrap().event_id, "b");
         assert_eq!(r.held.len(), 3);
         assert_eq!(
-            orderly::value::fields_to_json(&r.state.fields),
+            orderly::model::value::fields_to_json(&r.state.fields),
             serde_json::json!({"status": "pending", "a": 1, "c": 1})
         );
         // Release: b, d and e are applied in order-key order.
@@ -211,7 +211,7 @@ fn park_holds_one_entity_while_others_flow_and_release_resumes_it_in_order() {
         let r = store.load_entity("ticket-1").unwrap().unwrap();
         assert!(r.parked.is_none() && r.held.is_empty());
         assert_eq!(
-            orderly::value::fields_to_json(&r.state.fields),
+            orderly::model::value::fields_to_json(&r.state.fields),
             serde_json::json!({"status": "closed", "a": 1, "b": 1, "c": 1, "d": 1})
         );
         assert_eq!(r.provenance["status"].event_id, "e");
@@ -261,7 +261,7 @@ fn a_late_event_that_changes_a_field_emits_exactly_one_correction() {
     assert_eq!(z["changes"], serde_json::json!([]));
     let r = store.load_entity("lead-9").unwrap().unwrap();
     assert_eq!(
-        orderly::value::fields_to_json(&r.state.fields),
+        orderly::model::value::fields_to_json(&r.state.fields),
         serde_json::json!({"x": 3, "y": 5})
     );
 }
@@ -302,12 +302,12 @@ fn derived_tenant_totals_equal_the_sum_of_distinct_conversions() {
     );
     for (tenant, total) in &oracle {
         let r = store
-            .load_entity(&orderly::observers::tenant_conversions_id(tenant))
+            .load_entity(&orderly::model::observers::tenant_conversions_id(tenant))
             .unwrap()
             .expect("total exists");
         assert_eq!(
             r.state.fields["amount"],
-            orderly::value::Value::Int(*total),
+            orderly::model::value::Value::Int(*total),
             "{tenant}"
         );
     }

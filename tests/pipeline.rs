@@ -6,7 +6,7 @@ use common::{shuffled_stream, Oracle, TestTopic};
 use orderly::metrics::Stats;
 use orderly::pipeline::Pipeline;
 use orderly::store::Store;
-use orderly::workload::{self, Format, Outgoing};
+use orderly::tools::workload::{self, Format, Outgoing};
 use std::time::{Duration, Instant};
 
 /// Runs a pipeline until `expected` messages are durable, then shuts it down.

@@ -90,8 +90,9 @@ fn three_instances_share_twelve_partitions_through_a_kill_and_a_restart() {
             &brokers,
             &topic,
             Some(1_500.0),
-            rest.iter()
-                .map(|e| orderly::workload::message_of(e, orderly::workload::Format::Proto)),
+            rest.iter().map(|e| {
+                orderly::tools::workload::message_of(e, orderly::tools::workload::Format::Proto)
+            }),
         )
     });
     // Mid-stream: one member dies without a goodbye.

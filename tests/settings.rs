@@ -5,7 +5,7 @@
 mod common;
 
 use common::{Oracle, TestTopic};
-use orderly::envelope::Event;
+use orderly::model::envelope::Event;
 use orderly::settings::{SettingsDocument, SettingsSource};
 use orderly::store::Store;
 use rand::seq::SliceRandom;
@@ -32,7 +32,11 @@ fn produce_setting(brokers: &str, topic: &str, tenant: &str, value: &[u8]) {
 
 /// Produces several settings records through one producer, in order.
 fn produce_settings(brokers: &str, topic: &str, records: &[(String, Vec<u8>)]) {
-    let producer = orderly::sink::producer(brokers, &[]).expect("producer");
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .create()
+        .expect("producer");
     let sends: Vec<_> = records
         .iter()
         .map(|(tenant, value)| {

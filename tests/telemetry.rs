@@ -7,8 +7,8 @@ mod common;
 use common::{otlp, OrderlyProcess, TestTopic};
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::trace::v1::Span;
-use orderly::envelope::Event;
-use orderly::workload::{self, Format};
+use orderly::model::envelope::Event;
+use orderly::tools::workload::{self, Format};
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 

@@ -3,9 +3,9 @@
 //! as a child process, and a real OTLP/HTTP receiver.
 #![allow(dead_code)]
 
-use orderly::broker::EmbeddedBroker;
-use orderly::envelope::Event;
-use orderly::workload::{self, Format, Outgoing, ProduceOptions};
+use orderly::model::envelope::Event;
+use orderly::tools::broker::EmbeddedBroker;
+use orderly::tools::workload::{self, Format, Outgoing, ProduceOptions};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -243,7 +243,7 @@ pub struct Oracle {
 
 impl Oracle {
     pub fn of(events: &[Event]) -> Oracle {
-        let reducers: HashMap<String, orderly::handler::ReduceOp> =
+        let reducers: HashMap<String, orderly::model::handler::ReduceOp> =
             orderly::config::Config::crm_types()
                 .into_iter()
                 .map(|(t, c)| (t, c.reducer))
@@ -269,9 +269,9 @@ impl Oracle {
             let mut fields = serde_json::Map::new();
             let mut deleted = false;
             for e in evs {
-                let payload = orderly::value::fields_to_json(&e.payload);
+                let payload = orderly::model::value::fields_to_json(&e.payload);
                 let payload = payload.as_object().expect("object");
-                use orderly::handler::ReduceOp::*;
+                use orderly::model::handler::ReduceOp::*;
                 match reducers.get(&e.event_type).copied().unwrap_or(Set) {
                     Set => {
                         deleted = false;
@@ -315,7 +315,7 @@ impl Oracle {
                     !r.entity_id.starts_with("junk") && !skip.contains(&r.entity_id.as_str())
                 })
                 .map(|r| Found {
-                    state: orderly::value::fields_to_json(&r.state.fields),
+                    state: orderly::model::value::fields_to_json(&r.state.fields),
                     deleted: r.state.deleted,
                     applied: r.applied_events,
                     id: r.entity_id,
@@ -628,7 +628,7 @@ pub mod otlp {
 /// shuts it down and returns the store.
 pub fn run_to_quiet(
     config: orderly::config::Config,
-    handlers: orderly::handler::Handlers,
+    handlers: orderly::model::handler::Handlers,
     expected: u64,
     produce: impl FnOnce() + Send + 'static,
 ) -> std::sync::Arc<orderly::store::SledStore> {
@@ -686,7 +686,8 @@ pub fn event(
     at: i64,
     payload: serde_json::Value,
 ) -> Event {
-    let orderly::value::Value::Object(payload) = orderly::value::Value::from(payload) else {
+    let orderly::model::value::Value::Object(payload) = orderly::model::value::Value::from(payload)
+    else {
         panic!("payload must be an object")
     };
     Event {
@@ -787,14 +788,14 @@ pub struct Validating {
     pub broken: std::sync::atomic::AtomicBool,
 }
 
-impl orderly::handler::Handler for Validating {
+impl orderly::model::handler::Handler for Validating {
     fn apply(
         &self,
-        state: &mut orderly::handler::EntityState,
+        state: &mut orderly::model::handler::EntityState,
         event: &Event,
         settings: &orderly::settings::TenantSettings,
-    ) -> Result<(), orderly::handler::HandlerError> {
-        use orderly::handler::{FieldReducer, HandlerError, ReduceOp};
+    ) -> Result<(), orderly::model::handler::HandlerError> {
+        use orderly::model::handler::{FieldReducer, HandlerError, ReduceOp};
         if self.broken.load(std::sync::atomic::Ordering::SeqCst)
             && event.payload.contains_key("currency")
         {
@@ -812,7 +813,7 @@ impl orderly::handler::Handler for Validating {
 pub fn skip_and_park(
     config: &mut orderly::config::Config,
     validating: std::sync::Arc<Validating>,
-) -> orderly::handler::Handlers {
+) -> orderly::model::handler::Handlers {
     use orderly::config::{FailurePolicy, TypeConfig};
     for (t, on_failure) in [
         ("invoice.updated", FailurePolicy::Skip),

@@ -1,0 +1,162 @@
+//! Restore on assignment: when this instance is assigned an input partition
+//! whose changelog has records its store lacks, the changelog partition is
+//! read into the store before the input partition is consumed.
+
+use crate::config::{ChangelogConfig, Config};
+use crate::internal_events::{emit, RestoreFinished, RestoreStarted};
+use crate::metrics::Stats;
+use crate::store::Store;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use std::time::{Duration, Instant};
+
+/// Reads a changelog partition into the store when this instance is assigned
+/// an input partition whose changelog has records the store lacks.
+pub struct Restorer {
+    consumer: BaseConsumer,
+    changelog: ChangelogConfig,
+}
+
+impl Restorer {
+    /// A restorer reading the changelogs named by `changelog` on `config.brokers`.
+    pub fn new(config: &Config, changelog: ChangelogConfig) -> Result<Self, KafkaError> {
+        Ok(Restorer {
+            consumer: crate::kafka::reader(config, "restore").create()?,
+            changelog,
+        })
+    }
+
+    /// The changelog topic of `input`.
+    pub fn topic_of(&self, input: &str) -> String {
+        self.changelog.topic_of(input)
+    }
+
+    /// Brings the store's copy of `input`/`partition` up to its changelog's
+    /// end. Returns whether anything was read (then consumption must resume
+    /// from the offset committed to Kafka, not the stored checkpoint), and
+    /// the restored records of entities this store holds live under another
+    /// partition, which their actors merge.
+    pub fn restore(
+        &self,
+        store: &dyn Store,
+        stats: &Stats,
+        input: &str,
+        partition: i32,
+    ) -> Result<(bool, Vec<crate::model::fold::EntityRecord>), String> {
+        let topic = self.topic_of(input);
+        let timeout = Duration::from_secs(10);
+        let (low, high) = self
+            .consumer
+            .fetch_watermarks(&topic, partition, timeout)
+            .map_err(|e| format!("cannot read the end of changelog {topic}/{partition}: {e}"))?;
+        let position = store
+            .changelog_position(&topic, partition)
+            .map_err(|e| e.to_string())?;
+        let from = match position {
+            Some(p) if p >= high => return Ok((false, Vec::new())),
+            None if high <= low => return Ok((false, Vec::new())),
+            Some(p) if p > low => Offset::Offset(p),
+            _ => Offset::Beginning,
+        };
+        let home = crate::model::fold::Home {
+            topic: input.to_owned(),
+            partition,
+        };
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&topic, partition, from)
+            .map_err(|e| e.to_string())?;
+        self.consumer.assign(&tpl).map_err(|e| e.to_string())?;
+        emit(
+            RestoreStarted {
+                topic: &topic,
+                partition,
+                from: position,
+                to: high,
+            },
+            stats,
+        );
+        let started = Instant::now();
+        let mut batch: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut records = 0u64;
+        let mut next = position.unwrap_or(low).max(low);
+        let mut last_progress = (next, Instant::now());
+        let mut last_log = Instant::now();
+        let mut conflicts = Vec::new();
+        let mut write = |batch: &mut Vec<(String, Vec<u8>)>, next: i64| {
+            let found = store
+                .restore(
+                    &home,
+                    batch,
+                    &crate::store::Checkpoint {
+                        topic: topic.clone(),
+                        partition,
+                        next_offset: next,
+                    },
+                )
+                .map_err(|e| e.to_string())?;
+            conflicts.extend(found);
+            batch.clear();
+            Ok::<_, String>(())
+        };
+        let result = loop {
+            if next >= high {
+                break Ok(());
+            }
+            match self.consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => {
+                    if let (Some(k), Some(v)) = (m.key(), m.payload()) {
+                        batch.push((String::from_utf8_lossy(k).into_owned(), v.to_vec()));
+                        records += 1;
+                    }
+                    next = m.offset() + 1;
+                    if batch.len() >= 1000 {
+                        if let Err(e) = write(&mut batch, next) {
+                            break Err(e);
+                        }
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(%topic, partition, error = %e, "changelog read error; retrying")
+                }
+                None => {
+                    // Compaction can leave the end offset without a record.
+                    if let Ok(pos) = self.consumer.position() {
+                        if let Some(Offset::Offset(o)) =
+                            pos.find_partition(&topic, partition).map(|e| e.offset())
+                        {
+                            next = next.max(o);
+                        }
+                    }
+                }
+            }
+            if next != last_progress.0 {
+                last_progress = (next, Instant::now());
+            } else if last_progress.1.elapsed() > Duration::from_secs(60) {
+                break Err(format!(
+                    "restoring {topic}/{partition}: no progress for 60 s at offset {next} of {high}"
+                ));
+            }
+            if last_log.elapsed() >= Duration::from_secs(5) {
+                last_log = Instant::now();
+                let rate = records as f64 / started.elapsed().as_secs_f64().max(1e-3);
+                tracing::info!(%topic, partition, records, offset = next, end = high, rate = rate as u64, "restoring");
+            }
+        };
+        let _ = self.consumer.unassign();
+        result?;
+        write(&mut batch, next.max(high))?;
+        futures::executor::block_on(store.flush()).map_err(|e| e.to_string())?;
+        emit(
+            RestoreFinished {
+                topic: &topic,
+                partition,
+                records,
+                took: started.elapsed(),
+            },
+            stats,
+        );
+        Ok((true, conflicts))
+    }
+}

@@ -1,0 +1,272 @@
+//! What one processing result produces besides the record: change records,
+//! derived events, anomalies, history entries, dead letters; and how they
+//! and the record are sent to the writer.
+
+use super::*;
+use crate::model::dead_letter::Received;
+
+impl EntityActor {
+
+    /// Turns one processing result into the records it produces: change
+    /// records and derived events (outbox), an anomaly, history entries, a
+    /// dead letter. Updates the counters.
+    pub(super) fn effects(
+        &self,
+        handled: Handled<'_>,
+        result: &Result<Outcome, crate::model::fold::Rejected>,
+        before: Option<&crate::model::handler::EntityState>,
+    ) -> Effects {
+        let Handled {
+            event,
+            origin,
+            headers,
+            processed_at,
+            attempts,
+            settings,
+        } = handled;
+        let shared = &self.shared;
+        let stats = &shared.stats;
+        let record = self.record.as_ref().expect("loaded before processing");
+        let mut fx = Effects::default();
+        let outcome = match result {
+            Ok(o) => o,
+            Err(rejected) => {
+                let code = format!("handler_{}", rejected.error.kind());
+                emit(
+                    DeadLettered {
+                        stage: "handler",
+                        code: &code,
+                    },
+                    stats,
+                );
+                tracing::warn!(entity = %self.id, event = %event.event_id, offset = origin.offset, error = %rejected, "event dead-lettered");
+                fx.dead_letter = Some(DeadLetter::rejected(
+                    code,
+                    rejected.to_string(),
+                    attempts,
+                    event,
+                    Received {
+                        topic: origin.topic.clone(),
+                        partition: origin.partition,
+                        offset: origin.offset,
+                        key: Some(event.entity_id.clone().into_bytes()),
+                        value: Some(event.to_json_bytes()),
+                        headers: headers.to_vec(),
+                    },
+                    processed_at,
+                ));
+                return fx;
+            }
+        };
+        emit(
+            EventProcessed {
+                outcome,
+                entity_id: &event.entity_id,
+                event_id: &event.event_id,
+                at_ms: processed_at,
+            },
+            stats,
+        );
+        let class = match outcome {
+            Outcome::Duplicate(crate::model::fold::DuplicateKind::EventId) => {
+                Some(("duplicate", "skip"))
+            }
+            Outcome::Recomputed { .. } => Some(("late", "recompute")),
+            Outcome::LateApplied { too_late, .. }
+            | Outcome::Dropped { too_late, .. }
+            | Outcome::Parked { too_late, .. } => {
+                let class = if *too_late { "too-late" } else { "late" };
+                let policies = settings.policies();
+                let policy = if *too_late {
+                    policies.too_late(&event.event_type).name()
+                } else {
+                    policies.late(&event.event_type).name()
+                };
+                Some((class, policy))
+            }
+            _ => None,
+        };
+        if let Some((class, policy)) = class {
+            fx.anomalies.push(Anomaly {
+                seq: 0,
+                class: class.into(),
+                entity_id: event.entity_id.clone(),
+                tenant_id: event.tenant_id.clone(),
+                event_id: event.event_id.clone(),
+                event_type: event.event_type.clone(),
+                topic: origin.topic.clone(),
+                partition: origin.partition,
+                offset: origin.offset,
+                lateness: outcome.lateness().cloned(),
+                policy: policy.into(),
+                outcome: outcome.name().into(),
+                at: processed_at,
+            });
+        }
+        if let Some(changes) = outcome.changes() {
+            let entry = record.log.iter().find(|e| e.key.event_id == event.event_id);
+            if !shared.changes_topic.is_empty() {
+                let change = ChangeRecord {
+                    kind: if outcome.is_correction() {
+                        "correction"
+                    } else {
+                        "change"
+                    }
+                    .into(),
+                    entity_id: event.entity_id.clone(),
+                    tenant_id: event.tenant_id.clone(),
+                    event_id: event.event_id.clone(),
+                    event_type: event.event_type.clone(),
+                    occurred_at: event.occurred_at,
+                    changes: changes.iter().map(JsonChange::from).collect(),
+                    provenance: entry.map(|e| e.provenance.clone()),
+                    lateness: outcome.lateness().cloned(),
+                };
+                fx.outbox.push(OutboxRecord {
+                    topic: shared.changes_topic.clone(),
+                    key: Some(event.entity_id.clone().into_bytes()),
+                    value: change.to_bytes(),
+                    headers: vec![("content-type".into(), b"application/json".to_vec())],
+                    partition: None,
+                });
+            }
+            if shared.policies.history(&event.event_type) {
+                if let Some(e) = entry {
+                    fx.history.push(e.clone());
+                }
+            }
+            if let Some(before) = before {
+                // Observers see the event as its handler did: mapped.
+                let prepared = settings.prepare(event);
+                let seen = prepared.as_deref().unwrap_or(event);
+                fx.outbox
+                    .extend(derive(shared, seen, before, &record.state));
+            }
+        }
+        fx
+    }
+
+    /// Sends one write intent to the writer.
+    pub(super) fn send(&mut self, entity_changed: bool, fx: Effects, ack: Option<Ack>) {
+        let entity = entity_changed
+            .then(|| {
+                self.record.as_ref().map(|r| crate::writer::EntityWrite {
+                    id: self.id.clone(),
+                    bytes: crate::store::encode(r),
+                    parked: r.parked.is_some(),
+                    home: r.home.clone(),
+                    previous_home: self.stored_home.clone(),
+                })
+            })
+            .flatten();
+        if let Some(w) = &entity {
+            self.stored_home = w.home.clone();
+        }
+        let intent = WriteIntent {
+            entity,
+            dead_letter: fx.dead_letter,
+            outbox: fx.outbox,
+            anomalies: fx.anomalies,
+            history: fx.history,
+            ack,
+            durable: Some(self.status.durable.clone()),
+            resolve_dead_letter: fx.resolve_dead_letter,
+        };
+        self.status.writes_sent.fetch_add(1, Relaxed);
+        if self
+            .shared
+            .writer
+            .send(WriterMsg::Write(Box::new(intent)))
+            .is_err()
+        {
+            self.shared
+                .fatal
+                .raise("the store writer has stopped".into());
+        }
+    }
+}
+
+/// The acknowledgement of a delivery, with its span data when traced; the
+/// write starts now.
+pub(super) fn ack_of(d: &Delivery, read_start: SystemTime, outcome: &'static str) -> Ack {
+    let write_start = SystemTime::now();
+    let span = d.traced.then(|| {
+        Box::new(SpanInfo {
+            parent: d.parent.clone(),
+            received_at: d.received_at,
+            read_start,
+            write_start,
+            topic: d.tp.0.clone(),
+            partition: d.tp.1,
+            offset: d.offset,
+            entity_id: d.event.entity_id.clone(),
+            tenant_id: d.event.tenant_id.clone(),
+            event_id: d.event.event_id.clone(),
+            event_type: d.event.event_type.clone(),
+            occurred_at: d.event.occurred_at,
+        })
+    });
+    Ack {
+        tp: d.tp.clone(),
+        offset: d.offset,
+        kafka_ts: d.kafka_ts,
+        occurred_at: Some(d.event.occurred_at),
+        outcome,
+        span,
+    }
+}
+
+/// The event an outcome belongs to, and how it was handled.
+#[derive(Clone, Copy)]
+pub(super) struct Handled<'a> {
+    pub(super) event: &'a Event,
+    pub(super) origin: &'a Origin,
+    pub(super) headers: &'a [(String, Vec<u8>)],
+    pub(super) processed_at: i64,
+    pub(super) attempts: u32,
+    /// The tenant's settings it was handled under.
+    pub(super) settings: &'a crate::settings::TenantSettings,
+}
+
+/// What processing one event asks to write besides the entity record.
+#[derive(Default)]
+pub(super) struct Effects {
+    pub(super) outbox: Vec<OutboxRecord>,
+    pub(super) anomalies: Vec<Anomaly>,
+    pub(super) history: Vec<crate::model::fold::LogEntry>,
+    pub(super) dead_letter: Option<DeadLetter>,
+    pub(super) resolve_dead_letter: Option<(DeadLetterRef, &'static str)>,
+}
+
+
+/// Runs the observers on one applied event and turns what they derive into
+/// outbox records for the derived-events topic.
+pub(super) fn derive(
+    shared: &Shared,
+    event: &Event,
+    before: &crate::model::handler::EntityState,
+    after: &crate::model::handler::EntityState,
+) -> Vec<OutboxRecord> {
+    let Some(topic) = &shared.derived_topic else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for observer in shared.handlers.observers() {
+        for (i, mut derived) in observer
+            .observe(event, before, after)
+            .into_iter()
+            .enumerate()
+        {
+            let id = derived_event_id(&event.event_id, observer.name());
+            derived.event.event_id = if i == 0 { id } else { format!("{id}~{i}") };
+            out.push(OutboxRecord {
+                topic: topic.clone(),
+                key: Some(derived.event.entity_id.clone().into_bytes()),
+                value: derived.event.to_proto_bytes(),
+                headers: vec![("content-type".into(), b"application/x-protobuf".to_vec())],
+                partition: None,
+            });
+        }
+    }
+    out
+}

@@ -1,0 +1,54 @@
+//! What the store writer observes: batches committed, events made durable.
+
+use super::InternalEvent;
+use crate::metrics::Stats;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+/// A store batch was committed and flushed.
+pub struct BatchCommitted {
+    /// Entity records written, after coalescing.
+    pub entity_writes: usize,
+    /// Commit plus flush time.
+    pub took: Duration,
+}
+
+impl InternalEvent for BatchCommitted {
+    fn emit(self, stats: &Stats) {
+        stats.batches.fetch_add(1, Relaxed);
+        stats
+            .entity_writes
+            .fetch_add(self.entity_writes as u64, Relaxed);
+        ::metrics::histogram!("orderly_store_batch_size").record(self.entity_writes as f64);
+        ::metrics::histogram!("orderly_store_flush_seconds").record(self.took.as_secs_f64());
+    }
+}
+
+/// Messages became durable; `latencies` holds, per message, (Kafka append →
+/// durable, occurred_at → durable) in microseconds, where known.
+pub struct EventsDurable<'a> {
+    /// Per message.
+    pub latencies: &'a [(Option<u64>, Option<u64>)],
+}
+
+impl InternalEvent for EventsDurable<'_> {
+    fn emit(self, stats: &Stats) {
+        let n = self.latencies.len();
+        stats.record_latencies(self.latencies.iter().copied());
+        stats.durable.fetch_add(n as u64, Relaxed);
+        stats.in_flight.fetch_sub(n as i64, Relaxed);
+        ::metrics::counter!("orderly_events_durable_total").increment(n as u64);
+        let append =
+            ::metrics::histogram!("orderly_record_e2e_latency_seconds", "from" => "append");
+        let occurred =
+            ::metrics::histogram!("orderly_record_e2e_latency_seconds", "from" => "occurred");
+        for (a, o) in self.latencies {
+            if let Some(us) = a {
+                append.record(*us as f64 / 1e6);
+            }
+            if let Some(us) = o {
+                occurred.record(*us as f64 / 1e6);
+            }
+        }
+    }
+}

@@ -1,0 +1,47 @@
+//! The fatal-error signal: how any component stops the whole pipeline.
+//!
+//! A component that cannot go on (the store failed, the writer lost its
+//! batch) raises [`Fatal`] with a reason; the pipeline's supervisor waits on
+//! it, stops taking messages, and exits with that reason. Only the first
+//! reason is kept. This module owns nothing else, so every layer can import
+//! it without importing the pipeline.
+
+use std::sync::Mutex;
+
+/// A condition that stops the pipeline (the store failed, for example).
+#[derive(Debug, Default)]
+pub struct Fatal {
+    reason: Mutex<Option<String>>,
+    notify: tokio::sync::Notify,
+}
+
+impl Fatal {
+    /// Raises the condition; the first reason is kept.
+    pub fn raise(&self, reason: String) {
+        let mut r = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        if r.is_none() {
+            tracing::error!(%reason, "pipeline cannot continue");
+            *r = Some(reason);
+        }
+        self.notify.notify_waiters();
+        self.notify.notify_one();
+    }
+
+    /// The reason, if raised.
+    pub fn reason(&self) -> Option<String> {
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Resolves once raised.
+    pub async fn raised(&self) -> String {
+        loop {
+            if let Some(r) = self.reason() {
+                return r;
+            }
+            self.notify.notified().await;
+        }
+    }
+}

@@ -1,0 +1,431 @@
+//! The fold of one event: in order, duplicate, late (by policy), held,
+//! retried, released; and the re-fold from the base snapshot.
+
+use super::*;
+
+impl EntityRecord {
+    /// A new, empty record for `entity_id`.
+    pub fn new(entity_id: &str, tenant_id: &str) -> Self {
+        EntityRecord {
+            entity_id: entity_id.to_owned(),
+            tenant_id: tenant_id.to_owned(),
+            ..Default::default()
+        }
+    }
+
+    /// Processes one event under its tenant's settings: classify it, then
+    /// apply, skip, re-fold, drop, park, hold or ignore it, as the settings in
+    /// force say for its type. The settings' field mappings are applied first,
+    /// so the log keeps the payload its handler saw.
+    ///
+    /// On `Err`, the record is left exactly as it was, offset included, so
+    /// a retry is processed like the first try; when the actor gives up,
+    /// [`EntityRecord::record_failure`] records the offset, so a redelivery
+    /// is then a duplicate rather than dead-lettered twice.
+    pub fn process(
+        &mut self,
+        event: &Event,
+        origin: &Origin,
+        processed_at: i64,
+        handlers: &Handlers,
+        settings: &TenantView,
+    ) -> Result<Outcome, Rejected> {
+        let tp = origin.topic_partition();
+        if let Some(&last) = self.applied_offsets.get(&tp) {
+            if origin.offset <= last {
+                self.duplicates += 1;
+                self.redeliveries += 1;
+                return Ok(Outcome::Duplicate(DuplicateKind::Redelivery));
+            }
+        }
+        let previous = self.applied_offsets.insert(tp.clone(), origin.offset);
+        if let Some(outcome) = self.duplicate_or_held(event, origin) {
+            if matches!(outcome, Outcome::Duplicate(_)) {
+                self.duplicates += 1;
+            }
+            return Ok(outcome);
+        }
+        let Some(prepared) = settings.current().prepare(event) else {
+            self.ignored_events += 1;
+            return Ok(Outcome::Ignored {
+                settings_version: settings.current().version(),
+            });
+        };
+        let result = self.apply_event(
+            Prepared {
+                raw: event,
+                event: &prepared,
+            },
+            origin,
+            processed_at,
+            handlers,
+            settings,
+            Mode::Arrival,
+        );
+        if result.is_err() {
+            // Leave no trace: a retry is processed as the first try was, and
+            // giving up is recorded by `record_failure`.
+            match previous {
+                Some(o) => self.applied_offsets.insert(tp, o),
+                None => self.applied_offsets.remove(&tp),
+            };
+        }
+        result
+    }
+
+    /// Processes a dead-lettered event again, at an operator's request. Its
+    /// offset is already recorded, so only its event id is checked for
+    /// duplicates; a late one is re-folded, so the entity's order is kept; a
+    /// parked entity holds it.
+    pub fn retry(
+        &mut self,
+        event: &Event,
+        origin: &Origin,
+        processed_at: i64,
+        handlers: &Handlers,
+        settings: &TenantView,
+    ) -> Result<Outcome, Rejected> {
+        if let Some(outcome) = self.duplicate_or_held(event, origin) {
+            return Ok(outcome);
+        }
+        let Some(prepared) = settings.current().prepare(event) else {
+            self.ignored_events += 1;
+            self.skipped.retain(|s| s.event_id != event.event_id);
+            return Ok(Outcome::Ignored {
+                settings_version: settings.current().version(),
+            });
+        };
+        let result = self.apply_event(
+            Prepared {
+                raw: event,
+                event: &prepared,
+            },
+            origin,
+            processed_at,
+            handlers,
+            settings,
+            Mode::Release,
+        );
+        if result.is_ok() {
+            self.skipped.retain(|s| s.event_id != event.event_id);
+        }
+        result
+    }
+
+    /// A duplicate by event id (in the log or held), or, if the entity is
+    /// parked, the event held; `None` if it is to be applied.
+    pub(super) fn duplicate_or_held(&mut self, event: &Event, origin: &Origin) -> Option<Outcome> {
+        if self.log.iter().any(|e| e.key.event_id == event.event_id)
+            || self.held.iter().any(|h| h.event.event_id == event.event_id)
+        {
+            return Some(Outcome::Duplicate(DuplicateKind::EventId));
+        }
+        if self.parked.is_some() {
+            self.held.push(HeldEvent {
+                event: event.clone(),
+                origin: origin.clone(),
+            });
+            return Some(Outcome::Held);
+        }
+        None
+    }
+
+    /// Records that the actor gave up on an event (a permanent failure, or
+    /// the last transient one): it is dead-lettered, its offset counts as
+    /// applied (so a redelivery is a duplicate), and then either the skip is
+    /// noted in the record, or, with `park`, the entity is parked with the
+    /// event first in line.
+    pub fn record_failure(
+        &mut self,
+        event: &Event,
+        origin: &Origin,
+        reason: &str,
+        at: i64,
+        park: bool,
+    ) {
+        let last = self
+            .applied_offsets
+            .entry(origin.topic_partition())
+            .or_insert(origin.offset);
+        *last = (*last).max(origin.offset);
+        self.dead_lettered += 1;
+        if park {
+            self.parked = Some(Parked {
+                event_id: event.event_id.clone(),
+                reason: reason.to_owned(),
+                since: at,
+            });
+            self.held.push(HeldEvent {
+                event: event.clone(),
+                origin: origin.clone(),
+            });
+        } else {
+            self.note_skip(event, reason, at);
+        }
+    }
+
+    /// Notes a skipped (dead-lettered) event in the record's provenance; the
+    /// newest 16 are kept.
+    pub(super) fn note_skip(&mut self, event: &Event, reason: &str, at: i64) {
+        self.skipped.push(Skipped {
+            event_id: event.event_id.clone(),
+            event_type: event.event_type.clone(),
+            reason: reason.to_owned(),
+            at,
+        });
+        if self.skipped.len() > 16 {
+            self.skipped.remove(0);
+        }
+    }
+
+    /// Unparks the entity and processes its held events in order-key order,
+    /// re-folding late ones. With `skip`, the event that parked it is
+    /// discarded instead. Returns each held event with what became of it.
+    pub fn release(
+        &mut self,
+        skip: bool,
+        processed_at: i64,
+        handlers: &Handlers,
+        settings: &TenantView,
+    ) -> Vec<(HeldEvent, Result<Outcome, Rejected>)> {
+        let Some(parked) = self.parked.take() else {
+            return Vec::new();
+        };
+        let mut held = std::mem::take(&mut self.held);
+        if skip {
+            held.retain(|h| h.event.event_id != parked.event_id);
+        }
+        held.sort_by_key(|h| OrderKey::of(&h.event));
+        held.into_iter()
+            .map(|h| {
+                let r = match settings.current().prepare(&h.event) {
+                    None => {
+                        self.ignored_events += 1;
+                        Ok(Outcome::Ignored {
+                            settings_version: settings.current().version(),
+                        })
+                    }
+                    Some(prepared) => self.apply_event(
+                        Prepared {
+                            raw: &h.event,
+                            event: &prepared,
+                        },
+                        &h.origin,
+                        processed_at,
+                        handlers,
+                        settings,
+                        Mode::Release,
+                    ),
+                };
+                if let Err(rejected) = &r {
+                    // Failing again on release: dead-lettered and skipped.
+                    self.record_failure(
+                        &h.event,
+                        &h.origin,
+                        &rejected.to_string(),
+                        processed_at,
+                        false,
+                    );
+                }
+                (h, r)
+            })
+            .collect()
+    }
+
+    pub(super) fn apply_event(
+        &mut self,
+        Prepared { raw, event }: Prepared<'_>,
+        origin: &Origin,
+        processed_at: i64,
+        handlers: &Handlers,
+        settings: &TenantView,
+        mode: Mode,
+    ) -> Result<Outcome, Rejected> {
+        let in_force = settings.current();
+        let policies = in_force.policies();
+        let key = OrderKey::of(event);
+        let entry = LogEntry {
+            key: key.clone(),
+            event_type: event.event_type.clone(),
+            payload: event.payload.clone(),
+            provenance: Provenance {
+                event_id: event.event_id.clone(),
+                event_type: event.event_type.clone(),
+                topic: origin.topic.clone(),
+                partition: origin.partition,
+                offset: origin.offset,
+                occurred_at: event.occurred_at,
+                processed_at,
+                settings_version: in_force.version(),
+            },
+        };
+        let reject = |error| Rejected {
+            event_type: event.event_type.clone(),
+            event_id: event.event_id.clone(),
+            error,
+        };
+        let handler = handlers.for_type(&event.event_type);
+
+        let outcome = match &self.high_water {
+            Some(hw) if key < *hw => {
+                let lateness = Lateness::between(&key, hw);
+                let too_late = self.base.key.as_ref().is_some_and(|b| key <= *b);
+                let late = policies.late(&event.event_type);
+                let policy = match (mode, too_late) {
+                    (Mode::Release, false) => LatePolicy::Recompute,
+                    (Mode::Release, true) => match policies.too_late(&event.event_type) {
+                        TooLatePolicy::Apply => LatePolicy::Apply,
+                        _ => LatePolicy::Drop,
+                    },
+                    (Mode::Arrival, false) => late,
+                    (Mode::Arrival, true) => match policies.too_late(&event.event_type) {
+                        TooLatePolicy::Drop => LatePolicy::Drop,
+                        TooLatePolicy::Apply => LatePolicy::Apply,
+                        TooLatePolicy::Park => LatePolicy::Park,
+                    },
+                };
+                match policy {
+                    LatePolicy::Drop => {
+                        if too_late {
+                            self.too_late_events += 1;
+                        } else {
+                            self.late_dropped += 1;
+                        }
+                        return Ok(Outcome::Dropped { lateness, too_late });
+                    }
+                    LatePolicy::Park => {
+                        self.parked = Some(Parked {
+                            event_id: event.event_id.clone(),
+                            reason: format!(
+                                "{} event {} is {} ms behind the entity's newest event; policy park",
+                                if too_late { "too-late" } else { "late" },
+                                event.event_id,
+                                lateness.millis
+                            ),
+                            since: processed_at,
+                        });
+                        // Held as it arrived: it is prepared again on release.
+                        self.held.push(HeldEvent {
+                            event: raw.clone(),
+                            origin: origin.clone(),
+                        });
+                        return Ok(Outcome::Parked { lateness, too_late });
+                    }
+                    LatePolicy::Apply => {
+                        let changes = self
+                            .apply_on_top(handler, event, in_force, &entry.provenance)
+                            .map_err(reject)?;
+                        let pos = self.log.partition_point(|e| e.key < key);
+                        self.log.insert(pos, entry);
+                        self.late_applied += 1;
+                        Outcome::LateApplied {
+                            lateness,
+                            too_late,
+                            changes,
+                        }
+                    }
+                    LatePolicy::Recompute => {
+                        // Check the late event itself applies, on the state just before it.
+                        let pos = self.log.partition_point(|e| e.key < key);
+                        let mut before = self.state_at(pos, handlers, settings);
+                        if let Err(error) = handler.apply(&mut before, event, in_force) {
+                            return Err(reject(error));
+                        }
+                        self.log.insert(pos, entry);
+                        let old = std::mem::take(&mut self.state);
+                        self.refold(handlers, settings);
+                        self.late_events += 1;
+                        Outcome::Recomputed {
+                            lateness,
+                            changes: diff(&old.fields, &self.state.fields),
+                        }
+                    }
+                }
+            }
+            _ => {
+                let changes = self
+                    .apply_on_top(handler, event, in_force, &entry.provenance)
+                    .map_err(reject)?;
+                self.high_water = Some(key);
+                self.log.push(entry);
+                Outcome::Applied { changes }
+            }
+        };
+        self.applied_events += 1;
+        self.trim(handlers, settings);
+        Ok(outcome)
+    }
+
+    /// Applies `event` on top of the current state (on a copy, so a failure
+    /// leaves no partial effect) and credits the fields it changed to it.
+    pub(super) fn apply_on_top(
+        &mut self,
+        handler: &dyn crate::model::handler::Handler,
+        event: &Event,
+        settings: &TenantSettings,
+        provenance: &Provenance,
+    ) -> Result<Vec<FieldChange>, HandlerError> {
+        let mut next = self.state.clone();
+        handler.apply(&mut next, event, settings)?;
+        let changes = diff(&self.state.fields, &next.fields);
+        for c in &changes {
+            self.provenance.insert(c.field.clone(), provenance.clone());
+        }
+        self.state = next;
+        Ok(changes)
+    }
+
+    /// The state after the base and the first `upto` log entries.
+    pub(super) fn state_at(
+        &self,
+        upto: usize,
+        handlers: &Handlers,
+        settings: &TenantView,
+    ) -> EntityState {
+        let mut state = self.base.state.clone();
+        for entry in &self.log[..upto] {
+            let _ = apply_entry(&mut state, entry, self, handlers, settings);
+        }
+        state
+    }
+
+    /// Recomputes state, provenance and high-water mark from the base and the log.
+    ///
+    /// An entry whose handler fails in this order is skipped, deterministically,
+    /// so the result still depends only on the set of events. Each entry's
+    /// handler gets the settings version the entry was handled under, while
+    /// `settings` still knows it (see [`TenantView::at`]); the payload is
+    /// already mapped, so the built-in reducer does not depend on it.
+    pub fn refold(&mut self, handlers: &Handlers, settings: &TenantView) {
+        let mut state = self.base.state.clone();
+        let mut provenance = self.base.provenance.clone();
+        for entry in &self.log {
+            let before = state.fields.clone();
+            if apply_entry(&mut state, entry, self, handlers, settings).is_ok() {
+                for c in diff(&before, &state.fields) {
+                    provenance.insert(c.field, entry.provenance.clone());
+                }
+            }
+        }
+        self.state = state;
+        self.provenance = provenance;
+        self.high_water = self
+            .log
+            .last()
+            .map(|e| e.key.clone())
+            .or_else(|| self.base.key.clone());
+    }
+
+    /// Rebuilds the event a log entry came from.
+    pub fn event_of(&self, entry: &LogEntry) -> Event {
+        Event {
+            entity_id: self.entity_id.clone(),
+            tenant_id: self.tenant_id.clone(),
+            event_id: entry.key.event_id.clone(),
+            event_type: entry.event_type.clone(),
+            occurred_at: entry.key.occurred_at,
+            version: entry.key.version,
+            payload: entry.payload.clone(),
+        }
+    }
+}

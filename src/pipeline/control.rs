@@ -1,0 +1,328 @@
+//! [`Control`]: what an operator can ask of a running pipeline (the admin
+//! API and the dashboard use it): its state, partitions, dead letters,
+//! parked entities, retries and skips.
+
+use super::*;
+
+/// An operator action failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// No such dead letter or entity.
+    #[error("{0}")]
+    NotFound(String),
+    /// The action does not apply in the current state.
+    #[error("{0}")]
+    Conflict(String),
+    /// The store or an actor failed.
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// What operators can do to a running pipeline; cheap to clone.
+#[derive(Clone)]
+pub struct Control {
+    pub(super) store: Arc<SledStore>,
+    pub(super) router: Router,
+    pub(super) writer: tokio::sync::mpsc::UnboundedSender<WriterMsg>,
+    pub(super) ready: Arc<AtomicBool>,
+    pub(super) store_ok: Arc<AtomicBool>,
+    pub(super) brokers_ok: Arc<AtomicBool>,
+    pub(super) fatal: Arc<Fatal>,
+    pub(super) stats: Arc<Stats>,
+    pub(super) stalls: Arc<crate::stall::Stalls>,
+    pub(super) settings: Arc<crate::settings::Settings>,
+    pub(super) identity: Arc<Identity>,
+}
+
+/// Who this instance is, for operators.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// `instance_id` if set, else the consumer group and process id.
+    pub instance: String,
+    /// The changelog, when it is on.
+    pub changelog: Option<crate::config::ChangelogConfig>,
+}
+
+impl Control {
+    /// The partitions this instance owns and holds state for: entities,
+    /// checkpoint, lag and changelog position of each, for `orderly partitions`.
+    pub fn partitions(&self) -> serde_json::Value {
+        use serde_json::json;
+        let assigned = self
+            .stats
+            .assigned
+            .lock()
+            .map(|a| a.clone())
+            .unwrap_or_default();
+        let counts = self.store.partition_counts().unwrap_or_default();
+        let lag = self.stats.lag.lock().map(|l| l.clone()).unwrap_or_default();
+        let mut held: std::collections::BTreeSet<(String, i32)> = assigned.clone();
+        held.extend(counts.keys().map(|h| (h.topic.clone(), h.partition)));
+        // Each topic's checkpoints in one scan.
+        let mut checkpoints: HashMap<String, std::collections::BTreeMap<i32, i64>> = HashMap::new();
+        for (topic, _) in &held {
+            if !checkpoints.contains_key(topic) {
+                let c = self.store.checkpoints(topic).unwrap_or_default();
+                checkpoints.insert(topic.clone(), c);
+            }
+        }
+        let rows: Vec<_> = held
+            .into_iter()
+            .map(|(topic, partition)| {
+                let home = crate::model::fold::Home {
+                    topic: topic.clone(),
+                    partition,
+                };
+                let checkpoint = checkpoints[&topic].get(&partition).copied();
+                let changelog = self
+                    .identity
+                    .changelog
+                    .as_ref()
+                    .and_then(|changelog| {
+                        self.store
+                            .changelog_position(&changelog.topic_of(&topic), partition)
+                            .ok()
+                            .flatten()
+                    });
+                json!({
+                    "topic": topic,
+                    "partition": partition,
+                    "assigned": assigned.contains(&(topic.clone(), partition)),
+                    "entities": counts.get(&home).copied().unwrap_or(0),
+                    "checkpoint": checkpoint,
+                    "lag": lag.get(&(topic.clone(), partition)),
+                    "changelog_position": changelog,
+                })
+            })
+            .collect();
+        json!({
+            "instance": self.identity.instance,
+            "ready": self.not_ready().is_none(),
+            "partitions": rows,
+        })
+    }
+
+    /// Every tenant's compiled settings.
+    pub fn settings(&self) -> &crate::settings::Settings {
+        &self.settings
+    }
+
+    /// The recent stalled events (those still running have no `finished_at`).
+    pub fn stalled(&self) -> Vec<crate::stall::StalledEvent> {
+        self.stalls.list()
+    }
+
+    /// The store, for reads.
+    pub fn store(&self) -> &SledStore {
+        &self.store
+    }
+
+    /// Sets the gauges that are read rather than counted; call before
+    /// rendering metrics.
+    pub fn sample_gauges(&self) {
+        let stalled_now = self.stalls.running();
+        crate::internal_events::emit(
+            crate::internal_events::GaugesSampled {
+                mailbox_depths: &self.router.mailbox_depths(),
+                stalled_now,
+                store_size_bytes: self.store.size_on_disk().ok(),
+            },
+            &self.stats,
+        );
+    }
+
+    /// Everything the dashboard shows at a glance, as JSON.
+    pub fn overview(&self) -> serde_json::Value {
+        use serde_json::json;
+        let s = &*self.stats;
+        let c = |a: &std::sync::atomic::AtomicU64| a.load(Relaxed);
+        let g = |a: &std::sync::atomic::AtomicI64| a.load(Relaxed);
+        let stalled_now = self.stalls.running();
+        let now = std::time::SystemTime::now();
+        let lag = s.lag.lock().map(|l| l.clone()).unwrap_or_default();
+        let checkpoints = s.checkpoints.lock().map(|c| c.clone()).unwrap_or_default();
+        let mut keys: std::collections::BTreeSet<(String, i32)> = lag.keys().cloned().collect();
+        keys.extend(checkpoints.keys().cloned());
+        let partitions: Vec<_> = keys
+            .into_iter()
+            .map(|k| {
+                let cp = checkpoints.get(&k);
+                json!({
+                    "topic": k.0,
+                    "partition": k.1,
+                    "lag": lag.get(&k),
+                    "checkpoint": cp.map(|c| c.0),
+                    "checkpoint_age_s": cp.map(|c| now.duration_since(c.1).unwrap_or_default().as_secs_f64()),
+                })
+            })
+            .collect();
+        let corrections: Vec<_> = s
+            .recent_corrections
+            .lock()
+            .map(|r| r.iter().rev().cloned().collect())
+            .unwrap_or_default();
+        json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "now_ms": crate::telemetry::unix_ms(now),
+            "ready": self.not_ready().is_none(),
+            "not_ready_reason": self.not_ready(),
+            "counters": {
+                "received": c(&s.received),
+                "completed": c(&s.durable),
+                "applied": c(&s.applied),
+                "duplicates": c(&s.duplicates),
+                "late_recomputed": c(&s.late_recomputed),
+                "late_applied": c(&s.late_applied),
+                "late_dropped": c(&s.late_dropped),
+                "too_late": c(&s.too_late),
+                "parked_events": c(&s.parked),
+                "held": c(&s.held),
+                "ignored": c(&s.ignored),
+                "corrections": c(&s.corrections),
+                "retries": c(&s.retries),
+                "dead_letters": c(&s.dead_letters),
+                "stalled": c(&s.stalled),
+                "passivations": c(&s.passivations),
+                "pauses": c(&s.pauses),
+                "errors": c(&s.errors),
+            },
+            "gauges": {
+                "in_flight": g(&s.in_flight),
+                "active_actors": g(&s.active_actors),
+                "paused_partitions": g(&s.paused_partitions),
+                "failed": g(&s.open_dead_letters),
+                "parked": g(&s.parked_entities),
+                "retrying": g(&s.retrying),
+                "stalled": stalled_now,
+                "mailbox_depth": self.router.mailbox_depths().iter().sum::<i64>(),
+            },
+            "latency_ms": {
+                "append_to_durable": s.append_to_durable().to_json(),
+                "occurred_to_durable": s.occurred_to_durable().to_json(),
+            },
+            "partitions": partitions,
+            "recent_corrections": corrections,
+        })
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Why the pipeline is not ready, or `None` if it is.
+    pub fn not_ready(&self) -> Option<String> {
+        if let Some(r) = self.fatal.reason() {
+            return Some(format!("stopped: {r}"));
+        }
+        if !self.store_ok.load(Relaxed) {
+            return Some("store writes are failing; retrying".into());
+        }
+        if !self.brokers_ok.load(Relaxed) {
+            return Some("all Kafka brokers are down; retrying".into());
+        }
+        if !self.settings.is_caught_up() {
+            return Some("reading tenant settings; processing has not started".into());
+        }
+        if !self.ready.load(Relaxed) {
+            return Some("no partitions assigned yet".into());
+        }
+        None
+    }
+
+    fn open_dead_letter(
+        &self,
+        id: u64,
+    ) -> Result<crate::model::dead_letter::DeadLetter, ControlError> {
+        let dl = self
+            .store
+            .dead_letter(id)
+            .map_err(|e| ControlError::Internal(e.to_string()))?
+            .ok_or_else(|| ControlError::NotFound(format!("no dead letter {id}")))?;
+        if dl.status != crate::model::dead_letter::OPEN {
+            return Err(ControlError::Conflict(format!(
+                "dead letter {id} is already {}",
+                dl.status
+            )));
+        }
+        Ok(dl)
+    }
+
+    /// Processes a dead letter's event again, through its entity's actor (a
+    /// late one is re-folded, so the entity's order is kept). Returns the outcome.
+    pub async fn retry_dead_letter(&self, id: u64) -> Result<&'static str, ControlError> {
+        let dl = self.open_dead_letter(id)?;
+        if dl.code.starts_with("settings_") {
+            return Err(ControlError::Conflict(format!(
+                "dead letter {id} is a rejected settings document, not an event: write a corrected version (orderly settings put), then skip this one"
+            )));
+        }
+        let content_type = dl
+            .headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+            .map(|(_, v)| v.as_slice());
+        let key = dl.key.as_deref();
+        let value = dl.value.as_deref();
+        let event = crate::model::envelope::decode(key, value, content_type, Default::default())
+            .or_else(|_| crate::model::envelope::decode(key, value, None, Default::default()))
+            .map_err(|e| {
+                ControlError::Conflict(format!("dead letter {id} still cannot be decoded: {e}"))
+            })?;
+        let origin = crate::model::fold::Origin {
+            topic: dl.topic,
+            partition: dl.partition,
+            offset: dl.offset,
+        };
+        self.router
+            .retry(crate::entity::RetryDeadLetter { event, origin, id })
+            .await
+            .map_err(ControlError::Conflict)
+    }
+
+    /// Marks a dead letter skipped: an operator decided to leave it. Returns once durable.
+    pub async fn skip_dead_letter(&self, id: u64) -> Result<(), ControlError> {
+        self.open_dead_letter(id)?;
+        let intent = crate::writer::WriteIntent {
+            entity: None,
+            dead_letter: None,
+            outbox: Vec::new(),
+            anomalies: Vec::new(),
+            history: Vec::new(),
+            ack: None,
+            durable: None,
+            resolve_dead_letter: Some((crate::writer::DeadLetterRef::Id(id), "skipped")),
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.writer
+            .send(WriterMsg::Write(Box::new(intent)))
+            .and_then(|_| self.writer.send(WriterMsg::Barrier(tx)))
+            .map_err(|_| ControlError::Internal("the store writer has stopped".into()))?;
+        tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30)))
+            .await
+            .map_err(|e| ControlError::Internal(e.to_string()))?
+            .map_err(|_| ControlError::Internal("the store writer did not confirm in 30 s".into()))
+    }
+
+    /// Releases a parked entity (or skips the event that parked it, then releases it).
+    pub async fn resolve_parked(
+        &self,
+        entity_id: &str,
+        skip: bool,
+    ) -> Result<crate::entity::Released, ControlError> {
+        match self.store.load_entity(entity_id) {
+            Ok(Some(r)) if r.parked.is_some() => {}
+            Ok(Some(_)) => {
+                return Err(ControlError::Conflict(format!(
+                    "entity {entity_id} is not parked"
+                )))
+            }
+            Ok(None) => return Err(ControlError::NotFound(format!("no entity {entity_id}"))),
+            Err(e) => return Err(ControlError::Internal(e.to_string())),
+        }
+        self.router
+            .resolve(entity_id, skip)
+            .await
+            .map_err(ControlError::Internal)
+    }
+}

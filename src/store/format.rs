@@ -1,0 +1,241 @@
+//! The stored formats: the version byte, the current layout, and how each
+//! older version is read (the migration happens on read; the next write
+//! stores the current format).
+
+use super::OutboxRecord;
+use crate::model::anomaly::Anomaly;
+use crate::model::dead_letter::DeadLetter;
+use crate::model::fold::{EntityRecord, LogEntry};
+use serde::de::DeserializeOwned;
+
+/// The format version written at the start of every stored value.
+pub const FORMAT_VERSION: u8 = 3;
+
+/// A value the store keeps, and how it is read from an older format.
+pub trait Stored: DeserializeOwned {
+    /// Decodes the bincode body of a format-1 value. The default suits the
+    /// types whose layout did not change.
+    fn from_v1(body: &[u8]) -> std::result::Result<Self, bincode::error::DecodeError> {
+        bincode::serde::decode_from_slice(body, bincode::config::standard()).map(|(v, _)| v)
+    }
+
+    /// Decodes the bincode body of a format-2 value. The default suits the
+    /// types whose layout did not change.
+    fn from_v2(body: &[u8]) -> std::result::Result<Self, bincode::error::DecodeError> {
+        bincode::serde::decode_from_slice(body, bincode::config::standard()).map(|(v, _)| v)
+    }
+}
+
+impl Stored for Anomaly {}
+impl Stored for DeadLetter {}
+
+impl Stored for OutboxRecord {
+    fn from_v1(body: &[u8]) -> std::result::Result<Self, bincode::error::DecodeError> {
+        Self::from_v2(body)
+    }
+
+    fn from_v2(body: &[u8]) -> std::result::Result<Self, bincode::error::DecodeError> {
+        bincode::serde::decode_from_slice::<format_v2::OutboxRecord, _>(
+            body,
+            bincode::config::standard(),
+        )
+        .map(|(v, _)| v.into())
+    }
+}
+
+impl Stored for Vec<OutboxRecord> {
+    fn from_v1(body: &[u8]) -> std::result::Result<Self, bincode::error::DecodeError> {
+        Self::from_v2(body)
+    }
+
+    fn from_v2(body: &[u8]) -> std::result::Result<Self, bincode::error::DecodeError> {
+        bincode::serde::decode_from_slice::<Vec<format_v2::OutboxRecord>, _>(
+            body,
+            bincode::config::standard(),
+        )
+        .map(|(v, _)| v.into_iter().map(Into::into).collect())
+    }
+}
+
+impl Stored for EntityRecord {
+    fn from_v1(body: &[u8]) -> std::result::Result<Self, bincode::error::DecodeError> {
+        bincode::serde::decode_from_slice::<format_v1::EntityRecord, _>(
+            body,
+            bincode::config::standard(),
+        )
+        .map(|(v, _)| v.into())
+    }
+
+    fn from_v2(body: &[u8]) -> std::result::Result<Self, bincode::error::DecodeError> {
+        entity_from_v2(body)
+    }
+}
+
+/// Format 3 appended `moved_to` (`None`) and `handovers` (0) to the entity
+/// record. bincode writes fields in order with no names, and encodes both
+/// defaults as one zero byte, so a format-2 body plus two zero bytes is the
+/// same record in format 3.
+fn entity_from_v2(body: &[u8]) -> std::result::Result<EntityRecord, bincode::error::DecodeError> {
+    let mut upgraded = Vec::with_capacity(body.len() + 2);
+    upgraded.extend_from_slice(body);
+    upgraded.extend_from_slice(&[0, 0]);
+    bincode::serde::decode_from_slice(&upgraded, bincode::config::standard()).map(|(v, _)| v)
+}
+
+impl Stored for LogEntry {
+    fn from_v1(body: &[u8]) -> std::result::Result<Self, bincode::error::DecodeError> {
+        bincode::serde::decode_from_slice::<format_v1::LogEntry, _>(
+            body,
+            bincode::config::standard(),
+        )
+        .map(|(v, _)| v.into())
+    }
+}
+
+/// The layouts of format 1 that changed in format 2, and their upgrade.
+pub(super) mod format_v1 {
+    use crate::model::fold::{self, HeldEvent, Parked, Skipped};
+    use crate::model::handler::EntityState;
+    use crate::model::ordering::OrderKey;
+    use crate::model::value::Fields;
+    use serde::{Deserialize, Serialize};
+    use std::collections::BTreeMap;
+
+    #[derive(Serialize, Deserialize)]
+    pub struct Provenance {
+        pub event_id: String,
+        pub event_type: String,
+        pub topic: String,
+        pub partition: i32,
+        pub offset: i64,
+        pub occurred_at: i64,
+        pub processed_at: i64,
+    }
+
+    impl From<Provenance> for fold::Provenance {
+        fn from(p: Provenance) -> Self {
+            fold::Provenance {
+                event_id: p.event_id,
+                event_type: p.event_type,
+                topic: p.topic,
+                partition: p.partition,
+                offset: p.offset,
+                occurred_at: p.occurred_at,
+                processed_at: p.processed_at,
+                settings_version: 0,
+            }
+        }
+    }
+
+    fn upgrade(p: BTreeMap<String, Provenance>) -> BTreeMap<String, fold::Provenance> {
+        p.into_iter().map(|(k, v)| (k, v.into())).collect()
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct LogEntry {
+        pub key: OrderKey,
+        pub event_type: String,
+        pub payload: Fields,
+        pub provenance: Provenance,
+    }
+
+    impl From<LogEntry> for fold::LogEntry {
+        fn from(e: LogEntry) -> Self {
+            fold::LogEntry {
+                key: e.key,
+                event_type: e.event_type,
+                payload: e.payload,
+                provenance: e.provenance.into(),
+            }
+        }
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct Base {
+        pub state: EntityState,
+        pub provenance: BTreeMap<String, Provenance>,
+        pub key: Option<OrderKey>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct EntityRecord {
+        pub entity_id: String,
+        pub tenant_id: String,
+        pub state: EntityState,
+        pub provenance: BTreeMap<String, Provenance>,
+        pub high_water: Option<OrderKey>,
+        pub log: Vec<LogEntry>,
+        pub base: Base,
+        pub applied_offsets: BTreeMap<String, i64>,
+        pub applied_events: u64,
+        pub duplicates: u64,
+        pub redeliveries: u64,
+        pub late_events: u64,
+        pub too_late_events: u64,
+        pub dead_lettered: u64,
+        pub late_applied: u64,
+        pub late_dropped: u64,
+        pub parked: Option<Parked>,
+        pub held: Vec<HeldEvent>,
+        pub skipped: Vec<Skipped>,
+    }
+
+    impl From<EntityRecord> for fold::EntityRecord {
+        fn from(r: EntityRecord) -> Self {
+            fold::EntityRecord {
+                entity_id: r.entity_id,
+                tenant_id: r.tenant_id,
+                state: r.state,
+                provenance: upgrade(r.provenance),
+                high_water: r.high_water,
+                log: r.log.into_iter().map(Into::into).collect(),
+                base: fold::Base {
+                    state: r.base.state,
+                    provenance: upgrade(r.base.provenance),
+                    key: r.base.key,
+                },
+                applied_offsets: r.applied_offsets,
+                applied_events: r.applied_events,
+                duplicates: r.duplicates,
+                redeliveries: r.redeliveries,
+                late_events: r.late_events,
+                too_late_events: r.too_late_events,
+                dead_lettered: r.dead_lettered,
+                late_applied: r.late_applied,
+                late_dropped: r.late_dropped,
+                parked: r.parked,
+                held: r.held,
+                skipped: r.skipped,
+                ignored_events: 0,
+                home: None,
+                moved_to: None,
+                handovers: 0,
+            }
+        }
+    }
+}
+
+/// The outbox record of formats 1 and 2, without a partition.
+pub(super) mod format_v2 {
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Serialize, Deserialize)]
+    pub(in crate::store) struct OutboxRecord {
+        pub topic: String,
+        pub key: Option<Vec<u8>>,
+        pub value: Vec<u8>,
+        pub headers: Vec<(String, Vec<u8>)>,
+    }
+
+    impl From<OutboxRecord> for super::OutboxRecord {
+        fn from(r: OutboxRecord) -> Self {
+            super::OutboxRecord {
+                topic: r.topic,
+                key: r.key,
+                value: r.value,
+                headers: r.headers,
+                partition: None,
+            }
+        }
+    }
+}

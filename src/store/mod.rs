@@ -1,0 +1,245 @@
+//! The store: the [`Store`] trait and its sled implementation.
+//!
+//! Owns the durable layout. Everything lives in one sled tree under key
+//! prefixes, so that an entity's record, the dead letters and the partition
+//! checkpoints of one batch commit atomically (`apply_batch` is atomic within
+//! one tree):
+//!
+//! | key | value |
+//! |---|---|
+//! | `e\0<entity id>` | [`EntityRecord`] |
+//! | `c\0<topic>\0<partition, i32 BE>` | checkpoint: the next offset to consume, i64 BE |
+//! | `d\0<id, u64 BE>` | [`DeadLetter`] |
+//! | `o\0<id, u64 BE>` | [`OutboxRecord`] not yet published |
+//! | `x\0<topic>\0<partition, i32 BE><offset, i64 BE>` | dead-letter id: one dead letter per message, even after a replay |
+//! | `a\0<seq, u64 BE>` | [`Anomaly`]; the newest `anomalies_retained` are kept |
+//! | `m\0anomaly_seq` | the next anomaly sequence number |
+//! | `i\0<topic>\0<partition, i32 BE><entity id>` | the partition index: the entities whose home is that input partition |
+//! | `l\0<changelog topic>\0<partition, i32 BE>` | the next changelog offset this store holds (written or restored), i64 BE |
+//! | `h\0<entity id>\0<order key>` | a history entry ([`LogEntry`]) for types that keep history |
+//!
+//! Every value starts with a format-version byte. Version 2 added the
+//! settings version to provenance and the ignored-events count to entity
+//! records; version 3 added the forwarding stub and handover count to entity
+//! records and an explicit partition to outbox records. Values of versions 1
+//! and 2 are still read (see [`Stored`]). This module
+//! does not decide what goes into a batch; the writer does.
+//!
+//! - `keys`: the key prefixes and how each key is built.
+//! - `format`: the format versions and the migration from each older one.
+//! - `sled`: [`SledStore`], the implementation over one sled tree.
+
+mod format;
+mod keys;
+mod sled;
+
+pub use self::sled::SledStore;
+pub use format::{Stored, FORMAT_VERSION};
+
+use crate::model::anomaly::Anomaly;
+use crate::model::dead_letter::DeadLetter;
+use crate::model::fold::{EntityRecord, Home, LogEntry};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+
+/// A store failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// sled reported an I/O or internal error.
+    #[error("store I/O failed: {0}; check the data dir's disk and permissions")]
+    Sled(#[from] ::sled::Error),
+    /// A value could not be decoded.
+    #[error("stored value under key {key:?} is corrupt: {reason}")]
+    Corrupt {
+        /// The key, lossily printed.
+        key: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// A value was written by a newer orderly.
+    #[error("stored value under key {key:?} has format version {found}, this orderly reads {FORMAT_VERSION}; upgrade orderly")]
+    UnsupportedFormat {
+        /// The key, lossily printed.
+        key: String,
+        /// The version found.
+        found: u8,
+    },
+    /// A fail point fired (tests only).
+    #[error("fail point {0} fired")]
+    FailPoint(&'static str),
+}
+
+/// `Result` with [`StoreError`].
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A message waiting to be published (to the dead-letter topic, for example).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxRecord {
+    /// The destination topic.
+    pub topic: String,
+    /// The key.
+    pub key: Option<Vec<u8>>,
+    /// The value.
+    pub value: Vec<u8>,
+    /// The headers.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// The partition, when it must be this one (a forwarded event); `None`:
+    /// the producer's partitioner chooses.
+    pub partition: Option<i32>,
+}
+
+/// The checkpoint of one partition: the next offset to consume.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: i32,
+    /// The next offset to consume; every offset below it is durable.
+    pub next_offset: i64,
+}
+
+/// What one atomic commit writes.
+#[derive(Debug, Default)]
+pub struct CommitBatch {
+    /// Encoded entity records, at most one per entity.
+    pub entities: Vec<(String, Vec<u8>)>,
+    /// New dead letters (their ids already assigned).
+    pub dead_letters: Vec<DeadLetter>,
+    /// Messages to publish once durable, in order, stored as one bundle.
+    pub outbox: Vec<OutboxRecord>,
+    /// The id of this batch's outbox bundle (needed when `outbox` is not empty).
+    pub outbox_id: u64,
+    /// Partition checkpoints.
+    pub checkpoints: Vec<Checkpoint>,
+    /// New anomaly records (their sequence numbers assigned).
+    pub anomalies: Vec<Anomaly>,
+    /// The next anomaly sequence number, to persist.
+    pub anomaly_seq: Option<u64>,
+    /// Removes anomaly records with a lower sequence number.
+    pub prune_anomalies_below: Option<u64>,
+    /// History entries, by entity.
+    pub history: Vec<(String, LogEntry)>,
+    /// Entities that became parked (true) or were released (false).
+    pub parked: Vec<(String, bool)>,
+    /// The count of open dead letters, to persist.
+    pub open_dead_letters: Option<u64>,
+    /// Entities whose home partition changed (or was first set): the
+    /// partition index follows.
+    pub homes: Vec<HomeChange>,
+    /// The next changelog offset per changelog partition, once this batch's
+    /// changelog records are acknowledged.
+    pub changelog_positions: Vec<Checkpoint>,
+}
+
+/// An entity's home partition, before and after a batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HomeChange {
+    /// The entity.
+    pub entity: String,
+    /// Its home before, if any.
+    pub from: Option<Home>,
+    /// Its home now.
+    pub to: Home,
+}
+
+/// A boxed future, for the async parts of the trait.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Durable storage for entity records, checkpoints, dead letters and the outbox.
+pub trait Store: Send + Sync + 'static {
+    /// Loads one entity's record.
+    fn load_entity(&self, entity_id: &str) -> Result<Option<EntityRecord>>;
+    /// Applies one batch atomically. It is durable only after [`Store::flush`].
+    fn commit(&self, batch: &CommitBatch) -> Result<()>;
+    /// Makes every committed batch durable.
+    fn flush(&self) -> BoxFuture<'_, Result<()>>;
+    /// A fresh unique id, at least 1 (for dead letters and outbox records).
+    fn next_id(&self) -> Result<u64>;
+    /// The stored checkpoints of `topic`, by partition.
+    fn checkpoints(&self, topic: &str) -> Result<BTreeMap<i32, i64>>;
+    /// Anomaly records with seq > `after`, at most `limit`, oldest first.
+    fn anomalies(&self, after: u64, limit: usize) -> Result<Vec<Anomaly>>;
+    /// The next anomaly sequence number.
+    fn anomaly_seq(&self) -> Result<u64>;
+    /// An entity's history entries, in order-key order.
+    fn history(&self, entity_id: &str) -> Result<Vec<LogEntry>>;
+    /// Whether the message at this position already has a dead letter.
+    fn has_dead_letter(&self, topic: &str, partition: i32, offset: i64) -> Result<bool>;
+    /// Every entity record, in key order.
+    fn entities(&self) -> Box<dyn Iterator<Item = Result<EntityRecord>> + '_>;
+    /// The id of the dead letter of the message at this position, if any.
+    fn dead_letter_at(&self, topic: &str, partition: i32, offset: i64) -> Result<Option<u64>>;
+    /// One dead letter.
+    fn dead_letter(&self, id: u64) -> Result<Option<DeadLetter>>;
+    /// Dead letters with id > `after`, at most `limit`, in id order.
+    fn dead_letters(&self, after: u64, limit: usize) -> Result<Vec<DeadLetter>>;
+    /// Unpublished outbox bundles, at most `limit`, oldest first: (id, messages).
+    fn outbox(&self, limit: usize) -> Result<Vec<(u64, Vec<OutboxRecord>)>>;
+    /// Removes published outbox bundles.
+    fn remove_outbox(&self, ids: &[u64]) -> Result<()>;
+    /// The ids of the parked entities, from the parked index.
+    fn parked(&self) -> Result<Vec<String>>;
+    /// How many dead letters have status open.
+    fn open_dead_letters(&self) -> Result<u64>;
+    /// The next changelog offset this store holds for a changelog partition.
+    fn changelog_position(&self, topic: &str, partition: i32) -> Result<Option<i64>>;
+    /// Entities per home partition, from the partition index.
+    fn partition_counts(&self) -> Result<BTreeMap<Home, u64>>;
+    /// Writes records restored from a changelog partition (each the whole
+    /// encoded record, which names its home), and the changelog position
+    /// reached. The input partition's checkpoint is removed: after a restore,
+    /// consumption resumes from the offset committed to Kafka, which the
+    /// changelog covers.
+    ///
+    /// A record whose entity the store already holds live under another
+    /// home (the entity moved partitions) does not replace it: a forwarding
+    /// stub is dropped, and a live record is returned, to be merged by the
+    /// entity's actor.
+    fn restore(
+        &self,
+        input: &Home,
+        records: &[(String, Vec<u8>)],
+        changelog: &Checkpoint,
+    ) -> Result<Vec<EntityRecord>>;
+    /// Removes everything held for an input partition this instance no longer
+    /// owns: its checkpoint, its changelog position, and its entities (with
+    /// their history and parked entries). Returns how many entities went.
+    fn purge_partition(&self, input: &Home, changelog_topic: &str) -> Result<u64>;
+}
+/// Encodes a value with the format-version prefix.
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut out = vec![FORMAT_VERSION];
+    // Encoding our own plain data types into a Vec cannot fail.
+    bincode::serde::encode_into_std_write(value, &mut out, bincode::config::standard())
+        .expect("encoding into a Vec is infallible");
+    out
+}
+
+/// Decodes a value written by [`encode`].
+pub fn decode<T: Stored>(key: &[u8], bytes: &[u8]) -> Result<T> {
+    let key_text = || String::from_utf8_lossy(key).into_owned();
+    let corrupt = |e: bincode::error::DecodeError| StoreError::Corrupt {
+        key: key_text(),
+        reason: e.to_string(),
+    };
+    match bytes.first() {
+        Some(&FORMAT_VERSION) => {
+            bincode::serde::decode_from_slice(&bytes[1..], bincode::config::standard())
+                .map(|(v, _)| v)
+                .map_err(corrupt)
+        }
+        Some(1) => T::from_v1(&bytes[1..]).map_err(corrupt),
+        Some(2) => T::from_v2(&bytes[1..]).map_err(corrupt),
+        Some(&found) => Err(StoreError::UnsupportedFormat {
+            key: key_text(),
+            found,
+        }),
+        None => Err(StoreError::Corrupt {
+            key: key_text(),
+            reason: "empty value".into(),
+        }),
+    }
+}

@@ -1,0 +1,347 @@
+//! The store writer: many actors' write intents, plus partition checkpoints,
+//! become one atomic store batch; it is flushed, and only then acknowledged.
+//!
+//! Runs on its own thread, so no actor's thread ever waits for an fsync.
+//! Intents for the same entity in one batch are coalesced into one write (the
+//! last one wins: each carries the entity's whole record). After the flush the
+//! writer marks the offsets durable, completes the events' spans, records
+//! latency, and asks the source to commit the new checkpoints to Kafka.
+
+mod batch;
+
+use batch::BatchBuilder;
+use crate::checkpoint::{CheckpointTracker, TopicPartition};
+use crate::internal_events::{emit, BatchCommitted, ComponentError, EventsDurable};
+use crate::metrics::Stats;
+use crate::model::dead_letter::DeadLetter;
+
+use crate::store::{Checkpoint, CommitBatch, OutboxRecord, Store, StoreError};
+use crate::telemetry::{self, SpanInfo};
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio::sync::mpsc;
+
+/// The acknowledgement one message needs once its effects are durable.
+#[derive(Debug)]
+pub struct Ack {
+    /// Its partition.
+    pub tp: TopicPartition,
+    /// Its offset.
+    pub offset: i64,
+    /// The broker's append timestamp, ms, if known.
+    pub kafka_ts: Option<i64>,
+    /// The event's external timestamp, ms, if decoded.
+    pub occurred_at: Option<i64>,
+    /// What processing did, for the span.
+    pub outcome: &'static str,
+    /// Span data, when spans are wanted.
+    pub span: Option<Box<SpanInfo>>,
+}
+
+/// What one processed message asks the store to write.
+#[derive(Debug)]
+pub struct WriteIntent {
+    /// The entity's whole encoded record, if it changed.
+    pub entity: Option<EntityWrite>,
+    /// A dead letter to record (its id is assigned here).
+    pub dead_letter: Option<DeadLetter>,
+    /// Messages to publish once durable.
+    pub outbox: Vec<OutboxRecord>,
+    /// Anomalies to record and publish (their seq is assigned here).
+    pub anomalies: Vec<crate::model::anomaly::Anomaly>,
+    /// History entries of the entity.
+    pub history: Vec<crate::model::fold::LogEntry>,
+    /// The acknowledgement; `None` for work with no offset (an operator's release).
+    pub ack: Option<Ack>,
+    /// Incremented once the intent is durable (the actor's write counter).
+    pub durable: Option<Arc<AtomicU64>>,
+    /// A dead letter whose status changes in this batch (`retried`, `skipped`).
+    pub resolve_dead_letter: Option<(DeadLetterRef, &'static str)>,
+}
+
+/// One entity record to write.
+#[derive(Debug)]
+pub struct EntityWrite {
+    /// The entity id.
+    pub id: String,
+    /// The encoded record.
+    pub bytes: Vec<u8>,
+    /// Whether the entity is parked (kept in the parked index).
+    pub parked: bool,
+    /// Its home partition: the changelog partition it is written to.
+    pub home: Option<crate::model::fold::Home>,
+    /// Its home before this write, when that differs.
+    pub previous_home: Option<crate::model::fold::Home>,
+}
+
+/// What the writer keeps across batches for operators: parked entities and
+/// the open dead-letter count, both persisted with each batch.
+struct OperatorView {
+    parked: HashSet<String>,
+    open_dead_letters: u64,
+}
+
+/// Names a dead letter: by id, or by the message it holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeadLetterRef {
+    /// By id.
+    Id(u64),
+    /// By the position of its message.
+    At(crate::model::fold::Origin),
+}
+
+/// A message to the writer.
+pub enum WriterMsg {
+    /// Write and acknowledge.
+    Write(Box<WriteIntent>),
+    /// Reply once every intent sent before this one is durable.
+    Barrier(std::sync::mpsc::Sender<()>),
+    /// Write what came before, then stop.
+    Stop,
+    /// Re-read the operator view (parked entities, open dead letters) from
+    /// the store, after something other than the writer changed it.
+    Reload,
+}
+
+/// Checkpoints for the source to commit to Kafka.
+pub type CommitRequest = Vec<Checkpoint>;
+
+/// Everything the writer works with.
+pub struct Writer {
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// Shared with the source.
+    pub tracker: Arc<Mutex<CheckpointTracker>>,
+    /// Counters.
+    pub stats: Arc<Stats>,
+    /// Where dead letters are published.
+    pub dead_letter_topic: String,
+    /// Most intents per batch.
+    pub batch_max: usize,
+    /// Tells the source what to commit.
+    pub commits: std::sync::mpsc::Sender<CommitRequest>,
+    /// Wakes the outbox publisher.
+    pub outbox_ready: Arc<tokio::sync::Notify>,
+    /// Where anomalies are published; empty: not published.
+    pub anomalies_topic: String,
+    /// Anomaly records kept in the store.
+    pub anomalies_retained: u64,
+    /// False while store writes are failing.
+    pub store_ok: Arc<std::sync::atomic::AtomicBool>,
+    /// Where entity records are also written, when the changelog is on.
+    pub changelog: Option<crate::changelog::Producer>,
+}
+
+/// Why the writer stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum WriterError {
+    /// The store failed; nothing after the last flush was acknowledged.
+    #[error("store writer stopped: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl Writer {
+    /// Runs until every sender is gone. Returns an error if the store fails:
+    /// the caller must stop the pipeline, since later offsets cannot be made durable.
+    pub async fn run(self, mut rx: mpsc::UnboundedReceiver<WriterMsg>) -> Result<(), WriterError> {
+        let mut msgs = Vec::with_capacity(self.batch_max);
+        let mut anomaly_seq = self.store.anomaly_seq()?;
+        let mut view = OperatorView {
+            parked: self.store.parked()?.into_iter().collect(),
+            open_dead_letters: self.store.open_dead_letters()?,
+        };
+        self.publish_view(&view);
+        loop {
+            if rx.recv_many(&mut msgs, self.batch_max).await == 0 {
+                return Ok(());
+            }
+            // Everything before a Stop is written; then the writer ends.
+            let stop = msgs.iter().position(|m| matches!(m, WriterMsg::Stop));
+            if let Some(i) = stop {
+                msgs.truncate(i);
+            }
+            self.write_batch(&mut msgs, &mut anomaly_seq, &mut view)
+                .await?;
+            if stop.is_some() {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn write_batch(
+        &self,
+        msgs: &mut Vec<WriterMsg>,
+        anomaly_seq: &mut u64,
+        view: &mut OperatorView,
+    ) -> Result<(), WriterError> {
+        let mut intents = Vec::with_capacity(msgs.len());
+        let mut barriers = Vec::new();
+        for msg in msgs.drain(..) {
+            match msg {
+                WriterMsg::Write(i) => intents.push(i),
+                WriterMsg::Barrier(b) => barriers.push(b),
+                WriterMsg::Stop => {}
+                WriterMsg::Reload => {
+                    *view = OperatorView {
+                        parked: self.store.parked()?.into_iter().collect(),
+                        open_dead_letters: self.store.open_dead_letters()?,
+                    };
+                }
+            }
+        }
+        let mut builder = BatchBuilder::new(self, view, anomaly_seq);
+        for intent in intents.iter_mut() {
+            builder.add(intent)?;
+        }
+        let BatchBuilder {
+            mut batch,
+            homes,
+            touched,
+            ..
+        } = builder;
+        batch.homes = BatchBuilder::home_changes(&homes);
+        if let Some(changelog) = &self.changelog {
+            // The changelog first: a record the store holds is always in the
+            // changelog too, so the next owner of a partition never restores
+            // less than a checkpoint covers.
+            batch.changelog_positions = changelog.write(&batch.entities, &homes, &self.stats).await;
+        }
+        if !batch.outbox.is_empty() {
+            batch.outbox_id = self.store.next_id()?;
+        }
+        if !batch.anomalies.is_empty() {
+            batch.anomaly_seq = Some(*anomaly_seq);
+            batch.prune_anomalies_below = anomaly_seq.checked_sub(self.anomalies_retained);
+        }
+        {
+            let mut tracker = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
+            for ack in intents.iter().filter_map(|i| i.ack.as_ref()) {
+                tracker.written(&ack.tp, ack.offset);
+            }
+            for tp in &touched {
+                if let Some(next_offset) = tracker.checkpoint(tp) {
+                    batch.checkpoints.push(Checkpoint {
+                        topic: tp.0.to_string(),
+                        partition: tp.1,
+                        next_offset,
+                    });
+                }
+            }
+        }
+        // A store failure is retried with backoff, for ever: nothing is
+        // acknowledged until the batch is durable, so in-flight events pile up
+        // and the source pauses; the pipeline reports not ready meanwhile.
+        let mut attempt = 0u32;
+        let started = std::time::Instant::now();
+        while let Err(e) = self.commit_and_flush(&batch).await {
+            attempt += 1;
+            self.store_ok.store(false, Relaxed);
+            emit(
+                ComponentError {
+                    stage: "store",
+                    error_code: "batch_write_failed",
+                    error: &e,
+                },
+                &self.stats,
+            );
+            let delay = Duration::from_millis(100u64.saturating_mul(1 << attempt.min(6)));
+            tracing::error!(error = %e, attempt, ?delay, "store write failed; retrying the batch (nothing is acknowledged meanwhile)");
+            tokio::time::sleep(delay).await;
+        }
+        if attempt > 0 {
+            tracing::info!(
+                attempts = attempt + 1,
+                "store write succeeded after retries"
+            );
+            self.store_ok.store(true, Relaxed);
+        }
+        let took = started.elapsed();
+        let durable_at = SystemTime::now();
+        self.acknowledge(&intents, durable_at);
+        emit(
+            BatchCommitted {
+                entity_writes: batch.entities.len(),
+                took,
+            },
+            &self.stats,
+        );
+        self.publish_view(view);
+        if !batch.checkpoints.is_empty() {
+            {
+                let mut cps = self
+                    .stats
+                    .checkpoints
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                for cp in &batch.checkpoints {
+                    cps.insert(
+                        (cp.topic.clone(), cp.partition),
+                        (cp.next_offset, durable_at),
+                    );
+                }
+            }
+            let _ = self.commits.send(batch.checkpoints);
+        }
+        if !batch.outbox.is_empty() {
+            self.outbox_ready.notify_one();
+        }
+        for b in barriers {
+            let _ = b.send(());
+        }
+        Ok(())
+    }
+
+    fn publish_view(&self, view: &OperatorView) {
+        self.stats
+            .parked_entities
+            .store(view.parked.len() as i64, Relaxed);
+        self.stats
+            .open_dead_letters
+            .store(view.open_dead_letters as i64, Relaxed);
+    }
+
+    async fn commit_and_flush(&self, batch: &CommitBatch) -> Result<(), StoreError> {
+        crate::failpoint::hit("writer.before_commit")?;
+        self.store.commit(batch)?;
+        crate::failpoint::hit("writer.before_flush")?;
+        self.store.flush().await?;
+        crate::failpoint::hit("writer.after_flush")
+    }
+
+    fn acknowledge(&self, intents: &[Box<WriteIntent>], durable_at: SystemTime) {
+        {
+            let mut tracker = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
+            for ack in intents.iter().filter_map(|i| i.ack.as_ref()) {
+                tracker.durable(&ack.tp, ack.offset);
+            }
+        }
+        let now_us = durable_at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_micros() as i64)
+            .unwrap_or(0);
+        let since = |ms: Option<i64>| ms.map(|ms| (now_us - ms * 1000).max(0) as u64);
+        let latencies: Vec<_> = intents
+            .iter()
+            .filter_map(|i| i.ack.as_ref())
+            .map(|a| (since(a.kafka_ts), since(a.occurred_at)))
+            .collect();
+        emit(
+            EventsDurable {
+                latencies: &latencies,
+            },
+            &self.stats,
+        );
+        for intent in intents {
+            if let Some(d) = &intent.durable {
+                d.fetch_add(1, Relaxed);
+            }
+            if let Some(ack) = &intent.ack {
+                if let Some(span) = &ack.span {
+                    telemetry::record_event_span(span, ack.outcome, durable_at);
+                }
+            }
+        }
+    }
+}

@@ -82,6 +82,8 @@ runtime! {
 
 #[doc(hidden)]
 #[cfg(feature = "tools")]
+// The CLI's doc comments are its `--help` text, with `<placeholders>`.
+#[allow(rustdoc::invalid_html_tags)]
 pub mod cli;
 #[doc(hidden)]
 #[cfg(feature = "tools")]

@@ -60,10 +60,30 @@ fn strip(text: &str) -> String {
         code.push_str(line);
         code.push('\n');
     }
-    match code.find("#[cfg(test)]\nmod tests") {
-        Some(i) => code[..i].to_owned(),
-        None => code,
+    // Cut each test module by matching its braces, so code after one is
+    // still read.
+    while let Some(start) = code.find("#[cfg(test)]\nmod tests") {
+        let Some(open) = code[start..].find('{').map(|i| start + i) else {
+            break;
+        };
+        let mut depth = 0usize;
+        let mut end = code.len();
+        for (i, c) in code[open..].char_indices() {
+            match c {
+                '{' => depth += 1,
+                '}' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        end = open + i + 1;
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        code.replace_range(start..end, "");
     }
+    code
 }
 
 /// Every path `prefix::a::b…` in `code`, as its segments. A group

@@ -290,10 +290,10 @@ async fn parked(admin: web::Data<Admin>) -> impl Responder {
     };
     for id in ids {
         match store.load_entity(&id) {
-            Ok(Some(r)) if r.parked.is_some() => out.push(serde_json::json!({
+            Ok(Some(r)) if r.parking.parked.is_some() => out.push(serde_json::json!({
                 "entity_id": r.entity_id,
-                "parked": r.parked,
-                "held": r.held.len(),
+                "parked": r.parking.parked,
+                "held": r.parking.held.len(),
             })),
             Ok(_) => {}
             Err(e) => {

@@ -316,7 +316,7 @@ impl Router {
     pub fn merge(&self, record: crate::model::fold::EntityRecord, partition: i32) {
         let i = shard_of(&record.entity_id, self.shards.len());
         let topic = record
-            .home
+            .placement.home
             .as_ref()
             .map(|h| Arc::from(h.topic.as_str()))
             .unwrap_or_else(|| Arc::from(""));

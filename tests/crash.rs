@@ -74,7 +74,10 @@ fn sigkill_at_random_moments_loses_nothing_and_applies_nothing_twice() {
     assert!(produced >= 20_000);
     // The kills did interrupt work in flight: some events were redelivered
     // after a restart, and every one was recognised and skipped.
-    let redelivered: u64 = store.entities().map(|r| r.unwrap().redeliveries).sum();
+    let redelivered: u64 = store
+        .entities()
+        .map(|r| r.unwrap().counters.redeliveries)
+        .sum();
     eprintln!("redeliveries skipped: {redelivered}");
     assert!(
         redelivered > 0,

@@ -111,7 +111,7 @@ fn transient_failures_are_retried_in_order_while_other_entities_flow() {
             orderly::model::value::fields_to_json(&r.state.fields),
             serde_json::json!({"step": 5, "a": 1, "b": 1, "c": 1})
         );
-        assert_eq!(r.applied_events, 5);
+        assert_eq!(r.counters.applied_events, 5);
         assert_eq!(r.provenance["step"].event_id, "f5");
         assert_eq!(r.provenance["b"].event_id, "f2");
         let problems = Oracle::of(&others).diff_excluding(&*store, &["flaky-1"]);
@@ -180,12 +180,12 @@ fn permanent_failures_skip_or_park_and_a_release_applies_the_event_in_order() {
             orderly::model::value::fields_to_json(&inv.state.fields),
             serde_json::json!({"total": 1, "status": "sent"})
         );
-        assert_eq!(inv.skipped.len(), 1);
-        assert_eq!(inv.skipped[0].event_id, "i2");
+        assert_eq!(inv.parking.skipped.len(), 1);
+        assert_eq!(inv.parking.skipped[0].event_id, "i2");
         // park: the contract holds c2 and everything after it.
         let con = store.load_entity("contract-1").unwrap().unwrap();
-        assert_eq!(con.parked.as_ref().unwrap().event_id, "c2");
-        assert_eq!(con.held.len(), 3);
+        assert_eq!(con.parking.parked.as_ref().unwrap().event_id, "c2");
+        assert_eq!(con.parking.held.len(), 3);
         assert_eq!(
             orderly::model::value::fields_to_json(&con.state.fields),
             serde_json::json!({"stage": "draft"})
@@ -201,13 +201,13 @@ fn permanent_failures_skip_or_park_and_a_release_applies_the_event_in_order() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         pipeline.shutdown().unwrap();
         let con = store.load_entity("contract-1").unwrap().unwrap();
-        assert!(con.parked.is_none());
+        assert!(con.parking.parked.is_none());
         // The in-order oracle of all four contract events.
         assert_eq!(
             orderly::model::value::fields_to_json(&con.state.fields),
             serde_json::json!({"stage": "active", "currency": "XTS", "x": 1, "y": 1})
         );
         assert_eq!(con.provenance["stage"].event_id, "c3");
-        assert_eq!(con.applied_events, 4);
+        assert_eq!(con.counters.applied_events, 4);
     });
 }

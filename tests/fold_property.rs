@@ -102,8 +102,8 @@ proptest! {
 
         prop_assert_eq!(&got.state, &expected.state);
         prop_assert_eq!(&got.high_water, &expected.high_water);
-        prop_assert_eq!(got.applied_events, evs.len() as u64);
-        prop_assert_eq!(got.duplicates, dups.len() as u64);
+        prop_assert_eq!(got.counters.applied_events, evs.len() as u64);
+        prop_assert_eq!(got.counters.duplicates, dups.len() as u64);
         // The provenance names the same writing event per field, whatever the order.
         let writers = |r: &EntityRecord| r.provenance.iter().map(|(k, p)| (k.clone(), p.event_id.clone())).collect::<Vec<_>>();
         prop_assert_eq!(writers(&got), writers(&expected));

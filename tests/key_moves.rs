@@ -212,10 +212,10 @@ fn keys_that_move_partition_in_one_instance_keep_their_state() {
     for r in store.entities() {
         let r = r.unwrap();
         let want = u32::from(moved.contains(&r.entity_id));
-        assert_eq!(r.handovers, want, "{}", r.entity_id);
-        assert!(r.moved_to.is_none(), "{}", r.entity_id);
+        assert_eq!(r.counters.handovers, want, "{}", r.entity_id);
+        assert!(r.placement.moved_to.is_none(), "{}", r.entity_id);
         assert_eq!(
-            r.home.unwrap().partition,
+            r.placement.home.unwrap().partition,
             expected_home(&r.entity_id, &sent[&r.entity_id]),
             "{}",
             r.entity_id
@@ -228,11 +228,11 @@ fn keys_that_move_partition_in_one_instance_keep_their_state() {
     for ((partition, id), record) in changelog(&t, &changelog_name) {
         let rightful = expected_home(&id, &sent[&id]);
         if partition == rightful {
-            assert!(record.moved_to.is_none(), "{id} at {partition}");
+            assert!(record.placement.moved_to.is_none(), "{id} at {partition}");
         } else {
             assert!(moved.contains(&id), "{id} at {partition}");
             assert_eq!(
-                record.moved_to.map(|h| h.partition),
+                record.placement.moved_to.map(|h| h.partition),
                 Some(rightful),
                 "{id}: the record at its old partition {partition} is a stub"
             );

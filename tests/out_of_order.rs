@@ -47,7 +47,10 @@ fn recompute_folds_a_stream_with_many_late_events_to_the_oracle() {
         "{:?}",
         &problems[..problems.len().min(5)]
     );
-    let recomputed: u64 = store.entities().map(|r| r.unwrap().late_events).sum();
+    let recomputed: u64 = store
+        .entities()
+        .map(|r| r.unwrap().counters.late_events)
+        .sum();
     assert_eq!(recomputed, late.len() as u64);
 }
 
@@ -97,9 +100,12 @@ fn apply_adds_late_counters_on_top_without_a_refold() {
             r.state.fields["conversions"],
             orderly::model::value::Value::Int(20)
         );
-        assert_eq!(r.late_events, 0, "no re-fold");
+        assert_eq!(r.counters.late_events, 0, "no re-fold");
     }
-    let applied: u64 = store.entities().map(|r| r.unwrap().late_applied).sum();
+    let applied: u64 = store
+        .entities()
+        .map(|r| r.unwrap().counters.late_applied)
+        .sum();
     assert_eq!(applied, late.len() as u64);
     assert!(applied > 100);
 }
@@ -193,8 +199,8 @@ fn park_holds_one_entity_while_others_flow_and_release_resumes_it_in_order() {
         let problems = Oracle::of(&others).diff_excluding(store.as_ref(), &["ticket-1"]);
         assert!(problems.is_empty(), "{problems:?}");
         let r = store.load_entity("ticket-1").unwrap().unwrap();
-        assert_eq!(r.parked.as_ref().unwrap().event_id, "b");
-        assert_eq!(r.held.len(), 3);
+        assert_eq!(r.parking.parked.as_ref().unwrap().event_id, "b");
+        assert_eq!(r.parking.held.len(), 3);
         assert_eq!(
             orderly::model::value::fields_to_json(&r.state.fields),
             serde_json::json!({"status": "pending", "a": 1, "c": 1})
@@ -209,13 +215,13 @@ fn park_holds_one_entity_while_others_flow_and_release_resumes_it_in_order() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         pipeline.shutdown().unwrap();
         let r = store.load_entity("ticket-1").unwrap().unwrap();
-        assert!(r.parked.is_none() && r.held.is_empty());
+        assert!(r.parking.parked.is_none() && r.parking.held.is_empty());
         assert_eq!(
             orderly::model::value::fields_to_json(&r.state.fields),
             serde_json::json!({"status": "closed", "a": 1, "b": 1, "c": 1, "d": 1})
         );
         assert_eq!(r.provenance["status"].event_id, "e");
-        assert_eq!(r.applied_events, 5);
+        assert_eq!(r.counters.applied_events, 5);
     });
 }
 

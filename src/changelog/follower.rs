@@ -204,8 +204,8 @@ impl Follower {
             // the store; the store has those from before.)
             let live_here = match self.store.load_entity(id) {
                 Ok(Some(r)) => {
-                    r.moved_to.is_none()
-                        && r.home
+                    r.placement.moved_to.is_none()
+                        && r.placement.home
                             .as_ref()
                             .is_some_and(|h| h.partition != partition && owned(h.partition))
                 }

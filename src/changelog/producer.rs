@@ -56,11 +56,11 @@ impl Producer {
                 }
                 let mut stub: crate::model::fold::EntityRecord =
                     crate::store::decode(id.as_bytes(), bytes).ok()?;
-                if stub.moved_to.is_some() {
+                if stub.placement.moved_to.is_some() {
                     return None;
                 }
-                stub.moved_to = Some(to.clone());
-                stub.home = Some(from.clone());
+                stub.placement.moved_to = Some(to.clone());
+                stub.placement.home = Some(from.clone());
                 let topic = topics
                     .entry(from.topic.as_str())
                     .or_insert_with(|| self.topic_of(&from.topic).into())

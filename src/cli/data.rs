@@ -156,7 +156,7 @@ pub(super) fn state(cmd: StateCommand) -> anyhow::Result<()> {
             for r in store.entities() {
                 let r = r?;
                 // A forwarding stub is not state: the entity lives elsewhere.
-                if r.moved_to.is_none() {
+                if r.placement.moved_to.is_none() {
                     writeln!(out, "{}", r.to_json())?;
                 }
             }

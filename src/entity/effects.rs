@@ -153,8 +153,8 @@ impl EntityActor {
                 self.record.as_ref().map(|r| crate::writer::EntityWrite {
                     id: self.id.clone(),
                     bytes: crate::store::encode(r),
-                    parked: r.parked.is_some(),
-                    home: r.home.clone(),
+                    parked: r.parking.parked.is_some(),
+                    home: r.placement.home.clone(),
                     previous_home: self.stored_home.clone(),
                 })
             })

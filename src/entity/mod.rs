@@ -202,7 +202,7 @@ impl EntityActor {
                 .store
                 .load_entity(&self.id)
                 .map_err(|e| format!("cannot read entity {:?}: {e}", self.id))?;
-            self.stored_home = loaded.as_ref().and_then(|r| r.home.clone());
+            self.stored_home = loaded.as_ref().and_then(|r| r.placement.home.clone());
             self.record = loaded;
         }
         Ok(self.record.as_mut())
@@ -244,10 +244,10 @@ impl EntityActor {
                 return;
             }
         };
-        if let Some(to) = record.moved_to.clone() {
+        if let Some(to) = record.placement.moved_to.clone() {
             if to.partition == d.tp.1 && *to.topic == *d.tp.0 {
                 // Its new partition is owned here now: it lives here again.
-                record.moved_to = None;
+                record.placement.moved_to = None;
             } else {
                 self.forward(d, to, origin, read_start);
                 return;
@@ -285,7 +285,7 @@ impl EntityActor {
         }
         if handover {
             // Its events now come from a second partition, both handled here.
-            record.handovers += 1;
+            record.counters.handovers += 1;
         }
         let handled = Handled {
             event: &d.event,
@@ -374,14 +374,14 @@ impl Handler<Resolve> for EntityActor {
         let now = unix_ms(SystemTime::now());
         let id = self.id.clone();
         let record = self.record(&id, "")?;
-        if record.parked.is_none() {
+        if record.parking.parked.is_none() {
             return Ok(Released {
                 events: 0,
                 was_parked: false,
             });
         }
         let before_all = record.state.clone();
-        let parked_by = record.parked.as_ref().map(|p| p.event_id.clone());
+        let parked_by = record.parking.parked.as_ref().map(|p| p.event_id.clone());
         let settings = shared.settings.view(&record.tenant_id);
         let results = record.release(msg.skip, now, &shared.handlers, &settings);
         tracing::info!(entity = %self.id, events = results.len(), skip = msg.skip, "parked entity released");

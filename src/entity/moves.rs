@@ -18,7 +18,7 @@ impl EntityActor {
             topic: tp.0.to_string(),
             partition: tp.1,
         };
-        let moved = match &r.home {
+        let moved = match &r.placement.home {
             None => true,
             Some(h) if *h == here => false,
             Some(h) if h.topic != here.topic => true,
@@ -50,7 +50,7 @@ impl EntityActor {
             let home = if moved {
                 here.partition
             } else {
-                r.home.as_ref().map_or(here.partition, |h| h.partition)
+                r.placement.home.as_ref().map_or(here.partition, |h| h.partition)
             };
             emit(
                 HandedOver {
@@ -67,7 +67,7 @@ impl EntityActor {
             shared
                 .layout
                 .note_home(&here.topic, &self.id, Some(here.partition));
-            r.home = Some(here);
+            r.placement.home = Some(here);
         }
     }
 
@@ -130,10 +130,10 @@ impl Handler<Merge> for EntityActor {
                 return;
             }
         };
-        let (Some(home), Some(theirs)) = (mine.home.clone(), other.home.clone()) else {
+        let (Some(home), Some(theirs)) = (mine.placement.home.clone(), other.placement.home.clone()) else {
             return;
         };
-        if mine.moved_to.is_some() || home == theirs || home.topic != theirs.topic {
+        if mine.placement.moved_to.is_some() || home == theirs || home.topic != theirs.topic {
             return;
         }
         let rightful = shared.layout.rightful(&home.topic, &id);
@@ -181,12 +181,12 @@ impl Handler<Merge> for EntityActor {
             // A live copy elsewhere only yields once its owner reads this
             // record in the changelog: write it, even if nothing changed.
             let write =
-                merged.added > 0 || merged.handover || merged.rebased || other.moved_to.is_none();
+                merged.added > 0 || merged.handover || merged.rebased || other.placement.moved_to.is_none();
             if write {
                 self.send(true, fx, None);
             }
-        } else if rightful == Some(theirs.partition) && other.moved_to.is_none() {
-            mine.moved_to = Some(theirs.clone());
+        } else if rightful == Some(theirs.partition) && other.placement.moved_to.is_none() {
+            mine.placement.moved_to = Some(theirs.clone());
             shared.layout.note_home(&home.topic, &id, None);
             emit(
                 HandoverYielded {
@@ -197,7 +197,7 @@ impl Handler<Merge> for EntityActor {
                 &shared.stats,
             );
             self.send(true, Effects::default(), None);
-        } else if other.moved_to.is_none() {
+        } else if other.placement.moved_to.is_none() {
             emit(
                 KeyMisrouted {
                     entity_id: &id,

@@ -311,7 +311,7 @@ impl Control {
         skip: bool,
     ) -> Result<crate::entity::Released, ControlError> {
         match self.store.load_entity(entity_id) {
-            Ok(Some(r)) if r.parked.is_some() => {}
+            Ok(Some(r)) if r.parking.parked.is_some() => {}
             Ok(Some(_)) => {
                 return Err(ControlError::Conflict(format!(
                     "entity {entity_id} is not parked"

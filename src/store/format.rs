@@ -9,7 +9,7 @@ use crate::model::fold::{EntityRecord, LogEntry};
 use serde::de::DeserializeOwned;
 
 /// The format version written at the start of every stored value.
-pub const FORMAT_VERSION: u8 = 3;
+pub const FORMAT_VERSION: u8 = 4;
 
 /// A value the store keeps, and how it is read from an older format.
 pub trait Stored: DeserializeOwned {
@@ -22,6 +22,12 @@ pub trait Stored: DeserializeOwned {
     /// Decodes the bincode body of a format-2 value. The default suits the
     /// types whose layout did not change.
     fn from_v2(body: &[u8]) -> std::result::Result<Self, bincode::error::DecodeError> {
+        bincode::serde::decode_from_slice(body, bincode::config::standard()).map(|(v, _)| v)
+    }
+
+    /// Decodes the bincode body of a format-3 value. The default suits the
+    /// types whose layout did not change.
+    fn from_v3(body: &[u8]) -> std::result::Result<Self, bincode::error::DecodeError> {
         bincode::serde::decode_from_slice(body, bincode::config::standard()).map(|(v, _)| v)
     }
 }
@@ -63,11 +69,19 @@ impl Stored for EntityRecord {
             body,
             bincode::config::standard(),
         )
-        .map(|(v, _)| v.into())
+        .map(|(v, _)| format_v3::EntityRecord::from(v).into())
     }
 
     fn from_v2(body: &[u8]) -> std::result::Result<Self, bincode::error::DecodeError> {
         entity_from_v2(body)
+    }
+
+    fn from_v3(body: &[u8]) -> std::result::Result<Self, bincode::error::DecodeError> {
+        bincode::serde::decode_from_slice::<format_v3::EntityRecord, _>(
+            body,
+            bincode::config::standard(),
+        )
+        .map(|(v, _)| v.into())
     }
 }
 
@@ -79,7 +93,7 @@ fn entity_from_v2(body: &[u8]) -> std::result::Result<EntityRecord, bincode::err
     let mut upgraded = Vec::with_capacity(body.len() + 2);
     upgraded.extend_from_slice(body);
     upgraded.extend_from_slice(&[0, 0]);
-    bincode::serde::decode_from_slice(&upgraded, bincode::config::standard()).map(|(v, _)| v)
+    EntityRecord::from_v3(&upgraded)
 }
 
 impl Stored for LogEntry {
@@ -180,9 +194,9 @@ pub(super) mod format_v1 {
         pub skipped: Vec<Skipped>,
     }
 
-    impl From<EntityRecord> for fold::EntityRecord {
+    impl From<EntityRecord> for super::format_v3::EntityRecord {
         fn from(r: EntityRecord) -> Self {
-            fold::EntityRecord {
+            super::format_v3::EntityRecord {
                 entity_id: r.entity_id,
                 tenant_id: r.tenant_id,
                 state: r.state,
@@ -210,6 +224,79 @@ pub(super) mod format_v1 {
                 home: None,
                 moved_to: None,
                 handovers: 0,
+            }
+        }
+    }
+}
+
+/// The entity record of formats 2 and 3: every field flat, in order. Format 4
+/// grouped the counters, the parking and the placement.
+pub(super) mod format_v3 {
+    use crate::model::fold::{self, Base, HeldEvent, Home, LogEntry, Parked, Provenance, Skipped};
+    use crate::model::handler::EntityState;
+    use crate::model::ordering::OrderKey;
+    use serde::{Deserialize, Serialize};
+    use std::collections::BTreeMap;
+
+    #[derive(Serialize, Deserialize)]
+    pub struct EntityRecord {
+        pub entity_id: String,
+        pub tenant_id: String,
+        pub state: EntityState,
+        pub provenance: BTreeMap<String, Provenance>,
+        pub high_water: Option<OrderKey>,
+        pub log: Vec<LogEntry>,
+        pub base: Base,
+        pub applied_offsets: BTreeMap<String, i64>,
+        pub applied_events: u64,
+        pub duplicates: u64,
+        pub redeliveries: u64,
+        pub late_events: u64,
+        pub too_late_events: u64,
+        pub dead_lettered: u64,
+        pub late_applied: u64,
+        pub late_dropped: u64,
+        pub parked: Option<Parked>,
+        pub held: Vec<HeldEvent>,
+        pub skipped: Vec<Skipped>,
+        pub ignored_events: u64,
+        pub home: Option<Home>,
+        pub moved_to: Option<Home>,
+        pub handovers: u32,
+    }
+
+    impl From<EntityRecord> for fold::EntityRecord {
+        fn from(r: EntityRecord) -> Self {
+            fold::EntityRecord {
+                entity_id: r.entity_id,
+                tenant_id: r.tenant_id,
+                state: r.state,
+                provenance: r.provenance,
+                high_water: r.high_water,
+                log: r.log,
+                base: r.base,
+                applied_offsets: r.applied_offsets,
+                counters: fold::Counters {
+                    applied_events: r.applied_events,
+                    duplicates: r.duplicates,
+                    redeliveries: r.redeliveries,
+                    late_events: r.late_events,
+                    too_late_events: r.too_late_events,
+                    dead_lettered: r.dead_lettered,
+                    late_applied: r.late_applied,
+                    late_dropped: r.late_dropped,
+                    ignored_events: r.ignored_events,
+                    handovers: r.handovers,
+                },
+                parking: fold::Parking {
+                    parked: r.parked,
+                    held: r.held,
+                    skipped: r.skipped,
+                },
+                placement: fold::Placement {
+                    home: r.home,
+                    moved_to: r.moved_to,
+                },
             }
         }
     }

@@ -233,6 +233,7 @@ pub fn decode<T: Stored>(key: &[u8], bytes: &[u8]) -> Result<T> {
         }
         Some(1) => T::from_v1(&bytes[1..]).map_err(corrupt),
         Some(2) => T::from_v2(&bytes[1..]).map_err(corrupt),
+        Some(3) => T::from_v3(&bytes[1..]).map_err(corrupt),
         Some(&found) => Err(StoreError::UnsupportedFormat {
             key: key_text(),
             found,

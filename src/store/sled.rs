@@ -36,7 +36,7 @@ impl SledStore {
         let mut b = ::sled::Batch::default();
         for r in self.entities() {
             let r = r?;
-            if r.parked.is_some() {
+            if r.parking.parked.is_some() {
                 b.insert(key(PARKED, r.entity_id.as_bytes()), &[][..]);
             }
         }
@@ -206,12 +206,12 @@ impl Store for SledStore {
             if let Some(old) = self.tree.get(&k)? {
                 if let Ok(old) = decode::<EntityRecord>(&k, &old) {
                     let elsewhere = old
-                        .home
+                        .placement.home
                         .as_ref()
-                        .filter(|h| Some(*h) != record.home.as_ref());
-                    if elsewhere.is_some() && old.moved_to.is_none() {
+                        .filter(|h| Some(*h) != record.placement.home.as_ref());
+                    if elsewhere.is_some() && old.placement.moved_to.is_none() {
                         // The entity lives on under another partition here.
-                        if record.moved_to.is_none() {
+                        if record.placement.moved_to.is_none() {
                             conflicts.push(record);
                         }
                         continue;
@@ -223,10 +223,10 @@ impl Store for SledStore {
                 }
             }
             b.insert(
-                index_key(record.home.as_ref().unwrap_or(input), id),
+                index_key(record.placement.home.as_ref().unwrap_or(input), id),
                 &[][..],
             );
-            if record.parked.is_some() {
+            if record.parking.parked.is_some() {
                 b.insert(key(PARKED, id.as_bytes()), &[][..]);
             } else {
                 b.remove(key(PARKED, id.as_bytes()));
@@ -441,7 +441,7 @@ impl Store for SledStore {
 
 #[cfg(test)]
 mod tests {
-    use super::super::format::{format_v1, format_v2};
+    use super::super::format::{format_v1, format_v2, format_v3};
     use super::*;
 
     /// `value` as a store value of an older format `version`.
@@ -465,8 +465,8 @@ mod tests {
         };
         let record = |id: &str, at: i32, moved: Option<i32>| {
             let mut r = EntityRecord::new(id, "t");
-            r.home = Some(home(at));
-            r.moved_to = moved.map(home);
+            r.placement.home = Some(home(at));
+            r.placement.moved_to = moved.map(home);
             r
         };
         let live_here = record("a", 5, None);
@@ -588,7 +588,7 @@ mod tests {
         assert_eq!(r.provenance["stage"].settings_version, 0);
         assert_eq!(r.log[0].provenance.event_id, "e1");
         assert_eq!(r.applied_offsets["in/2"], 7);
-        assert_eq!(r.ignored_events, 0);
+        assert_eq!(r.counters.ignored_events, 0);
     }
 
     #[test]
@@ -649,9 +649,9 @@ mod tests {
         };
         let r: EntityRecord = decode(b"k", &encode_as(2, &old)).unwrap();
         assert_eq!(r.entity_id, "lead-1");
-        assert_eq!(r.ignored_events, 3);
-        assert_eq!(r.home.as_ref().map(|h| h.partition), Some(2));
-        assert_eq!((r.moved_to, r.handovers), (None, 0));
+        assert_eq!(r.counters.ignored_events, 3);
+        assert_eq!(r.placement.home.as_ref().map(|h| h.partition), Some(2));
+        assert_eq!((r.placement.moved_to, r.counters.handovers), (None, 0));
 
         let outbox = vec![format_v2::OutboxRecord {
             topic: "t".into(),
@@ -664,5 +664,94 @@ mod tests {
             assert_eq!(read[0].value, b"v");
             assert_eq!(read[0].partition, None);
         }
+    }
+
+    /// Format 4 grouped the flat fields of format 3 into counters, parking
+    /// and placement; a format-3 record reads with every value in its group.
+    #[test]
+    fn format_3_records_are_read() {
+        use crate::model::fold::{HeldEvent, Home, Origin, Parked, Skipped};
+        let home = |partition| Home {
+            topic: "in".into(),
+            partition,
+        };
+        let held = HeldEvent {
+            event: crate::model::envelope::Event {
+                event_id: "e9".into(),
+                event_type: "lead.updated".into(),
+                entity_id: "lead-1".into(),
+                tenant_id: "t1".into(),
+                occurred_at: 9,
+                version: None,
+                payload: Default::default(),
+            },
+            origin: Origin {
+                topic: "in".into(),
+                partition: 2,
+                offset: 9,
+            },
+        };
+        let old = format_v3::EntityRecord {
+            entity_id: "lead-1".into(),
+            tenant_id: "t1".into(),
+            state: Default::default(),
+            provenance: Default::default(),
+            high_water: None,
+            log: vec![],
+            base: Default::default(),
+            applied_offsets: [("in/2".to_owned(), 9)].into(),
+            applied_events: 1,
+            duplicates: 2,
+            redeliveries: 3,
+            late_events: 4,
+            too_late_events: 5,
+            dead_lettered: 6,
+            late_applied: 7,
+            late_dropped: 8,
+            parked: Some(Parked {
+                event_id: "e8".into(),
+                reason: "late".into(),
+                since: 10,
+            }),
+            held: vec![held.clone()],
+            skipped: vec![Skipped {
+                event_id: "e7".into(),
+                event_type: "lead.updated".into(),
+                reason: "boom".into(),
+                at: 11,
+            }],
+            ignored_events: 12,
+            home: Some(home(2)),
+            moved_to: Some(home(5)),
+            handovers: 13,
+        };
+        let r: EntityRecord = decode(b"k", &encode_as(3, &old)).unwrap();
+        let c = &r.counters;
+        assert_eq!(
+            (
+                c.applied_events,
+                c.duplicates,
+                c.redeliveries,
+                c.late_events,
+                c.too_late_events,
+                c.dead_lettered,
+                c.late_applied,
+                c.late_dropped,
+                c.ignored_events,
+                c.handovers
+            ),
+            (1, 2, 3, 4, 5, 6, 7, 8, 12, 13)
+        );
+        assert_eq!(r.parking.parked.as_ref().map(|p| p.since), Some(10));
+        assert_eq!(r.parking.held, vec![held]);
+        assert_eq!(r.parking.skipped[0].reason, "boom");
+        assert_eq!(r.placement.home, Some(home(2)));
+        assert_eq!(r.placement.moved_to, Some(home(5)));
+        assert_eq!(r.applied_offsets["in/2"], 9);
+
+        // Read, then written again: the current format, the same record.
+        let again: EntityRecord = decode(b"k", &encode(&r)).unwrap();
+        assert_eq!(encode(&r)[0], FORMAT_VERSION);
+        assert_eq!(again, r);
     }
 }

@@ -317,7 +317,7 @@ impl Oracle {
                 .map(|r| Found {
                     state: orderly::model::value::fields_to_json(&r.state.fields),
                     deleted: r.state.deleted,
-                    applied: r.applied_events,
+                    applied: r.counters.applied_events,
                     id: r.entity_id,
                 }),
         )

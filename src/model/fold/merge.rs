@@ -24,9 +24,10 @@ impl EntityRecord {
         settings: &TenantView,
     ) -> Merged {
         let topic = self
+            .placement
             .home
             .as_ref()
-            .or(other.home.as_ref())
+            .or(other.placement.home.as_ref())
             .map(|h| h.topic.clone())
             .unwrap_or_default();
         let partitions_before = self.partitions_of(&topic);
@@ -47,7 +48,7 @@ impl EntityRecord {
                 .iter()
                 .filter(|e| !other.log.iter().any(|o| o.key.event_id == e.key.event_id))
                 .count();
-            self.applied_events = other.applied_events + own as u64;
+            self.counters.applied_events = other.counters.applied_events + own as u64;
             self.base = other.base.clone();
             self.log = keep;
             merged.rebased = true;
@@ -72,24 +73,29 @@ impl EntityRecord {
             let o = self.applied_offsets.entry(tp.clone()).or_insert(offset);
             *o = (*o).max(offset);
         }
-        for s in &other.skipped {
-            if !self.skipped.iter().any(|x| x.event_id == s.event_id) {
-                self.skipped.push(s.clone());
+        for s in &other.parking.skipped {
+            if !self
+                .parking
+                .skipped
+                .iter()
+                .any(|x| x.event_id == s.event_id)
+            {
+                self.parking.skipped.push(s.clone());
             }
         }
         if self.tenant_id.is_empty() {
             self.tenant_id = other.tenant_id.clone();
         }
         if !merged.rebased {
-            self.applied_events += merged.added as u64;
+            self.counters.applied_events += merged.added as u64;
         }
-        self.too_late_events += merged.too_late as u64;
+        self.counters.too_late_events += merged.too_late as u64;
         if merged.added > 0 || merged.rebased {
             self.refold(handlers, settings);
             self.trim(handlers, settings);
         }
         if partitions_before > 0 && self.partitions_of(&topic) > partitions_before {
-            self.handovers = self.handovers.max(other.handovers) + 1;
+            self.counters.handovers = self.counters.handovers.max(other.counters.handovers) + 1;
             merged.handover = true;
         }
         merged.changes = diff(&before, &self.state.fields);
@@ -123,8 +129,8 @@ impl EntityRecord {
             .get(&tp)
             .is_some_and(|&last| origin.offset <= last)
         {
-            self.duplicates += 1;
-            self.redeliveries += 1;
+            self.counters.duplicates += 1;
+            self.counters.redeliveries += 1;
             return false;
         }
         self.applied_offsets.insert(tp, origin.offset);

@@ -103,6 +103,18 @@ pub struct EntityRecord {
     pub base: Base,
     /// Highest offset applied per `topic/partition`: replays at or below it are duplicates.
     pub applied_offsets: BTreeMap<String, i64>,
+    /// What happened to the events that reached this entity.
+    pub counters: Counters,
+    /// Failure handling: whether it is parked, what it holds, what it skipped.
+    pub parking: Parking,
+    /// Where its state lives, and whether it has moved.
+    pub placement: Placement,
+}
+
+/// How many of an entity's events met each fate. Counted in the record, so
+/// they survive restarts and travel with the entity when it moves.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
     /// Distinct events applied (in order or re-folded).
     pub applied_events: u64,
     /// Duplicates skipped (both kinds).
@@ -120,26 +132,35 @@ pub struct EntityRecord {
     pub late_applied: u64,
     /// Late events dropped (policy `drop`).
     pub late_dropped: u64,
+    /// Events ignored because their type is not enabled in the tenant's settings.
+    pub ignored_events: u64,
+    /// How many times events of this entity began arriving on another
+    /// partition of its topic, and the two were combined here.
+    pub handovers: u32,
+}
+
+/// An entity's failure handling: parked for an operator, the events it holds
+/// meanwhile, and the events it skipped after a handler failure.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Parking {
     /// Set while the entity is parked.
     pub parked: Option<Parked>,
     /// Events held while parked, in arrival order.
     pub held: Vec<HeldEvent>,
     /// The newest events skipped after a failure (dead-lettered), for provenance.
     pub skipped: Vec<Skipped>,
-    /// Events ignored because their type is not enabled in the tenant's settings.
-    pub ignored_events: u64,
+}
+
+/// Where an entity's state lives.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
     /// The partition the entity's events arrive on: its state lives under
     /// it (in the store's partition index and in that partition's changelog).
     pub home: Option<Home>,
-    // Format 3 appended the two fields below; `Stored::from_v2` relies on
-    // their being last. Add new fields after them.
     /// Set when the entity has moved to another partition, owned elsewhere:
     /// this record is then a forwarding stub. Its events that still arrive
     /// on `home` are forwarded there, and it is not part of the state.
     pub moved_to: Option<Home>,
-    /// How many times events of this entity began arriving on another
-    /// partition of its topic, and the two were combined here.
-    pub handovers: u32,
 }
 
 /// The input partition an entity's state lives under.
@@ -413,21 +434,21 @@ impl EntityRecord {
             "high_water": self.high_water,
             "log_len": self.log.len(),
             "applied_offsets": self.applied_offsets,
-            "applied_events": self.applied_events,
-            "duplicates": self.duplicates,
-            "redeliveries": self.redeliveries,
-            "late_events": self.late_events,
-            "too_late_events": self.too_late_events,
-            "dead_lettered": self.dead_lettered,
-            "late_applied": self.late_applied,
-            "late_dropped": self.late_dropped,
-            "parked": self.parked,
-            "held": self.held.len(),
-            "skipped": self.skipped,
-            "ignored_events": self.ignored_events,
-            "home": self.home.as_ref().map(|h| format!("{}/{}", h.topic, h.partition)),
-            "moved_to": self.moved_to.as_ref().map(|h| format!("{}/{}", h.topic, h.partition)),
-            "handovers": self.handovers,
+            "applied_events": self.counters.applied_events,
+            "duplicates": self.counters.duplicates,
+            "redeliveries": self.counters.redeliveries,
+            "late_events": self.counters.late_events,
+            "too_late_events": self.counters.too_late_events,
+            "dead_lettered": self.counters.dead_lettered,
+            "late_applied": self.counters.late_applied,
+            "late_dropped": self.counters.late_dropped,
+            "parked": self.parking.parked,
+            "held": self.parking.held.len(),
+            "skipped": self.parking.skipped,
+            "ignored_events": self.counters.ignored_events,
+            "home": self.placement.home.as_ref().map(|h| format!("{}/{}", h.topic, h.partition)),
+            "moved_to": self.placement.moved_to.as_ref().map(|h| format!("{}/{}", h.topic, h.partition)),
+            "handovers": self.counters.handovers,
         })
     }
 }

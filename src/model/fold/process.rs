@@ -33,20 +33,20 @@ impl EntityRecord {
         let tp = origin.topic_partition();
         if let Some(&last) = self.applied_offsets.get(&tp) {
             if origin.offset <= last {
-                self.duplicates += 1;
-                self.redeliveries += 1;
+                self.counters.duplicates += 1;
+                self.counters.redeliveries += 1;
                 return Ok(Outcome::Duplicate(DuplicateKind::Redelivery));
             }
         }
         let previous = self.applied_offsets.insert(tp.clone(), origin.offset);
         if let Some(outcome) = self.duplicate_or_held(event, origin) {
             if matches!(outcome, Outcome::Duplicate(_)) {
-                self.duplicates += 1;
+                self.counters.duplicates += 1;
             }
             return Ok(outcome);
         }
         let Some(prepared) = settings.current().prepare(event) else {
-            self.ignored_events += 1;
+            self.counters.ignored_events += 1;
             return Ok(Outcome::Ignored {
                 settings_version: settings.current().version(),
             });
@@ -89,8 +89,10 @@ impl EntityRecord {
             return Ok(outcome);
         }
         let Some(prepared) = settings.current().prepare(event) else {
-            self.ignored_events += 1;
-            self.skipped.retain(|s| s.event_id != event.event_id);
+            self.counters.ignored_events += 1;
+            self.parking
+                .skipped
+                .retain(|s| s.event_id != event.event_id);
             return Ok(Outcome::Ignored {
                 settings_version: settings.current().version(),
             });
@@ -107,7 +109,9 @@ impl EntityRecord {
             Mode::Release,
         );
         if result.is_ok() {
-            self.skipped.retain(|s| s.event_id != event.event_id);
+            self.parking
+                .skipped
+                .retain(|s| s.event_id != event.event_id);
         }
         result
     }
@@ -116,12 +120,16 @@ impl EntityRecord {
     /// parked, the event held; `None` if it is to be applied.
     pub(super) fn duplicate_or_held(&mut self, event: &Event, origin: &Origin) -> Option<Outcome> {
         if self.log.iter().any(|e| e.key.event_id == event.event_id)
-            || self.held.iter().any(|h| h.event.event_id == event.event_id)
+            || self
+                .parking
+                .held
+                .iter()
+                .any(|h| h.event.event_id == event.event_id)
         {
             return Some(Outcome::Duplicate(DuplicateKind::EventId));
         }
-        if self.parked.is_some() {
-            self.held.push(HeldEvent {
+        if self.parking.parked.is_some() {
+            self.parking.held.push(HeldEvent {
                 event: event.clone(),
                 origin: origin.clone(),
             });
@@ -148,14 +156,14 @@ impl EntityRecord {
             .entry(origin.topic_partition())
             .or_insert(origin.offset);
         *last = (*last).max(origin.offset);
-        self.dead_lettered += 1;
+        self.counters.dead_lettered += 1;
         if park {
-            self.parked = Some(Parked {
+            self.parking.parked = Some(Parked {
                 event_id: event.event_id.clone(),
                 reason: reason.to_owned(),
                 since: at,
             });
-            self.held.push(HeldEvent {
+            self.parking.held.push(HeldEvent {
                 event: event.clone(),
                 origin: origin.clone(),
             });
@@ -167,14 +175,14 @@ impl EntityRecord {
     /// Notes a skipped (dead-lettered) event in the record's provenance; the
     /// newest 16 are kept.
     pub(super) fn note_skip(&mut self, event: &Event, reason: &str, at: i64) {
-        self.skipped.push(Skipped {
+        self.parking.skipped.push(Skipped {
             event_id: event.event_id.clone(),
             event_type: event.event_type.clone(),
             reason: reason.to_owned(),
             at,
         });
-        if self.skipped.len() > 16 {
-            self.skipped.remove(0);
+        if self.parking.skipped.len() > 16 {
+            self.parking.skipped.remove(0);
         }
     }
 
@@ -188,10 +196,10 @@ impl EntityRecord {
         handlers: &Handlers,
         settings: &TenantView,
     ) -> Vec<(HeldEvent, Result<Outcome, Rejected>)> {
-        let Some(parked) = self.parked.take() else {
+        let Some(parked) = self.parking.parked.take() else {
             return Vec::new();
         };
-        let mut held = std::mem::take(&mut self.held);
+        let mut held = std::mem::take(&mut self.parking.held);
         if skip {
             held.retain(|h| h.event.event_id != parked.event_id);
         }
@@ -200,7 +208,7 @@ impl EntityRecord {
             .map(|h| {
                 let r = match settings.current().prepare(&h.event) {
                     None => {
-                        self.ignored_events += 1;
+                        self.counters.ignored_events += 1;
                         Ok(Outcome::Ignored {
                             settings_version: settings.current().version(),
                         })
@@ -287,14 +295,14 @@ impl EntityRecord {
                 match policy {
                     LatePolicy::Drop => {
                         if too_late {
-                            self.too_late_events += 1;
+                            self.counters.too_late_events += 1;
                         } else {
-                            self.late_dropped += 1;
+                            self.counters.late_dropped += 1;
                         }
                         return Ok(Outcome::Dropped { lateness, too_late });
                     }
                     LatePolicy::Park => {
-                        self.parked = Some(Parked {
+                        self.parking.parked = Some(Parked {
                             event_id: event.event_id.clone(),
                             reason: format!(
                                 "{} event {} is {} ms behind the entity's newest event; policy park",
@@ -305,7 +313,7 @@ impl EntityRecord {
                             since: processed_at,
                         });
                         // Held as it arrived: it is prepared again on release.
-                        self.held.push(HeldEvent {
+                        self.parking.held.push(HeldEvent {
                             event: raw.clone(),
                             origin: origin.clone(),
                         });
@@ -317,7 +325,7 @@ impl EntityRecord {
                             .map_err(reject)?;
                         let pos = self.log.partition_point(|e| e.key < key);
                         self.log.insert(pos, entry);
-                        self.late_applied += 1;
+                        self.counters.late_applied += 1;
                         Outcome::LateApplied {
                             lateness,
                             too_late,
@@ -334,7 +342,7 @@ impl EntityRecord {
                         self.log.insert(pos, entry);
                         let old = std::mem::take(&mut self.state);
                         self.refold(handlers, settings);
-                        self.late_events += 1;
+                        self.counters.late_events += 1;
                         Outcome::Recomputed {
                             lateness,
                             changes: diff(&old.fields, &self.state.fields),
@@ -351,7 +359,7 @@ impl EntityRecord {
                 Outcome::Applied { changes }
             }
         };
-        self.applied_events += 1;
+        self.counters.applied_events += 1;
         self.trim(handlers, settings);
         Ok(outcome)
     }

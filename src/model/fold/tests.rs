@@ -70,11 +70,11 @@ fn merging_two_partitions_records_gives_the_fold_of_the_union() {
             new.process(e, &at(5, i as i64), 0, &h, &p).unwrap();
         }
     }
-    old.home = Some(Home {
+    old.placement.home = Some(Home {
         topic: "in".into(),
         partition: 1,
     });
-    new.home = Some(Home {
+    new.placement.home = Some(Home {
         topic: "in".into(),
         partition: 5,
     });
@@ -82,14 +82,14 @@ fn merging_two_partitions_records_gives_the_fold_of_the_union() {
     assert_eq!(merged.added, 5);
     assert!(merged.handover);
     assert_eq!(new.state, whole.state);
-    assert_eq!(new.applied_events, 12);
-    assert_eq!(new.handovers, 1);
+    assert_eq!(new.counters.applied_events, 12);
+    assert_eq!(new.counters.handovers, 1);
     assert_eq!(new.applied_offsets["in/1"], 7);
     // Idempotent: the same record again (a later stub) changes nothing.
     let again = new.merge(&old, &h, &p);
     assert_eq!((again.added, again.handover), (0, false));
     assert!(again.changes.is_empty());
-    assert_eq!(new.handovers, 1);
+    assert_eq!(new.counters.handovers, 1);
     // A redelivery from the old partition is still a duplicate.
     assert_eq!(
         new.process(&events[3], &at(1, 3), 0, &h, &p).unwrap(),
@@ -115,7 +115,7 @@ fn merging_keeps_the_base_that_folded_more() {
     let merged = new.merge(&old, &h, &pol(2));
     assert!(merged.rebased);
     assert_eq!(new.state.fields["n"], Value::Int(7));
-    assert_eq!(new.applied_events, 7);
+    assert_eq!(new.counters.applied_events, 7);
 }
 
 #[test]
@@ -178,7 +178,7 @@ fn settings_map_filter_and_are_recorded_in_provenance() {
     assert_eq!(r.state.fields["b"], Value::Int(3));
     assert_eq!(r.provenance["a"].settings_version, 1);
     assert_eq!(r.provenance["b"].settings_version, 2);
-    assert_eq!(r.ignored_events, 1);
+    assert_eq!(r.counters.ignored_events, 1);
 }
 
 #[test]
@@ -237,7 +237,7 @@ fn duplicates_by_id_and_by_offset() {
         Outcome::Duplicate(DuplicateKind::EventId)
     );
     assert_eq!(r.state.fields["n"], Value::Int(1));
-    assert_eq!(r.applied_events, 1);
+    assert_eq!(r.counters.applied_events, 1);
 }
 
 #[test]
@@ -334,15 +334,15 @@ fn rejected_event_leaves_state_unchanged() {
     assert_eq!(err.error.kind(), "permanent");
     assert_eq!(r.state, before);
     // A failed attempt leaves no trace; giving up (as the actor does) is recorded.
-    assert_eq!(r.dead_lettered, 0);
+    assert_eq!(r.counters.dead_lettered, 0);
     assert_eq!(
         r.applied_offsets["in/0"], 0,
         "the failed offset 1 is not recorded"
     );
     let b = ev("b", 20, "inc", serde_json::json!({"n": 1}));
     r.record_failure(&b, &origin(1), &err.to_string(), 0, false);
-    assert_eq!(r.dead_lettered, 1);
-    assert_eq!(r.skipped[0].event_id, "b");
+    assert_eq!(r.counters.dead_lettered, 1);
+    assert_eq!(r.parking.skipped[0].event_id, "b");
     // Its redelivery is a duplicate, not a second dead letter.
     let again = r
         .process(

@@ -137,7 +137,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let pipeline = Pipeline::start(config, handlers)?;
         let stats = pipeline.stats();
         // 6 input events plus 3 derived ones.
-        while stats.durable.load(std::sync::atomic::Ordering::Relaxed) < 9 {
+        while stats
+            .writer
+            .durable
+            .load(std::sync::atomic::Ordering::Relaxed)
+            < 9
+        {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let store = pipeline.store();

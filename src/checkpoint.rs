@@ -1,14 +1,29 @@
-//! Checkpoints: per partition, the offset below which every event is durable.
+//! Checkpoints: per partition, the offset below which every event is
+//! durable, from the moment an offset is received until Kafka has it.
 //!
-//! Events of one partition finish out of order (they go to different entity
-//! actors), so the checkpoint is the lowest offset not yet durable. The source
-//! registers each offset as it is received; the writer marks offsets written
-//! (in a batch being committed) and then durable (after the flush). The
-//! checkpoint written into a batch counts that batch's own offsets as done,
-//! which is right because the batch commits atomically.
+//! One [`Checkpointer`] owns an offset's whole round trip, shared by the
+//! source (which receives offsets and commits to Kafka) and the writer (which
+//! writes and flushes them):
+//!
+//! 1. **received**: the source registers each offset as it arrives;
+//! 2. **written**: the writer puts its effects into a batch. Events of one
+//!    partition finish out of order (they go to different entity actors), so
+//!    the checkpoint stored in a batch is the lowest offset not yet written.
+//!    It counts that batch's own offsets as done, which is right because the
+//!    batch commits atomically with it;
+//! 3. **durable**: the batch is flushed. Its offsets leave the open set, and
+//!    its checkpoints become the partitions' durable checkpoints in the same
+//!    step, so whoever sees a partition drained also sees its checkpoint;
+//! 4. **committed**: the source commits durable checkpoints that Kafka does
+//!    not have yet, and Kafka's acknowledgement is recorded.
+//!
+//! Only durable checkpoints are ever committed to Kafka: a partition revoked
+//! before its drain finished commits what was flushed, never what was only
+//! written, so a batch that then fails cannot leave Kafka ahead of the store.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
 
 /// A topic and partition.
 pub type TopicPartition = (Arc<str>, i32);
@@ -25,6 +40,11 @@ struct PartitionProgress {
     open: VecDeque<(i64, Progress)>,
     /// One past the highest offset received.
     next: Option<i64>,
+    /// The durable checkpoint (the next offset to consume; everything below
+    /// it is flushed), and when it last advanced.
+    durable: Option<(i64, SystemTime)>,
+    /// The highest checkpoint Kafka acknowledged.
+    committed: Option<i64>,
 }
 
 impl PartitionProgress {
@@ -32,23 +52,54 @@ impl PartitionProgress {
         let i = self.open.binary_search_by_key(&offset, |(o, _)| *o).ok()?;
         self.open.get_mut(i)
     }
+
+    /// The next offset to consume such that everything below it is written
+    /// or durable.
+    fn written_checkpoint(&self) -> Option<i64> {
+        match self.open.iter().find(|(_, s)| *s == Progress::Pending) {
+            Some((o, _)) => Some(*o),
+            None => self.next,
+        }
+    }
+
+    fn advance_durable(&mut self, next_offset: i64, at: SystemTime) {
+        if self.durable.is_none_or(|(d, _)| d < next_offset) {
+            self.durable = Some((next_offset, at));
+        }
+    }
 }
 
-/// Tracks in-flight offsets per partition and computes checkpoints.
+/// A partition's checkpoint that the store has made durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Durable {
+    /// The next offset to consume.
+    pub next_offset: i64,
+    /// When it last advanced.
+    pub at: SystemTime,
+}
+
+/// Owns every offset from received to committed; see the module docs.
+/// Cheap to share: one lock, held only for map updates.
 #[derive(Debug, Default)]
-pub struct CheckpointTracker {
-    parts: HashMap<TopicPartition, PartitionProgress>,
+pub struct Checkpointer {
+    parts: Mutex<HashMap<TopicPartition, PartitionProgress>>,
 }
 
-impl CheckpointTracker {
-    /// A new tracker with nothing in flight.
+impl Checkpointer {
+    /// A new checkpointer with nothing in flight.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// An offset was received from the broker.
-    pub fn received(&mut self, tp: &TopicPartition, offset: i64) {
-        let p = self.parts.entry(tp.clone()).or_default();
+    fn parts(&self) -> MutexGuard<'_, HashMap<TopicPartition, PartitionProgress>> {
+        self.parts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// An offset was received from the broker. Returns the offset that was
+    /// expected, when `offset` skips past it (a gap in the partition).
+    pub fn received(&self, tp: &TopicPartition, offset: i64) -> Option<i64> {
+        let mut parts = self.parts();
+        let p = parts.entry(tp.clone()).or_default();
         if p.next.is_some_and(|n| offset < n) {
             // A rewind (the consumer re-fetched after a seek): older offsets are
             // already accounted for, and stay open until their own acks.
@@ -56,56 +107,121 @@ impl CheckpointTracker {
                 let i = p.open.partition_point(|(o, _)| *o < offset);
                 p.open.insert(i, (offset, Progress::Pending));
             }
-            return;
+            return None;
         }
+        let gap = p.next.filter(|n| offset > *n);
         p.open.push_back((offset, Progress::Pending));
         p.next = Some(offset + 1);
+        gap
     }
 
-    /// An offset's effects are in the batch being committed.
-    pub fn written(&mut self, tp: &TopicPartition, offset: i64) {
-        if let Some(e) = self.parts.get_mut(tp).and_then(|p| p.find(offset)) {
-            e.1 = Progress::Written;
-        }
-    }
-
-    /// An offset's batch is flushed.
-    pub fn durable(&mut self, tp: &TopicPartition, offset: i64) {
-        if let Some(p) = self.parts.get_mut(tp) {
-            if let Ok(i) = p.open.binary_search_by_key(&offset, |(o, _)| *o) {
-                p.open.remove(i);
+    /// The offsets of `acks` are in a batch being built; returns the
+    /// checkpoint to store with it for each partition in `touched`.
+    pub fn written<'a>(
+        &self,
+        acks: impl IntoIterator<Item = (&'a TopicPartition, i64)>,
+        touched: impl IntoIterator<Item = &'a TopicPartition>,
+    ) -> Vec<(TopicPartition, i64)> {
+        let mut parts = self.parts();
+        for (tp, offset) in acks {
+            if let Some(e) = parts.get_mut(tp).and_then(|p| p.find(offset)) {
+                e.1 = Progress::Written;
             }
         }
+        touched
+            .into_iter()
+            .filter_map(|tp| {
+                let next = parts.get(tp)?.written_checkpoint()?;
+                Some((tp.clone(), next))
+            })
+            .collect()
     }
 
-    /// The next offset to consume such that everything below it is written or
-    /// durable; `None` if nothing was ever received on `tp`.
-    pub fn checkpoint(&self, tp: &TopicPartition) -> Option<i64> {
-        let p = self.parts.get(tp)?;
-        match p.open.iter().find(|(_, s)| *s == Progress::Pending) {
-            Some((o, _)) => Some(*o),
-            None => p.next,
+    /// The batch holding `acks` and `checkpoints` is flushed: its offsets are
+    /// durable, and so are its checkpoints, in one step.
+    pub fn flushed<'a>(
+        &self,
+        acks: impl IntoIterator<Item = (&'a TopicPartition, i64)>,
+        checkpoints: &[(TopicPartition, i64)],
+        at: SystemTime,
+    ) {
+        let mut parts = self.parts();
+        for (tp, offset) in acks {
+            if let Some(p) = parts.get_mut(tp) {
+                if let Ok(i) = p.open.binary_search_by_key(&offset, |(o, _)| *o) {
+                    p.open.remove(i);
+                }
+            }
+        }
+        for (tp, next_offset) in checkpoints {
+            parts
+                .entry(tp.clone())
+                .or_default()
+                .advance_durable(*next_offset, at);
         }
     }
 
-    /// One past the highest offset received on `tp`.
-    pub fn next(&self, tp: &TopicPartition) -> Option<i64> {
-        self.parts.get(tp).and_then(|p| p.next)
+    /// A checkpoint found in the store at assignment: durable already, and
+    /// committed to Kafka even if nothing new arrives.
+    pub fn stored(&self, tp: &TopicPartition, next_offset: i64) {
+        self.parts()
+            .entry(tp.clone())
+            .or_default()
+            .advance_durable(next_offset, SystemTime::now());
+    }
+
+    /// Kafka acknowledged a commit of `next_offset` for `tp`.
+    pub fn committed(&self, tp: &TopicPartition, next_offset: i64) {
+        let mut parts = self.parts();
+        let p = parts.entry(tp.clone()).or_default();
+        if p.committed.is_none_or(|c| c < next_offset) {
+            p.committed = Some(next_offset);
+        }
+    }
+
+    /// The durable checkpoints of the partitions `wanted` accepts that Kafka
+    /// does not have yet.
+    pub fn to_commit(&self, wanted: impl Fn(&TopicPartition) -> bool) -> Vec<(TopicPartition, i64)> {
+        self.parts()
+            .iter()
+            .filter(|(tp, _)| wanted(tp))
+            .filter_map(|(tp, p)| {
+                let (durable, _) = p.durable?;
+                p.committed
+                    .is_none_or(|c| c < durable)
+                    .then(|| (tp.clone(), durable))
+            })
+            .collect()
+    }
+
+    /// The durable checkpoint of `tp`, if any: what a revoked partition commits.
+    pub fn durable(&self, tp: &TopicPartition) -> Option<Durable> {
+        let parts = self.parts();
+        let (next_offset, at) = parts.get(tp)?.durable?;
+        Some(Durable { next_offset, at })
+    }
+
+    /// Every partition's durable checkpoint, for the dashboard and the gauges.
+    pub fn durable_checkpoints(&self) -> BTreeMap<(String, i32), (i64, SystemTime)> {
+        self.parts()
+            .iter()
+            .filter_map(|(tp, p)| Some(((tp.0.to_string(), tp.1), p.durable?)))
+            .collect()
     }
 
     /// Whether every received offset of `tp` is durable.
     pub fn drained(&self, tp: &TopicPartition) -> bool {
-        self.parts.get(tp).is_none_or(|p| p.open.is_empty())
+        self.parts().get(tp).is_none_or(|p| p.open.is_empty())
     }
 
     /// Offsets received and not yet durable, over all partitions.
     pub fn in_flight(&self) -> usize {
-        self.parts.values().map(|p| p.open.len()).sum()
+        self.parts().values().map(|p| p.open.len()).sum()
     }
 
-    /// Stops tracking `tp` (after it is revoked).
-    pub fn forget(&mut self, tp: &TopicPartition) {
-        self.parts.remove(tp);
+    /// Stops tracking `tp` (after it is revoked and its checkpoint committed).
+    pub fn forget(&self, tp: &TopicPartition) {
+        self.parts().remove(tp);
     }
 }
 
@@ -116,27 +232,58 @@ mod tests {
     #[test]
     fn checkpoint_is_the_lowest_offset_not_done() {
         let tp: TopicPartition = (Arc::from("t"), 0);
-        let mut t = CheckpointTracker::new();
-        assert_eq!(t.checkpoint(&tp), None);
+        let t = Checkpointer::new();
+        let at = SystemTime::now();
+        assert_eq!(t.written([], [&tp]), vec![]);
         for o in 10..15 {
-            t.received(&tp, o);
+            assert_eq!(t.received(&tp, o), None);
         }
-        assert_eq!(t.checkpoint(&tp), Some(10));
-        t.written(&tp, 11);
-        t.written(&tp, 12);
-        assert_eq!(t.checkpoint(&tp), Some(10));
-        t.written(&tp, 10);
-        assert_eq!(t.checkpoint(&tp), Some(13));
-        for o in [10, 11, 12] {
-            t.durable(&tp, o);
-        }
+        assert_eq!(t.written([], [&tp]), vec![(tp.clone(), 10)]);
+        assert_eq!(t.written([(&tp, 11), (&tp, 12)], [&tp]), vec![(tp.clone(), 10)]);
+        let batch = t.written([(&tp, 10)], [&tp]);
+        assert_eq!(batch, vec![(tp.clone(), 13)]);
+        // Written is not durable: nothing to commit yet.
+        assert_eq!(t.durable(&tp), None);
+        assert!(t.to_commit(|_| true).is_empty());
+        t.flushed([(&tp, 10), (&tp, 11), (&tp, 12)], &batch, at);
         assert!(!t.drained(&tp));
-        t.written(&tp, 14);
-        t.written(&tp, 13);
-        assert_eq!(t.checkpoint(&tp), Some(15));
-        t.durable(&tp, 13);
-        t.durable(&tp, 14);
+        assert_eq!(t.durable(&tp).map(|d| d.next_offset), Some(13));
+        assert_eq!(t.to_commit(|_| true), vec![(tp.clone(), 13)]);
+        let batch = t.written([(&tp, 14), (&tp, 13)], [&tp]);
+        assert_eq!(batch, vec![(tp.clone(), 15)]);
+        t.committed(&tp, 13);
+        assert!(t.to_commit(|_| true).is_empty());
+        t.flushed([(&tp, 13), (&tp, 14)], &batch, at);
         assert!(t.drained(&tp));
-        assert_eq!(t.checkpoint(&tp), Some(15));
+        assert_eq!(t.to_commit(|_| true), vec![(tp.clone(), 15)]);
+        assert!(t.to_commit(|_| false).is_empty());
+    }
+
+    #[test]
+    fn a_gap_and_a_rewind_are_told_apart() {
+        let tp: TopicPartition = (Arc::from("t"), 1);
+        let t = Checkpointer::new();
+        assert_eq!(t.received(&tp, 5), None);
+        assert_eq!(t.received(&tp, 8), Some(6));
+        // A rewind re-registers an offset already settled, in order.
+        assert_eq!(t.received(&tp, 6), None);
+        assert_eq!(t.written([], [&tp]), vec![(tp.clone(), 5)]);
+        assert_eq!(t.in_flight(), 3);
+    }
+
+    /// A stored checkpoint is durable, and never moves a newer one back.
+    #[test]
+    fn durable_checkpoints_only_advance() {
+        let tp: TopicPartition = (Arc::from("t"), 2);
+        let t = Checkpointer::new();
+        t.stored(&tp, 40);
+        assert_eq!(t.to_commit(|_| true), vec![(tp.clone(), 40)]);
+        t.flushed([], &[(tp.clone(), 30)], SystemTime::now());
+        assert_eq!(t.durable(&tp).map(|d| d.next_offset), Some(40));
+        t.committed(&tp, 40);
+        t.committed(&tp, 35);
+        assert!(t.to_commit(|_| true).is_empty());
+        t.forget(&tp);
+        assert_eq!(t.durable(&tp), None);
     }
 }

@@ -26,8 +26,10 @@
 //!    on (`changelog`), then committed and flushed.
 //! 6. **store** ([`store`]): [`SledStore`], one sled tree; the batch is atomic
 //!    and durable before anything is acknowledged.
-//! 7. **checkpoint** (`checkpoint`): per partition, the highest offset below
-//!    which every event is durable, committed to Kafka after the flush.
+//! 7. **checkpoint** (`checkpoint`): one `Checkpointer` follows every offset
+//!    from received to written, durable and committed. Per partition it
+//!    keeps the offset below which every event is durable; the source
+//!    commits only that to Kafka, after the flush.
 //! 8. **sinks** (`sink`): the outbox publishes change records, dead letters,
 //!    anomalies and derived events to their topics.
 //!

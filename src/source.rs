@@ -14,7 +14,7 @@
 //! dead-letter intents straight to the writer when they cannot be decoded.
 
 use crate::changelog::Restorer;
-use crate::checkpoint::{CheckpointTracker, TopicPartition};
+use crate::checkpoint::{Checkpointer, TopicPartition};
 use crate::config::Config;
 use crate::entity::Delivery;
 use crate::internal_events::{
@@ -26,7 +26,7 @@ use crate::model::envelope::{self, ContentType};
 use crate::router::Router;
 use crate::store::Store;
 use crate::telemetry::{self, unix_ms, SpanInfo};
-use crate::writer::{Ack, CommitRequest, WriteIntent, WriterMsg};
+use crate::writer::{Ack, WriteIntent, WriterMsg};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
@@ -34,22 +34,17 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 /// What the source shares with its rebalance callbacks.
 pub struct SourceContext {
     store: Arc<dyn Store>,
-    tracker: Arc<Mutex<CheckpointTracker>>,
+    checkpointer: Arc<Checkpointer>,
     router: Router,
     drain_timeout: Duration,
     assigned: Mutex<HashSet<TopicPartition>>,
     ready: Arc<AtomicBool>,
-    /// Durable checkpoints per partition: from the writer, and the stored ones
-    /// found at assignment. Committed to Kafka until Kafka has them.
-    durable: Mutex<HashMap<(String, i32), i64>>,
-    /// What Kafka acknowledged, from the commit callback.
-    committed: Mutex<HashMap<(String, i32), i64>>,
     /// False after librdkafka reported every broker down, until a message arrives.
     brokers_ok: Arc<AtomicBool>,
     /// Counters; consumer lag is written here from librdkafka's statistics.
@@ -91,7 +86,7 @@ impl ClientContext for SourceContext {
                 }
             }
         }
-        *lock(&self.stats.lag) = lag;
+        *lock(&self.stats.source.lag) = lag;
     }
 }
 
@@ -129,10 +124,7 @@ impl SourceContext {
     fn drain(&self, tps: &HashSet<TopicPartition>) -> bool {
         let deadline = Instant::now() + self.drain_timeout;
         loop {
-            let drained = {
-                let t = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
-                tps.iter().all(|tp| t.drained(tp))
-            };
+            let drained = tps.iter().all(|tp| self.checkpointer.drained(tp));
             if drained {
                 return true;
             }
@@ -143,12 +135,13 @@ impl SourceContext {
         }
     }
 
+    /// What a revoked partition commits: its durable checkpoint, never
+    /// offsets only written into a batch that might still fail.
     fn checkpoints_of(&self, tps: &HashSet<TopicPartition>) -> TopicPartitionList {
-        let t = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
         let mut tpl = TopicPartitionList::new();
         for tp in tps {
-            if let Some(next) = t.checkpoint(tp) {
-                let _ = tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(next));
+            if let Some(d) = self.checkpointer.durable(tp) {
+                let _ = tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(d.next_offset));
             }
         }
         tpl
@@ -221,9 +214,8 @@ impl ConsumerContext for SourceContext {
                         _ if restored.contains(&(topic.clone(), *partition)) => Offset::Stored,
                         Some(&o) => {
                             // Durable already; make sure Kafka learns it even if nothing new arrives.
-                            let mut d = lock(&self.durable);
-                            let e = d.entry((topic.clone(), *partition)).or_insert(o);
-                            *e = (*e).max(o);
+                            self.checkpointer
+                                .stored(&(Arc::from(topic.as_str()), *partition), o);
                             Offset::Offset(o)
                         }
                         None => Offset::Stored,
@@ -244,7 +236,7 @@ impl ConsumerContext for SourceContext {
                     a.clear();
                 }
                 a.extend(elems.into_iter().map(|(t, p)| (Arc::from(t.as_str()), p)));
-                *lock(&self.stats.assigned) = a.iter().map(|(t, p)| (t.to_string(), *p)).collect();
+                *lock(&self.stats.source.assigned) = a.iter().map(|(t, p)| (t.to_string(), *p)).collect();
                 self.ready.store(!a.is_empty(), Relaxed);
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
@@ -265,11 +257,8 @@ impl ConsumerContext for SourceContext {
                     }
                 }
                 let released = self.router.release(&tps);
-                {
-                    let mut t = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
-                    for tp in &tps {
-                        t.forget(tp);
-                    }
+                for tp in &tps {
+                    self.checkpointer.forget(tp);
                 }
                 let r = if cooperative {
                     consumer.incremental_unassign(tpl)
@@ -283,14 +272,11 @@ impl ConsumerContext for SourceContext {
                 for tp in &tps {
                     a.remove(tp);
                 }
-                *lock(&self.stats.assigned) = a.iter().map(|(t, p)| (t.to_string(), *p)).collect();
+                *lock(&self.stats.source.assigned) = a.iter().map(|(t, p)| (t.to_string(), *p)).collect();
                 {
-                    let mut cps = lock(&self.stats.checkpoints);
-                    let mut lag = lock(&self.stats.lag);
+                    let mut lag = lock(&self.stats.source.lag);
                     for tp in &tps {
-                        let k = (tp.0.to_string(), tp.1);
-                        cps.remove(&k);
-                        lag.remove(&k);
+                        lag.remove(&(tp.0.to_string(), tp.1));
                     }
                 }
                 self.ready.store(!a.is_empty(), Relaxed);
@@ -315,12 +301,10 @@ impl ConsumerContext for SourceContext {
     ) {
         match result {
             Ok(()) => {
-                let mut c = lock(&self.committed);
                 for e in offsets.elements() {
                     if let Offset::Offset(o) = e.offset() {
-                        let k = (e.topic().to_owned(), e.partition());
-                        let v = c.entry(k).or_insert(o);
-                        *v = (*v).max(o);
+                        self.checkpointer
+                            .committed(&(Arc::from(e.topic()), e.partition()), o);
                     }
                 }
             }
@@ -339,9 +323,8 @@ pub struct Source {
     content_type: ContentType,
     writer: tokio::sync::mpsc::UnboundedSender<WriterMsg>,
     router: Router,
-    tracker: Arc<Mutex<CheckpointTracker>>,
+    checkpointer: Arc<Checkpointer>,
     stats: Arc<Stats>,
-    commits: mpsc::Receiver<CommitRequest>,
     high: i64,
     low: i64,
     topic_names: std::cell::RefCell<HashMap<String, Arc<str>>>,
@@ -366,16 +349,14 @@ pub enum SourceError {
 pub struct SourceParts {
     /// The store, for stored checkpoints.
     pub store: Arc<dyn Store>,
-    /// Shared with the writer.
-    pub tracker: Arc<Mutex<CheckpointTracker>>,
+    /// Every offset's progress, shared with the writer.
+    pub checkpointer: Arc<Checkpointer>,
     /// Where events go.
     pub router: Router,
     /// The writer, for dead letters.
     pub writer: tokio::sync::mpsc::UnboundedSender<WriterMsg>,
     /// Counters.
     pub stats: Arc<Stats>,
-    /// Checkpoints to commit, from the writer.
-    pub commits: mpsc::Receiver<CommitRequest>,
     /// Set while partitions are assigned.
     pub ready: Arc<AtomicBool>,
     /// The topics to consume.
@@ -418,13 +399,11 @@ impl Source {
             commit_failed_at: Mutex::new(None),
             fatal: parts.fatal,
             store: parts.store,
-            tracker: parts.tracker.clone(),
+            checkpointer: parts.checkpointer.clone(),
             router: parts.router.clone(),
             drain_timeout: Duration::from_millis(config.drain_timeout_ms),
             assigned: Mutex::new(HashSet::new()),
             ready: parts.ready,
-            durable: Mutex::new(HashMap::new()),
-            committed: Mutex::new(HashMap::new()),
             brokers_ok: parts.brokers_ok,
             stats: parts.stats.clone(),
         };
@@ -437,9 +416,8 @@ impl Source {
             content_type: config.content_type,
             writer: parts.writer,
             router: parts.router,
-            tracker: parts.tracker,
+            checkpointer: parts.checkpointer,
             stats: parts.stats,
-            commits: parts.commits,
             high: config.in_flight_high as i64,
             low: config.in_flight_low as i64,
             topic_names: Default::default(),
@@ -470,12 +448,11 @@ impl Source {
                 last_purge_check = Instant::now();
                 self.purge_stale();
             }
-            self.collect_commits();
             if last_commit.elapsed() >= Duration::from_millis(200) {
                 self.commit(CommitMode::Async);
                 last_commit = Instant::now();
             }
-            let in_flight = self.stats.in_flight.load(Relaxed);
+            let in_flight = self.stats.source.in_flight.load(Relaxed);
             if !paused && in_flight >= self.high {
                 paused = true;
                 let partitions = lock(&self.consumer.context().assigned).len();
@@ -507,15 +484,12 @@ impl Source {
         }
         // Shutdown: nothing new is polled; wait for what is in flight.
         let deadline = Instant::now() + grace;
-        while self.tracker.lock().map(|t| t.in_flight()).unwrap_or(0) > 0
-            && Instant::now() < deadline
-        {
+        while self.checkpointer.in_flight() > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
-        self.collect_commits();
         self.commit(CommitMode::Sync);
         tracing::info!(
-            in_flight = self.stats.in_flight.load(Relaxed),
+            in_flight = self.stats.source.in_flight.load(Relaxed),
             "source stopped"
         );
         // Dropping the consumer leaves the group; the revoke callback drains (already done) and commits.
@@ -565,36 +539,14 @@ impl Source {
         }
     }
 
-    /// Takes the writer's durable checkpoints.
-    fn collect_commits(&self) {
-        let mut durable = lock(&self.consumer.context().durable);
-        while let Ok(req) = self.commits.try_recv() {
-            for cp in req {
-                let e = durable
-                    .entry((cp.topic, cp.partition))
-                    .or_insert(cp.next_offset);
-                *e = (*e).max(cp.next_offset);
-            }
-        }
-    }
-
     /// Commits every assigned partition whose durable checkpoint Kafka does not
     /// have yet. A failed commit is simply tried again next time.
     fn commit(&self, mode: CommitMode) {
         let ctx = self.consumer.context();
         let assigned = lock(&ctx.assigned).clone();
         let mut tpl = TopicPartitionList::new();
-        {
-            let durable = lock(&ctx.durable);
-            let committed = lock(&ctx.committed);
-            for ((topic, partition), offset) in durable.iter() {
-                let ahead = committed
-                    .get(&(topic.clone(), *partition))
-                    .is_none_or(|c| c < offset);
-                if ahead && assigned.contains(&(Arc::from(topic.as_str()), *partition)) {
-                    let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset));
-                }
-            }
+        for (tp, offset) in self.checkpointer.to_commit(|tp| assigned.contains(tp)) {
+            let _ = tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(offset));
         }
         if tpl.count() == 0 {
             return;
@@ -633,20 +585,16 @@ impl Source {
         }
         let tp: TopicPartition = (self.topic_name(m.topic()), m.partition());
         let offset = m.offset();
-        {
-            let mut t = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(n) = t.next(&tp).filter(|n| offset > *n) {
-                emit(
-                    OffsetGap {
-                        topic: &tp.0,
-                        partition: tp.1,
-                        expected: n,
-                        got: offset,
-                    },
-                    &self.stats,
-                );
-            }
-            t.received(&tp, offset);
+        if let Some(expected) = self.checkpointer.received(&tp, offset) {
+            emit(
+                OffsetGap {
+                    topic: &tp.0,
+                    partition: tp.1,
+                    expected,
+                    got: offset,
+                },
+                &self.stats,
+            );
         }
         emit(EventReceived, &self.stats);
         let kafka_ts = m.timestamp().to_millis();

@@ -345,14 +345,14 @@ fn a_slow_event_is_reported_as_stalled_and_not_killed() {
         assert_eq!(running["event_id"], "slow-1");
         assert!(running["finished_at"].is_null());
         // It is not killed: it finishes, and so does the event behind it.
-        while Stats::get(&stats.durable) < 2 {
+        while Stats::get(&stats.writer.durable) < 2 {
             assert!(Instant::now() < deadline);
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
         let (_, body) = call("GET", format!("{base}/api/stalled"), None).await;
         assert!(body["items"][0]["finished_at"].as_i64().is_some(), "{body}");
-        assert_eq!(Stats::get(&stats.stalled), 1);
+        assert_eq!(Stats::get(&stats.entities.stalled), 1);
         let store = pipeline.store();
         pipeline.shutdown().unwrap();
         let r = store.load_entity("report-1").unwrap().unwrap();

@@ -70,17 +70,17 @@ fn a_slow_handler_and_a_200k_backlog_keep_in_flight_under_the_high_mark() {
         let mut max_rss = 0;
         // Run while it drains slowly (about 2,000 events/s over 2 shards).
         while started.elapsed() < Duration::from_secs(12) {
-            assert!(stats.in_flight.load(Relaxed) <= 2_000);
+            assert!(stats.source.in_flight.load(Relaxed) <= 2_000);
             max_rss = max_rss.max(rss_mib());
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let durable = Stats::get(&stats.durable);
-        let max_in_flight = stats.max_in_flight.load(Relaxed);
-        eprintln!("durable {durable}, max in flight {max_in_flight}, pauses {}, rss {rss_before} -> {max_rss} MiB", Stats::get(&stats.pauses));
+        let durable = Stats::get(&stats.writer.durable);
+        let max_in_flight = stats.source.max_in_flight.load(Relaxed);
+        eprintln!("durable {durable}, max in flight {max_in_flight}, pauses {}, rss {rss_before} -> {max_rss} MiB", Stats::get(&stats.source.pauses));
         assert!(durable > 2_000, "it made progress: {durable}");
         assert!(durable < 150_000, "the backlog was still waiting: {durable}");
         assert!(max_in_flight <= 2_000, "in flight reached {max_in_flight}");
-        assert!(Stats::get(&stats.pauses) >= 1, "the source paused");
+        assert!(Stats::get(&stats.source.pauses) >= 1, "the source paused");
         assert!(max_rss < RSS_BOUND_MIB, "RSS {max_rss} MiB passed {RSS_BOUND_MIB} MiB");
         pipeline.shutdown().unwrap();
     });

@@ -80,30 +80,30 @@ fn transient_failures_are_retried_in_order_while_other_entities_flow() {
         let deadline = Instant::now() + Duration::from_secs(120);
         let mut at_first_failure = None;
         let mut at_success = None;
-        while Stats::get(&stats.durable) < expected {
+        while Stats::get(&stats.writer.durable) < expected {
             assert!(
                 Instant::now() < deadline,
                 "stuck at {}",
-                Stats::get(&stats.durable)
+                Stats::get(&stats.writer.durable)
             );
             if at_first_failure.is_none() && flaky.first_failure.load(SeqCst) {
-                at_first_failure = Some(Stats::get(&stats.durable));
+                at_first_failure = Some(Stats::get(&stats.writer.durable));
             }
             if at_success.is_none() && flaky.succeeded.load(SeqCst) {
-                at_success = Some(Stats::get(&stats.durable));
+                at_success = Some(Stats::get(&stats.writer.durable));
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         // Retries may outlast everything else: then success is at the end.
-        let success = at_success.unwrap_or_else(|| Stats::get(&stats.durable));
+        let success = at_success.unwrap_or_else(|| Stats::get(&stats.writer.durable));
         let first = at_first_failure.expect("f2 failed at least once");
         assert!(
             success - first >= 1_000,
             "only {} events of other entities completed during the retries",
             success - first
         );
-        assert_eq!(Stats::get(&stats.retries), 5);
-        assert_eq!(Stats::get(&stats.dead_letters), 0);
+        assert_eq!(Stats::get(&stats.entities.retries), 5);
+        assert_eq!(Stats::get(&stats.entities.dead_letters), 0);
         let store = pipeline.store();
         pipeline.shutdown().unwrap();
         let r = store.load_entity("flaky-1").unwrap().unwrap();

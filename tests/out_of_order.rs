@@ -191,7 +191,7 @@ fn park_holds_one_entity_while_others_flow_and_release_resumes_it_in_order() {
         std::thread::spawn(move || common::produce_events(&brokers, &name, &all))
             .join()
             .unwrap();
-        while orderly::metrics::Stats::get(&stats.durable) < expected {
+        while orderly::metrics::Stats::get(&stats.writer.durable) < expected {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         // Everyone else flowed; the parked ticket stopped after a and c.

@@ -21,7 +21,7 @@ fn run_until_durable(
         let producer = std::thread::spawn(produce);
         let stats = pipeline.stats();
         let deadline = Instant::now() + Duration::from_secs(240);
-        while Stats::get(&stats.durable) < expected {
+        while Stats::get(&stats.writer.durable) < expected {
             assert!(
                 pipeline.fatal().reason().is_none(),
                 "pipeline failed: {:?}",
@@ -30,14 +30,14 @@ fn run_until_durable(
             assert!(
                 Instant::now() < deadline,
                 "only {} of {expected} durable",
-                Stats::get(&stats.durable)
+                Stats::get(&stats.writer.durable)
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         producer.join().expect("producer");
         // Nothing beyond what was produced may show up.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert_eq!(Stats::get(&stats.durable), expected);
+        assert_eq!(Stats::get(&stats.writer.durable), expected);
         let store = pipeline.store();
         pipeline.shutdown().expect("clean shutdown");
         store
@@ -170,11 +170,11 @@ fn idle_actors_are_passivated_and_hot_entities_coalesce_writes() {
             let stats = stats.clone();
             async move {
                 let deadline = Instant::now() + Duration::from_secs(60);
-                while Stats::get(&stats.durable) < n {
+                while Stats::get(&stats.writer.durable) < n {
                     assert!(
                         Instant::now() < deadline,
                         "stuck at {}",
-                        Stats::get(&stats.durable)
+                        Stats::get(&stats.writer.durable)
                     );
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
@@ -196,6 +196,7 @@ fn idle_actors_are_passivated_and_hot_entities_coalesce_writes() {
         // Idle past the timeout with every write durable: all five are passivated.
         let deadline = Instant::now() + Duration::from_secs(10);
         while stats
+            .entities
             .active_actors
             .load(std::sync::atomic::Ordering::Relaxed)
             > 0
@@ -205,14 +206,14 @@ fn idle_actors_are_passivated_and_hot_entities_coalesce_writes() {
         }
         // Each of the five was passivated at least once (under load an entity
         // may also go idle mid-stream, and come back).
-        let passivated = Stats::get(&stats.passivations);
+        let passivated = Stats::get(&stats.entities.passivations);
         assert!(passivated >= 5, "{passivated} passivations");
         // Their next events start new actors that load the state from the store.
         std::thread::spawn(move || common::produce_events(&brokers, &name, &second))
             .join()
             .unwrap();
         wait(1000).await;
-        let writes = Stats::get(&stats.entity_writes);
+        let writes = Stats::get(&stats.writer.entity_writes);
         assert!(
             writes < 1000,
             "1,000 events of 5 entities took {writes} entity writes: no coalescing"

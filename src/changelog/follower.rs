@@ -94,7 +94,7 @@ impl Follower {
             let changed = {
                 let now = self
                     .stats
-                    .assigned
+                    .source.assigned
                     .lock()
                     .unwrap_or_else(|e| e.into_inner());
                 let changed = *now != assigned;

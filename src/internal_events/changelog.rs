@@ -39,9 +39,9 @@ pub struct RestoreFinished<'a> {
 
 impl InternalEvent for RestoreFinished<'_> {
     fn emit(self, stats: &Stats) {
-        stats.restored_records.fetch_add(self.records, Relaxed);
+        stats.changelog.restored_records.fetch_add(self.records, Relaxed);
         stats
-            .restore_micros
+            .changelog.restore_micros
             .fetch_add(self.took.as_micros() as u64, Relaxed);
         let secs = self.took.as_secs_f64();
         let rate = self.records as f64 / secs.max(1e-6);
@@ -75,7 +75,7 @@ pub struct HandedOver<'a> {
 
 impl InternalEvent for HandedOver<'_> {
     fn emit(self, stats: &Stats) {
-        stats.handovers.fetch_add(1, Relaxed);
+        stats.changelog.handovers.fetch_add(1, Relaxed);
         ::metrics::counter!("orderly_handovers_total", "how" => self.how).increment(1);
         tracing::debug!(
             entity = self.entity_id,
@@ -135,7 +135,7 @@ pub struct EventForwarded;
 
 impl InternalEvent for EventForwarded {
     fn emit(self, stats: &Stats) {
-        stats.forwarded.fetch_add(1, Relaxed);
+        stats.changelog.forwarded.fetch_add(1, Relaxed);
         ::metrics::counter!("orderly_forwarded_events_total").increment(1);
     }
 }

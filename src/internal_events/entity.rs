@@ -23,17 +23,17 @@ impl InternalEvent for EventProcessed<'_> {
     fn emit(self, stats: &Stats) {
         let outcome = self.outcome;
         let counter = match outcome {
-            Outcome::Applied { .. } => &stats.applied,
-            Outcome::Duplicate(_) => &stats.duplicates,
-            Outcome::Recomputed { .. } => &stats.late_recomputed,
-            Outcome::LateApplied { .. } => &stats.late_applied,
+            Outcome::Applied { .. } => &stats.entities.applied,
+            Outcome::Duplicate(_) => &stats.entities.duplicates,
+            Outcome::Recomputed { .. } => &stats.entities.late_recomputed,
+            Outcome::LateApplied { .. } => &stats.entities.late_applied,
             Outcome::Dropped {
                 too_late: false, ..
-            } => &stats.late_dropped,
-            Outcome::Dropped { too_late: true, .. } => &stats.too_late,
-            Outcome::Parked { .. } => &stats.parked,
-            Outcome::Held => &stats.held,
-            Outcome::Ignored { .. } => &stats.ignored,
+            } => &stats.entities.late_dropped,
+            Outcome::Dropped { too_late: true, .. } => &stats.entities.too_late,
+            Outcome::Parked { .. } => &stats.entities.parked,
+            Outcome::Held => &stats.entities.held,
+            Outcome::Ignored { .. } => &stats.entities.ignored,
         };
         Stats::incr(counter);
         ::metrics::counter!("orderly_events_processed_total", "outcome" => outcome.name())
@@ -67,7 +67,7 @@ impl InternalEvent for EventProcessed<'_> {
             }
         }
         if outcome.is_correction() {
-            Stats::incr(&stats.corrections);
+            Stats::incr(&stats.entities.corrections);
             ::metrics::counter!("orderly_corrections_total").increment(1);
             if let Outcome::Recomputed { changes, .. } | Outcome::LateApplied { changes, .. } =
                 outcome
@@ -94,7 +94,7 @@ pub struct DeadLettered<'a> {
 
 impl InternalEvent for DeadLettered<'_> {
     fn emit(self, stats: &Stats) {
-        Stats::incr(&stats.dead_letters);
+        Stats::incr(&stats.entities.dead_letters);
         ::metrics::counter!(
             "orderly_dead_letters_total",
             "stage" => self.stage,
@@ -109,8 +109,8 @@ pub struct RetryScheduled;
 
 impl InternalEvent for RetryScheduled {
     fn emit(self, stats: &Stats) {
-        Stats::incr(&stats.retries);
-        stats.retrying.fetch_add(1, Relaxed);
+        Stats::incr(&stats.entities.retries);
+        stats.entities.retrying.fetch_add(1, Relaxed);
         ::metrics::counter!("orderly_retries_total").increment(1);
     }
 }
@@ -120,7 +120,7 @@ pub struct RetryDue;
 
 impl InternalEvent for RetryDue {
     fn emit(self, stats: &Stats) {
-        stats.retrying.fetch_sub(1, Relaxed);
+        stats.entities.retrying.fetch_sub(1, Relaxed);
     }
 }
 
@@ -129,7 +129,7 @@ pub struct ActorStarted;
 
 impl InternalEvent for ActorStarted {
     fn emit(self, stats: &Stats) {
-        stats.active_actors.fetch_add(1, Relaxed);
+        stats.entities.active_actors.fetch_add(1, Relaxed);
     }
 }
 
@@ -138,7 +138,7 @@ pub struct ActorStopped;
 
 impl InternalEvent for ActorStopped {
     fn emit(self, stats: &Stats) {
-        stats.active_actors.fetch_sub(1, Relaxed);
+        stats.entities.active_actors.fetch_sub(1, Relaxed);
     }
 }
 
@@ -150,7 +150,7 @@ pub struct ActorsPassivated {
 
 impl InternalEvent for ActorsPassivated {
     fn emit(self, stats: &Stats) {
-        stats.passivations.fetch_add(self.count, Relaxed);
+        stats.entities.passivations.fetch_add(self.count, Relaxed);
         ::metrics::counter!("orderly_passivations_total").increment(self.count);
     }
 }
@@ -170,7 +170,7 @@ pub struct EventStalled<'a> {
 impl InternalEvent for EventStalled<'_> {
     fn emit(self, stats: &Stats) {
         tracing::warn!(shard = self.shard, entity = %self.entity_id, event = %self.event_id, running_ms = self.running_ms, "event stalled: handling runs past the stall deadline");
-        Stats::incr(&stats.stalled);
+        Stats::incr(&stats.entities.stalled);
         ::metrics::counter!("orderly_stalled_events_total").increment(1);
     }
 }

@@ -69,18 +69,20 @@ pub struct GaugesSampled<'a> {
     pub stalled_now: usize,
     /// The store's size on disk, if it could be read.
     pub store_size_bytes: Option<u64>,
+    /// Each partition's durable checkpoint and when it last advanced.
+    pub checkpoints: &'a std::collections::BTreeMap<(String, i32), (i64, std::time::SystemTime)>,
 }
 
 impl InternalEvent for GaugesSampled<'_> {
     fn emit(self, stats: &Stats) {
         use ::metrics::gauge;
         gauge!("orderly_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
-        gauge!("orderly_active_actors").set(stats.active_actors.load(Relaxed) as f64);
-        gauge!("orderly_in_flight_events").set(stats.in_flight.load(Relaxed) as f64);
-        gauge!("orderly_paused_partitions").set(stats.paused_partitions.load(Relaxed) as f64);
-        gauge!("orderly_dead_letters_open").set(stats.open_dead_letters.load(Relaxed) as f64);
-        gauge!("orderly_parked_entities").set(stats.parked_entities.load(Relaxed) as f64);
-        gauge!("orderly_retrying_events").set(stats.retrying.load(Relaxed) as f64);
+        gauge!("orderly_active_actors").set(stats.entities.active_actors.load(Relaxed) as f64);
+        gauge!("orderly_in_flight_events").set(stats.source.in_flight.load(Relaxed) as f64);
+        gauge!("orderly_paused_partitions").set(stats.source.paused_partitions.load(Relaxed) as f64);
+        gauge!("orderly_dead_letters_open").set(stats.writer.open_dead_letters.load(Relaxed) as f64);
+        gauge!("orderly_parked_entities").set(stats.writer.parked_entities.load(Relaxed) as f64);
+        gauge!("orderly_retrying_events").set(stats.entities.retrying.load(Relaxed) as f64);
         gauge!("orderly_stalled_events").set(self.stalled_now as f64);
         for (shard, depth) in self.mailbox_depths.iter().enumerate() {
             gauge!("orderly_mailbox_depth", "shard" => shard.to_string()).set(*depth as f64);
@@ -88,23 +90,21 @@ impl InternalEvent for GaugesSampled<'_> {
         if let Some(bytes) = self.store_size_bytes {
             gauge!("orderly_store_size_bytes").set(bytes as f64);
         }
-        if let Ok(lag) = stats.lag.lock() {
+        if let Ok(lag) = stats.source.lag.lock() {
             for ((topic, partition), lag) in lag.iter() {
                 gauge!("orderly_consumer_lag", "topic" => topic.clone(), "partition" => partition.to_string())
                     .set(*lag as f64);
             }
         }
         let now = std::time::SystemTime::now();
-        if let Ok(cps) = stats.checkpoints.lock() {
-            for ((topic, partition), (offset, at)) in cps.iter() {
-                let age = now.duration_since(*at).unwrap_or_default().as_secs_f64();
-                let labels = [
-                    ("topic", topic.clone()),
-                    ("partition", partition.to_string()),
-                ];
-                gauge!("orderly_checkpoint_age_seconds", &labels).set(age);
-                gauge!("orderly_checkpoint_offset", &labels).set(*offset as f64);
-            }
+        for ((topic, partition), (offset, at)) in self.checkpoints {
+            let age = now.duration_since(*at).unwrap_or_default().as_secs_f64();
+            let labels = [
+                ("topic", topic.clone()),
+                ("partition", partition.to_string()),
+            ];
+            gauge!("orderly_checkpoint_age_seconds", &labels).set(age);
+            gauge!("orderly_checkpoint_offset", &labels).set(*offset as f64);
         }
     }
 }

@@ -9,9 +9,9 @@ pub struct EventReceived;
 
 impl InternalEvent for EventReceived {
     fn emit(self, stats: &Stats) {
-        let in_flight = stats.in_flight.fetch_add(1, Relaxed) + 1;
-        stats.max_in_flight.fetch_max(in_flight, Relaxed);
-        Stats::incr(&stats.received);
+        let in_flight = stats.source.in_flight.fetch_add(1, Relaxed) + 1;
+        stats.source.max_in_flight.fetch_max(in_flight, Relaxed);
+        Stats::incr(&stats.source.received);
         ::metrics::counter!("orderly_events_received_total").increment(1);
     }
 }
@@ -25,9 +25,9 @@ pub struct PartitionsPaused {
 impl InternalEvent for PartitionsPaused {
     fn emit(self, stats: &Stats) {
         if self.paused > 0 {
-            Stats::incr(&stats.pauses);
+            Stats::incr(&stats.source.pauses);
         }
-        stats.paused_partitions.store(self.paused as i64, Relaxed);
+        stats.source.paused_partitions.store(self.paused as i64, Relaxed);
     }
 }
 

@@ -15,9 +15,9 @@ pub struct BatchCommitted {
 
 impl InternalEvent for BatchCommitted {
     fn emit(self, stats: &Stats) {
-        stats.batches.fetch_add(1, Relaxed);
+        stats.writer.batches.fetch_add(1, Relaxed);
         stats
-            .entity_writes
+            .writer.entity_writes
             .fetch_add(self.entity_writes as u64, Relaxed);
         ::metrics::histogram!("orderly_store_batch_size").record(self.entity_writes as f64);
         ::metrics::histogram!("orderly_store_flush_seconds").record(self.took.as_secs_f64());
@@ -35,8 +35,8 @@ impl InternalEvent for EventsDurable<'_> {
     fn emit(self, stats: &Stats) {
         let n = self.latencies.len();
         stats.record_latencies(self.latencies.iter().copied());
-        stats.durable.fetch_add(n as u64, Relaxed);
-        stats.in_flight.fetch_sub(n as i64, Relaxed);
+        stats.writer.durable.fetch_add(n as u64, Relaxed);
+        stats.source.in_flight.fetch_sub(n as i64, Relaxed);
         ::metrics::counter!("orderly_events_durable_total").increment(n as u64);
         let append =
             ::metrics::histogram!("orderly_record_e2e_latency_seconds", "from" => "append");

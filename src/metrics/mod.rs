@@ -16,13 +16,56 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
-use std::time::SystemTime;
 
-/// Counters of one pipeline. Cheap to update from any thread.
+
+/// The numbers of one pipeline, one group per component that books them.
+/// Cheap to update from any thread.
+///
+/// Each happening is booked twice on purpose, by its
+/// [`crate::internal_events`] event: here, per pipeline (for the dashboard,
+/// the benchmark, tests and an embedding application), and in the
+/// process-wide Prometheus recorder (for scrapes). [`Stats::snapshot`] reads
+/// them all at once.
 #[derive(Debug, Default)]
 pub struct Stats {
+    /// What the Kafka source books.
+    pub source: SourceStats,
+    /// What the entity actors book.
+    pub entities: EntityStats,
+    /// What the store writer books.
+    pub writer: WriterStats,
+    /// What the changelog (restore, handover, forwarding) books.
+    pub changelog: ChangelogStats,
+    /// Errors inside orderly (store, Kafka client), retried or reported.
+    pub errors: AtomicU64,
+    /// The most recent corrections, newest last (in memory only; the
+    /// durable feed is the changes topic).
+    pub recent_corrections: Mutex<std::collections::VecDeque<Correction>>,
+    latency: Mutex<Latency>,
+}
+
+/// What the Kafka source books.
+#[derive(Debug, Default)]
+pub struct SourceStats {
     /// Messages received from the broker.
     pub received: AtomicU64,
+    /// Messages received and not yet durable.
+    pub in_flight: AtomicI64,
+    /// The most messages ever in flight at once.
+    pub max_in_flight: AtomicI64,
+    /// Times the source paused its partitions for backpressure.
+    pub pauses: AtomicU64,
+    /// Partitions paused for backpressure now.
+    pub paused_partitions: AtomicI64,
+    /// Consumer lag per partition, from librdkafka's statistics.
+    pub lag: Mutex<BTreeMap<TopicPartition, i64>>,
+    /// The input partitions assigned to this instance now.
+    pub assigned: Mutex<std::collections::BTreeSet<TopicPartition>>,
+}
+
+/// What the entity actors book: the outcome of every event.
+#[derive(Debug, Default)]
+pub struct EntityStats {
     /// Events applied in order.
     pub applied: AtomicU64,
     /// Duplicates skipped (redeliveries and repeated event ids).
@@ -47,39 +90,34 @@ pub struct Stats {
     pub retries: AtomicU64,
     /// Messages dead-lettered.
     pub dead_letters: AtomicU64,
+    /// Events whose handling ran past the stall deadline.
+    pub stalled: AtomicU64,
+    /// Entity actors alive now.
+    pub active_actors: AtomicI64,
+    /// Entity actors passivated so far.
+    pub passivations: AtomicU64,
+    /// Events waiting for a retry now.
+    pub retrying: AtomicI64,
+}
+
+/// What the store writer books.
+#[derive(Debug, Default)]
+pub struct WriterStats {
     /// Messages whose effects are durable (acknowledged).
     pub durable: AtomicU64,
     /// Store batches committed.
     pub batches: AtomicU64,
     /// Entity writes, after coalescing.
     pub entity_writes: AtomicU64,
-    /// Entity actors alive now.
-    pub active_actors: AtomicI64,
-    /// Entity actors passivated so far.
-    pub passivations: AtomicU64,
-    /// Messages received and not yet durable.
-    pub in_flight: AtomicI64,
-    /// The most messages ever in flight at once.
-    pub max_in_flight: AtomicI64,
-    /// Times the source paused its partitions for backpressure.
-    pub pauses: AtomicU64,
-    /// Events whose handling ran past the stall deadline.
-    pub stalled: AtomicU64,
-    /// Errors inside orderly (store, Kafka client), retried or reported.
-    pub errors: AtomicU64,
-    /// Partitions paused for backpressure now.
-    pub paused_partitions: AtomicI64,
     /// Dead letters with status open, as of the last store batch.
     pub open_dead_letters: AtomicI64,
     /// Parked entities, as of the last store batch.
     pub parked_entities: AtomicI64,
-    /// Events waiting for a retry now.
-    pub retrying: AtomicI64,
-    /// The most recent corrections, newest last (in memory only; the
-    /// durable feed is the changes topic).
-    pub recent_corrections: Mutex<std::collections::VecDeque<Correction>>,
-    /// Consumer lag by (topic, partition), from librdkafka's statistics.
-    pub lag: Mutex<BTreeMap<(String, i32), i64>>,
+}
+
+/// What the changelog books: restores, handovers and forwarded events.
+#[derive(Debug, Default)]
+pub struct ChangelogStats {
     /// Changelog records restored.
     pub restored_records: AtomicU64,
     /// Time spent restoring partitions, µs.
@@ -89,12 +127,101 @@ pub struct Stats {
     pub handovers: AtomicU64,
     /// Events forwarded from a stub to their entity's new partition.
     pub forwarded: AtomicU64,
-    /// The input partitions assigned to this instance now.
-    pub assigned: Mutex<std::collections::BTreeSet<(String, i32)>>,
-    /// The durable checkpoint of each partition and when it last advanced.
-    pub checkpoints: Mutex<BTreeMap<(String, i32), (i64, SystemTime)>>,
-    latency: Mutex<Latency>,
 }
+
+/// Every counter and gauge of [`Stats`] at one moment, as the dashboard's
+/// `/api/overview` shows them.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Snapshot {
+    /// Totals since start.
+    pub counters: CounterSnapshot,
+    /// Levels now.
+    pub gauges: GaugeSnapshot,
+    /// End-to-end latency percentiles.
+    pub latency_ms: LatencySnapshot,
+}
+
+/// The totals of a [`Snapshot`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CounterSnapshot {
+    /// Messages received.
+    pub received: u64,
+    /// Messages whose effects are durable.
+    pub completed: u64,
+    /// Events applied in order.
+    pub applied: u64,
+    /// Duplicates skipped.
+    pub duplicates: u64,
+    /// Late events re-folded.
+    pub late_recomputed: u64,
+    /// Late events applied on top.
+    pub late_applied: u64,
+    /// Late events dropped.
+    pub late_dropped: u64,
+    /// Events older than the retained log.
+    pub too_late: u64,
+    /// Entities parked by a late event.
+    pub parked_events: u64,
+    /// Events held by parked entities.
+    pub held: u64,
+    /// Events ignored by the tenant's settings.
+    pub ignored: u64,
+    /// Corrections emitted.
+    pub corrections: u64,
+    /// Retries after transient failures.
+    pub retries: u64,
+    /// Messages dead-lettered.
+    pub dead_letters: u64,
+    /// Events that ran past the stall deadline.
+    pub stalled: u64,
+    /// Actors passivated.
+    pub passivations: u64,
+    /// Backpressure pauses.
+    pub pauses: u64,
+    /// Errors inside orderly.
+    pub errors: u64,
+    /// Store batches committed.
+    pub batches: u64,
+    /// Entity writes after coalescing.
+    pub entity_writes: u64,
+    /// Changelog records restored.
+    pub restored_records: u64,
+    /// Entities combined from a second partition.
+    pub handovers: u64,
+    /// Events forwarded to an entity's new partition.
+    pub forwarded: u64,
+}
+
+/// The levels of a [`Snapshot`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct GaugeSnapshot {
+    /// Messages received and not yet durable.
+    pub in_flight: i64,
+    /// The most ever in flight at once.
+    pub max_in_flight: i64,
+    /// Entity actors alive.
+    pub active_actors: i64,
+    /// Partitions paused for backpressure.
+    pub paused_partitions: i64,
+    /// Open dead letters.
+    pub failed: i64,
+    /// Parked entities.
+    pub parked: i64,
+    /// Events waiting for a retry.
+    pub retrying: i64,
+}
+
+/// The latency part of a [`Snapshot`].
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct LatencySnapshot {
+    /// Kafka append → durable.
+    pub append_to_durable: Percentiles,
+    /// The event's `occurred_at` → durable.
+    pub occurred_to_durable: Percentiles,
+}
+
+/// A topic and partition, as [`Stats`] keys them.
+pub type TopicPartition = (String, i32);
 
 #[derive(Debug)]
 struct Latency {
@@ -133,17 +260,18 @@ pub struct Correction {
     pub fields: Vec<String>,
 }
 
-impl Percentiles {
-    /// As JSON, in milliseconds: `count`, `p50_ms`, `p95_ms`, `p99_ms`, `max_ms`.
-    pub fn to_json(&self) -> serde_json::Value {
+impl serde::Serialize for Percentiles {
+    /// In milliseconds: `count`, `p50_ms`, `p95_ms`, `p99_ms`, `max_ms`.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
         let ms = |us: u64| us as f64 / 1000.0;
-        serde_json::json!({
-            "count": self.count,
-            "p50_ms": ms(self.p50),
-            "p95_ms": ms(self.p95),
-            "p99_ms": ms(self.p99),
-            "max_ms": ms(self.max),
-        })
+        let mut out = s.serialize_struct("Percentiles", 5)?;
+        out.serialize_field("count", &self.count)?;
+        out.serialize_field("p50_ms", &ms(self.p50))?;
+        out.serialize_field("p95_ms", &ms(self.p95))?;
+        out.serialize_field("p99_ms", &ms(self.p99))?;
+        out.serialize_field("max_ms", &ms(self.max))?;
+        out.end()
     }
 }
 
@@ -238,6 +366,55 @@ impl Stats {
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Relaxed)
     }
+
+    /// Every counter and gauge now. Each is read on its own, so a snapshot
+    /// taken while events flow may be off by the events of that instant.
+    pub fn snapshot(&self) -> Snapshot {
+        let c = |a: &AtomicU64| a.load(Relaxed);
+        let g = |a: &AtomicI64| a.load(Relaxed);
+        let (source, entities, writer, changelog) =
+            (&self.source, &self.entities, &self.writer, &self.changelog);
+        Snapshot {
+            counters: CounterSnapshot {
+                received: c(&source.received),
+                completed: c(&writer.durable),
+                applied: c(&entities.applied),
+                duplicates: c(&entities.duplicates),
+                late_recomputed: c(&entities.late_recomputed),
+                late_applied: c(&entities.late_applied),
+                late_dropped: c(&entities.late_dropped),
+                too_late: c(&entities.too_late),
+                parked_events: c(&entities.parked),
+                held: c(&entities.held),
+                ignored: c(&entities.ignored),
+                corrections: c(&entities.corrections),
+                retries: c(&entities.retries),
+                dead_letters: c(&entities.dead_letters),
+                stalled: c(&entities.stalled),
+                passivations: c(&entities.passivations),
+                pauses: c(&source.pauses),
+                errors: c(&self.errors),
+                batches: c(&writer.batches),
+                entity_writes: c(&writer.entity_writes),
+                restored_records: c(&changelog.restored_records),
+                handovers: c(&changelog.handovers),
+                forwarded: c(&changelog.forwarded),
+            },
+            gauges: GaugeSnapshot {
+                in_flight: g(&source.in_flight),
+                max_in_flight: g(&source.max_in_flight),
+                active_actors: g(&entities.active_actors),
+                paused_partitions: g(&source.paused_partitions),
+                failed: g(&writer.open_dead_letters),
+                parked: g(&writer.parked_entities),
+                retrying: g(&entities.retrying),
+            },
+            latency_ms: LatencySnapshot {
+                append_to_durable: self.append_to_durable(),
+                occurred_to_durable: self.occurred_to_durable(),
+            },
+        }
+    }
 }
 
 /// The process-wide Prometheus recorder, installed on first use. `None` when
@@ -284,4 +461,42 @@ pub fn prometheus() -> Option<&'static PrometheusHandle> {
             Some(handle)
         })
         .as_ref()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The snapshot reads every group, and serialises under the names the
+    /// dashboard reads (`src/dashboard.html`).
+    #[test]
+    fn snapshot_reads_each_component_under_the_dashboards_names() {
+        let stats = Stats::default();
+        stats.source.received.fetch_add(5, Relaxed);
+        stats.source.in_flight.fetch_add(2, Relaxed);
+        stats.entities.parked.fetch_add(1, Relaxed);
+        stats.entities.active_actors.fetch_add(3, Relaxed);
+        stats.writer.durable.fetch_add(4, Relaxed);
+        stats.writer.open_dead_letters.fetch_add(6, Relaxed);
+        stats.writer.parked_entities.fetch_add(7, Relaxed);
+        stats.changelog.forwarded.fetch_add(8, Relaxed);
+        stats.errors.fetch_add(9, Relaxed);
+        stats.record_latencies([(Some(2_000), Some(3_000))].into_iter());
+        let json = serde_json::to_value(stats.snapshot()).unwrap();
+        let c = &json["counters"];
+        assert_eq!(
+            (&c["received"], &c["completed"], &c["parked_events"]),
+            (&5.into(), &4.into(), &1.into())
+        );
+        assert_eq!((&c["forwarded"], &c["errors"]), (&8.into(), &9.into()));
+        let g = &json["gauges"];
+        assert_eq!(
+            (&g["in_flight"], &g["active_actors"], &g["failed"], &g["parked"]),
+            (&2.into(), &3.into(), &6.into(), &7.into())
+        );
+        let append = &json["latency_ms"]["append_to_durable"];
+        assert_eq!(append["count"], 1);
+        assert!((append["p50_ms"].as_f64().unwrap() - 2.0).abs() < 0.01, "{append}");
+        assert!(json["latency_ms"]["occurred_to_durable"]["max_ms"].as_f64().unwrap() >= 2.99);
+    }
 }

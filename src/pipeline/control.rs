@@ -29,9 +29,60 @@ pub struct Control {
     pub(super) brokers_ok: Arc<AtomicBool>,
     pub(super) fatal: Arc<Fatal>,
     pub(super) stats: Arc<Stats>,
+    pub(super) checkpointer: Arc<crate::checkpoint::Checkpointer>,
     pub(super) stalls: Arc<crate::stall::Stalls>,
     pub(super) settings: Arc<crate::settings::Settings>,
     pub(super) identity: Arc<Identity>,
+}
+
+/// What `GET /api/overview` returns: everything the dashboard shows at a glance.
+#[derive(Debug, serde::Serialize)]
+pub struct Overview {
+    /// orderly's version.
+    pub version: &'static str,
+    /// When this was taken, ms since the Unix epoch.
+    pub now_ms: i64,
+    /// Whether the pipeline is ready.
+    pub ready: bool,
+    /// Why not, when it is not.
+    pub not_ready_reason: Option<String>,
+    /// The pipeline's totals.
+    pub counters: crate::metrics::CounterSnapshot,
+    /// The pipeline's levels.
+    pub gauges: GaugesOverview,
+    /// End-to-end latency.
+    pub latency_ms: crate::metrics::LatencySnapshot,
+    /// Lag and checkpoint per partition.
+    pub partitions: Vec<PartitionOverview>,
+    /// The latest corrections, newest first.
+    pub recent_corrections: Vec<crate::metrics::Correction>,
+}
+
+/// The gauges of an [`Overview`]: the pipeline's, and two read at the time.
+#[derive(Debug, serde::Serialize)]
+pub struct GaugesOverview {
+    /// The pipeline's gauges.
+    #[serde(flatten)]
+    pub stats: crate::metrics::GaugeSnapshot,
+    /// Events running past the stall deadline now.
+    pub stalled: usize,
+    /// Deliveries queued over all shards.
+    pub mailbox_depth: i64,
+}
+
+/// One partition's row in an [`Overview`].
+#[derive(Debug, serde::Serialize)]
+pub struct PartitionOverview {
+    /// The input topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: i32,
+    /// Consumer lag, from librdkafka's statistics.
+    pub lag: Option<i64>,
+    /// The durable checkpoint: the next offset to consume.
+    pub checkpoint: Option<i64>,
+    /// Seconds since the checkpoint last advanced.
+    pub checkpoint_age_s: Option<f64>,
 }
 
 /// Who this instance is, for operators.
@@ -50,12 +101,12 @@ impl Control {
         use serde_json::json;
         let assigned = self
             .stats
-            .assigned
+            .source.assigned
             .lock()
             .map(|a| a.clone())
             .unwrap_or_default();
         let counts = self.store.partition_counts().unwrap_or_default();
-        let lag = self.stats.lag.lock().map(|l| l.clone()).unwrap_or_default();
+        let lag = self.stats.source.lag.lock().map(|l| l.clone()).unwrap_or_default();
         let mut held: std::collections::BTreeSet<(String, i32)> = assigned.clone();
         held.extend(counts.keys().map(|h| (h.topic.clone(), h.partition)));
         // Each topic's checkpoints in one scan.
@@ -126,83 +177,55 @@ impl Control {
                 mailbox_depths: &self.router.mailbox_depths(),
                 stalled_now,
                 store_size_bytes: self.store.size_on_disk().ok(),
+                checkpoints: &self.checkpointer.durable_checkpoints(),
             },
             &self.stats,
         );
     }
 
-    /// Everything the dashboard shows at a glance, as JSON.
-    pub fn overview(&self) -> serde_json::Value {
-        use serde_json::json;
-        let s = &*self.stats;
-        let c = |a: &std::sync::atomic::AtomicU64| a.load(Relaxed);
-        let g = |a: &std::sync::atomic::AtomicI64| a.load(Relaxed);
-        let stalled_now = self.stalls.running();
+    /// Everything the dashboard shows at a glance.
+    pub fn overview(&self) -> Overview {
         let now = std::time::SystemTime::now();
-        let lag = s.lag.lock().map(|l| l.clone()).unwrap_or_default();
-        let checkpoints = s.checkpoints.lock().map(|c| c.clone()).unwrap_or_default();
+        let stats = self.stats.snapshot();
+        let lag = self.stats.source.lag.lock().map(|l| l.clone()).unwrap_or_default();
+        let checkpoints = self.checkpointer.durable_checkpoints();
         let mut keys: std::collections::BTreeSet<(String, i32)> = lag.keys().cloned().collect();
         keys.extend(checkpoints.keys().cloned());
-        let partitions: Vec<_> = keys
+        let partitions = keys
             .into_iter()
             .map(|k| {
                 let cp = checkpoints.get(&k);
-                json!({
-                    "topic": k.0,
-                    "partition": k.1,
-                    "lag": lag.get(&k),
-                    "checkpoint": cp.map(|c| c.0),
-                    "checkpoint_age_s": cp.map(|c| now.duration_since(c.1).unwrap_or_default().as_secs_f64()),
-                })
+                PartitionOverview {
+                    lag: lag.get(&k).copied(),
+                    checkpoint: cp.map(|c| c.0),
+                    checkpoint_age_s: cp
+                        .map(|c| now.duration_since(c.1).unwrap_or_default().as_secs_f64()),
+                    topic: k.0,
+                    partition: k.1,
+                }
             })
             .collect();
-        let corrections: Vec<_> = s
+        let recent_corrections = self
+            .stats
             .recent_corrections
             .lock()
             .map(|r| r.iter().rev().cloned().collect())
             .unwrap_or_default();
-        json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "now_ms": crate::telemetry::unix_ms(now),
-            "ready": self.not_ready().is_none(),
-            "not_ready_reason": self.not_ready(),
-            "counters": {
-                "received": c(&s.received),
-                "completed": c(&s.durable),
-                "applied": c(&s.applied),
-                "duplicates": c(&s.duplicates),
-                "late_recomputed": c(&s.late_recomputed),
-                "late_applied": c(&s.late_applied),
-                "late_dropped": c(&s.late_dropped),
-                "too_late": c(&s.too_late),
-                "parked_events": c(&s.parked),
-                "held": c(&s.held),
-                "ignored": c(&s.ignored),
-                "corrections": c(&s.corrections),
-                "retries": c(&s.retries),
-                "dead_letters": c(&s.dead_letters),
-                "stalled": c(&s.stalled),
-                "passivations": c(&s.passivations),
-                "pauses": c(&s.pauses),
-                "errors": c(&s.errors),
+        Overview {
+            version: env!("CARGO_PKG_VERSION"),
+            now_ms: crate::telemetry::unix_ms(now),
+            ready: self.not_ready().is_none(),
+            not_ready_reason: self.not_ready(),
+            gauges: GaugesOverview {
+                stalled: self.stalls.running(),
+                mailbox_depth: self.router.mailbox_depths().iter().sum(),
+                stats: stats.gauges,
             },
-            "gauges": {
-                "in_flight": g(&s.in_flight),
-                "active_actors": g(&s.active_actors),
-                "paused_partitions": g(&s.paused_partitions),
-                "failed": g(&s.open_dead_letters),
-                "parked": g(&s.parked_entities),
-                "retrying": g(&s.retrying),
-                "stalled": stalled_now,
-                "mailbox_depth": self.router.mailbox_depths().iter().sum::<i64>(),
-            },
-            "latency_ms": {
-                "append_to_durable": s.append_to_durable().to_json(),
-                "occurred_to_durable": s.occurred_to_durable().to_json(),
-            },
-            "partitions": partitions,
-            "recent_corrections": corrections,
-        })
+            counters: stats.counters,
+            latency_ms: stats.latency_ms,
+            partitions,
+            recent_corrections,
+        }
     }
 
     /// The counters.

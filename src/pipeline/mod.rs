@@ -23,7 +23,7 @@
 mod control;
 
 pub use control::{Control, ControlError, Identity};
-use crate::checkpoint::CheckpointTracker;
+use crate::checkpoint::Checkpointer;
 use crate::config::Config;
 use crate::entity::Shared;
 use crate::lifecycle::Fatal;
@@ -37,7 +37,7 @@ use crate::writer::{WriteIntent, Writer, WriterMsg};
 use actix::Arbiter;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -96,7 +96,7 @@ fn finish_by(deadline: Instant, f: impl FnOnce() + Send + 'static) -> bool {
 /// and feeding waits while `in_flight_high` events are in flight.
 pub struct Injector {
     router: Router,
-    tracker: Arc<Mutex<CheckpointTracker>>,
+    checkpointer: Arc<Checkpointer>,
     stats: Arc<Stats>,
     high: i64,
     topic: Arc<str>,
@@ -106,15 +106,12 @@ pub struct Injector {
 impl Injector {
     /// Routes `event` as if read from `partition`; blocks while the pipeline is full.
     pub fn inject(&mut self, event: crate::model::envelope::Event, partition: i32) {
-        while self.stats.in_flight.load(Relaxed) >= self.high {
+        while self.stats.source.in_flight.load(Relaxed) >= self.high {
             std::thread::sleep(Duration::from_micros(200));
         }
         let offset = self.offsets.entry(partition).or_insert(0);
         let tp: crate::checkpoint::TopicPartition = (self.topic.clone(), partition);
-        self.tracker
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .received(&tp, *offset);
+        self.checkpointer.received(&tp, *offset);
         crate::internal_events::emit(crate::internal_events::EventReceived, &self.stats);
         let now = std::time::SystemTime::now();
         self.router.route(crate::entity::Delivery {
@@ -137,6 +134,7 @@ pub const SHUTDOWN_ALLOWANCE: Duration = Duration::from_secs(2);
 /// A running pipeline.
 pub struct Pipeline {
     stats: Arc<Stats>,
+    checkpointer: Arc<Checkpointer>,
     fatal: Arc<Fatal>,
     ready: Arc<AtomicBool>,
     store_ok: Arc<AtomicBool>,
@@ -210,20 +208,18 @@ impl Pipeline {
         let dyn_store: Arc<dyn Store> = store.clone();
         let stats = Arc::new(Stats::default());
         let fatal = Arc::new(Fatal::default());
-        let tracker = Arc::new(Mutex::new(CheckpointTracker::new()));
+        let checkpointer = Arc::new(Checkpointer::new());
         let (writer_tx, writer_rx) = tokio::sync::mpsc::unbounded_channel();
-        let (commits_tx, commits_rx) = std::sync::mpsc::channel();
         let outbox_ready = Arc::new(tokio::sync::Notify::new());
         let store_ok = Arc::new(AtomicBool::new(true));
         let brokers_ok = Arc::new(AtomicBool::new(true));
 
         let writer = Writer {
             store: dyn_store.clone(),
-            tracker: tracker.clone(),
+            checkpointer: checkpointer.clone(),
             stats: stats.clone(),
             dead_letter_topic: config.dead_letter_topic.clone(),
             batch_max: config.batch_max,
-            commits: commits_tx,
             outbox_ready: outbox_ready.clone(),
             anomalies_topic: config.anomalies_topic.clone(),
             anomalies_retained: config.anomalies_retained,
@@ -351,11 +347,10 @@ impl Pipeline {
                 &config,
                 SourceParts {
                     store: dyn_store,
-                    tracker,
+                    checkpointer: checkpointer.clone(),
                     router,
                     writer: writer_tx.clone(),
                     stats: stats.clone(),
-                    commits: commits_rx,
                     ready: ready.clone(),
                     topics: config.input_topics(),
                     brokers_ok: brokers_ok.clone(),
@@ -369,13 +364,12 @@ impl Pipeline {
             let source = spawn("orderly-source", move || source.run(stop, grace))?;
             (Some(source), None)
         } else {
-            // Engine mode: events come from an Injector; the writer's
-            // checkpoint requests have no source to commit them.
+            // Engine mode: events come from an Injector; the durable
+            // checkpoints have no source to commit them.
             ready.store(true, Relaxed);
-            drop(commits_rx);
             let injector = Injector {
                 router: router.clone(),
-                tracker,
+                checkpointer: checkpointer.clone(),
                 stats: stats.clone(),
                 high: config.in_flight_high as i64,
                 topic: Arc::from(config.topic.as_str()),
@@ -385,6 +379,7 @@ impl Pipeline {
         };
         tracing::info!(shards = arbiters.len(), topic = %config.topic, group = %config.group, data_dir = %config.data_dir.display(), kafka = with_source, "pipeline started");
         let pipeline = Pipeline {
+            checkpointer,
             stats,
             fatal,
             ready,
@@ -444,6 +439,7 @@ impl Pipeline {
             brokers_ok: self.brokers_ok.clone(),
             fatal: self.fatal.clone(),
             stats: self.stats.clone(),
+            checkpointer: self.checkpointer.clone(),
             stalls: self.stalls.clone(),
             settings: self.settings.clone(),
             identity: self.identity.clone(),
@@ -528,15 +524,15 @@ impl Pipeline {
             abandoned.dedup();
             tracing::error!(
                 ?abandoned,
-                in_flight = self.stats.in_flight.load(Relaxed),
+                in_flight = self.stats.source.in_flight.load(Relaxed),
                 "shutdown exceeded the grace period; stopping anyway (what was not acknowledged is redelivered on restart)"
             );
             return Err(PipelineError::ShutdownTimeout(abandoned.join(", ")));
         }
-        let remaining = self.stats.in_flight.load(Relaxed);
+        let remaining = self.stats.source.in_flight.load(Relaxed);
         tracing::info!(
             remaining,
-            durable = Stats::get(&self.stats.durable),
+            durable = Stats::get(&self.stats.writer.durable),
             "pipeline stopped"
         );
         match self.fatal.reason() {

@@ -225,7 +225,7 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
         let mut half = None;
         let registry = pipeline.settings();
         loop {
-            let durable = Stats::get(&stats.durable);
+            let durable = Stats::get(&stats.writer.durable);
             bar.set_position(durable);
             if durable >= total {
                 break;
@@ -273,10 +273,10 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         // Derived events (the tenant totals) follow through the derived topic.
-        let mut last = (Stats::get(&stats.durable), Instant::now());
+        let mut last = (Stats::get(&stats.writer.durable), Instant::now());
         loop {
-            let durable = Stats::get(&stats.durable);
-            let quiet = stats.in_flight.load(Relaxed) == 0
+            let durable = Stats::get(&stats.writer.durable);
+            let quiet = stats.source.in_flight.load(Relaxed) == 0
                 && store.outbox(1).map(|o| o.is_empty()).unwrap_or(true);
             if durable != last.0 {
                 last = (durable, Instant::now());
@@ -302,17 +302,17 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
         let summary = Summary {
             produced,
             entities: 0,
-            applied: Stats::get(&s.applied),
-            duplicates: Stats::get(&s.duplicates),
-            late_recomputed: Stats::get(&s.late_recomputed),
-            too_late: Stats::get(&s.too_late),
-            dead_letters: Stats::get(&s.dead_letters),
-            corrections: Stats::get(&s.corrections),
-            late_applied: Stats::get(&s.late_applied),
-            ignored: Stats::get(&s.ignored),
+            applied: Stats::get(&s.entities.applied),
+            duplicates: Stats::get(&s.entities.duplicates),
+            late_recomputed: Stats::get(&s.entities.late_recomputed),
+            too_late: Stats::get(&s.entities.too_late),
+            dead_letters: Stats::get(&s.entities.dead_letters),
+            corrections: Stats::get(&s.entities.corrections),
+            late_applied: Stats::get(&s.entities.late_applied),
+            ignored: Stats::get(&s.entities.ignored),
             tenant_settings: Vec::new(),
             tenant_conversions: Vec::new(),
-            throughput: Stats::get(&s.durable) as f64 / seconds,
+            throughput: Stats::get(&s.writer.durable) as f64 / seconds,
             latency: s.append_to_durable(),
             seconds,
         };

@@ -4,13 +4,14 @@
 //! Runs on its own thread, so no actor's thread ever waits for an fsync.
 //! Intents for the same entity in one batch are coalesced into one write (the
 //! last one wins: each carries the entity's whole record). After the flush the
-//! writer marks the offsets durable, completes the events' spans, records
-//! latency, and asks the source to commit the new checkpoints to Kafka.
+//! writer tells the [`Checkpointer`] that the offsets and the batch's
+//! checkpoints are durable (the source commits those to Kafka), completes the
+//! events' spans and records latency.
 
 mod batch;
 
 use batch::BatchBuilder;
-use crate::checkpoint::{CheckpointTracker, TopicPartition};
+use crate::checkpoint::{Checkpointer, TopicPartition};
 use crate::internal_events::{emit, BatchCommitted, ComponentError, EventsDurable};
 use crate::metrics::Stats;
 use crate::model::dead_letter::DeadLetter;
@@ -19,7 +20,7 @@ use crate::store::{Checkpoint, CommitBatch, OutboxRecord, Store, StoreError};
 use crate::telemetry::{self, SpanInfo};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
 
@@ -105,23 +106,18 @@ pub enum WriterMsg {
     Reload,
 }
 
-/// Checkpoints for the source to commit to Kafka.
-pub type CommitRequest = Vec<Checkpoint>;
-
 /// Everything the writer works with.
 pub struct Writer {
     /// The store.
     pub store: Arc<dyn Store>,
-    /// Shared with the source.
-    pub tracker: Arc<Mutex<CheckpointTracker>>,
+    /// Every offset's progress, shared with the source.
+    pub checkpointer: Arc<Checkpointer>,
     /// Counters.
     pub stats: Arc<Stats>,
     /// Where dead letters are published.
     pub dead_letter_topic: String,
     /// Most intents per batch.
     pub batch_max: usize,
-    /// Tells the source what to commit.
-    pub commits: std::sync::mpsc::Sender<CommitRequest>,
     /// Wakes the outbox publisher.
     pub outbox_ready: Arc<tokio::sync::Notify>,
     /// Where anomalies are published; empty: not published.
@@ -215,21 +211,21 @@ impl Writer {
             batch.anomaly_seq = Some(*anomaly_seq);
             batch.prune_anomalies_below = anomaly_seq.checked_sub(self.anomalies_retained);
         }
-        {
-            let mut tracker = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
-            for ack in intents.iter().filter_map(|i| i.ack.as_ref()) {
-                tracker.written(&ack.tp, ack.offset);
-            }
-            for tp in &touched {
-                if let Some(next_offset) = tracker.checkpoint(tp) {
-                    batch.checkpoints.push(Checkpoint {
-                        topic: tp.0.to_string(),
-                        partition: tp.1,
-                        next_offset,
-                    });
-                }
-            }
-        }
+        let checkpoints = self.checkpointer.written(
+            intents
+                .iter()
+                .filter_map(|i| i.ack.as_ref())
+                .map(|a| (&a.tp, a.offset)),
+            &touched,
+        );
+        batch.checkpoints = checkpoints
+            .iter()
+            .map(|(tp, next_offset)| Checkpoint {
+                topic: tp.0.to_string(),
+                partition: tp.1,
+                next_offset: *next_offset,
+            })
+            .collect();
         // A store failure is retried with backoff, for ever: nothing is
         // acknowledged until the batch is durable, so in-flight events pile up
         // and the source pauses; the pipeline reports not ready meanwhile.
@@ -259,6 +255,14 @@ impl Writer {
         }
         let took = started.elapsed();
         let durable_at = SystemTime::now();
+        self.checkpointer.flushed(
+            intents
+                .iter()
+                .filter_map(|i| i.ack.as_ref())
+                .map(|a| (&a.tp, a.offset)),
+            &checkpoints,
+            durable_at,
+        );
         self.acknowledge(&intents, durable_at);
         emit(
             BatchCommitted {
@@ -268,22 +272,6 @@ impl Writer {
             &self.stats,
         );
         self.publish_view(view);
-        if !batch.checkpoints.is_empty() {
-            {
-                let mut cps = self
-                    .stats
-                    .checkpoints
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                for cp in &batch.checkpoints {
-                    cps.insert(
-                        (cp.topic.clone(), cp.partition),
-                        (cp.next_offset, durable_at),
-                    );
-                }
-            }
-            let _ = self.commits.send(batch.checkpoints);
-        }
         if !batch.outbox.is_empty() {
             self.outbox_ready.notify_one();
         }
@@ -295,10 +283,10 @@ impl Writer {
 
     fn publish_view(&self, view: &OperatorView) {
         self.stats
-            .parked_entities
+            .writer.parked_entities
             .store(view.parked.len() as i64, Relaxed);
         self.stats
-            .open_dead_letters
+            .writer.open_dead_letters
             .store(view.open_dead_letters as i64, Relaxed);
     }
 
@@ -311,12 +299,6 @@ impl Writer {
     }
 
     fn acknowledge(&self, intents: &[Box<WriteIntent>], durable_at: SystemTime) {
-        {
-            let mut tracker = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
-            for ack in intents.iter().filter_map(|i| i.ack.as_ref()) {
-                tracker.durable(&ack.tp, ack.offset);
-            }
-        }
         let now_us = durable_at
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_micros() as i64)

@@ -649,7 +649,7 @@ pub fn run_to_quiet(
                 "pipeline failed: {:?}",
                 pipeline.fatal().reason()
             );
-            let durable = Stats::get(&stats.durable);
+            let durable = Stats::get(&stats.writer.durable);
             assert!(
                 Instant::now() < deadline,
                 "only {durable} of {expected} durable"
@@ -657,7 +657,8 @@ pub fn run_to_quiet(
             if durable != last.0 {
                 last = (durable, Instant::now());
             }
-            let quiet = stats.in_flight.load(Relaxed) == 0 && store.outbox(1).unwrap().is_empty();
+            let quiet =
+                stats.source.in_flight.load(Relaxed) == 0 && store.outbox(1).unwrap().is_empty();
             if durable >= expected && quiet && last.1.elapsed() > Duration::from_millis(500) {
                 break;
             }
@@ -753,11 +754,11 @@ pub fn run_to_quiet_with(
     let control: orderly::pipeline::Control = rx.recv().expect("pipeline started");
     let wait_durable = |n: u64| {
         let deadline = Instant::now() + Duration::from_secs(120);
-        while Stats::get(&control.stats().durable) < n {
+        while Stats::get(&control.stats().writer.durable) < n {
             assert!(
                 Instant::now() < deadline,
                 "only {} of {n} durable",
-                Stats::get(&control.stats().durable)
+                Stats::get(&control.stats().writer.durable)
             );
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -766,11 +767,11 @@ pub fn run_to_quiet_with(
     wait_durable(expected);
     let mut last = (0, Instant::now());
     loop {
-        let durable = Stats::get(&control.stats().durable);
+        let durable = Stats::get(&control.stats().writer.durable);
         if durable != last.0 {
             last = (durable, Instant::now());
         }
-        let quiet = control.stats().in_flight.load(Relaxed) == 0
+        let quiet = control.stats().source.in_flight.load(Relaxed) == 0
             && control.store().outbox(1).unwrap().is_empty();
         if quiet && last.1.elapsed() > Duration::from_millis(500) {
             break;
@@ -849,11 +850,11 @@ pub fn produce_events(brokers: &str, topic: &str, events: &[Event]) -> u64 {
 pub async fn wait_durable(stats: &orderly::metrics::Stats, n: u64) {
     use orderly::metrics::Stats;
     let deadline = Instant::now() + Duration::from_secs(120);
-    while Stats::get(&stats.durable) < n {
+    while Stats::get(&stats.writer.durable) < n {
         assert!(
             Instant::now() < deadline,
             "only {} of {n} durable",
-            Stats::get(&stats.durable)
+            Stats::get(&stats.writer.durable)
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -340,8 +340,8 @@ pub(super) async fn wait_for(
 
 pub(super) async fn wait_durable(stats: &Stats, n: u64, pipeline: &Pipeline) -> anyhow::Result<()> {
     let mut last = (0, Instant::now());
-    while Stats::get(&stats.durable) < n {
-        let d = Stats::get(&stats.durable);
+    while Stats::get(&stats.writer.durable) < n {
+        let d = Stats::get(&stats.writer.durable);
         if d != last.0 {
             last = (d, Instant::now());
         }
@@ -376,7 +376,7 @@ pub(super) fn end_to_end(
         consuming.store(true, Relaxed);
         // Time starts at the first message received: group formation is not orderly's speed.
         wait_for(&pipeline, "a first message", || {
-            Stats::get(&stats.received) > 0
+            Stats::get(&stats.source.received) > 0
         })
         .await?;
         let started = Instant::now();
@@ -385,14 +385,14 @@ pub(super) fn end_to_end(
         // first fetches and the first actors of a fresh start.
         let mut steady: Option<hdrhistogram::Histogram<u64>> = None;
         let mut windows = Vec::new();
-        let mut last_durable = Stats::get(&stats.durable);
+        let mut last_durable = Stats::get(&stats.writer.durable);
         let mut last_t = started;
         let mut max_rss: f64 = 0.0;
         let mut end: Option<Instant> = None;
         let mut progress_at = (u64::MAX, Instant::now());
         loop {
             tokio::time::sleep(Duration::from_millis(20)).await;
-            let durable = Stats::get(&stats.durable);
+            let durable = Stats::get(&stats.writer.durable);
             bar.set_position(durable);
             if let Some(r) = fatal.reason() {
                 anyhow::bail!("the pipeline stopped: {r}");
@@ -404,8 +404,8 @@ pub(super) fn end_to_end(
                 progress_at.1.elapsed() < Duration::from_secs(120),
                 "no progress for 120 s: {durable} durable of {:?} expected, {} received, {} in flight",
                 expected(),
-                Stats::get(&stats.received),
-                stats.in_flight.load(Relaxed)
+                Stats::get(&stats.source.received),
+                stats.source.in_flight.load(Relaxed)
             );
             let target = expected();
             let done = target.is_some_and(|t| durable >= t);
@@ -435,8 +435,8 @@ pub(super) fn end_to_end(
                     throughput_eps: (durable - last_durable) as f64 / dt.max(1e-9),
                     p99_ms: p.p99 as f64 / 1000.0,
                     rss_mib: rss,
-                    active_actors: stats.active_actors.load(Relaxed),
-                    in_flight: stats.in_flight.load(Relaxed),
+                    active_actors: stats.entities.active_actors.load(Relaxed),
+                    in_flight: stats.source.in_flight.load(Relaxed),
                 });
                 last_durable = durable;
                 last_t = Instant::now();
@@ -449,7 +449,7 @@ pub(super) fn end_to_end(
             .map(|e| e.duration_since(started))
             .unwrap_or_else(|| started.elapsed())
             .as_secs_f64();
-        let durable = Stats::get(&stats.durable);
+        let durable = Stats::get(&stats.writer.durable);
         pipeline.shutdown()?;
         Ok(E2e {
             steady: steady
@@ -481,8 +481,8 @@ pub(super) fn restore(mut config: Config) -> anyhow::Result<serde_json::Value> {
         wait_for(&pipeline, "the restore", || pipeline.is_ready()).await?;
         let stats = pipeline.stats();
         let store = pipeline.store();
-        let records = Stats::get(&stats.restored_records);
-        let seconds = Stats::get(&stats.restore_micros) as f64 / 1e6;
+        let records = Stats::get(&stats.changelog.restored_records);
+        let seconds = Stats::get(&stats.changelog.restore_micros) as f64 / 1e6;
         let entities: u64 = crate::store::Store::partition_counts(store.as_ref())?
             .values()
             .sum();

@@ -17,17 +17,17 @@ pub(super) fn report(
     use serde_json::json;
     let st = &e2e.stats;
     let g = |c: &std::sync::atomic::AtomicU64| Stats::get(c);
-    let processed = g(&st.applied)
-        + g(&st.late_recomputed)
-        + g(&st.late_applied)
-        + g(&st.late_dropped)
-        + g(&st.too_late)
-        + g(&st.parked)
-        + g(&st.held)
-        + g(&st.ignored);
+    let processed = g(&st.entities.applied)
+        + g(&st.entities.late_recomputed)
+        + g(&st.entities.late_applied)
+        + g(&st.entities.late_dropped)
+        + g(&st.entities.too_late)
+        + g(&st.entities.parked)
+        + g(&st.entities.held)
+        + g(&st.entities.ignored);
     let open = s.open_loop();
-    let dead = g(&st.dead_letters);
-    let dups = g(&st.duplicates);
+    let dead = g(&st.entities.dead_letters);
+    let dups = g(&st.entities.duplicates);
     let ratio = |k: &str| {
         ceilings
             .get(k)
@@ -135,9 +135,9 @@ pub(super) fn report(
             "vs_engine": ratio("engine_eps"),
         },
         "latency": {
-            "append_to_durable": append.to_json(),
-            "append_to_durable_after_warmup": e2e.steady.to_json(),
-            "occurred_to_durable": st.occurred_to_durable().to_json(),
+            "append_to_durable": append,
+            "append_to_durable_after_warmup": e2e.steady,
+            "occurred_to_durable": st.occurred_to_durable(),
         },
         "reliability": {
             "produced": produced,
@@ -145,16 +145,16 @@ pub(super) fn report(
             "dead_lettered": dead,
             "duplicates": dups,
             "accounted": processed + dead + dups == produced,
-            "retries": g(&st.retries),
+            "retries": g(&st.entities.retries),
             "errors": g(&st.errors),
             "late": {
-                "recomputed": g(&st.late_recomputed),
-                "applied": g(&st.late_applied),
-                "dropped": g(&st.late_dropped),
-                "too_late": g(&st.too_late),
-                "parked": g(&st.parked),
+                "recomputed": g(&st.entities.late_recomputed),
+                "applied": g(&st.entities.late_applied),
+                "dropped": g(&st.entities.late_dropped),
+                "too_late": g(&st.entities.too_late),
+                "parked": g(&st.entities.parked),
             },
-            "corrections": g(&st.corrections),
+            "corrections": g(&st.entities.corrections),
         },
         "degradation": {"throughput": deg_tp, "p99": deg_p99},
         "windows": e2e.windows,

@@ -22,11 +22,10 @@
 //! written, so a batch that then fails cannot leave Kafka ahead of the store.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::time::SystemTime;
 
-/// A topic and partition.
-pub type TopicPartition = (Arc<str>, i32);
+pub use crate::model::position::TopicPartition;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Progress {
@@ -202,10 +201,10 @@ impl Checkpointer {
     }
 
     /// Every partition's durable checkpoint, for the dashboard and the gauges.
-    pub fn durable_checkpoints(&self) -> BTreeMap<(String, i32), (i64, SystemTime)> {
+    pub fn durable_checkpoints(&self) -> BTreeMap<TopicPartition, (i64, SystemTime)> {
         self.parts()
             .iter()
-            .filter_map(|(tp, p)| Some(((tp.0.to_string(), tp.1), p.durable?)))
+            .filter_map(|(tp, p)| Some((tp.clone(), p.durable?)))
             .collect()
     }
 
@@ -231,7 +230,7 @@ mod tests {
 
     #[test]
     fn checkpoint_is_the_lowest_offset_not_done() {
-        let tp: TopicPartition = (Arc::from("t"), 0);
+        let tp = TopicPartition::new("t", 0);
         let t = Checkpointer::new();
         let at = SystemTime::now();
         assert_eq!(t.written([], [&tp]), vec![]);
@@ -261,7 +260,7 @@ mod tests {
 
     #[test]
     fn a_gap_and_a_rewind_are_told_apart() {
-        let tp: TopicPartition = (Arc::from("t"), 1);
+        let tp = TopicPartition::new("t", 1);
         let t = Checkpointer::new();
         assert_eq!(t.received(&tp, 5), None);
         assert_eq!(t.received(&tp, 8), Some(6));
@@ -274,7 +273,7 @@ mod tests {
     /// A stored checkpoint is durable, and never moves a newer one back.
     #[test]
     fn durable_checkpoints_only_advance() {
-        let tp: TopicPartition = (Arc::from("t"), 2);
+        let tp = TopicPartition::new("t", 2);
         let t = Checkpointer::new();
         t.stored(&tp, 40);
         assert_eq!(t.to_commit(|_| true), vec![(tp.clone(), 40)]);

@@ -160,7 +160,7 @@ impl Handler<ResolveEntity> for Shard {
     type Result = ResponseFuture<Result<Released, String>>;
 
     fn handle(&mut self, msg: ResolveEntity, _: &mut Self::Context) -> Self::Result {
-        let tp: TopicPartition = (Arc::from(""), -1);
+        let tp = TopicPartition::new("", -1);
         let h = self.actor(&msg.entity_id, &tp);
         h.delivered += 1;
         h.last_delivery = Instant::now();
@@ -181,7 +181,7 @@ impl Handler<RetryEntity> for Shard {
     type Result = ResponseFuture<Result<&'static str, String>>;
 
     fn handle(&mut self, RetryEntity(msg): RetryEntity, _: &mut Self::Context) -> Self::Result {
-        let tp: TopicPartition = (Arc::from(msg.origin.topic.as_str()), msg.origin.partition);
+        let tp = msg.origin.tp.clone();
         let h = self.actor(&msg.event.entity_id.clone(), &tp);
         h.delivered += 1;
         h.last_delivery = Instant::now();
@@ -316,11 +316,15 @@ impl Router {
     pub fn merge(&self, record: crate::model::fold::EntityRecord, partition: i32) {
         let i = shard_of(&record.entity_id, self.shards.len());
         let topic = record
-            .placement.home
+            .placement
+            .home
             .as_ref()
-            .map(|h| Arc::from(h.topic.as_str()))
+            .map(|h| h.topic.clone())
             .unwrap_or_else(|| Arc::from(""));
-        self.shards[i].do_send(RouteMerge(Box::new(record), (topic, partition)));
+        self.shards[i].do_send(RouteMerge(
+            Box::new(record),
+            TopicPartition::new(topic, partition),
+        ));
     }
 
     /// Releases (or, with `skip`, skips the parking event of) a parked entity.

@@ -52,7 +52,7 @@ pub struct SourceContext {
     /// Restores assigned partitions from their changelog, when it is on.
     restorer: Option<Restorer>,
     /// Input partitions whose state the store holds.
-    local: Mutex<HashSet<(String, i32)>>,
+    local: Mutex<HashSet<TopicPartition>>,
     /// When the assignment last changed; `None` before the first assignment.
     last_rebalance: Mutex<Option<Instant>>,
     /// Raised when a partition cannot be restored.
@@ -80,9 +80,9 @@ impl ClientContext for SourceContext {
         let mut lag = BTreeMap::new();
         for (topic, t) in &statistics.topics {
             for (partition, p) in &t.partitions {
-                let tp: TopicPartition = (Arc::from(topic.as_str()), *partition);
+                let tp = TopicPartition::new(topic.as_str(), *partition);
                 if *partition >= 0 && p.consumer_lag >= 0 && assigned.contains(&tp) {
-                    lag.insert((topic.clone(), *partition), p.consumer_lag);
+                    lag.insert(tp, p.consumer_lag);
                 }
             }
         }
@@ -141,7 +141,7 @@ impl SourceContext {
         let mut tpl = TopicPartitionList::new();
         for tp in tps {
             if let Some(d) = self.checkpointer.durable(tp) {
-                let _ = tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(d.next_offset));
+                let _ = tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(d.next_offset));
             }
         }
         tpl
@@ -162,7 +162,7 @@ impl ConsumerContext for SourceContext {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 *lock(&self.last_rebalance) = Some(Instant::now());
-                let mut restored: HashSet<(String, i32)> = HashSet::new();
+                let mut restored: HashSet<TopicPartition> = HashSet::new();
                 if let Some(r) = &self.restorer {
                     // Not ready while state is restored.
                     self.ready.store(false, Relaxed);
@@ -170,7 +170,7 @@ impl ConsumerContext for SourceContext {
                         let (topic, partition) = (e.topic().to_owned(), e.partition());
                         match r.restore(self.store.as_ref(), &self.stats, &topic, partition) {
                             Ok((true, conflicts)) => {
-                                restored.insert((topic.clone(), partition));
+                                restored.insert(TopicPartition::new(topic.as_str(), partition));
                                 for record in conflicts {
                                     // The entity moved: its actor merges this copy.
                                     self.router.merge(record, partition);
@@ -184,21 +184,22 @@ impl ConsumerContext for SourceContext {
                                 return;
                             }
                         }
-                        lock(&self.local).insert((topic, partition));
+                        lock(&self.local).insert(TopicPartition::new(topic, partition));
                     }
                 }
                 let mut stored: HashMap<String, std::collections::BTreeMap<i32, i64>> =
                     HashMap::new();
-                let elems: Vec<(String, i32)> = tpl
+                let elems: Vec<TopicPartition> = tpl
                     .elements()
                     .iter()
-                    .map(|e| (e.topic().to_owned(), e.partition()))
+                    .map(|e| TopicPartition::new(e.topic(), e.partition()))
                     .collect();
-                let topics: HashSet<&str> = elems.iter().map(|(t, _)| t.as_str()).collect();
+                let topics: HashSet<&str> = elems.iter().map(|tp| &*tp.topic).collect();
                 for topic in topics {
                     self.learn_partition_count(consumer, topic);
                 }
-                for (topic, partition) in &elems {
+                for tp in &elems {
+                    let (topic, partition) = (&*tp.topic, &tp.partition);
                     let cps = match stored.get(topic) {
                         Some(c) => c,
                         None => {
@@ -206,16 +207,15 @@ impl ConsumerContext for SourceContext {
                                 tracing::error!(%topic, error = %e, "cannot read stored checkpoints; starting from the group's committed offsets");
                                 Default::default()
                             });
-                            stored.entry(topic.clone()).or_insert(c)
+                            stored.entry(topic.to_owned()).or_insert(c)
                         }
                     };
                     let offset = match cps.get(partition) {
                         // Restored: resume where Kafka's committed offset says; the changelog covers it.
-                        _ if restored.contains(&(topic.clone(), *partition)) => Offset::Stored,
+                        _ if restored.contains(tp) => Offset::Stored,
                         Some(&o) => {
                             // Durable already; make sure Kafka learns it even if nothing new arrives.
-                            self.checkpointer
-                                .stored(&(Arc::from(topic.as_str()), *partition), o);
+                            self.checkpointer.stored(tp, o);
                             Offset::Offset(o)
                         }
                         None => Offset::Stored,
@@ -235,8 +235,8 @@ impl ConsumerContext for SourceContext {
                 if !cooperative {
                     a.clear();
                 }
-                a.extend(elems.into_iter().map(|(t, p)| (Arc::from(t.as_str()), p)));
-                *lock(&self.stats.source.assigned) = a.iter().map(|(t, p)| (t.to_string(), *p)).collect();
+                a.extend(elems);
+                *lock(&self.stats.source.assigned) = a.iter().cloned().collect();
                 self.ready.store(!a.is_empty(), Relaxed);
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
@@ -244,7 +244,7 @@ impl ConsumerContext for SourceContext {
                 let tps: HashSet<TopicPartition> = tpl
                     .elements()
                     .iter()
-                    .map(|e| (Arc::from(e.topic()), e.partition()))
+                    .map(|e| TopicPartition::new(e.topic(), e.partition()))
                     .collect();
                 let drained = self.drain(&tps);
                 if !drained {
@@ -272,11 +272,11 @@ impl ConsumerContext for SourceContext {
                 for tp in &tps {
                     a.remove(tp);
                 }
-                *lock(&self.stats.source.assigned) = a.iter().map(|(t, p)| (t.to_string(), *p)).collect();
+                *lock(&self.stats.source.assigned) = a.iter().cloned().collect();
                 {
                     let mut lag = lock(&self.stats.source.lag);
                     for tp in &tps {
-                        lag.remove(&(tp.0.to_string(), tp.1));
+                        lag.remove(tp);
                     }
                 }
                 self.ready.store(!a.is_empty(), Relaxed);
@@ -304,7 +304,7 @@ impl ConsumerContext for SourceContext {
                 for e in offsets.elements() {
                     if let Offset::Offset(o) = e.offset() {
                         self.checkpointer
-                            .committed(&(Arc::from(e.topic()), e.partition()), o);
+                            .committed(&TopicPartition::new(e.topic(), e.partition()), o);
                     }
                 }
             }
@@ -383,13 +383,12 @@ impl Source {
             Some(changelog) => Some(Restorer::new(config, changelog).map_err(err)?),
             None => None,
         };
-        let local: HashSet<(String, i32)> = parts
+        let local: HashSet<TopicPartition> = parts
             .store
             .partition_counts()
             .unwrap_or_default()
             .into_keys()
-            .filter(|h| parts.topics.contains(&h.topic))
-            .map(|h| (h.topic, h.partition))
+            .filter(|h| parts.topics.iter().any(|t| **t == *h.topic))
             .collect();
         let context = SourceContext {
             layout: parts.layout,
@@ -507,24 +506,17 @@ impl Source {
         if lock(&ctx.last_rebalance).is_none_or(|t| t.elapsed() < self.purge_after) {
             return;
         }
-        let assigned: HashSet<(String, i32)> = lock(&ctx.assigned)
-            .iter()
-            .map(|(t, p)| (t.to_string(), *p))
-            .collect();
-        let stale: Vec<(String, i32)> = lock(&ctx.local)
+        let assigned = lock(&ctx.assigned).clone();
+        let stale: Vec<TopicPartition> = lock(&ctx.local)
             .iter()
             .filter(|tp| !assigned.contains(*tp))
             .cloned()
             .collect();
-        for (topic, partition) in stale {
-            let home = crate::model::fold::Home {
-                topic: topic.clone(),
-                partition,
-            };
-            match ctx.store.purge_partition(&home, &r.topic_of(&topic)) {
+        for home in stale {
+            match ctx.store.purge_partition(&home, &r.topic_of(&home.topic)) {
                 Ok(n) => {
-                    tracing::info!(%topic, partition, entities = n, "removed the state of a partition another instance owns");
-                    lock(&ctx.local).remove(&(topic, partition));
+                    tracing::info!(partition = %home, entities = n, "removed the state of a partition another instance owns");
+                    lock(&ctx.local).remove(&home);
                     let _ = self.writer.send(WriterMsg::Reload);
                 }
                 Err(e) => emit(
@@ -546,7 +538,7 @@ impl Source {
         let assigned = lock(&ctx.assigned).clone();
         let mut tpl = TopicPartitionList::new();
         for (tp, offset) in self.checkpointer.to_commit(|tp| assigned.contains(tp)) {
-            let _ = tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(offset));
+            let _ = tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(offset));
         }
         if tpl.count() == 0 {
             return;
@@ -583,13 +575,13 @@ impl Source {
         if !self.consumer.context().brokers_ok.swap(true, Relaxed) {
             tracing::info!("brokers answer again");
         }
-        let tp: TopicPartition = (self.topic_name(m.topic()), m.partition());
+        let tp = TopicPartition::new(self.topic_name(m.topic()), m.partition());
         let offset = m.offset();
         if let Some(expected) = self.checkpointer.received(&tp, offset) {
             emit(
                 OffsetGap {
-                    topic: &tp.0,
-                    partition: tp.1,
+                    topic: &tp.topic,
+                    partition: tp.partition,
                     expected,
                     got: offset,
                 },
@@ -644,7 +636,7 @@ impl Source {
                     },
                     &self.stats,
                 );
-                tracing::warn!(topic = %tp.0, partition = tp.1, offset, code = e.code(), error = %e, "undecodable message dead-lettered");
+                tracing::warn!(topic = %tp.topic, partition = tp.partition, offset, code = e.code(), error = %e, "undecodable message dead-lettered");
                 let now = SystemTime::now();
                 let key = m.key().map(<[u8]>::to_vec);
                 let span = traced.then(|| {
@@ -655,8 +647,8 @@ impl Source {
                         received_at,
                         read_start: now,
                         write_start: now,
-                        topic: tp.0.clone(),
-                        partition: tp.1,
+                        topic: tp.topic.clone(),
+                        partition: tp.partition,
                         offset,
                         entity_id: key
                             .as_deref()
@@ -672,8 +664,8 @@ impl Source {
                     e.code(),
                     e.to_string(),
                     Received {
-                        topic: tp.0.to_string(),
-                        partition: tp.1,
+                        topic: tp.topic.to_string(),
+                        partition: tp.partition,
                         offset,
                         key,
                         value: m.payload().map(<[u8]>::to_vec),

@@ -4,6 +4,7 @@
 use orderly::model::envelope::Event;
 use orderly::model::fold::{EntityRecord, Origin};
 use orderly::model::handler::{FieldReducer, Handlers, ReduceOp};
+use orderly::model::position::TopicPartition;
 use orderly::model::value::Value;
 use proptest::prelude::*;
 use std::sync::Arc;
@@ -63,11 +64,7 @@ fn fold(arrivals: &[Event]) -> EntityRecord {
     let h = handlers();
     let mut r = EntityRecord::new("e", "t");
     for (offset, e) in arrivals.iter().enumerate() {
-        let origin = Origin {
-            topic: "in".into(),
-            partition: 0,
-            offset: offset as i64,
-        };
+        let origin = Origin::new(TopicPartition::new("in", 0), offset as i64);
         r.process(
             e,
             &origin,

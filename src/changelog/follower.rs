@@ -105,8 +105,11 @@ impl Follower {
             };
             if changed {
                 owned = Owned::new();
-                for (topic, p) in &assigned {
-                    owned.entry(topic.clone()).or_default().insert(*p);
+                for tp in &assigned {
+                    owned
+                        .entry(tp.topic.to_string())
+                        .or_default()
+                        .insert(tp.partition);
                 }
                 known.clear();
                 last_check = None;

@@ -6,6 +6,7 @@ use crate::config::ChangelogConfig;
 use crate::internal_events::{emit, ComponentError};
 use crate::metrics::Stats;
 use crate::model::fold::Home;
+use crate::model::position::TopicPartition;
 use crate::store::Checkpoint;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -62,7 +63,7 @@ impl Producer {
                 stub.placement.moved_to = Some(to.clone());
                 stub.placement.home = Some(from.clone());
                 let topic = topics
-                    .entry(from.topic.as_str())
+                    .entry(&*from.topic)
                     .or_insert_with(|| self.topic_of(&from.topic).into())
                     .clone();
                 Some((
@@ -78,7 +79,7 @@ impl Producer {
             .filter_map(|(id, bytes)| {
                 let home = homes.get(id)?.1.as_ref()?;
                 let topic = topics
-                    .entry(home.topic.as_str())
+                    .entry(&*home.topic)
                     .or_insert_with(|| self.topic_of(&home.topic).into())
                     .clone();
                 Some((id.as_str(), bytes.as_slice(), topic, home.partition))
@@ -87,7 +88,7 @@ impl Producer {
         pending.extend(stubs.iter().map(|(id, bytes, topic, partition)| {
             (*id, bytes.as_slice(), topic.clone(), *partition)
         }));
-        let mut positions: HashMap<(Arc<str>, i32), i64> = HashMap::new();
+        let mut positions: HashMap<TopicPartition, i64> = HashMap::new();
         let mut attempt = 0u32;
         while !pending.is_empty() {
             let sends = pending.iter().map(|(id, bytes, topic, partition)| {
@@ -104,7 +105,9 @@ impl Producer {
             for (r, p) in results.into_iter().zip(pending.drain(..)) {
                 match r {
                     Ok(d) => {
-                        let next = positions.entry((p.2.clone(), p.3)).or_insert(0);
+                        let next = positions
+                            .entry(TopicPartition::new(p.2.clone(), p.3))
+                            .or_insert(0);
                         *next = (*next).max(d.offset + 1);
                     }
                     Err((e, _)) => {
@@ -132,11 +135,7 @@ impl Producer {
         }
         positions
             .into_iter()
-            .map(|((topic, partition), next_offset)| Checkpoint {
-                topic: topic.to_string(),
-                partition,
-                next_offset,
-            })
+            .map(|(tp, next_offset)| Checkpoint { tp, next_offset })
             .collect()
     }
 }

@@ -60,10 +60,7 @@ impl Restorer {
             Some(p) if p > low => Offset::Offset(p),
             _ => Offset::Beginning,
         };
-        let home = crate::model::fold::Home {
-            topic: input.to_owned(),
-            partition,
-        };
+        let home = crate::model::fold::Home::new(input, partition);
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&topic, partition, from)
             .map_err(|e| e.to_string())?;
@@ -90,8 +87,10 @@ impl Restorer {
                     &home,
                     batch,
                     &crate::store::Checkpoint {
-                        topic: topic.clone(),
-                        partition,
+                        tp: crate::model::position::TopicPartition::new(
+                            topic.as_str(),
+                            partition,
+                        ),
                         next_offset: next,
                     },
                 )

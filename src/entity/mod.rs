@@ -230,11 +230,7 @@ impl EntityActor {
         let shared = self.shared.clone();
         let read_start = SystemTime::now();
         let processed_at = unix_ms(read_start);
-        let origin = Origin {
-            topic: d.tp.0.to_string(),
-            partition: d.tp.1,
-            offset: d.offset,
-        };
+        let origin = Origin::new(d.tp.clone(), d.offset);
         let record = match self.record(&d.event.entity_id, &d.event.tenant_id) {
             Ok(r) => r,
             Err(reason) => {
@@ -245,7 +241,7 @@ impl EntityActor {
             }
         };
         if let Some(to) = record.placement.moved_to.clone() {
-            if to.partition == d.tp.1 && *to.topic == *d.tp.0 {
+            if to.partition == d.tp.partition && *to.topic == *d.tp.topic {
                 // Its new partition is owned here now: it lives here again.
                 record.placement.moved_to = None;
             } else {

@@ -14,10 +14,7 @@ impl EntityActor {
         let Some(r) = self.record.as_mut() else {
             return;
         };
-        let here = crate::model::fold::Home {
-            topic: tp.0.to_string(),
-            partition: tp.1,
-        };
+        let here = tp.clone();
         let moved = match &r.placement.home {
             None => true,
             Some(h) if *h == here => false,
@@ -93,10 +90,10 @@ impl EntityActor {
             headers.push(("content-type".into(), b"application/x-protobuf".to_vec()));
             headers.push((
                 FORWARDED_FROM.into(),
-                format!("{}/{}/{}", origin.topic, origin.partition, origin.offset).into_bytes(),
+                format!("{}/{}", origin.tp, origin.offset).into_bytes(),
             ));
             fx.outbox.push(OutboxRecord {
-                topic: to.topic.clone(),
+                topic: to.topic.to_string(),
                 key: Some(d.event.entity_id.clone().into_bytes()),
                 value: d.event.to_proto_bytes(),
                 headers,

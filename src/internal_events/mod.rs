@@ -70,7 +70,10 @@ pub struct GaugesSampled<'a> {
     /// The store's size on disk, if it could be read.
     pub store_size_bytes: Option<u64>,
     /// Each partition's durable checkpoint and when it last advanced.
-    pub checkpoints: &'a std::collections::BTreeMap<(String, i32), (i64, std::time::SystemTime)>,
+    pub checkpoints: &'a std::collections::BTreeMap<
+        crate::model::position::TopicPartition,
+        (i64, std::time::SystemTime),
+    >,
 }
 
 impl InternalEvent for GaugesSampled<'_> {
@@ -91,17 +94,17 @@ impl InternalEvent for GaugesSampled<'_> {
             gauge!("orderly_store_size_bytes").set(bytes as f64);
         }
         if let Ok(lag) = stats.source.lag.lock() {
-            for ((topic, partition), lag) in lag.iter() {
-                gauge!("orderly_consumer_lag", "topic" => topic.clone(), "partition" => partition.to_string())
+            for (tp, lag) in lag.iter() {
+                gauge!("orderly_consumer_lag", "topic" => tp.topic.to_string(), "partition" => tp.partition.to_string())
                     .set(*lag as f64);
             }
         }
         let now = std::time::SystemTime::now();
-        for ((topic, partition), (offset, at)) in self.checkpoints {
+        for (tp, (offset, at)) in self.checkpoints {
             let age = now.duration_since(*at).unwrap_or_default().as_secs_f64();
             let labels = [
-                ("topic", topic.clone()),
-                ("partition", partition.to_string()),
+                ("topic", tp.topic.to_string()),
+                ("partition", tp.partition.to_string()),
             ];
             gauge!("orderly_checkpoint_age_seconds", &labels).set(age);
             gauge!("orderly_checkpoint_offset", &labels).set(*offset as f64);

@@ -22,7 +22,7 @@ use std::time::Duration;
 /// Cheap to update from any thread.
 ///
 /// Each happening is booked twice on purpose, by its
-/// [`crate::internal_events`] event: here, per pipeline (for the dashboard,
+/// `internal_events` event: here, per pipeline (for the dashboard,
 /// the benchmark, tests and an embedding application), and in the
 /// process-wide Prometheus recorder (for scrapes). [`Stats::snapshot`] reads
 /// them all at once.
@@ -220,8 +220,7 @@ pub struct LatencySnapshot {
     pub occurred_to_durable: Percentiles,
 }
 
-/// A topic and partition, as [`Stats`] keys them.
-pub type TopicPartition = (String, i32);
+pub use crate::model::position::TopicPartition;
 
 #[derive(Debug)]
 struct Latency {

@@ -11,6 +11,7 @@
 //! - [`envelope`]: the wire formats and the validated [`Event`].
 //! - [`value`]: orderly's own JSON value, which bincode can store.
 //! - [`ordering`]: the order key, lateness, and the out-of-order policies.
+//! - [`position`]: a topic and partition, and an event's place in it.
 //! - [`handler`]: the [`Handler`] and [`Observer`] traits and the built-in
 //!   field reducer.
 //! - [`tenant`]: tenant settings documents and their compiled form.
@@ -28,6 +29,7 @@ pub mod handler;
 pub mod history;
 pub mod observers;
 pub mod ordering;
+pub mod position;
 pub mod tenant;
 pub mod value;
 

@@ -107,41 +107,38 @@ impl Control {
             .unwrap_or_default();
         let counts = self.store.partition_counts().unwrap_or_default();
         let lag = self.stats.source.lag.lock().map(|l| l.clone()).unwrap_or_default();
-        let mut held: std::collections::BTreeSet<(String, i32)> = assigned.clone();
-        held.extend(counts.keys().map(|h| (h.topic.clone(), h.partition)));
+        let mut held = assigned.clone();
+        held.extend(counts.keys().cloned());
         // Each topic's checkpoints in one scan.
-        let mut checkpoints: HashMap<String, std::collections::BTreeMap<i32, i64>> = HashMap::new();
-        for (topic, _) in &held {
-            if !checkpoints.contains_key(topic) {
-                let c = self.store.checkpoints(topic).unwrap_or_default();
-                checkpoints.insert(topic.clone(), c);
+        let mut checkpoints: HashMap<&str, std::collections::BTreeMap<i32, i64>> = HashMap::new();
+        for tp in &held {
+            if !checkpoints.contains_key(&*tp.topic) {
+                let c = self.store.checkpoints(&tp.topic).unwrap_or_default();
+                checkpoints.insert(&tp.topic, c);
             }
         }
         let rows: Vec<_> = held
-            .into_iter()
-            .map(|(topic, partition)| {
-                let home = crate::model::fold::Home {
-                    topic: topic.clone(),
-                    partition,
-                };
-                let checkpoint = checkpoints[&topic].get(&partition).copied();
+            .iter()
+            .map(|home| {
+                let (topic, partition) = (&*home.topic, home.partition);
+                let checkpoint = checkpoints[topic].get(&partition).copied();
                 let changelog = self
                     .identity
                     .changelog
                     .as_ref()
                     .and_then(|changelog| {
                         self.store
-                            .changelog_position(&changelog.topic_of(&topic), partition)
+                            .changelog_position(&changelog.topic_of(topic), partition)
                             .ok()
                             .flatten()
                     });
                 json!({
                     "topic": topic,
                     "partition": partition,
-                    "assigned": assigned.contains(&(topic.clone(), partition)),
-                    "entities": counts.get(&home).copied().unwrap_or(0),
+                    "assigned": assigned.contains(home),
+                    "entities": counts.get(home).copied().unwrap_or(0),
                     "checkpoint": checkpoint,
-                    "lag": lag.get(&(topic.clone(), partition)),
+                    "lag": lag.get(home),
                     "changelog_position": changelog,
                 })
             })
@@ -189,7 +186,7 @@ impl Control {
         let stats = self.stats.snapshot();
         let lag = self.stats.source.lag.lock().map(|l| l.clone()).unwrap_or_default();
         let checkpoints = self.checkpointer.durable_checkpoints();
-        let mut keys: std::collections::BTreeSet<(String, i32)> = lag.keys().cloned().collect();
+        let mut keys: std::collections::BTreeSet<_> = lag.keys().cloned().collect();
         keys.extend(checkpoints.keys().cloned());
         let partitions = keys
             .into_iter()
@@ -200,8 +197,8 @@ impl Control {
                     checkpoint: cp.map(|c| c.0),
                     checkpoint_age_s: cp
                         .map(|c| now.duration_since(c.1).unwrap_or_default().as_secs_f64()),
-                    topic: k.0,
-                    partition: k.1,
+                    topic: k.topic.to_string(),
+                    partition: k.partition,
                 }
             })
             .collect();
@@ -292,11 +289,10 @@ impl Control {
             .map_err(|e| {
                 ControlError::Conflict(format!("dead letter {id} still cannot be decoded: {e}"))
             })?;
-        let origin = crate::model::fold::Origin {
-            topic: dl.topic,
-            partition: dl.partition,
-            offset: dl.offset,
-        };
+        let origin = crate::model::fold::Origin::new(
+            crate::model::position::TopicPartition::new(dl.topic, dl.partition),
+            dl.offset,
+        );
         self.router
             .retry(crate::entity::RetryDeadLetter { event, origin, id })
             .await

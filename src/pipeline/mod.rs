@@ -110,7 +110,7 @@ impl Injector {
             std::thread::sleep(Duration::from_micros(200));
         }
         let offset = self.offsets.entry(partition).or_insert(0);
-        let tp: crate::checkpoint::TopicPartition = (self.topic.clone(), partition);
+        let tp = crate::checkpoint::TopicPartition::new(self.topic.clone(), partition);
         self.checkpointer.received(&tp, *offset);
         crate::internal_events::emit(crate::internal_events::EventReceived, &self.stats);
         let now = std::time::SystemTime::now();

@@ -39,6 +39,7 @@ pub use format::{Stored, FORMAT_VERSION};
 use crate::model::anomaly::Anomaly;
 use crate::model::dead_letter::DeadLetter;
 use crate::model::fold::{EntityRecord, Home, LogEntry};
+use crate::model::position::TopicPartition;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -93,10 +94,8 @@ pub struct OutboxRecord {
 /// The checkpoint of one partition: the next offset to consume.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Checkpoint {
-    /// The topic.
-    pub topic: String,
     /// The partition.
-    pub partition: i32,
+    pub tp: TopicPartition,
     /// The next offset to consume; every offset below it is durable.
     pub next_offset: i64,
 }

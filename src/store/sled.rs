@@ -136,7 +136,7 @@ impl Store for SledStore {
         }
         for cp in &batch.checkpoints {
             b.insert(
-                checkpoint_key(&cp.topic, cp.partition),
+                checkpoint_key(&cp.tp.topic, cp.tp.partition),
                 cp.next_offset.to_be_bytes().to_vec(),
             );
         }
@@ -148,7 +148,7 @@ impl Store for SledStore {
         }
         for cp in &batch.changelog_positions {
             b.insert(
-                changelog_key(&cp.topic, cp.partition),
+                changelog_key(&cp.tp.topic, cp.tp.partition),
                 cp.next_offset.to_be_bytes().to_vec(),
             );
         }
@@ -183,10 +183,10 @@ impl Store for SledStore {
                 .get(nul + 1..nul + 5)
                 .and_then(|s| s.try_into().ok())
                 .ok_or_else(corrupt)?;
-            let home = Home {
-                topic: String::from_utf8_lossy(&rest[..nul]).into_owned(),
-                partition: i32::from_be_bytes(p),
-            };
+            let home = Home::new(
+                String::from_utf8_lossy(&rest[..nul]).into_owned(),
+                i32::from_be_bytes(p),
+            );
             *out.entry(home).or_insert(0) += 1;
         }
         Ok(out)
@@ -234,7 +234,7 @@ impl Store for SledStore {
             b.insert(k, bytes.as_slice());
         }
         b.insert(
-            changelog_key(&changelog.topic, changelog.partition),
+            changelog_key(&changelog.tp.topic, changelog.tp.partition),
             changelog.next_offset.to_be_bytes().to_vec(),
         );
         b.remove(checkpoint_key(&input.topic, input.partition));
@@ -459,10 +459,7 @@ mod tests {
     fn restore_keeps_an_entity_that_moved_here() {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path(), 16).unwrap();
-        let home = |partition| Home {
-            topic: "in".into(),
-            partition,
-        };
+        let home = |partition| Home::new("in", partition);
         let record = |id: &str, at: i32, moved: Option<i32>| {
             let mut r = EntityRecord::new(id, "t");
             r.placement.home = Some(home(at));
@@ -481,8 +478,7 @@ mod tests {
             })
             .unwrap();
         let changelog = Checkpoint {
-            topic: "in.changelog".into(),
-            partition: 1,
+            tp: crate::model::position::TopicPartition::new("in.changelog", 1),
             next_offset: 3,
         };
         // Partition 1's changelog: a stub of a (it moved to 5, here), a live
@@ -518,8 +514,7 @@ mod tests {
         let batch = CommitBatch {
             entities: vec![("lead-1".into(), encode(&rec))],
             checkpoints: vec![Checkpoint {
-                topic: "in".into(),
-                partition: 3,
+            tp: crate::model::position::TopicPartition::new("in", 3),
                 next_offset: 42,
             }],
             ..Default::default()
@@ -642,10 +637,7 @@ mod tests {
             held: vec![],
             skipped: vec![],
             ignored_events: 3,
-            home: Some(Home {
-                topic: "in".into(),
-                partition: 2,
-            }),
+            home: Some(Home::new("in", 2)),
         };
         let r: EntityRecord = decode(b"k", &encode_as(2, &old)).unwrap();
         assert_eq!(r.entity_id, "lead-1");
@@ -671,10 +663,7 @@ mod tests {
     #[test]
     fn format_3_records_are_read() {
         use crate::model::fold::{HeldEvent, Home, Origin, Parked, Skipped};
-        let home = |partition| Home {
-            topic: "in".into(),
-            partition,
-        };
+        let home = |partition| Home::new("in", partition);
         let held = HeldEvent {
             event: crate::model::envelope::Event {
                 event_id: "e9".into(),
@@ -685,11 +674,7 @@ mod tests {
                 version: None,
                 payload: Default::default(),
             },
-            origin: Origin {
-                topic: "in".into(),
-                partition: 2,
-                offset: 9,
-            },
+            origin: Origin::new(crate::model::position::TopicPartition::new("in", 2), 9),
         };
         let old = format_v3::EntityRecord {
             entity_id: "lead-1".into(),

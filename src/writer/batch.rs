@@ -162,7 +162,7 @@ impl<'w> BatchBuilder<'w> {
         let store = &self.writer.store;
         let id = match r {
             DeadLetterRef::Id(id) => Some(id),
-            DeadLetterRef::At(o) => store.dead_letter_at(&o.topic, o.partition, o.offset)?,
+            DeadLetterRef::At(o) => store.dead_letter_at(&o.tp.topic, o.tp.partition, o.offset)?,
         };
         if let Some(mut dl) = id.map(|id| store.dead_letter(id)).transpose()?.flatten() {
             let id = dl.id;

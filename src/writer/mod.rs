@@ -221,8 +221,7 @@ impl Writer {
         batch.checkpoints = checkpoints
             .iter()
             .map(|(tp, next_offset)| Checkpoint {
-                topic: tp.0.to_string(),
-                partition: tp.1,
+                tp: tp.clone(),
                 next_offset: *next_offset,
             })
             .collect();

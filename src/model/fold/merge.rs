@@ -106,7 +106,7 @@ impl EntityRecord {
     pub(super) fn partitions_of(&self, topic: &str) -> usize {
         self.applied_offsets
             .keys()
-            .filter(|tp| tp.rsplit_once('/').is_some_and(|(t, _)| t == topic))
+            .filter(|key| TopicPartition::parse_key(key).is_some_and(|(t, _)| t == topic))
             .count()
     }
 
@@ -116,11 +116,11 @@ impl EntityRecord {
     pub fn is_handover(&self, origin: &Origin) -> bool {
         !self.applied_offsets.is_empty()
             && !self.applied_offsets.contains_key(&origin.topic_partition())
-            && self.partitions_of(&origin.topic) > 0
+            && self.partitions_of(&origin.tp.topic) > 0
     }
 
     /// Records an event that arrived at a forwarding stub (see
-    /// [`EntityRecord::moved_to`]) and is forwarded to the entity's home.
+    /// [`Placement::moved_to`]) and is forwarded to the entity's home.
     /// Returns false, counting a redelivery, if its offset was seen before.
     pub fn forward(&mut self, origin: &Origin) -> bool {
         let tp = origin.topic_partition();

@@ -10,6 +10,8 @@
 use crate::model::envelope::Event;
 use crate::model::handler::{EntityState, HandlerError, Handlers};
 use crate::model::ordering::{LatePolicy, Lateness, OrderKey, TooLatePolicy};
+use crate::model::position::TopicPartition;
+pub use crate::model::position::{Home, Origin};
 use crate::model::tenant::{TenantSettings, TenantView};
 use crate::model::value::{Fields, Value};
 mod merge;
@@ -19,24 +21,6 @@ mod tests;
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-
-/// Where an event came from: its Kafka coordinates.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Origin {
-    /// The topic it was read from.
-    pub topic: String,
-    /// The partition it was read from.
-    pub partition: i32,
-    /// Its offset in that partition.
-    pub offset: i64,
-}
-
-impl Origin {
-    /// The `topic/partition` key used in [`EntityRecord::applied_offsets`].
-    pub fn topic_partition(&self) -> String {
-        format!("{}/{}", self.topic, self.partition)
-    }
-}
 
 /// Which event last wrote a field, and when.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -161,15 +145,6 @@ pub struct Placement {
     /// this record is then a forwarding stub. Its events that still arrive
     /// on `home` are forwarded there, and it is not part of the state.
     pub moved_to: Option<Home>,
-}
-
-/// The input partition an entity's state lives under.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct Home {
-    /// The input topic.
-    pub topic: String,
-    /// Its partition.
-    pub partition: i32,
 }
 
 /// What [`EntityRecord::merge`] did.
@@ -446,8 +421,8 @@ impl EntityRecord {
             "held": self.parking.held.len(),
             "skipped": self.parking.skipped,
             "ignored_events": self.counters.ignored_events,
-            "home": self.placement.home.as_ref().map(|h| format!("{}/{}", h.topic, h.partition)),
-            "moved_to": self.placement.moved_to.as_ref().map(|h| format!("{}/{}", h.topic, h.partition)),
+            "home": self.placement.home.as_ref().map(ToString::to_string),
+            "moved_to": self.placement.moved_to.as_ref().map(ToString::to_string),
             "handovers": self.counters.handovers,
         })
     }

@@ -259,8 +259,8 @@ impl EntityRecord {
             provenance: Provenance {
                 event_id: event.event_id.clone(),
                 event_type: event.event_type.clone(),
-                topic: origin.topic.clone(),
-                partition: origin.partition,
+                topic: origin.tp.topic.to_string(),
+                partition: origin.tp.partition,
                 offset: origin.offset,
                 occurred_at: event.occurred_at,
                 processed_at,

@@ -3,6 +3,7 @@
 use super::*;
 use crate::model::handler::{FieldReducer, ReduceOp};
 use crate::model::ordering::Policies;
+use crate::model::position::TopicPartition;
 use std::sync::Arc;
 
 fn handlers() -> Handlers {
@@ -29,11 +30,7 @@ fn origin(offset: i64) -> Origin {
 }
 
 fn at(partition: i32, offset: i64) -> Origin {
-    Origin {
-        topic: "in".into(),
-        partition,
-        offset,
-    }
+    Origin::new(TopicPartition::new("in", partition), offset)
 }
 
 /// The events of one entity split over two partitions, processed into
@@ -70,14 +67,8 @@ fn merging_two_partitions_records_gives_the_fold_of_the_union() {
             new.process(e, &at(5, i as i64), 0, &h, &p).unwrap();
         }
     }
-    old.placement.home = Some(Home {
-        topic: "in".into(),
-        partition: 1,
-    });
-    new.placement.home = Some(Home {
-        topic: "in".into(),
-        partition: 5,
-    });
+    old.placement.home = Some(Home::new("in", 1));
+    new.placement.home = Some(Home::new("in", 5));
     let merged = new.merge(&old, &h, &p);
     assert_eq!(merged.added, 5);
     assert!(merged.handover);

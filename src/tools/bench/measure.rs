@@ -263,11 +263,10 @@ pub(super) fn store_ceiling(
             let r = records.entry(e.entity_id.clone()).or_insert_with(|| {
                 crate::model::fold::EntityRecord::new(&e.entity_id, &e.tenant_id)
             });
-            let origin = crate::model::fold::Origin {
-                topic: "bench".into(),
-                partition: 0,
+            let origin = crate::model::fold::Origin::new(
+                crate::model::position::TopicPartition::new("bench", 0),
                 offset,
-            };
+            );
             let _ = r.process(&e, &origin, 0, handlers, &policies);
             let bytes = crate::store::encode(&*r);
             match index.get(&e.entity_id) {
@@ -279,8 +278,7 @@ pub(super) fn store_ceiling(
             }
         }
         batch.checkpoints.push(crate::store::Checkpoint {
-            topic: "bench".into(),
-            partition: 0,
+            tp: crate::model::position::TopicPartition::new("bench", 0),
             next_offset: offset,
         });
         let t = Instant::now();

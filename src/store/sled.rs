@@ -586,37 +586,9 @@ mod tests {
         assert_eq!(r.counters.ignored_events, 0);
     }
 
-    #[test]
-    fn format_2_records_are_read() {
-        use crate::model::fold::{Base, HeldEvent, Home, LogEntry, Parked, Provenance, Skipped};
-        use crate::model::handler::EntityState;
-        use crate::model::ordering::OrderKey;
-        // The entity record of format 2: format 3 without its last two fields.
-        #[derive(Serialize)]
-        struct V2 {
-            entity_id: String,
-            tenant_id: String,
-            state: EntityState,
-            provenance: BTreeMap<String, Provenance>,
-            high_water: Option<OrderKey>,
-            log: Vec<LogEntry>,
-            base: Base,
-            applied_offsets: BTreeMap<String, i64>,
-            applied_events: u64,
-            duplicates: u64,
-            redeliveries: u64,
-            late_events: u64,
-            too_late_events: u64,
-            dead_lettered: u64,
-            late_applied: u64,
-            late_dropped: u64,
-            parked: Option<Parked>,
-            held: Vec<HeldEvent>,
-            skipped: Vec<Skipped>,
-            ignored_events: u64,
-            home: Option<Home>,
-        }
-        let old = V2 {
+    /// A format-3 entity record: flat, every counter set to a distinct value.
+    fn format_3_record() -> format_v3::EntityRecord {
+        format_v3::EntityRecord {
             entity_id: "lead-1".into(),
             tenant_id: "t1".into(),
             state: Default::default(),
@@ -624,24 +596,35 @@ mod tests {
             high_water: None,
             log: vec![],
             base: Default::default(),
-            applied_offsets: [("in/2".to_owned(), 7)].into(),
+            applied_offsets: [("in/2".to_owned(), 9)].into(),
             applied_events: 1,
             duplicates: 2,
-            redeliveries: 0,
-            late_events: 0,
-            too_late_events: 0,
-            dead_lettered: 0,
-            late_applied: 0,
-            late_dropped: 0,
+            redeliveries: 3,
+            late_events: 4,
+            too_late_events: 5,
+            dead_lettered: 6,
+            late_applied: 7,
+            late_dropped: 8,
             parked: None,
             held: vec![],
             skipped: vec![],
-            ignored_events: 3,
-            home: Some(Home::new("in", 2)),
-        };
-        let r: EntityRecord = decode(b"k", &encode_as(2, &old)).unwrap();
+            ignored_events: 12,
+            home: Some(crate::model::fold::Home::new("in", 2)),
+            moved_to: None,
+            handovers: 0,
+        }
+    }
+
+    #[test]
+    fn format_2_records_are_read() {
+        // Format 2 is format 3 without its last two fields, `moved_to` and
+        // `handovers`; with both at their defaults, each is one zero byte.
+        let mut bytes = encode_as(3, &format_3_record());
+        assert_eq!(bytes.split_off(bytes.len() - 2), [0, 0]);
+        bytes[0] = 2;
+        let r: EntityRecord = decode(b"k", &bytes).unwrap();
         assert_eq!(r.entity_id, "lead-1");
-        assert_eq!(r.counters.ignored_events, 3);
+        assert_eq!(r.counters.ignored_events, 12);
         assert_eq!(r.placement.home.as_ref().map(|h| h.partition), Some(2));
         assert_eq!((r.placement.moved_to, r.counters.handovers), (None, 0));
 
@@ -677,22 +660,6 @@ mod tests {
             origin: Origin::new(crate::model::position::TopicPartition::new("in", 2), 9),
         };
         let old = format_v3::EntityRecord {
-            entity_id: "lead-1".into(),
-            tenant_id: "t1".into(),
-            state: Default::default(),
-            provenance: Default::default(),
-            high_water: None,
-            log: vec![],
-            base: Default::default(),
-            applied_offsets: [("in/2".to_owned(), 9)].into(),
-            applied_events: 1,
-            duplicates: 2,
-            redeliveries: 3,
-            late_events: 4,
-            too_late_events: 5,
-            dead_lettered: 6,
-            late_applied: 7,
-            late_dropped: 8,
             parked: Some(Parked {
                 event_id: "e8".into(),
                 reason: "late".into(),
@@ -705,10 +672,9 @@ mod tests {
                 reason: "boom".into(),
                 at: 11,
             }],
-            ignored_events: 12,
-            home: Some(home(2)),
             moved_to: Some(home(5)),
             handovers: 13,
+            ..format_3_record()
         };
         let r: EntityRecord = decode(b"k", &encode_as(3, &old)).unwrap();
         let c = &r.counters;

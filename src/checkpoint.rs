@@ -31,12 +31,16 @@ pub use crate::model::position::TopicPartition;
 enum Progress {
     Pending,
     Written,
+    Durable,
 }
 
 #[derive(Debug, Default)]
 struct PartitionProgress {
-    /// Offsets received and not yet durable, ascending.
+    /// Offsets received, ascending, from the oldest that is not durable:
+    /// durable ones leave from the front, so no removal shifts the rest.
     open: VecDeque<(i64, Progress)>,
+    /// How many of `open` are not durable.
+    live: usize,
     /// One past the highest offset received.
     next: Option<i64>,
     /// The durable checkpoint (the next offset to consume; everything below
@@ -105,11 +109,13 @@ impl Checkpointer {
             if p.find(offset).is_none() {
                 let i = p.open.partition_point(|(o, _)| *o < offset);
                 p.open.insert(i, (offset, Progress::Pending));
+                p.live += 1;
             }
             return None;
         }
         let gap = p.next.filter(|n| offset > *n);
         p.open.push_back((offset, Progress::Pending));
+        p.live += 1;
         p.next = Some(offset + 1);
         gap
     }
@@ -124,7 +130,9 @@ impl Checkpointer {
         let mut parts = self.parts();
         for (tp, offset) in acks {
             if let Some(e) = parts.get_mut(tp).and_then(|p| p.find(offset)) {
-                e.1 = Progress::Written;
+                if e.1 == Progress::Pending {
+                    e.1 = Progress::Written;
+                }
             }
         }
         touched
@@ -147,8 +155,12 @@ impl Checkpointer {
         let mut parts = self.parts();
         for (tp, offset) in acks {
             if let Some(p) = parts.get_mut(tp) {
-                if let Ok(i) = p.open.binary_search_by_key(&offset, |(o, _)| *o) {
-                    p.open.remove(i);
+                if let Some(e) = p.find(offset).filter(|e| e.1 != Progress::Durable) {
+                    e.1 = Progress::Durable;
+                    p.live -= 1;
+                }
+                while p.open.front().is_some_and(|e| e.1 == Progress::Durable) {
+                    p.open.pop_front();
                 }
             }
         }
@@ -210,12 +222,12 @@ impl Checkpointer {
 
     /// Whether every received offset of `tp` is durable.
     pub fn drained(&self, tp: &TopicPartition) -> bool {
-        self.parts().get(tp).is_none_or(|p| p.open.is_empty())
+        self.parts().get(tp).is_none_or(|p| p.live == 0)
     }
 
     /// Offsets received and not yet durable, over all partitions.
     pub fn in_flight(&self) -> usize {
-        self.parts().values().map(|p| p.open.len()).sum()
+        self.parts().values().map(|p| p.live).sum()
     }
 
     /// Stops tracking `tp` (after it is revoked and its checkpoint committed).
@@ -284,5 +296,32 @@ mod tests {
         assert!(t.to_commit(|_| true).is_empty());
         t.forget(&tp);
         assert_eq!(t.durable(&tp), None);
+    }
+
+    /// Offsets of one partition become durable out of order (different
+    /// actors, different batches): the checkpoint waits for the oldest.
+    #[test]
+    fn durable_out_of_order_waits_for_the_oldest() {
+        let tp = TopicPartition::new("t", 3);
+        let t = Checkpointer::new();
+        for o in 0..4 {
+            t.received(&tp, o);
+        }
+        let at = SystemTime::now();
+        let batch = t.written([(&tp, 2), (&tp, 3)], [&tp]);
+        assert_eq!(batch, vec![(tp.clone(), 0)]);
+        t.flushed([(&tp, 2), (&tp, 3)], &batch, at);
+        assert_eq!((t.in_flight(), t.drained(&tp)), (2, false));
+        let batch = t.written([(&tp, 1)], [&tp]);
+        assert_eq!(batch, vec![(tp.clone(), 0)]);
+        t.flushed([(&tp, 1)], &batch, at);
+        let batch = t.written([(&tp, 0)], [&tp]);
+        assert_eq!(batch, vec![(tp.clone(), 4)]);
+        t.flushed([(&tp, 0)], &batch, at);
+        assert_eq!((t.in_flight(), t.drained(&tp)), (0, true));
+        assert_eq!(t.durable(&tp).map(|d| d.next_offset), Some(4));
+        // A redelivered offset after the rewind is tracked again.
+        t.received(&tp, 2);
+        assert_eq!(t.in_flight(), 1);
     }
 }

@@ -76,6 +76,10 @@ pub(super) fn bench(a: BenchArgs) -> anyhow::Result<()> {
         s.rate_fraction = 0.0;
     }
     s.validate()?;
+    if a.engine_only {
+        crate::tools::bench::engine_only(&s, &a.out)?;
+        return Ok(());
+    }
     crate::tools::bench::run(&s, a.brokers, &a.out)?;
     Ok(())
 }

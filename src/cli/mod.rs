@@ -187,6 +187,9 @@ struct BenchArgs {
     /// Skip the ceilings (bare consumer, store, engine).
     #[arg(long)]
     no_ceilings: bool,
+    /// Measure the engine ceiling alone, for profiling the engine path.
+    #[arg(long, conflicts_with = "no_ceilings")]
+    engine_only: bool,
 }
 
 #[derive(Args)]

@@ -8,6 +8,7 @@
 
 use crate::model::fold::{FieldChange, Provenance};
 use crate::model::ordering::Lateness;
+use crate::model::value::{Json, Value};
 use serde::{Deserialize, Serialize};
 
 /// What one applied event changed.
@@ -42,22 +43,35 @@ pub struct JsonChange {
     /// The field.
     pub field: String,
     /// The value before (`null` when absent).
-    pub old: serde_json::Value,
+    #[serde(serialize_with = "as_json", deserialize_with = "from_json")]
+    pub old: Option<Value>,
     /// The value after (`null` when removed).
-    pub new: serde_json::Value,
+    #[serde(serialize_with = "as_json", deserialize_with = "from_json")]
+    pub new: Option<Value>,
+}
+
+/// `None` as `null`, a value as its plain JSON.
+fn as_json<S: serde::Serializer>(v: &Option<Value>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => Json(v).serialize(s),
+        None => s.serialize_unit(),
+    }
+}
+
+/// `null` as `None`, any other JSON as its value.
+fn from_json<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Ok(match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Null => None,
+        v => Some(Value::from(v)),
+    })
 }
 
 impl From<&FieldChange> for JsonChange {
     fn from(c: &FieldChange) -> Self {
-        let json = |v: &Option<crate::model::value::Value>| {
-            v.as_ref()
-                .map(|v| v.to_json())
-                .unwrap_or(serde_json::Value::Null)
-        };
         JsonChange {
             field: c.field.clone(),
-            old: json(&c.old),
-            new: json(&c.new),
+            old: c.old.clone(),
+            new: c.new.clone(),
         }
     }
 }

@@ -73,6 +73,27 @@ impl From<serde_json::Value> for Value {
     }
 }
 
+/// A [`Value`] serialised as plain JSON (what [`Value::to_json`] gives),
+/// without building a `serde_json::Value` first.
+#[derive(Clone, Copy, Debug)]
+pub struct Json<'a>(pub &'a Value);
+
+impl serde::Serialize for Json<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Value::Null => s.serialize_unit(),
+            Value::Bool(b) => s.serialize_bool(*b),
+            Value::Int(i) => s.serialize_i64(*i),
+            // As `to_json`: JSON has no NaN or infinity.
+            Value::Float(f) if f.is_finite() => s.serialize_f64(*f),
+            Value::Float(_) => s.serialize_unit(),
+            Value::String(v) => s.serialize_str(v),
+            Value::Array(a) => s.collect_seq(a.iter().map(Json)),
+            Value::Object(o) => s.collect_map(o.iter().map(|(k, v)| (k, Json(v)))),
+        }
+    }
+}
+
 /// Converts a field map into a JSON object.
 pub fn fields_to_json(fields: &Fields) -> serde_json::Value {
     serde_json::Value::Object(
@@ -85,6 +106,31 @@ pub fn fields_to_json(fields: &Fields) -> serde_json::Value {
 
 #[cfg(test)]
 mod tests {
+
+    /// `Json` writes exactly what `to_json` gives, for every kind of value.
+    #[test]
+    fn json_view_matches_to_json() {
+        let v = Value::Object(
+            [
+                (
+                    "a".to_owned(),
+                    Value::Array(vec![Value::Int(-3), Value::Bool(true), Value::Null]),
+                ),
+                ("f".to_owned(), Value::Float(1.5)),
+                ("nan".to_owned(), Value::Float(f64::NAN)),
+                ("s".to_owned(), Value::String("q\"\n\u{1}é".into())),
+                (
+                    "o".to_owned(),
+                    Value::Object([("z".to_owned(), Value::Int(1))].into()),
+                ),
+            ]
+            .into(),
+        );
+        assert_eq!(
+            serde_json::to_string(&Json(&v)).unwrap(),
+            serde_json::to_string(&v.to_json()).unwrap()
+        );
+    }
     use super::*;
 
     #[test]

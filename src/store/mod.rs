@@ -81,10 +81,13 @@ pub struct OutboxRecord {
     /// The destination topic.
     pub topic: String,
     /// The key.
+    #[serde(with = "serde_bytes")]
     pub key: Option<Vec<u8>>,
     /// The value.
+    #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
     /// The headers.
+    #[serde(with = "format::header_bytes")]
     pub headers: Vec<(String, Vec<u8>)>,
     /// The partition, when it must be this one (a forwarded event); `None`:
     /// the producer's partitioner chooses.
@@ -210,7 +213,10 @@ pub trait Store: Send + Sync + 'static {
 }
 /// Encodes a value with the format-version prefix.
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    let mut out = vec![FORMAT_VERSION];
+    // Most stored values are a few hundred bytes to a few KiB: start big
+    // enough that growing the buffer rarely copies it.
+    let mut out = Vec::with_capacity(1024);
+    out.push(FORMAT_VERSION);
     // Encoding our own plain data types into a Vec cannot fail.
     bincode::serde::encode_into_std_write(value, &mut out, bincode::config::standard())
         .expect("encoding into a Vec is infallible");
@@ -233,6 +239,7 @@ pub fn decode<T: Stored>(key: &[u8], bytes: &[u8]) -> Result<T> {
         Some(1) => T::from_v1(&bytes[1..]).map_err(corrupt),
         Some(2) => T::from_v2(&bytes[1..]).map_err(corrupt),
         Some(3) => T::from_v3(&bytes[1..]).map_err(corrupt),
+        Some(4) => T::from_v4(&bytes[1..]).map_err(corrupt),
         Some(&found) => Err(StoreError::UnsupportedFormat {
             key: key_text(),
             found,

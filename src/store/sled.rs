@@ -96,13 +96,17 @@ impl Store for SledStore {
                 dl.id.to_be_bytes().to_vec(),
             );
         }
-        if !batch.outbox.is_empty() {
-            // One key per batch: per-message keys cost an insert and a
-            // remove per event (a third of the store's work in the bench).
-            b.insert(
-                key(OUTBOX_BUNDLE, &batch.outbox_id.to_be_bytes()),
-                encode(&batch.outbox),
-            );
+        // A few keys per batch: per-message keys cost an insert and a remove
+        // per event (a third of the store's work in the bench), and one key
+        // per batch grows past sled's inline limit, so that every batch
+        // wrote (and later deleted) a blob file. Each chunk after the first
+        // takes the next id, so bundles still read oldest first.
+        let mut id = batch.outbox_id;
+        for (i, chunk) in outbox_chunks(&batch.outbox).enumerate() {
+            if i > 0 {
+                id = self.next_id()?;
+            }
+            b.insert(key(OUTBOX_BUNDLE, &id.to_be_bytes()), encode(&chunk));
         }
         for a in &batch.anomalies {
             b.insert(key(ANOMALY, &a.seq.to_be_bytes()), encode(a));
@@ -439,9 +443,41 @@ impl Store for SledStore {
     }
 }
 
+/// Outbox bundles stay below this many bytes (about). sled writes a node
+/// larger than a quarter of its 512 KiB segment to a blob file of its own,
+/// and a leaf holds up to 16 keys, so 16 chunks must fit in 128 KiB.
+const OUTBOX_CHUNK_BYTES: usize = 6 * 1024;
+
+/// `outbox` in order, in chunks of about [`OUTBOX_CHUNK_BYTES`] (a record
+/// larger than that is a chunk alone).
+fn outbox_chunks(outbox: &[OutboxRecord]) -> impl Iterator<Item = &[OutboxRecord]> {
+    let mut rest = outbox;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 0;
+        let n = rest
+            .iter()
+            .take_while(|r| {
+                let first = bytes == 0;
+                bytes += r.topic.len()
+                    + r.key.as_ref().map_or(0, Vec::len)
+                    + r.value.len()
+                    + r.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+                    + 16;
+                first || bytes <= OUTBOX_CHUNK_BYTES
+            })
+            .count();
+        let (chunk, tail) = rest.split_at(n);
+        rest = tail;
+        Some(chunk)
+    })
+}
+
 #[cfg(test)]
 mod tests {
-    use super::super::format::{format_v1, format_v2, format_v3};
+    use super::super::format::{format_v1, format_v2, format_v3, format_v4};
     use super::*;
 
     /// `value` as a store value of an older format `version`.
@@ -704,5 +740,121 @@ mod tests {
         let again: EntityRecord = decode(b"k", &encode(&r)).unwrap();
         assert_eq!(encode(&r)[0], FORMAT_VERSION);
         assert_eq!(again, r);
+    }
+
+    /// Byte fields are written as one slice; the layout is the one a
+    /// `Vec<u8>` written element by element had, so older outboxes read.
+    #[test]
+    fn outbox_bytes_keep_their_layout() {
+        #[derive(Serialize)]
+        struct Plain {
+            topic: String,
+            key: Option<Vec<u8>>,
+            value: Vec<u8>,
+            headers: Vec<(String, Vec<u8>)>,
+            partition: Option<i32>,
+        }
+        let record = OutboxRecord {
+            topic: "t".into(),
+            key: Some(vec![0, 1, 255]),
+            value: (0..=255).collect(),
+            headers: vec![("traceparent".into(), b"00-ab".to_vec()), ("h".into(), vec![])],
+            partition: Some(3),
+        };
+        let plain = Plain {
+            topic: record.topic.clone(),
+            key: record.key.clone(),
+            value: record.value.clone(),
+            headers: record.headers.clone(),
+            partition: record.partition,
+        };
+        assert_eq!(encode(&record), encode(&plain));
+        let back: OutboxRecord = decode(b"o", &encode(&plain)).unwrap();
+        assert_eq!(back, record);
+    }
+
+    /// Format 5 stores one provenance per writing event; a format-4 record
+    /// (one per field) reads the same, and the new body is smaller.
+    #[test]
+    fn format_4_records_are_read_and_format_5_is_smaller() {
+        use crate::model::fold::Provenance;
+        let prov = |event: &str, offset| Provenance {
+            event_id: event.into(),
+            event_type: "lead.updated".into(),
+            topic: "in".into(),
+            partition: 2,
+            offset,
+            occurred_at: 5,
+            processed_at: 6,
+            settings_version: 1,
+        };
+        let fields: BTreeMap<String, Provenance> = [
+            ("email".to_owned(), prov("e1", 7)),
+            ("name".to_owned(), prov("e2", 8)),
+            ("stage".to_owned(), prov("e1", 7)),
+            ("phone".to_owned(), prov("e1", 7)),
+        ]
+        .into();
+        let old = format_v4::EntityRecord {
+            entity_id: "lead-1".into(),
+            tenant_id: "t1".into(),
+            state: Default::default(),
+            provenance: fields.clone(),
+            high_water: None,
+            log: vec![],
+            base: format_v4::Base {
+                provenance: [("email".to_owned(), prov("e0", 3))].into(),
+                ..Default::default()
+            },
+            applied_offsets: [("in/2".to_owned(), 8)].into(),
+            counters: crate::model::fold::Counters {
+                applied_events: 2,
+                ..Default::default()
+            },
+            parking: Default::default(),
+            placement: Default::default(),
+        };
+        let v4 = encode_as(4, &old);
+        let r: EntityRecord = decode(b"k", &v4).unwrap();
+        assert_eq!(r.provenance, fields);
+        assert_eq!(r.base.provenance["email"].event_id, "e0");
+        assert_eq!(r.counters.applied_events, 2);
+        let v5 = encode(&r);
+        assert_eq!(decode::<EntityRecord>(b"k", &v5).unwrap(), r);
+        assert!(v5.len() < v4.len(), "{} >= {}", v5.len(), v4.len());
+    }
+
+    /// A large batch's outbox is written in chunks, each under the chunk
+    /// size unless one record alone is over it; they read back oldest
+    /// first, all of them, in order.
+    #[test]
+    fn a_large_outbox_is_written_in_chunks_read_in_order() {
+        let record = |i: u32, len: usize| OutboxRecord {
+            topic: "changes".into(),
+            key: Some(i.to_be_bytes().to_vec()),
+            value: vec![7; len],
+            headers: vec![],
+            partition: None,
+        };
+        let mut outbox: Vec<OutboxRecord> = (0..400).map(|i| record(i, 1_000)).collect();
+        outbox.insert(200, record(9_999, 200_000));
+        let chunks: Vec<_> = outbox_chunks(&outbox).collect();
+        assert!(chunks.len() >= 60, "{}", chunks.len());
+        for c in &chunks {
+            let bytes: usize = c.iter().map(|r| r.value.len()).sum();
+            assert!(bytes <= OUTBOX_CHUNK_BYTES || c.len() == 1, "{bytes}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 16).unwrap();
+        let batch = CommitBatch {
+            outbox: outbox.clone(),
+            outbox_id: store.next_id().unwrap(),
+            ..Default::default()
+        };
+        store.commit(&batch).unwrap();
+        let bundles = store.outbox(1_000).unwrap();
+        assert_eq!(bundles.len(), chunks.len());
+        let read: Vec<OutboxRecord> = bundles.into_iter().flat_map(|(_, b)| b).collect();
+        assert_eq!(read, outbox);
     }
 }

@@ -16,6 +16,7 @@ use crate::model::tenant::{TenantSettings, TenantView};
 use crate::model::value::{Fields, Value};
 mod merge;
 mod process;
+pub(crate) mod provenance_table;
 #[cfg(test)]
 mod tests;
 
@@ -62,6 +63,7 @@ pub struct Base {
     /// The state after the trimmed events.
     pub state: EntityState,
     /// Provenance per field after the trimmed events.
+    #[serde(with = "provenance_table")]
     pub provenance: BTreeMap<String, Provenance>,
     /// The order key of the newest trimmed event. Events at or below it are too late.
     pub key: Option<OrderKey>,
@@ -78,6 +80,7 @@ pub struct EntityRecord {
     /// The current state: the fold of `base` and `log`.
     pub state: EntityState,
     /// Which event last wrote each field.
+    #[serde(with = "provenance_table")]
     pub provenance: BTreeMap<String, Provenance>,
     /// The highest order key applied.
     pub high_water: Option<OrderKey>,

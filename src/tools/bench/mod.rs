@@ -541,6 +541,42 @@ pub fn run(s: &Scenario, brokers: Option<String>, out: &Path) -> anyhow::Result<
     Ok(Report { json: report })
 }
 
+/// Measures the engine ceiling alone: `s`'s events (at most
+/// `ceiling_events`) fed from memory through actors, fold, writer and store.
+/// For profiling the engine path (`valgrind --tool=callgrind orderly bench
+/// --engine-only`), where the broker and the other measures would only add
+/// noise. Writes `report.json` into `out`.
+pub fn engine_only(s: &Scenario, out: &Path) -> anyhow::Result<f64> {
+    s.validate()?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    // The engine consumes nothing; the broker only gives the config its topics.
+    let broker = Broker::Embedded(
+        crate::tools::broker::EmbeddedBroker::start(1).context("starting the embedded broker")?,
+    );
+    let topics = Topics::create(&broker, s, "engine")?;
+    let dir = tempfile::tempdir()?;
+    let config = config_for(&broker.servers(), &topics, dir.path());
+    let h = handlers(s, &config);
+    let events: Vec<Event> = s
+        .events(s.event_count(s.rate), s.rate)?
+        .take(s.ceiling_events as usize)
+        .collect();
+    let n = events.len();
+    let eps = engine_ceiling(config, h, events, s.partitions)?;
+    println!("engine ceiling: {eps:.0} events/s ({n} events)");
+    let report = serde_json::json!({
+        "schema": "orderly.bench.engine.v1",
+        "scenario": s,
+        "events": n,
+        "ceilings": { "engine_eps": eps },
+    });
+    std::fs::write(
+        out.join("report.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    Ok(eps)
+}
+
 fn progress(n: u64, what: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(n);
     bar.set_style(

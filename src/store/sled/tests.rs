@@ -1,0 +1,383 @@
+//! The store's tests: batches, restores, every stored format and its
+//! migration.
+
+use super::super::format::{format_v1, format_v2, format_v3, format_v4};
+use super::*;
+
+/// `value` as a store value of an older format `version`.
+fn encode_as<T: Serialize>(version: u8, value: &T) -> Vec<u8> {
+    let mut bytes = vec![version];
+    bincode::serde::encode_into_std_write(value, &mut bytes, bincode::config::standard())
+        .unwrap();
+    bytes
+}
+
+/// A restore does not overwrite an entity that lives on here under
+/// another partition: a restored stub is dropped, a restored live copy
+/// is returned for its actor to merge; a local stub gives way.
+#[test]
+fn restore_keeps_an_entity_that_moved_here() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path(), 16).unwrap();
+    let home = |partition| Home::new("in", partition);
+    let record = |id: &str, at: i32, moved: Option<i32>| {
+        let mut r = EntityRecord::new(id, "t");
+        r.placement.home = Some(home(at));
+        r.placement.moved_to = moved.map(home);
+        r
+    };
+    let live_here = record("a", 5, None);
+    let stub_here = record("b", 5, Some(1));
+    store
+        .commit(&CommitBatch {
+            entities: vec![
+                ("a".into(), encode(&live_here)),
+                ("b".into(), encode(&stub_here)),
+            ],
+            ..Default::default()
+        })
+        .unwrap();
+    let changelog = Checkpoint {
+        tp: crate::model::position::TopicPartition::new("in.changelog", 1),
+        next_offset: 3,
+    };
+    // Partition 1's changelog: a stub of a (it moved to 5, here), a live
+    // a (an older copy), a live b, and c, new here.
+    let restored = |r: &EntityRecord| (r.entity_id.clone(), encode(r));
+    let conflicts = store
+        .restore(
+            &home(1),
+            &[
+                restored(&record("a", 1, Some(5))),
+                restored(&record("b", 1, None)),
+                restored(&record("c", 1, None)),
+            ],
+            &changelog,
+        )
+        .unwrap();
+    assert!(conflicts.is_empty(), "{conflicts:?}");
+    assert_eq!(store.load_entity("a").unwrap(), Some(live_here.clone()));
+    assert_eq!(store.load_entity("b").unwrap(), Some(record("b", 1, None)));
+    assert_eq!(store.load_entity("c").unwrap(), Some(record("c", 1, None)));
+    let conflicts = store
+        .restore(&home(1), &[restored(&record("a", 1, None))], &changelog)
+        .unwrap();
+    assert_eq!(conflicts, vec![record("a", 1, None)]);
+    assert_eq!(store.load_entity("a").unwrap(), Some(live_here));
+}
+
+#[test]
+fn batch_round_trip_and_format_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path(), 16).unwrap();
+    let rec = EntityRecord::new("lead-1", "t1");
+    let batch = CommitBatch {
+        entities: vec![("lead-1".into(), encode(&rec))],
+        checkpoints: vec![Checkpoint {
+        tp: crate::model::position::TopicPartition::new("in", 3),
+            next_offset: 42,
+        }],
+        ..Default::default()
+    };
+    store.commit(&batch).unwrap();
+    futures::executor::block_on(store.flush()).unwrap();
+    assert_eq!(store.load_entity("lead-1").unwrap(), Some(rec));
+    assert_eq!(store.checkpoints("in").unwrap(), BTreeMap::from([(3, 42)]));
+    assert!(store.checkpoints("other").unwrap().is_empty());
+
+    let err = decode::<EntityRecord>(b"k", &[9, 1, 2]).unwrap_err();
+    assert!(
+        matches!(err, StoreError::UnsupportedFormat { found: 9, .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn format_1_records_are_read() {
+    let prov = |offset| format_v1::Provenance {
+        event_id: "e1".into(),
+        event_type: "lead.updated".into(),
+        topic: "in".into(),
+        partition: 2,
+        offset,
+        occurred_at: 5,
+        processed_at: 6,
+    };
+    let old = format_v1::EntityRecord {
+        entity_id: "lead-1".into(),
+        tenant_id: "t1".into(),
+        state: Default::default(),
+        provenance: [("stage".to_owned(), prov(7))].into(),
+        high_water: None,
+        log: vec![format_v1::LogEntry {
+            key: crate::model::ordering::OrderKey {
+                version: None,
+                occurred_at: 5,
+                event_id: "e1".into(),
+            },
+            event_type: "lead.updated".into(),
+            payload: Default::default(),
+            provenance: prov(7),
+        }],
+        base: format_v1::Base {
+            state: Default::default(),
+            provenance: Default::default(),
+            key: None,
+        },
+        applied_offsets: [("in/2".to_owned(), 7)].into(),
+        applied_events: 1,
+        duplicates: 0,
+        redeliveries: 0,
+        late_events: 0,
+        too_late_events: 0,
+        dead_lettered: 0,
+        late_applied: 0,
+        late_dropped: 0,
+        parked: None,
+        held: vec![],
+        skipped: vec![],
+    };
+    let r: EntityRecord = decode(b"k", &encode_as(1, &old)).unwrap();
+    assert_eq!(r.entity_id, "lead-1");
+    assert_eq!(r.provenance["stage"].offset, 7);
+    assert_eq!(r.provenance["stage"].settings_version, 0);
+    assert_eq!(r.log[0].provenance.event_id, "e1");
+    assert_eq!(r.applied_offsets["in/2"], 7);
+    assert_eq!(r.counters.ignored_events, 0);
+}
+
+/// A format-3 entity record: flat, every counter set to a distinct value.
+fn format_3_record() -> format_v3::EntityRecord {
+    format_v3::EntityRecord {
+        entity_id: "lead-1".into(),
+        tenant_id: "t1".into(),
+        state: Default::default(),
+        provenance: Default::default(),
+        high_water: None,
+        log: vec![],
+        base: Default::default(),
+        applied_offsets: [("in/2".to_owned(), 9)].into(),
+        applied_events: 1,
+        duplicates: 2,
+        redeliveries: 3,
+        late_events: 4,
+        too_late_events: 5,
+        dead_lettered: 6,
+        late_applied: 7,
+        late_dropped: 8,
+        parked: None,
+        held: vec![],
+        skipped: vec![],
+        ignored_events: 12,
+        home: Some(crate::model::fold::Home::new("in", 2)),
+        moved_to: None,
+        handovers: 0,
+    }
+}
+
+#[test]
+fn format_2_records_are_read() {
+    // Format 2 is format 3 without its last two fields, `moved_to` and
+    // `handovers`; with both at their defaults, each is one zero byte.
+    let mut bytes = encode_as(3, &format_3_record());
+    assert_eq!(bytes.split_off(bytes.len() - 2), [0, 0]);
+    bytes[0] = 2;
+    let r: EntityRecord = decode(b"k", &bytes).unwrap();
+    assert_eq!(r.entity_id, "lead-1");
+    assert_eq!(r.counters.ignored_events, 12);
+    assert_eq!(r.placement.home.as_ref().map(|h| h.partition), Some(2));
+    assert_eq!((r.placement.moved_to, r.counters.handovers), (None, 0));
+
+    let outbox = vec![format_v2::OutboxRecord {
+        topic: "t".into(),
+        key: Some(b"k".to_vec()),
+        value: b"v".to_vec(),
+        headers: vec![],
+    }];
+    for version in [1u8, 2] {
+        let read: Vec<OutboxRecord> = decode(b"o", &encode_as(version, &outbox)).unwrap();
+        assert_eq!(read[0].value, b"v");
+        assert_eq!(read[0].partition, None);
+    }
+}
+
+/// Format 4 grouped the flat fields of format 3 into counters, parking
+/// and placement; a format-3 record reads with every value in its group.
+#[test]
+fn format_3_records_are_read() {
+    use crate::model::fold::{HeldEvent, Home, Origin, Parked, Skipped};
+    let home = |partition| Home::new("in", partition);
+    let held = HeldEvent {
+        event: crate::model::envelope::Event {
+            event_id: "e9".into(),
+            event_type: "lead.updated".into(),
+            entity_id: "lead-1".into(),
+            tenant_id: "t1".into(),
+            occurred_at: 9,
+            version: None,
+            payload: Default::default(),
+        },
+        origin: Origin::new(crate::model::position::TopicPartition::new("in", 2), 9),
+    };
+    let old = format_v3::EntityRecord {
+        parked: Some(Parked {
+            event_id: "e8".into(),
+            reason: "late".into(),
+            since: 10,
+        }),
+        held: vec![held.clone()],
+        skipped: vec![Skipped {
+            event_id: "e7".into(),
+            event_type: "lead.updated".into(),
+            reason: "boom".into(),
+            at: 11,
+        }],
+        moved_to: Some(home(5)),
+        handovers: 13,
+        ..format_3_record()
+    };
+    let r: EntityRecord = decode(b"k", &encode_as(3, &old)).unwrap();
+    let c = &r.counters;
+    assert_eq!(
+        (
+            c.applied_events,
+            c.duplicates,
+            c.redeliveries,
+            c.late_events,
+            c.too_late_events,
+            c.dead_lettered,
+            c.late_applied,
+            c.late_dropped,
+            c.ignored_events,
+            c.handovers
+        ),
+        (1, 2, 3, 4, 5, 6, 7, 8, 12, 13)
+    );
+    assert_eq!(r.parking.parked.as_ref().map(|p| p.since), Some(10));
+    assert_eq!(r.parking.held, vec![held]);
+    assert_eq!(r.parking.skipped[0].reason, "boom");
+    assert_eq!(r.placement.home, Some(home(2)));
+    assert_eq!(r.placement.moved_to, Some(home(5)));
+    assert_eq!(r.applied_offsets["in/2"], 9);
+
+    // Read, then written again: the current format, the same record.
+    let again: EntityRecord = decode(b"k", &encode(&r)).unwrap();
+    assert_eq!(encode(&r)[0], FORMAT_VERSION);
+    assert_eq!(again, r);
+}
+
+/// Byte fields are written as one slice; the layout is the one a
+/// `Vec<u8>` written element by element had, so older outboxes read.
+#[test]
+fn outbox_bytes_keep_their_layout() {
+    #[derive(Serialize)]
+    struct Plain {
+        topic: String,
+        key: Option<Vec<u8>>,
+        value: Vec<u8>,
+        headers: Vec<(String, Vec<u8>)>,
+        partition: Option<i32>,
+    }
+    let record = OutboxRecord {
+        topic: "t".into(),
+        key: Some(vec![0, 1, 255]),
+        value: (0..=255).collect(),
+        headers: vec![("traceparent".into(), b"00-ab".to_vec()), ("h".into(), vec![])],
+        partition: Some(3),
+    };
+    let plain = Plain {
+        topic: record.topic.clone(),
+        key: record.key.clone(),
+        value: record.value.clone(),
+        headers: record.headers.clone(),
+        partition: record.partition,
+    };
+    assert_eq!(encode(&record), encode(&plain));
+    let back: OutboxRecord = decode(b"o", &encode(&plain)).unwrap();
+    assert_eq!(back, record);
+}
+
+/// Format 5 stores one provenance per writing event; a format-4 record
+/// (one per field) reads the same, and the new body is smaller.
+#[test]
+fn format_4_records_are_read_and_format_5_is_smaller() {
+    use crate::model::fold::Provenance;
+    let prov = |event: &str, offset| Provenance {
+        event_id: event.into(),
+        event_type: "lead.updated".into(),
+        topic: "in".into(),
+        partition: 2,
+        offset,
+        occurred_at: 5,
+        processed_at: 6,
+        settings_version: 1,
+    };
+    let fields: BTreeMap<String, Provenance> = [
+        ("email".to_owned(), prov("e1", 7)),
+        ("name".to_owned(), prov("e2", 8)),
+        ("stage".to_owned(), prov("e1", 7)),
+        ("phone".to_owned(), prov("e1", 7)),
+    ]
+    .into();
+    let old = format_v4::EntityRecord {
+        entity_id: "lead-1".into(),
+        tenant_id: "t1".into(),
+        state: Default::default(),
+        provenance: fields.clone(),
+        high_water: None,
+        log: vec![],
+        base: format_v4::Base {
+            provenance: [("email".to_owned(), prov("e0", 3))].into(),
+            ..Default::default()
+        },
+        applied_offsets: [("in/2".to_owned(), 8)].into(),
+        counters: crate::model::fold::Counters {
+            applied_events: 2,
+            ..Default::default()
+        },
+        parking: Default::default(),
+        placement: Default::default(),
+    };
+    let v4 = encode_as(4, &old);
+    let r: EntityRecord = decode(b"k", &v4).unwrap();
+    assert_eq!(r.provenance, fields);
+    assert_eq!(r.base.provenance["email"].event_id, "e0");
+    assert_eq!(r.counters.applied_events, 2);
+    let v5 = encode(&r);
+    assert_eq!(decode::<EntityRecord>(b"k", &v5).unwrap(), r);
+    assert!(v5.len() < v4.len(), "{} >= {}", v5.len(), v4.len());
+}
+
+/// A large batch's outbox is written in chunks, each under the chunk
+/// size unless one record alone is over it; they read back oldest
+/// first, all of them, in order.
+#[test]
+fn a_large_outbox_is_written_in_chunks_read_in_order() {
+    let record = |i: u32, len: usize| OutboxRecord {
+        topic: "changes".into(),
+        key: Some(i.to_be_bytes().to_vec()),
+        value: vec![7; len],
+        headers: vec![],
+        partition: None,
+    };
+    let mut outbox: Vec<OutboxRecord> = (0..400).map(|i| record(i, 1_000)).collect();
+    outbox.insert(200, record(9_999, 200_000));
+    let chunks: Vec<_> = outbox_chunks(&outbox).collect();
+    assert!(chunks.len() >= 60, "{}", chunks.len());
+    for c in &chunks {
+        let bytes: usize = c.iter().map(|r| r.value.len()).sum();
+        assert!(bytes <= OUTBOX_CHUNK_BYTES || c.len() == 1, "{bytes}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path(), 16).unwrap();
+    let batch = CommitBatch {
+        outbox: outbox.clone(),
+        outbox_id: store.next_id().unwrap(),
+        ..Default::default()
+    };
+    store.commit(&batch).unwrap();
+    let bundles = store.outbox(1_000).unwrap();
+    assert_eq!(bundles.len(), chunks.len());
+    let read: Vec<OutboxRecord> = bundles.into_iter().flat_map(|(_, b)| b).collect();
+    assert_eq!(read, outbox);
+}

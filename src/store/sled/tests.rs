@@ -92,17 +92,22 @@ fn batch_round_trip_and_format_version() {
     );
 }
 
-#[test]
-fn format_1_records_are_read() {
-    let prov = |offset| format_v1::Provenance {
-        event_id: "e1".into(),
+/// A format-1 provenance of event `event` at `offset` of `in/2`.
+fn v1_provenance(event: &str, offset: i64) -> format_v1::Provenance {
+    format_v1::Provenance {
+        event_id: event.into(),
         event_type: "lead.updated".into(),
         topic: "in".into(),
         partition: 2,
         offset,
         occurred_at: 5,
         processed_at: 6,
-    };
+    }
+}
+
+#[test]
+fn format_1_records_are_read() {
+    let prov = |offset| v1_provenance("e1", offset);
     let old = format_v1::EntityRecord {
         entity_id: "lead-1".into(),
         tenant_id: "t1".into(),
@@ -303,14 +308,8 @@ fn outbox_bytes_keep_their_layout() {
 fn format_4_records_are_read_and_format_5_is_smaller() {
     use crate::model::fold::Provenance;
     let prov = |event: &str, offset| Provenance {
-        event_id: event.into(),
-        event_type: "lead.updated".into(),
-        topic: "in".into(),
-        partition: 2,
-        offset,
-        occurred_at: 5,
-        processed_at: 6,
         settings_version: 1,
+        ..Provenance::from(v1_provenance(event, offset))
     };
     let fields: BTreeMap<String, Provenance> = [
         ("email".to_owned(), prov("e1", 7)),

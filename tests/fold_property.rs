@@ -106,25 +106,36 @@ proptest! {
         prop_assert_eq!(writers(&got), writers(&expected));
 
         // And an oracle written apart from orderly's fold agrees.
-        let oracle = oracle(&in_order);
+        let (oracle, deleted) = oracle(&in_order);
         prop_assert_eq!(orderly::model::value::fields_to_json(&got.state.fields), oracle);
+        // Deleted only while no later event wrote a field (`set`, or an `inc`).
+        prop_assert_eq!(got.state.deleted, deleted);
     }
 }
 
-fn oracle(in_order: &[Event]) -> serde_json::Value {
+/// The fields, and whether the entity is deleted, after `in_order`.
+fn oracle(in_order: &[Event]) -> (serde_json::Value, bool) {
     let mut m = serde_json::Map::new();
+    let mut deleted = false;
     for e in in_order {
         let p = orderly::model::value::fields_to_json(&e.payload);
         match e.event_type.as_str() {
-            "set" => m.extend(p.as_object().unwrap().clone()),
+            "set" => {
+                m.extend(p.as_object().unwrap().clone());
+                deleted = false;
+            }
             "inc" => {
                 for (k, v) in p.as_object().unwrap() {
                     let old = m.get(k).and_then(|o| o.as_i64()).unwrap_or(0);
                     m.insert(k.clone(), serde_json::json!(old + v.as_i64().unwrap()));
+                    deleted = false;
                 }
             }
-            _ => m.clear(),
+            _ => {
+                m.clear();
+                deleted = true;
+            }
         }
     }
-    serde_json::Value::Object(m)
+    (serde_json::Value::Object(m), deleted)
 }

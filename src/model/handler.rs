@@ -131,9 +131,11 @@ pub enum ReduceOp {
     /// Each payload field is last-writer-wins by order key. Revives a deleted entity.
     #[default]
     Set,
-    /// Each payload field is a number added to the field (missing counts as 0).
+    /// Each payload field is a number added to the field (missing counts as
+    /// 0). Revives a deleted entity, whose fields a tombstone cleared.
     Inc,
-    /// Tombstone: clears every field. A later `set` revives the entity.
+    /// Tombstone: clears every field. A later `set` or `inc` that writes a
+    /// field revives the entity.
     Delete,
 }
 
@@ -156,6 +158,11 @@ impl Handler for FieldReducer {
                 }
             }
             ReduceOp::Inc => {
+                // Writing fields after a tombstone revives the entity, as
+                // `set` does; its counters start again from 0.
+                if !event.payload.is_empty() {
+                    state.deleted = false;
+                }
                 for (k, delta) in &event.payload {
                     let slot = state.fields.entry(k.clone()).or_insert(Value::Int(0));
                     *slot = add(slot, delta).ok_or_else(|| {
@@ -280,6 +287,32 @@ mod tests {
             .apply(&mut s, &ev("x", serde_json::json!({"a": 1})), &d())
             .unwrap();
         assert!(!s.deleted);
+    }
+
+    /// A reducer that writes fields after a tombstone revives the entity:
+    /// an entity is never both deleted and holding live fields.
+    #[test]
+    fn inc_after_delete_revives() {
+        let mut s = EntityState::default();
+        FieldReducer(ReduceOp::Set)
+            .apply(&mut s, &ev("x", serde_json::json!({"a": 5})), &d())
+            .unwrap();
+        FieldReducer(ReduceOp::Delete)
+            .apply(&mut s, &ev("x", serde_json::json!({})), &d())
+            .unwrap();
+        FieldReducer(ReduceOp::Inc)
+            .apply(&mut s, &ev("x", serde_json::json!({"a": 2})), &d())
+            .unwrap();
+        assert!(!s.deleted, "{s:?}");
+        assert_eq!(s.fields["a"], Value::Int(2), "counts start again from 0");
+        // An inc that writes nothing leaves a tombstone a tombstone.
+        FieldReducer(ReduceOp::Delete)
+            .apply(&mut s, &ev("x", serde_json::json!({})), &d())
+            .unwrap();
+        FieldReducer(ReduceOp::Inc)
+            .apply(&mut s, &ev("x", serde_json::json!({})), &d())
+            .unwrap();
+        assert!(s.deleted && s.fields.is_empty());
     }
 
     #[test]

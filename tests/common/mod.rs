@@ -280,6 +280,8 @@ impl Oracle {
                         }
                     }
                     Inc => {
+                        // Writing a field after a tombstone revives the entity.
+                        deleted &= payload.is_empty();
                         for (k, v) in payload {
                             let old = fields.get(k).and_then(|o| o.as_i64()).unwrap_or(0);
                             fields.insert(

@@ -75,6 +75,16 @@ pub enum DecodeError {
     /// `type` is missing or empty.
     #[error("type is missing or empty; it selects the handler")]
     MissingType,
+    /// An id holds a NUL character. Store keys join an entity id and what
+    /// follows it with NUL (`h\0<entity id>\0…`), so such an id could read
+    /// another entity's history.
+    #[error("{field} {value:?} contains a NUL character, which ids may not hold")]
+    NulInId {
+        /// `entity_id`, `tenant_id` or `event_id`.
+        field: &'static str,
+        /// The id, NULs shown escaped.
+        value: String,
+    },
     /// The Kafka key is not the entity id.
     #[error("the Kafka key {key:?} disagrees with entity_id {entity_id:?}; produce with key = entity_id")]
     KeyMismatch {
@@ -102,6 +112,7 @@ impl DecodeError {
             DecodeError::MissingTenantId => "missing_tenant_id",
             DecodeError::MissingEventId => "missing_event_id",
             DecodeError::MissingType => "missing_type",
+            DecodeError::NulInId { .. } => "nul_in_id",
             DecodeError::KeyMismatch { .. } => "key_mismatch",
             DecodeError::PayloadNotJson(_) => "payload_not_json",
             DecodeError::PayloadNotObject(_) => "payload_not_object",
@@ -241,6 +252,18 @@ fn validate(e: &Event) -> Result<(), DecodeError> {
     if e.event_type.is_empty() {
         return Err(DecodeError::MissingType);
     }
+    for (field, value) in [
+        ("entity_id", &e.entity_id),
+        ("tenant_id", &e.tenant_id),
+        ("event_id", &e.event_id),
+    ] {
+        if value.contains('\0') {
+            return Err(DecodeError::NulInId {
+                field,
+                value: value.clone(),
+            });
+        }
+    }
     Ok(())
 }
 
@@ -355,6 +378,16 @@ mod tests {
                 "missing_event_id",
             ),
             (Some(b"other"), e.to_json_bytes(), "key_mismatch"),
+            (
+                None,
+                br#"{"entity_id":"a\u0000b","tenant_id":"t","event_id":"e","type":"x"}"#.to_vec(),
+                "nul_in_id",
+            ),
+            (
+                None,
+                br#"{"entity_id":"a","tenant_id":"t","event_id":"e\u0000","type":"x"}"#.to_vec(),
+                "nul_in_id",
+            ),
             (
                 None,
                 br#"{"entity_id":"a","tenant_id":"t","event_id":"e","type":"x","payload":[1]}"#

@@ -83,3 +83,46 @@ pub fn producer(
     }
     cc.create()
 }
+
+/// A message's headers, keys and values, read so that nothing in them can
+/// panic: a key that is not valid UTF-8 is decoded lossily (U+FFFD for each
+/// bad sequence). rdkafka 0.39's `Headers::iter` and `try_get` call
+/// `CStr::to_str().unwrap()` on the key, so one producer writing such a
+/// key would stop the consumer thread; this reads librdkafka's headers
+/// directly instead.
+pub fn headers_of(m: &rdkafka::message::BorrowedMessage<'_>) -> Vec<(String, Vec<u8>)> {
+    use rdkafka::bindings as rd;
+    let mut out = Vec::new();
+    // SAFETY: `m` borrows a live librdkafka message, so its pointer and its
+    // headers (owned by the message) stay valid while `m` does. librdkafka
+    // returns NUL-terminated names and (pointer, size) values that stay
+    // valid for the same time; they are copied before `m` can go.
+    unsafe {
+        let mut hdrs: *mut rd::rd_kafka_headers_t = std::ptr::null_mut();
+        if rd::rd_kafka_message_headers(m.ptr(), &mut hdrs)
+            != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+            || hdrs.is_null()
+        {
+            return out;
+        }
+        for i in 0..rd::rd_kafka_header_cnt(hdrs) {
+            let mut name: *const std::os::raw::c_char = std::ptr::null();
+            let mut value: *const std::os::raw::c_void = std::ptr::null();
+            let mut size = 0usize;
+            if rd::rd_kafka_header_get_all(hdrs, i, &mut name, &mut value, &mut size)
+                != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+                || name.is_null()
+            {
+                continue;
+            }
+            let key = std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned();
+            let value = if value.is_null() || size == 0 {
+                Vec::new()
+            } else {
+                std::slice::from_raw_parts(value.cast::<u8>(), size).to_vec()
+            };
+            out.push((key, value));
+        }
+    }
+    out
+}

@@ -29,7 +29,7 @@ use crate::telemetry::{self, unix_ms, SpanInfo};
 use crate::writer::{Ack, WriteIntent, WriterMsg};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -590,19 +590,7 @@ impl Source {
         }
         emit(EventReceived, &self.stats);
         let kafka_ts = m.timestamp().to_millis();
-        let headers: Vec<(String, Vec<u8>)> = m
-            .headers()
-            .map(|hs| {
-                hs.iter()
-                    .map(|h| {
-                        (
-                            h.key.to_owned(),
-                            h.value.map(<[u8]>::to_vec).unwrap_or_default(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let headers = crate::kafka::headers_of(m);
         let content_type = headers
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))

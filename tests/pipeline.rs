@@ -225,3 +225,95 @@ fn idle_actors_are_passivated_and_hot_entities_coalesce_writes() {
     let problems = Oracle::of(&events).diff(store.as_ref());
     assert!(problems.is_empty(), "{problems:?}");
 }
+
+/// Produces `value` with key `key` and one header whose key is not valid
+/// UTF-8, through librdkafka's own API: rdkafka's Rust API only takes `&str`
+/// header keys, but other clients can write any bytes.
+fn produce_with_a_binary_header_key(brokers: &str, topic: &str, key: &[u8], value: &[u8]) {
+    use rdkafka::bindings as rd;
+    use rdkafka::producer::{BaseProducer, Producer};
+    let producer: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("producer");
+    let topic = std::ffi::CString::new(topic).unwrap();
+    let name = b"\xff\xfeorigin\0";
+    let header = b"crm";
+    let vu = |vtype, u| rd::rd_kafka_vu_t { vtype, u };
+    let vus = [
+        vu(
+            rd::rd_kafka_vtype_t::RD_KAFKA_VTYPE_TOPIC,
+            rd::rd_kafka_vu_s__bindgen_ty_1 {
+                cstr: topic.as_ptr(),
+            },
+        ),
+        vu(
+            rd::rd_kafka_vtype_t::RD_KAFKA_VTYPE_KEY,
+            rd::rd_kafka_vu_s__bindgen_ty_1 {
+                mem: rd::rd_kafka_vu_s__bindgen_ty_1__bindgen_ty_1 {
+                    ptr: key.as_ptr() as *mut _,
+                    size: key.len(),
+                },
+            },
+        ),
+        vu(
+            rd::rd_kafka_vtype_t::RD_KAFKA_VTYPE_VALUE,
+            rd::rd_kafka_vu_s__bindgen_ty_1 {
+                mem: rd::rd_kafka_vu_s__bindgen_ty_1__bindgen_ty_1 {
+                    ptr: value.as_ptr() as *mut _,
+                    size: value.len(),
+                },
+            },
+        ),
+        vu(
+            rd::rd_kafka_vtype_t::RD_KAFKA_VTYPE_HEADER,
+            rd::rd_kafka_vu_s__bindgen_ty_1 {
+                header: rd::rd_kafka_vu_s__bindgen_ty_1__bindgen_ty_2 {
+                    name: name.as_ptr().cast(),
+                    val: header.as_ptr().cast(),
+                    size: header.len() as isize,
+                },
+            },
+        ),
+    ];
+    // SAFETY: every pointer in `vus` outlives the call, which copies them
+    // (librdkafka copies key, value and headers unless told otherwise).
+    let err =
+        unsafe { rd::rd_kafka_produceva(producer.client().native_ptr(), vus.as_ptr(), vus.len()) };
+    assert!(err.is_null(), "produceva failed");
+    producer.flush(Duration::from_secs(10)).expect("flush");
+}
+
+/// A message whose header key is not valid UTF-8 is consumed like any
+/// other: rdkafka's header iterator would panic on it, and the source
+/// would stop consuming.
+#[test]
+fn a_header_key_that_is_not_utf8_does_not_stop_the_source() {
+    let topic = TestTopic::new(2);
+    let dir = tempfile::tempdir().unwrap();
+    let mut events = shuffled_stream(20, 3, 0.0, 5);
+    let odd = events.remove(events.len() / 2);
+    let oracle = Oracle::of(
+        &events
+            .iter()
+            .cloned()
+            .chain([odd.clone()])
+            .collect::<Vec<_>>(),
+    );
+    let n = events.len() as u64 + 1;
+    let (brokers, name) = (topic.brokers.clone(), topic.topic.clone());
+    let store = run_until_durable(topic.config(dir.path()), n, move || {
+        let (first, rest) = events.split_at(events.len() / 2);
+        common::produce_events(&brokers, &name, first);
+        produce_with_a_binary_header_key(
+            &brokers,
+            &name,
+            odd.entity_id.as_bytes(),
+            &odd.to_proto_bytes(),
+        );
+        common::produce_events(&brokers, &name, rest);
+    });
+    let problems = oracle.diff(store.as_ref());
+    assert!(problems.is_empty(), "{problems:?}");
+    assert!(store.dead_letters(0, 10).unwrap().is_empty());
+}

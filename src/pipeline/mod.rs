@@ -159,10 +159,29 @@ pub struct Pipeline {
     follower: Option<JoinHandle<()>>,
 }
 
-fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, PipelineError> {
+/// Starts a pipeline thread. A panic in it raises `fatal`, so the pipeline
+/// stops and says why, instead of living on without that thread (a process
+/// that answers its probes but consumes nothing).
+fn spawn(
+    name: &str,
+    fatal: &Arc<Fatal>,
+    f: impl FnOnce() + Send + 'static,
+) -> Result<JoinHandle<()>, PipelineError> {
+    let (fatal, thread) = (fatal.clone(), name.to_owned());
     std::thread::Builder::new()
         .name(name.into())
-        .spawn(f)
+        .spawn(move || {
+            if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "no message".into());
+                fatal.raise(format!(
+                    "the {thread} thread panicked ({what}); stopping rather than running without it"
+                ));
+            }
+        })
         .map_err(PipelineError::Thread)
 }
 
@@ -238,7 +257,7 @@ impl Pipeline {
             },
         };
         let writer_fatal = fatal.clone();
-        let writer = spawn("orderly-writer", move || {
+        let writer = spawn("orderly-writer", &fatal, move || {
             if let Err(e) = runtime().block_on(writer.run(writer_rx)) {
                 writer_fatal.raise(e.to_string());
             }
@@ -255,7 +274,7 @@ impl Pipeline {
             ready: outbox_ready,
             stop: stop_publisher.clone(),
         };
-        let publisher = spawn("orderly-publisher", move || {
+        let publisher = spawn("orderly-publisher", &fatal, move || {
             runtime().block_on(publisher.run())
         })?;
 
@@ -312,7 +331,7 @@ impl Pipeline {
         let watchdog = {
             let (stalls, stats, stop) = (stalls.clone(), stats.clone(), stop_publisher.clone());
             let deadline = Duration::from_millis(config.stall_deadline_ms);
-            spawn("orderly-watchdog", move || {
+            spawn("orderly-watchdog", &fatal, move || {
                 crate::stall::watch(busy, stalls, stats, deadline, stop)
             })?
         };
@@ -338,7 +357,7 @@ impl Pipeline {
                     }))
                 })?;
                 let stop = stop_source.clone();
-                Some(spawn("orderly-follower", move || follower.run(stop))?)
+                Some(spawn("orderly-follower", &fatal, move || follower.run(stop))?)
             }
             _ => None,
         };
@@ -361,7 +380,7 @@ impl Pipeline {
             )
             .map_err(|e| PipelineError::Source(Box::new(e)))?;
             let stop = stop_source.clone();
-            let source = spawn("orderly-source", move || source.run(stop, grace))?;
+            let source = spawn("orderly-source", &fatal, move || source.run(stop, grace))?;
             (Some(source), None)
         } else {
             // Engine mode: events come from an Injector; the durable
@@ -542,3 +561,24 @@ impl Pipeline {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pipeline thread that panics raises the fatal signal with its name
+    /// and message, so the pipeline stops instead of running without it.
+    #[test]
+    fn a_panicking_thread_raises_fatal() {
+        let fatal = Arc::new(Fatal::default());
+        let t = spawn("orderly-test", &fatal, || panic!("header key is not UTF-8")).unwrap();
+        t.join().expect("the panic is caught");
+        let reason = fatal.reason().expect("fatal raised");
+        assert!(
+            reason.contains("orderly-test") && reason.contains("header key is not UTF-8"),
+            "{reason}"
+        );
+        let calm = spawn("orderly-calm", &fatal, || {}).unwrap();
+        calm.join().unwrap();
+    }
+}

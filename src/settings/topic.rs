@@ -66,7 +66,7 @@ impl TopicReader {
     /// Runs until `parts.stop`: catches up, marks the registry caught up, follows.
     pub fn run(self, parts: SourceParts) {
         use rdkafka::consumer::Consumer as _;
-        use rdkafka::message::{Headers as _, Message as _};
+        use rdkafka::message::Message as _;
         let stop = parts.stop.clone();
         let consumer: rdkafka::consumer::BaseConsumer = match self.client.create() {
             Ok(c) => c,
@@ -130,11 +130,11 @@ impl TopicReader {
                 }
                 Some(Ok(m)) => {
                     let _ = crate::failpoint::hit("settings.read");
-                    let content_type = m.headers().and_then(|h| {
-                        h.iter()
-                            .find(|h| h.key.eq_ignore_ascii_case("content-type"))
-                            .and_then(|h| h.value.map(<[u8]>::to_vec))
-                    });
+                    let headers = crate::kafka::headers_of(&m);
+                    let content_type = headers
+                        .iter()
+                        .find(|(k, v)| k.eq_ignore_ascii_case("content-type") && !v.is_empty())
+                        .map(|(_, v)| v.clone());
                     match parts
                         .settings
                         .apply_record(m.key(), m.payload(), content_type.as_deref())
@@ -146,16 +146,6 @@ impl TopicReader {
                         }
                         Ok(_) => {}
                         Err(e) => {
-                            let headers = m
-                                .headers()
-                                .map(|h| {
-                                    h.iter()
-                                        .map(|h| {
-                                            (h.key.to_owned(), h.value.unwrap_or_default().to_vec())
-                                        })
-                                        .collect()
-                                })
-                                .unwrap_or_default();
                             let origin = format!("{}/{}@{}", self.topic, m.partition(), m.offset());
                             let dl = rejected_dead_letter(
                                 &e,

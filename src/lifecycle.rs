@@ -6,7 +6,7 @@
 //! reason is kept. This module owns nothing else, so every layer can import
 //! it without importing the pipeline.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// A condition that stops the pipeline (the store failed, for example).
 #[derive(Debug, Default)]
@@ -44,4 +44,28 @@ impl Fatal {
             self.notify.notified().await;
         }
     }
+}
+
+/// Starts one of orderly's threads. A panic in it raises `fatal` with the
+/// thread's name and message, so the pipeline stops and says why instead of
+/// living on without that thread (a process that answers its probes but
+/// consumes nothing).
+pub fn spawn(
+    name: &str,
+    fatal: &Arc<Fatal>,
+    f: impl FnOnce() + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let (fatal, thread) = (fatal.clone(), name.to_owned());
+    std::thread::Builder::new().name(name.into()).spawn(move || {
+        if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            fatal.raise(format!(
+                "the {thread} thread panicked ({what}); stopping rather than running without it"
+            ));
+        }
+    })
 }

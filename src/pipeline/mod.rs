@@ -159,30 +159,13 @@ pub struct Pipeline {
     follower: Option<JoinHandle<()>>,
 }
 
-/// Starts a pipeline thread. A panic in it raises `fatal`, so the pipeline
-/// stops and says why, instead of living on without that thread (a process
-/// that answers its probes but consumes nothing).
+/// Starts a pipeline thread; see [`crate::lifecycle::spawn`].
 fn spawn(
     name: &str,
     fatal: &Arc<Fatal>,
     f: impl FnOnce() + Send + 'static,
 ) -> Result<JoinHandle<()>, PipelineError> {
-    let (fatal, thread) = (fatal.clone(), name.to_owned());
-    std::thread::Builder::new()
-        .name(name.into())
-        .spawn(move || {
-            if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "no message".into());
-                fatal.raise(format!(
-                    "the {thread} thread panicked ({what}); stopping rather than running without it"
-                ));
-            }
-        })
-        .map_err(PipelineError::Thread)
+    crate::lifecycle::spawn(name, fatal, f).map_err(PipelineError::Thread)
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -299,6 +282,7 @@ impl Pipeline {
                     })));
                 }),
                 stop: stop_settings.clone(),
+                fatal: fatal.clone(),
             };
             crate::settings::start_source(&config, parts).map_err(PipelineError::Thread)?
         };

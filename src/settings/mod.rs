@@ -46,6 +46,8 @@ pub struct SourceParts {
     pub reject: RejectSink,
     /// Set to stop.
     pub stop: Arc<AtomicBool>,
+    /// Raised if the reader's thread panics.
+    pub fatal: Arc<crate::lifecycle::Fatal>,
 }
 
 /// Starts the configured source on its own thread; with source `none`, marks
@@ -54,11 +56,9 @@ pub fn start_source(
     config: &crate::config::Config,
     parts: SourceParts,
 ) -> std::io::Result<Option<std::thread::JoinHandle<()>>> {
+    let fatal = parts.fatal.clone();
     let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
-        std::thread::Builder::new()
-            .name(name.into())
-            .spawn(f)
-            .map(Some)
+        crate::lifecycle::spawn(name, &fatal, f).map(Some)
     };
     match config.settings.source {
         SettingsSource::None => {
@@ -127,15 +127,20 @@ pub fn load_once(
 ) -> Result<Arc<Settings>, String> {
     let settings = Arc::new(Settings::new(config.policies()));
     let stop = Arc::new(AtomicBool::new(false));
+    let fatal = Arc::new(crate::lifecycle::Fatal::default());
     let parts = SourceParts {
         settings: settings.clone(),
         stats: Arc::default(),
         reject: Box::new(|_| {}),
         stop: stop.clone(),
+        fatal: fatal.clone(),
     };
     let handle = start_source(config, parts).map_err(|e| e.to_string())?;
     let deadline = std::time::Instant::now() + timeout;
     while !settings.is_caught_up() && std::time::Instant::now() < deadline {
+        if let Some(reason) = fatal.reason() {
+            return Err(reason);
+        }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     stop.store(true, Relaxed);

@@ -3,8 +3,9 @@
 //! A component that cannot go on (the store failed, the writer lost its
 //! batch) raises [`Fatal`] with a reason; the pipeline's supervisor waits on
 //! it, stops taking messages, and exits with that reason. Only the first
-//! reason is kept. This module owns nothing else, so every layer can import
-//! it without importing the pipeline.
+//! reason is kept. [`spawn`] starts orderly's threads so that a panic in
+//! one raises it too. This module owns nothing else, so every layer can
+//! import it without importing the pipeline.
 
 use std::sync::{Arc, Mutex};
 

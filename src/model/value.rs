@@ -11,7 +11,10 @@ use std::collections::BTreeMap;
 pub type Fields = BTreeMap<String, Value>;
 
 /// A JSON value that bincode can store.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+///
+/// Decoding refuses values nested deeper than [`MAX_DEPTH`], so a corrupt
+/// or hostile stored record cannot overflow the stack.
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub enum Value {
     /// JSON `null`.
     Null,
@@ -27,6 +30,43 @@ pub enum Value {
     Array(Vec<Value>),
     /// A JSON object.
     Object(Fields),
+}
+
+/// How deep values may nest when decoded: as deep as serde_json parses
+/// JSON by default, so every payload that arrived as JSON decodes again.
+pub const MAX_DEPTH: usize = 128;
+
+std::thread_local! {
+    static DEPTH: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The derived decoding of [`Value`], whose arrays and objects decode their
+/// elements through `Value`'s own `Deserialize`, so each level is counted.
+#[derive(Deserialize)]
+#[serde(remote = "Value")]
+enum ValueDef {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    String(String),
+    Array(Vec<Value>),
+    Object(Fields),
+}
+
+impl<'de> Deserialize<'de> for Value {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let depth = DEPTH.with(|c| c.get());
+        if depth >= MAX_DEPTH {
+            return Err(serde::de::Error::custom(format!(
+                "a value is nested deeper than {MAX_DEPTH} levels"
+            )));
+        }
+        DEPTH.with(|c| c.set(depth + 1));
+        let value = ValueDef::deserialize(d);
+        DEPTH.with(|c| c.set(depth));
+        value
+    }
 }
 
 impl Value {
@@ -106,6 +146,28 @@ pub fn fields_to_json(fields: &Fields) -> serde_json::Value {
 
 #[cfg(test)]
 mod tests {
+
+    /// A stored value nested far deeper than any JSON orderly accepts is
+    /// refused with an error, not a stack overflow; one at the limit reads.
+    #[test]
+    fn deep_nesting_is_refused_not_a_stack_overflow() {
+        // bincode: variant 5 is `Array`, then the length 1, level after level.
+        let nested = |levels: usize| {
+            let mut bytes = [5u8, 1].repeat(levels);
+            bytes.push(0); // the innermost value: `Null`
+            bytes
+        };
+        let cfg = bincode::config::standard();
+        let err =
+            bincode::serde::decode_from_slice::<Value, _>(&nested(1_000_000), cfg).unwrap_err();
+        assert!(err.to_string().contains("nested deeper"), "{err}");
+        let (ok, _) =
+            bincode::serde::decode_from_slice::<Value, _>(&nested(MAX_DEPTH - 1), cfg).unwrap();
+        assert!(matches!(ok, Value::Array(_)));
+        // The counter is back at zero after an error: a flat value reads.
+        let (flat, _) = bincode::serde::decode_from_slice::<Value, _>(&[2, 4], cfg).unwrap();
+        assert_eq!(flat, Value::Int(2));
+    }
 
     /// `Json` writes exactly what `to_json` gives, for every kind of value.
     #[test]

@@ -380,3 +380,15 @@ fn a_large_outbox_is_written_in_chunks_read_in_order() {
     let read: Vec<OutboxRecord> = bundles.into_iter().flat_map(|(_, b)| b).collect();
     assert_eq!(read, outbox);
 }
+
+/// A corrupt length prefix (a bundle that claims 2^62 records) is an error,
+/// found at once, and allocates nothing near that size: values are decoded
+/// from the stored slice, and serde reserves at most about 1 MiB up front.
+#[test]
+fn a_corrupt_length_is_an_error_not_an_allocation() {
+    let mut bytes = vec![FORMAT_VERSION, 0xfd];
+    bytes.extend_from_slice(&(1u64 << 62).to_le_bytes());
+    bytes.extend_from_slice(b"only a few bytes follow");
+    let err = decode::<Vec<OutboxRecord>>(b"o", &bytes).unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+}

@@ -240,6 +240,17 @@ fn produce_with_a_binary_header_key(brokers: &str, topic: &str, key: &[u8], valu
     let name = b"\xff\xfeorigin\0";
     let header = b"crm";
     let vu = |vtype, u| rd::rd_kafka_vu_t { vtype, u };
+    let bytes = |vtype, b: &[u8]| {
+        vu(
+            vtype,
+            rd::rd_kafka_vu_s__bindgen_ty_1 {
+                mem: rd::rd_kafka_vu_s__bindgen_ty_1__bindgen_ty_1 {
+                    ptr: b.as_ptr() as *mut _,
+                    size: b.len(),
+                },
+            },
+        )
+    };
     let vus = [
         vu(
             rd::rd_kafka_vtype_t::RD_KAFKA_VTYPE_TOPIC,
@@ -247,24 +258,8 @@ fn produce_with_a_binary_header_key(brokers: &str, topic: &str, key: &[u8], valu
                 cstr: topic.as_ptr(),
             },
         ),
-        vu(
-            rd::rd_kafka_vtype_t::RD_KAFKA_VTYPE_KEY,
-            rd::rd_kafka_vu_s__bindgen_ty_1 {
-                mem: rd::rd_kafka_vu_s__bindgen_ty_1__bindgen_ty_1 {
-                    ptr: key.as_ptr() as *mut _,
-                    size: key.len(),
-                },
-            },
-        ),
-        vu(
-            rd::rd_kafka_vtype_t::RD_KAFKA_VTYPE_VALUE,
-            rd::rd_kafka_vu_s__bindgen_ty_1 {
-                mem: rd::rd_kafka_vu_s__bindgen_ty_1__bindgen_ty_1 {
-                    ptr: value.as_ptr() as *mut _,
-                    size: value.len(),
-                },
-            },
-        ),
+        bytes(rd::rd_kafka_vtype_t::RD_KAFKA_VTYPE_KEY, key),
+        bytes(rd::rd_kafka_vtype_t::RD_KAFKA_VTYPE_VALUE, value),
         vu(
             rd::rd_kafka_vtype_t::RD_KAFKA_VTYPE_HEADER,
             rd::rd_kafka_vu_s__bindgen_ty_1 {

@@ -75,7 +75,7 @@ impl Stored for EntityRecord {
             body,
             bincode::config::standard(),
         )
-        .map(|(v, _)| format_v3::EntityRecord::from(v).into())
+        .map(|(v, _)| format_v4::EntityRecord::from(format_v3::EntityRecord::from(v)).into())
     }
 
     fn from_v2(body: &[u8]) -> std::result::Result<Self, bincode::error::DecodeError> {
@@ -87,7 +87,7 @@ impl Stored for EntityRecord {
             body,
             bincode::config::standard(),
         )
-        .map(|(v, _)| v.into())
+        .map(|(v, _)| format_v4::EntityRecord::from(v).into())
     }
 
     fn from_v4(body: &[u8]) -> std::result::Result<Self, bincode::error::DecodeError> {
@@ -297,16 +297,17 @@ pub(super) mod format_v3 {
         pub handovers: u32,
     }
 
-    impl From<EntityRecord> for fold::EntityRecord {
+    /// Format 4 grouped the flat fields; the rest reads as format 4 does.
+    impl From<EntityRecord> for super::format_v4::EntityRecord {
         fn from(r: EntityRecord) -> Self {
-            fold::EntityRecord {
+            super::format_v4::EntityRecord {
                 entity_id: r.entity_id,
                 tenant_id: r.tenant_id,
                 state: r.state,
                 provenance: r.provenance,
                 high_water: r.high_water,
                 log: r.log,
-                base: r.base.into(),
+                base: r.base,
                 applied_offsets: r.applied_offsets,
                 counters: fold::Counters {
                     applied_events: r.applied_events,

@@ -45,17 +45,8 @@ impl EntityRecord {
             }
             return Ok(outcome);
         }
-        let Some(prepared) = settings.current().prepare(event) else {
-            self.counters.ignored_events += 1;
-            return Ok(Outcome::Ignored {
-                settings_version: settings.current().version(),
-            });
-        };
-        let result = self.apply_event(
-            Prepared {
-                raw: event,
-                event: &prepared,
-            },
+        let result = self.prepare_and_apply(
+            event,
             origin,
             processed_at,
             handlers,
@@ -88,20 +79,8 @@ impl EntityRecord {
         if let Some(outcome) = self.duplicate_or_held(event, origin) {
             return Ok(outcome);
         }
-        let Some(prepared) = settings.current().prepare(event) else {
-            self.counters.ignored_events += 1;
-            self.parking
-                .skipped
-                .retain(|s| s.event_id != event.event_id);
-            return Ok(Outcome::Ignored {
-                settings_version: settings.current().version(),
-            });
-        };
-        let result = self.apply_event(
-            Prepared {
-                raw: event,
-                event: &prepared,
-            },
+        let result = self.prepare_and_apply(
+            event,
             origin,
             processed_at,
             handlers,
@@ -114,6 +93,36 @@ impl EntityRecord {
                 .retain(|s| s.event_id != event.event_id);
         }
         result
+    }
+
+    /// Applies the tenant's field mappings to `event` and applies it, or,
+    /// when its type is not enabled for the tenant, counts it ignored.
+    fn prepare_and_apply(
+        &mut self,
+        event: &Event,
+        origin: &Origin,
+        processed_at: i64,
+        handlers: &Handlers,
+        settings: &TenantView,
+        mode: Mode,
+    ) -> Result<Outcome, Rejected> {
+        let Some(prepared) = settings.current().prepare(event) else {
+            self.counters.ignored_events += 1;
+            return Ok(Outcome::Ignored {
+                settings_version: settings.current().version(),
+            });
+        };
+        self.apply_event(
+            Prepared {
+                raw: event,
+                event: &prepared,
+            },
+            origin,
+            processed_at,
+            handlers,
+            settings,
+            mode,
+        )
     }
 
     /// A duplicate by event id (in the log or held), or, if the entity is

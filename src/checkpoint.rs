@@ -72,15 +72,6 @@ impl PartitionProgress {
     }
 }
 
-/// A partition's checkpoint that the store has made durable.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Durable {
-    /// The next offset to consume.
-    pub next_offset: i64,
-    /// When it last advanced.
-    pub at: SystemTime,
-}
-
 /// Owns every offset from received to committed; see the module docs.
 /// Cheap to share: one lock, held only for map updates.
 #[derive(Debug, Default)]
@@ -205,11 +196,10 @@ impl Checkpointer {
             .collect()
     }
 
-    /// The durable checkpoint of `tp`, if any: what a revoked partition commits.
-    pub fn durable(&self, tp: &TopicPartition) -> Option<Durable> {
-        let parts = self.parts();
-        let (next_offset, at) = parts.get(tp)?.durable?;
-        Some(Durable { next_offset, at })
+    /// The durable checkpoint of `tp` (the next offset to consume), if any:
+    /// what a revoked partition commits.
+    pub fn durable(&self, tp: &TopicPartition) -> Option<i64> {
+        Some(self.parts().get(tp)?.durable?.0)
     }
 
     /// Every partition's durable checkpoint, for the dashboard and the gauges.
@@ -258,7 +248,7 @@ mod tests {
         assert!(t.to_commit(|_| true).is_empty());
         t.flushed([(&tp, 10), (&tp, 11), (&tp, 12)], &batch, at);
         assert!(!t.drained(&tp));
-        assert_eq!(t.durable(&tp).map(|d| d.next_offset), Some(13));
+        assert_eq!(t.durable(&tp), Some(13));
         assert_eq!(t.to_commit(|_| true), vec![(tp.clone(), 13)]);
         let batch = t.written([(&tp, 14), (&tp, 13)], [&tp]);
         assert_eq!(batch, vec![(tp.clone(), 15)]);
@@ -290,7 +280,7 @@ mod tests {
         t.stored(&tp, 40);
         assert_eq!(t.to_commit(|_| true), vec![(tp.clone(), 40)]);
         t.flushed([], &[(tp.clone(), 30)], SystemTime::now());
-        assert_eq!(t.durable(&tp).map(|d| d.next_offset), Some(40));
+        assert_eq!(t.durable(&tp), Some(40));
         t.committed(&tp, 40);
         t.committed(&tp, 35);
         assert!(t.to_commit(|_| true).is_empty());
@@ -319,7 +309,7 @@ mod tests {
         assert_eq!(batch, vec![(tp.clone(), 4)]);
         t.flushed([(&tp, 0)], &batch, at);
         assert_eq!((t.in_flight(), t.drained(&tp)), (0, true));
-        assert_eq!(t.durable(&tp).map(|d| d.next_offset), Some(4));
+        assert_eq!(t.durable(&tp), Some(4));
         // A redelivered offset after the rewind is tracked again.
         t.received(&tp, 2);
         assert_eq!(t.in_flight(), 1);

@@ -140,8 +140,8 @@ impl SourceContext {
     fn checkpoints_of(&self, tps: &HashSet<TopicPartition>) -> TopicPartitionList {
         let mut tpl = TopicPartitionList::new();
         for tp in tps {
-            if let Some(d) = self.checkpointer.durable(tp) {
-                let _ = tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(d.next_offset));
+            if let Some(next) = self.checkpointer.durable(tp) {
+                let _ = tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(next));
             }
         }
         tpl

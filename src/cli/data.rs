@@ -64,7 +64,8 @@ pub(super) fn bench(a: BenchArgs) -> anyhow::Result<()> {
         zipf = a.zipf,
         late_ratio = a.late_ratio,
         duplicate_ratio = a.duplicate_ratio,
-        failure_ratio = a.failure_ratio
+        failure_ratio = a.failure_ratio,
+        store_cache_mb = a.store_cache_mb
     );
     if a.input.is_some() {
         s.input = a.input;

@@ -169,6 +169,9 @@ struct BenchArgs {
     /// Payload size of set events, bytes.
     #[arg(long)]
     payload_bytes: Option<usize>,
+    /// sled's cache for orderly's store, MiB (default: orderly's).
+    #[arg(long)]
+    store_cache_mb: Option<u64>,
     /// Zipf exponent of the key choice.
     #[arg(long)]
     zipf: Option<f64>,

@@ -21,8 +21,11 @@
 //! Every value starts with a format-version byte. Version 2 added the
 //! settings version to provenance and the ignored-events count to entity
 //! records; version 3 added the forwarding stub and handover count to entity
-//! records and an explicit partition to outbox records. Values of versions 1
-//! and 2 are still read (see [`Stored`]). This module
+//! records and an explicit partition to outbox records; version 4 grouped
+//! the entity record's fields; version 5 stored provenance once per writing
+//! event; version 6 put a codec byte after the version (0: the body as is,
+//! 1: an LZ4 block) and compresses bodies of 128 bytes or more. Values of
+//! every older version are still read (see [`Stored`]). This module
 //! does not decide what goes into a batch; the writer does.
 //!
 //! - `keys`: the key prefixes and how each key is built.
@@ -211,16 +214,89 @@ pub trait Store: Send + Sync + 'static {
     /// their history and parked entries). Returns how many entities went.
     fn purge_partition(&self, input: &Home, changelog_topic: &str) -> Result<u64>;
 }
-/// Encodes a value with the format-version prefix.
+/// Encodes a value with the format-version prefix and the codec byte.
+///
+/// Bodies of [`COMPRESS_FROM`] bytes or more are stored as an LZ4 block when
+/// that is smaller. An entity record repeats itself: its state holds the
+/// payload its log entry holds, and the event id, type and topic appear in
+/// the provenance, the log key and the offsets. LZ4 finds those repeats, so
+/// records take less of sled's cache and disk, and the store stays fast as
+/// it grows (BENCHMARKS.md, "sled's growth").
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    // Most stored values are a few hundred bytes to a few KiB: start big
-    // enough that growing the buffer rarely copies it.
-    let mut out = Vec::with_capacity(1024);
-    out.push(FORMAT_VERSION);
-    // Encoding our own plain data types into a Vec cannot fail.
-    bincode::serde::encode_into_std_write(value, &mut out, bincode::config::standard())
-        .expect("encoding into a Vec is infallible");
+    SCRATCH.with_borrow_mut(|body| {
+        body.clear();
+        // Encoding our own plain data types into a Vec cannot fail.
+        bincode::serde::encode_into_std_write(value, body, bincode::config::standard())
+            .expect("encoding into a Vec is infallible");
+        frame(body)
+    })
+}
+
+/// Bodies shorter than this are stored plain: LZ4 would save little.
+pub const COMPRESS_FROM: usize = 128;
+
+/// The codec byte of a format-6 value: the body follows as is.
+const PLAIN: u8 = 0;
+/// The codec byte of a format-6 value: an LZ4 block follows, prefixed with
+/// its decompressed size (u32, little endian).
+const LZ4: u8 = 1;
+
+/// The largest body a stored value may decompress to. A corrupt size prefix
+/// is an error, not an allocation of gigabytes.
+const MAX_BODY: usize = 256 * 1024 * 1024;
+
+thread_local! {
+    /// The bincode body before framing, reused from value to value.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn frame(body: &[u8]) -> Vec<u8> {
+    if body.len() >= COMPRESS_FROM {
+        let mut out = vec![0; 2 + 4 + lz4_flex::block::get_maximum_output_size(body.len())];
+        out[0] = FORMAT_VERSION;
+        out[1] = LZ4;
+        out[2..6].copy_from_slice(&(body.len() as u32).to_le_bytes());
+        // The output is sized for the worst case, so compressing cannot fail.
+        if let Ok(n) = lz4_flex::block::compress_into(body, &mut out[6..]) {
+            if 6 + n < 2 + body.len() {
+                out.truncate(6 + n);
+                return out;
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(2 + body.len());
+    out.extend_from_slice(&[FORMAT_VERSION, PLAIN]);
+    out.extend_from_slice(body);
     out
+}
+
+/// The body of a format-6 value (after its version byte), decompressed.
+fn unframe(framed: &[u8]) -> std::result::Result<std::borrow::Cow<'_, [u8]>, String> {
+    match framed.split_first() {
+        Some((&PLAIN, body)) => Ok(std::borrow::Cow::Borrowed(body)),
+        Some((&LZ4, rest)) => {
+            let (size, block) = rest
+                .split_first_chunk::<4>()
+                .ok_or("the LZ4 size prefix is cut short")?;
+            let size = u32::from_le_bytes(*size) as usize;
+            if size > MAX_BODY {
+                return Err(format!(
+                    "the LZ4 block claims {size} bytes, more than the {MAX_BODY} a value may hold"
+                ));
+            }
+            let mut body = vec![0; size];
+            let n = lz4_flex::block::decompress_into(block, &mut body)
+                .map_err(|e| format!("the LZ4 block is corrupt: {e}"))?;
+            if n != size {
+                return Err(format!(
+                    "the LZ4 block holds {n} bytes, its prefix says {size}"
+                ));
+            }
+            Ok(std::borrow::Cow::Owned(body))
+        }
+        Some((&codec, _)) => Err(format!("unknown codec {codec}")),
+        None => Err("the codec byte is missing".into()),
+    }
 }
 
 /// Decodes a value written by [`encode`].
@@ -230,12 +306,21 @@ pub fn decode<T: Stored>(key: &[u8], bytes: &[u8]) -> Result<T> {
         key: key_text(),
         reason: e.to_string(),
     };
+    let current = |body: &[u8]| {
+        bincode::serde::decode_from_slice(body, bincode::config::standard())
+            .map(|(v, _)| v)
+            .map_err(corrupt)
+    };
     match bytes.first() {
         Some(&FORMAT_VERSION) => {
-            bincode::serde::decode_from_slice(&bytes[1..], bincode::config::standard())
-                .map(|(v, _)| v)
-                .map_err(corrupt)
+            let body = unframe(&bytes[1..]).map_err(|reason| StoreError::Corrupt {
+                key: key_text(),
+                reason,
+            })?;
+            current(&body)
         }
+        // Format 6 framed format 5's body; the body's layout is the same.
+        Some(5) => current(&bytes[1..]),
         Some(1) => T::from_v1(&bytes[1..]).map_err(corrupt),
         Some(2) => T::from_v2(&bytes[1..]).map_err(corrupt),
         Some(3) => T::from_v3(&bytes[1..]).map_err(corrupt),

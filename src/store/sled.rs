@@ -69,6 +69,21 @@ impl SledStore {
         Ok(())
     }
 
+    /// Keys and key-plus-value bytes per key prefix (`e` for entity records,
+    /// and so on; see the layout table), from a scan of the whole tree. For
+    /// the benchmark's study of what the store holds.
+    pub fn usage(&self) -> Result<BTreeMap<char, (u64, u64)>> {
+        let mut usage = BTreeMap::new();
+        for kv in self.tree.iter() {
+            let (k, v) = kv?;
+            let prefix = k.first().map(|&b| b as char).unwrap_or('?');
+            let e: &mut (u64, u64) = usage.entry(prefix).or_default();
+            e.0 += 1;
+            e.1 += (k.len() + v.len()) as u64;
+        }
+        Ok(usage)
+    }
+
     /// The size of the data dir on disk, in bytes.
     pub fn size_on_disk(&self) -> Result<u64> {
         Ok(self.db.size_on_disk()?)

@@ -73,7 +73,11 @@ pub struct Workload {
     emitted: u64,
     generated: u64,
     zipf: Option<rand_distr::Zipf<f64>>,
-    padding: String,
+    /// The length of each event's `notes` text; 0: none.
+    padding: usize,
+    /// Draws the notes text, apart from `rng`, so that padding does not
+    /// change which events are generated.
+    padding_rng: ChaCha8Rng,
 }
 
 impl Workload {
@@ -85,7 +89,8 @@ impl Workload {
             .flatten();
         Workload {
             zipf,
-            padding: "x".repeat(spec.payload_bytes.saturating_sub(64)),
+            padding: spec.payload_bytes.saturating_sub(64),
+            padding_rng: ChaCha8Rng::seed_from_u64(spec.seed ^ 0x6e6f_7465_735f_7061),
             rng: ChaCha8Rng::seed_from_u64(spec.seed),
             next_seq: vec![0; entities],
             held: Vec::new(),
@@ -111,16 +116,27 @@ impl Workload {
             let first = self.spec.start_ms + (entity as i64 % 997);
             e.occurred_at = first + i64::from(seq) * self.spec.event_spacing_ms;
         }
-        if !self.padding.is_empty()
+        if self.padding > 0
             && !matches!(
                 e.event_type.as_str(),
                 "conversion.recorded" | "lead.deleted"
             )
         {
             e.payload
-                .insert("notes".into(), Value::String(self.padding.clone()));
+                .insert("notes".into(), Value::String(self.notes()));
         }
         e
+    }
+
+    /// Text of `padding` random letters and spaces: each event's differs,
+    /// like real notes, so that stored records and change records compress
+    /// no better than real ones would (a run of one letter would compress
+    /// to nothing and flatter the store).
+    fn notes(&mut self) -> String {
+        const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz     ";
+        (0..self.padding)
+            .map(|_| ALPHABET[self.padding_rng.random_range(0..ALPHABET.len())] as char)
+            .collect()
     }
 
     fn pick_entity(&mut self) -> usize {

@@ -296,8 +296,9 @@ pub(super) fn engine_ceiling(
     handlers: Handlers,
     events: Vec<Event>,
     partitions: i32,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<EngineRun> {
     let n = events.len() as u64;
+    let dir = config.data_dir.clone();
     actix::System::new().block_on(async move {
         let (pipeline, mut injector) = Pipeline::start_engine(config, handlers)?;
         let stats = pipeline.stats();
@@ -308,12 +309,72 @@ pub(super) fn engine_ceiling(
                 injector.inject(e, p);
             }
         });
-        wait_durable(&stats, n, &pipeline).await?;
+        // One-second windows of durable events, so that a slowdown as the
+        // store grows shows (the average alone hides it).
+        let mut windows = Vec::new();
+        let mut max_rss_mib: f64 = 0.0;
+        let mut window_start = (Instant::now(), 0u64);
+        let mut last = (0, Instant::now());
+        loop {
+            let d = Stats::get(&stats.writer.durable);
+            if d >= n {
+                break;
+            }
+            if d != last.0 {
+                last = (d, Instant::now());
+            }
+            if let Some(r) = pipeline.fatal().reason() {
+                anyhow::bail!("the pipeline stopped: {r}");
+            }
+            anyhow::ensure!(
+                last.1.elapsed() < Duration::from_secs(120),
+                "no progress for 120 s at {d} of {n} durable"
+            );
+            if window_start.0.elapsed() >= Duration::from_secs(1) {
+                let secs = window_start.0.elapsed().as_secs_f64();
+                windows.push((d - window_start.1) as f64 / secs);
+                max_rss_mib = max_rss_mib.max(rss_mib());
+                window_start = (Instant::now(), d);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let secs = started.elapsed().as_secs_f64();
         let _ = feeder.join();
         pipeline.shutdown()?;
-        Ok(n as f64 / secs.max(1e-9))
+        Ok(EngineRun {
+            eps: n as f64 / secs.max(1e-9),
+            windows,
+            max_rss_mib,
+            store_bytes: dir_bytes(&dir),
+        })
     })
+}
+
+/// One engine-ceiling run.
+pub(super) struct EngineRun {
+    /// Events per second over the whole run.
+    pub(super) eps: f64,
+    /// Durable events per second, per one-second window.
+    pub(super) windows: Vec<f64>,
+    /// The largest resident set seen, MiB.
+    pub(super) max_rss_mib: f64,
+    /// The store's size on disk at the end, bytes.
+    pub(super) store_bytes: u64,
+}
+
+/// The bytes of the files under `dir`, recursively.
+pub(super) fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 /// Waits up to 120 s for `done`, failing early if the pipeline stops.
@@ -332,25 +393,6 @@ pub(super) async fn wait_for(
             "orderly got no {what} for 120 s"
         );
         tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    Ok(())
-}
-
-pub(super) async fn wait_durable(stats: &Stats, n: u64, pipeline: &Pipeline) -> anyhow::Result<()> {
-    let mut last = (0, Instant::now());
-    while Stats::get(&stats.writer.durable) < n {
-        let d = Stats::get(&stats.writer.durable);
-        if d != last.0 {
-            last = (d, Instant::now());
-        }
-        if let Some(r) = pipeline.fatal().reason() {
-            anyhow::bail!("the pipeline stopped: {r}");
-        }
-        anyhow::ensure!(
-            last.1.elapsed() < Duration::from_secs(120),
-            "no progress for 120 s at {d} of {n} durable"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     Ok(())
 }

@@ -33,7 +33,7 @@ use rdkafka::message::Message as _;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use report::*;
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
@@ -93,6 +93,9 @@ pub struct Scenario {
     /// Run with the changelog on, then measure how fast a fresh instance
     /// (empty data dir, same group) restores every partition from it.
     pub restore: bool,
+    /// sled's cache for orderly's store, MiB; 0: orderly's default
+    /// (`store_cache_mb`).
+    pub store_cache_mb: u64,
 }
 
 impl Default for Scenario {
@@ -120,6 +123,7 @@ impl Default for Scenario {
             ceilings: true,
             ceiling_events: 1_000_000,
             restore: false,
+            store_cache_mb: 0,
         }
     }
 }
@@ -295,7 +299,7 @@ fn rss_mib() -> f64 {
         .unwrap_or(0.0)
 }
 
-fn config_for(brokers: &str, topics: &Topics, data_dir: &Path) -> Config {
+fn config_for(s: &Scenario, brokers: &str, topics: &Topics, data_dir: &Path) -> Config {
     let mut types = Config::crm_types();
     for t in types.values_mut() {
         t.on_failure = FailurePolicy::Skip;
@@ -314,6 +318,10 @@ fn config_for(brokers: &str, topics: &Topics, data_dir: &Path) -> Config {
         retry_max_ms: 100,
         // Passivate idle actors, so memory follows the hot set, not every key seen.
         idle_timeout_ms: 10_000,
+        store_cache_mb: match s.store_cache_mb {
+            0 => Config::default().store_cache_mb,
+            mb => mb,
+        },
         ..Config::default()
     }
 }
@@ -384,7 +392,7 @@ pub fn run(s: &Scenario, brokers: Option<String>, out: &Path) -> anyhow::Result<
         let bar = progress(n, "calibrating");
         produce(&servers, &topics.input, None, s.events(n, 0.0)?, None)?;
         let dir = tempfile::tempdir()?;
-        let config = config_for(&servers, &topics, dir.path());
+        let config = config_for(s, &servers, &topics, dir.path());
         let h = handlers(s, &config);
         let e2e = end_to_end(s, config, h, move || Some(n), Arc::default(), &bar)?;
         bar.finish_and_clear();
@@ -399,7 +407,7 @@ pub fn run(s: &Scenario, brokers: Option<String>, out: &Path) -> anyhow::Result<
 
     let topics = Topics::create(&broker, s, "run")?;
     let dir = tempfile::tempdir()?;
-    let mut config = config_for(&servers, &topics, dir.path());
+    let mut config = config_for(s, &servers, &topics, dir.path());
     if s.restore {
         config.changelog_suffix = CHANGELOG.into();
     }
@@ -497,7 +505,7 @@ pub fn run(s: &Scenario, brokers: Option<String>, out: &Path) -> anyhow::Result<
         ceilings.insert("store_events_measured".into(), measured.into());
         let engine_topics = Topics::create(&broker, s, "engine")?;
         let engine_dir = tempfile::tempdir()?;
-        let engine_config = config_for(&servers, &engine_topics, engine_dir.path());
+        let engine_config = config_for(s, &servers, &engine_topics, engine_dir.path());
         let h = handlers(s, &engine_config);
         let eps = engine_ceiling(
             engine_config,
@@ -506,7 +514,8 @@ pub fn run(s: &Scenario, brokers: Option<String>, out: &Path) -> anyhow::Result<
                 .take(s.ceiling_events as usize)
                 .collect(),
             s.partitions,
-        )?;
+        )?
+        .eps;
         println!("engine ceiling: {eps:.0} events/s");
         ceilings.insert("engine_eps".into(), eps.into());
     }
@@ -555,20 +564,56 @@ pub fn engine_only(s: &Scenario, out: &Path) -> anyhow::Result<f64> {
     );
     let topics = Topics::create(&broker, s, "engine")?;
     let dir = tempfile::tempdir()?;
-    let config = config_for(&broker.servers(), &topics, dir.path());
+    let config = config_for(s, &broker.servers(), &topics, dir.path());
     let h = handlers(s, &config);
     let events: Vec<Event> = s
         .events(s.event_count(s.rate), s.rate)?
         .take(s.ceiling_events as usize)
         .collect();
     let n = events.len();
-    let eps = engine_ceiling(config, h, events, s.partitions)?;
+    let distinct = events
+        .iter()
+        .map(|e| e.entity_id.as_str())
+        .collect::<HashSet<_>>()
+        .len();
+    let run = engine_ceiling(config, h, events, s.partitions)?;
+    let eps = run.eps;
     println!("engine ceiling: {eps:.0} events/s ({n} events)");
+    let quarter = (run.windows.len() / 4).max(1);
+    let mean = |w: &[f64]| w.iter().sum::<f64>() / w.len().max(1) as f64;
+    let (first, last) = (
+        mean(&run.windows[..quarter.min(run.windows.len())]),
+        mean(&run.windows[run.windows.len().saturating_sub(quarter)..]),
+    );
+    println!(
+        "per-second windows: first quarter {first:.0}, last quarter {last:.0} events/s; \
+         max RSS {:.0} MiB; store {:.0} MiB on disk, {:.0} B per entity",
+        run.max_rss_mib,
+        run.store_bytes as f64 / (1024.0 * 1024.0),
+        run.store_bytes as f64 / distinct.max(1) as f64,
+    );
+    // What the store holds, by kind of key: the live bytes, next to the
+    // bytes on disk.
+    let usage = SledStore::open(dir.path(), 64)?.usage()?;
+    for (prefix, (keys, bytes)) in &usage {
+        println!(
+            "  store key prefix {prefix:?}: {keys} keys, {:.1} MiB, {:.0} B per key",
+            *bytes as f64 / (1024.0 * 1024.0),
+            *bytes as f64 / (*keys).max(1) as f64
+        );
+    }
+    let usage: BTreeMap<String, (u64, u64)> =
+        usage.into_iter().map(|(p, u)| (p.to_string(), u)).collect();
     let report = serde_json::json!({
         "schema": "orderly.bench.engine.v1",
         "scenario": s,
         "events": n,
         "ceilings": { "engine_eps": eps },
+        "windows_eps": run.windows,
+        "max_rss_mib": run.max_rss_mib,
+        "store_bytes": run.store_bytes,
+        "entities_touched": distinct,
+        "store_usage": usage,
     });
     std::fs::write(
         out.join("report.json"),

@@ -386,9 +386,86 @@ fn a_large_outbox_is_written_in_chunks_read_in_order() {
 /// from the stored slice, and serde reserves at most about 1 MiB up front.
 #[test]
 fn a_corrupt_length_is_an_error_not_an_allocation() {
-    let mut bytes = vec![FORMAT_VERSION, 0xfd];
+    // Version, codec "plain", then a bincode length prefix of 2^62.
+    let mut bytes = vec![FORMAT_VERSION, 0, 0xfd];
     bytes.extend_from_slice(&(1u64 << 62).to_le_bytes());
     bytes.extend_from_slice(b"only a few bytes follow");
     let err = decode::<Vec<OutboxRecord>>(b"o", &bytes).unwrap_err();
     assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+}
+
+/// An entity record whose state holds `notes`.
+fn record_with_notes(notes: String) -> EntityRecord {
+    let mut r = EntityRecord::new("lead-1", "t1");
+    r.state
+        .fields
+        .insert("notes".into(), crate::model::value::Value::String(notes));
+    r
+}
+
+/// Format 6 frames the body: a value of 128 bytes or more that compresses
+/// is an LZ4 block, a short one is stored plain, and both read back.
+#[test]
+fn format_6_values_are_compressed_when_that_is_smaller() {
+    let record = record_with_notes("the same words again and again ".repeat(20));
+    let bytes = encode(&record);
+    assert_eq!(&bytes[..2], &[FORMAT_VERSION, 1], "a long record is an LZ4 block");
+    let plain = encode_as(FORMAT_VERSION, &record);
+    assert!(bytes.len() < plain.len() / 2, "{} of {}", bytes.len(), plain.len());
+    assert_eq!(decode::<EntityRecord>(b"e", &bytes).unwrap(), record);
+
+    let short = Anomaly {
+        seq: 1,
+        class: "late".into(),
+        entity_id: "e".into(),
+        tenant_id: "t".into(),
+        event_id: "v".into(),
+        event_type: "x".into(),
+        topic: "in".into(),
+        partition: 0,
+        offset: 1,
+        lateness: None,
+        policy: "drop".into(),
+        outcome: "dropped".into(),
+        at: 2,
+    };
+    let bytes = encode(&short);
+    assert_eq!(&bytes[..2], &[FORMAT_VERSION, 0], "a short value is plain");
+    assert_eq!(decode::<Anomaly>(b"a", &bytes).unwrap(), short);
+}
+
+/// A format-5 value is format 6's body without the codec byte: it is read
+/// as it is.
+#[test]
+fn format_5_values_are_read() {
+    let record = record_with_notes("a note".into());
+    let v5 = encode_as(5, &record);
+    assert_eq!(decode::<EntityRecord>(b"e", &v5).unwrap(), record);
+}
+
+/// A damaged frame is a `Corrupt` error: an unknown codec, an LZ4 block cut
+/// short, a size prefix beyond what a value may hold (no allocation of that
+/// size), a size that does not match the block.
+#[test]
+fn a_damaged_frame_is_corrupt() {
+    let good = encode(&record_with_notes("tenant ".repeat(40)));
+    assert_eq!(good[1], 1);
+    let mut unknown = good.clone();
+    unknown[1] = 7;
+    let cut = good[..good.len() - 10].to_vec();
+    let mut huge = good.clone();
+    huge[2..6].copy_from_slice(&u32::MAX.to_le_bytes());
+    let mut wrong_size = good.clone();
+    let size = u32::from_le_bytes(good[2..6].try_into().unwrap());
+    wrong_size[2..6].copy_from_slice(&(size + 1).to_le_bytes());
+    for (what, bytes) in [
+        ("unknown codec", unknown),
+        ("cut short", cut),
+        ("huge size", huge),
+        ("wrong size", wrong_size),
+        ("no codec byte", vec![FORMAT_VERSION]),
+    ] {
+        let err = decode::<EntityRecord>(b"e", &bytes).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{what}: {err}");
+    }
 }

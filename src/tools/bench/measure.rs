@@ -298,7 +298,6 @@ pub(super) fn engine_ceiling(
     partitions: i32,
 ) -> anyhow::Result<EngineRun> {
     let n = events.len() as u64;
-    let dir = config.data_dir.clone();
     actix::System::new().block_on(async move {
         let (pipeline, mut injector) = Pipeline::start_engine(config, handlers)?;
         let stats = pipeline.stats();
@@ -345,7 +344,6 @@ pub(super) fn engine_ceiling(
             eps: n as f64 / secs.max(1e-9),
             windows,
             max_rss_mib,
-            store_bytes: dir_bytes(&dir),
         })
     })
 }
@@ -358,23 +356,6 @@ pub(super) struct EngineRun {
     pub(super) windows: Vec<f64>,
     /// The largest resident set seen, MiB.
     pub(super) max_rss_mib: f64,
-    /// The store's size on disk at the end, bytes.
-    pub(super) store_bytes: u64,
-}
-
-/// The bytes of the files under `dir`, recursively.
-pub(super) fn dir_bytes(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
-        })
-        .sum()
 }
 
 /// Waits up to 120 s for `done`, failing early if the pipeline stops.

@@ -123,6 +123,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
     let opts = ProduceOptions {
         brokers: config.brokers.clone(),
+        kafka: config.kafka.clone(),
         topic: config.topic.clone(),
         rate: None,
         format: Format::Json,

@@ -1,15 +1,23 @@
-//! Kafka client configuration: every client orderly makes is built here.
+//! Kafka client configuration: every client orderly makes is built here,
+//! by its [`Role`].
 //!
-//! - [`group_consumer`]: the source, a member of the consumer group. Offsets
+//! Each client gets, in this order: orderly's defaults for the role (which
+//! the user may change), the user's `[kafka]` properties, the role's
+//! `[kafka.consumer]` or `[kafka.producer]` table, and last the properties
+//! orderly owns (`bootstrap.servers`, offsets, the group, the partitioner;
+//! see [`crate::config::kafka::OWNED`]), which a configuration that sets
+//! them is refused for at start.
+//!
+//! - [`Role::Consumer`]: the source, a member of the consumer group. Offsets
 //!   are never auto-committed or auto-stored: the checkpoint owns them.
-//! - [`reader`]: a consumer that assigns partitions itself and never joins
-//!   the group or commits (the changelog restorer and follower, the settings
-//!   reader).
-//! - [`producer`]: the outbox producer, the changelog producer and the CLI's.
-//!
-//! The user's `[kafka]` properties apply to the consumers.
+//! - [`Role::Reader`]: a consumer that assigns partitions itself and never
+//!   joins the group or commits (the changelog restorer and follower, the
+//!   settings reader).
+//! - [`Role::Producer`]: the outbox and changelog producers, and the CLI's.
+//! - [`Role::Admin`]: metadata lookups (the changelog topic check,
+//!   `orderly partitions`, `orderly doctor`).
 
-use crate::config::Config;
+use crate::config::{Config, KafkaConfig};
 use rdkafka::producer::FutureProducer;
 use rdkafka::ClientConfig;
 
@@ -20,68 +28,146 @@ use rdkafka::ClientConfig;
 /// loaded orderly. 10 ms costs at most 100 idle fetches per second per broker.
 pub const FETCH_WAIT_MAX_MS: &str = "10";
 
-/// The client config of a consumer that assigns partitions itself and never
-/// joins the group or commits (the changelog restorer, the settings reader):
-/// the configured security and client properties apply, group ones do not.
-pub fn reader(config: &Config, purpose: &str) -> ClientConfig {
-    let mut cc = ClientConfig::new();
-    for (k, v) in &config.kafka {
-        if !k.starts_with("group.") && k != "partition.assignment.strategy" {
-            cc.set(k, v);
+/// What a Kafka client is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role<'a> {
+    /// The source: a member of the group.
+    Consumer,
+    /// A consumer that assigns partitions itself; its group id is
+    /// `<group>.<purpose>`, used for nothing but librdkafka's bookkeeping.
+    Reader(&'a str),
+    /// A producer.
+    Producer,
+    /// Metadata only.
+    Admin,
+}
+
+impl Role<'_> {
+    /// The role's name, as `orderly doctor` prints it.
+    pub fn name(&self) -> String {
+        match self {
+            Role::Consumer => "consumer".into(),
+            Role::Reader(p) => format!("reader ({p})"),
+            Role::Producer => "producer".into(),
+            Role::Admin => "admin".into(),
         }
     }
-    cc.set("bootstrap.servers", &config.brokers)
-        .set("group.id", format!("{}.{purpose}", config.group))
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "false")
-        // An offset the log no longer has (retention, compaction) reads from
-        // the start of what it has: never skip to the end.
-        .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", FETCH_WAIT_MAX_MS);
+}
+
+/// The client config of `role` for `config`.
+pub fn client(config: &Config, role: Role<'_>) -> ClientConfig {
+    let mut cc = with_user(&config.brokers, &config.kafka, role);
+    match role {
+        Role::Consumer => {
+            cc.set("group.id", &config.group)
+                .set(
+                    "partition.assignment.strategy",
+                    config.assignor.librdkafka_name(),
+                )
+                // Consumer lag per partition comes from librdkafka's statistics.
+                .set(
+                    "statistics.interval.ms",
+                    config.stats_interval_ms.to_string(),
+                );
+            if let Some(id) = &config.instance_id {
+                cc.set("group.instance.id", id);
+            }
+        }
+        Role::Reader(purpose) => {
+            cc.set("group.id", format!("{}.{purpose}", config.group));
+        }
+        Role::Producer => {
+            cc.set("partitioner", config.partitioner.librdkafka_name());
+        }
+        Role::Admin => {}
+    }
     cc
 }
 
-/// The client config of the source: a member of the group, with the
-/// rebalance protocol, offset handling and statistics orderly relies on.
-pub fn group_consumer(config: &Config) -> ClientConfig {
+/// The client config of `role` on `brokers` with the user's `kafka`
+/// properties, and orderly's own but those that need the whole [`Config`]
+/// (the group and the partitioner). The tools that have only a broker
+/// address (the workload producer, the benchmark) build theirs with it.
+pub fn with_user(brokers: &str, kafka: &KafkaConfig, role: Role<'_>) -> ClientConfig {
     let mut cc = ClientConfig::new();
-    cc.set("bootstrap.servers", &config.brokers)
-        .set("group.id", &config.group)
-        // Incremental rebalances: only the partitions that move stop.
-        .set("partition.assignment.strategy", "cooperative-sticky")
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("enable.partition.eof", "false")
-        .set("fetch.wait.max.ms", FETCH_WAIT_MAX_MS)
-        // Consumer lag per partition comes from librdkafka's statistics.
-        .set(
-            "statistics.interval.ms",
-            config.stats_interval_ms.to_string(),
-        );
-    if let Some(id) = &config.instance_id {
-        cc.set("group.instance.id", id);
+    let consumer = matches!(role, Role::Consumer | Role::Reader(_));
+    // orderly's defaults, which the user may change.
+    if consumer {
+        cc.set("fetch.wait.max.ms", FETCH_WAIT_MAX_MS);
     }
-    for (k, v) in &config.kafka {
+    if role == Role::Producer {
+        cc.set("message.timeout.ms", "30000");
+    }
+    // The user's, then the role's table.
+    let role_table = match role {
+        Role::Consumer | Role::Reader(_) => Some(&kafka.consumer),
+        Role::Producer => Some(&kafka.producer),
+        Role::Admin => None,
+    };
+    for (k, v) in kafka.common.iter().chain(role_table.into_iter().flatten()) {
+        // A reader never joins the group: group membership settings would
+        // only draw librdkafka's warnings.
+        if matches!(role, Role::Reader(_)) && k.starts_with("group.") {
+            continue;
+        }
         cc.set(k, v);
     }
+    // orderly's own.
+    cc.set("bootstrap.servers", brokers);
+    if consumer {
+        cc.set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            .set("isolation.level", "read_committed")
+            // A partition without a checkpoint, or an offset the log no
+            // longer has (retention, compaction), reads from the start of
+            // what it has: never skip to the end.
+            .set("auto.offset.reset", "earliest");
+    }
+    if role == Role::Producer {
+        cc.set("enable.idempotence", "true");
+    }
     cc
 }
 
-/// Creates the producer used for the outbox and by `orderly produce`.
+/// The source's client config.
+pub fn group_consumer(config: &Config) -> ClientConfig {
+    client(config, Role::Consumer)
+}
+
+/// A reader's client config (see [`Role::Reader`]).
+pub fn reader(config: &Config, purpose: &str) -> ClientConfig {
+    client(config, Role::Reader(purpose))
+}
+
+/// Creates a producer for `config`, with these defaults of its own (which
+/// the user's `[kafka]` and `[kafka.producer]` override).
 pub fn producer(
-    brokers: &str,
-    extra: &[(&str, &str)],
+    config: &Config,
+    defaults: &[(&str, &str)],
 ) -> rdkafka::error::KafkaResult<FutureProducer> {
-    let mut cc = ClientConfig::new();
-    cc.set("bootstrap.servers", brokers)
-        .set("message.timeout.ms", "30000")
-        .set("enable.idempotence", "true");
-    for (k, v) in extra {
-        cc.set(*k, *v);
+    let mut cc = client(config, Role::Producer);
+    for (k, v) in defaults {
+        if !user_sets(&config.kafka, Role::Producer, k) {
+            cc.set(*k, *v);
+        }
     }
     cc.create()
+}
+
+/// Whether the user's properties set `name` for `role`.
+pub fn user_sets(kafka: &KafkaConfig, role: Role<'_>, name: &str) -> bool {
+    kafka.common.contains_key(name)
+        || match role {
+            Role::Consumer | Role::Reader(_) => kafka.consumer.contains_key(name),
+            Role::Producer => kafka.producer.contains_key(name),
+            Role::Admin => false,
+        }
+}
+
+/// A metadata-only client for `config`.
+pub fn admin(config: &Config) -> rdkafka::error::KafkaResult<rdkafka::consumer::BaseConsumer> {
+    client(config, Role::Admin).create()
 }
 
 /// A message's headers, keys and values, read so that nothing in them can

@@ -250,9 +250,7 @@ fn instance_config(t: &TestTopic, dir: &Path, name: &str) -> PathBuf {
     config.partitioner = Partitioner::Murmur2;
     // The range assignor gives one instance partitions 0-3 and the other
     // 4-7: every key that moves from p to p + 4 moves to the other instance.
-    config
-        .kafka
-        .insert("partition.assignment.strategy".into(), "range".into());
+    config.assignor = orderly::config::Assignor::Range;
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
     path

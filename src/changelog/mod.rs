@@ -29,10 +29,7 @@ use std::time::Duration;
 /// partitions: records go to the partition number of their input partition.
 pub fn check_topics(config: &Config, changelog: &ChangelogConfig) -> Result<(), String> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &config.brokers)
-        .create()
-        .map_err(|e| e.to_string())?;
+    let consumer: BaseConsumer = crate::kafka::admin(config).map_err(|e| e.to_string())?;
     let partitions = |topic: &str| -> Result<usize, String> {
         let md = consumer
             .fetch_metadata(Some(topic), Duration::from_secs(10))

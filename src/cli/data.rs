@@ -24,9 +24,19 @@ pub(super) fn produce_workload(a: ProduceArgs) -> anyhow::Result<()> {
         seed: a.seed,
         ..WorkloadSpec::default()
     };
+    let config = Config::load(
+        a.config.as_deref(),
+        std::env::vars(),
+        &Overrides {
+            brokers: a.brokers.clone(),
+            topic: a.topic.clone(),
+            ..Default::default()
+        },
+    )?;
     let opts = ProduceOptions {
-        brokers: a.brokers,
-        topic: a.topic.clone(),
+        brokers: config.brokers.clone(),
+        kafka: config.kafka.clone(),
+        topic: config.topic.clone(),
         rate: (a.rate > 0.0).then_some(a.rate),
         format: a.format,
     };
@@ -41,9 +51,9 @@ pub(super) fn produce_workload(a: ProduceArgs) -> anyhow::Result<()> {
             }
         },
     )
-    .with_context(|| format!("producing to {} on {}", a.topic, opts.brokers))?;
+    .with_context(|| format!("producing to {} on {}", opts.topic, opts.brokers))?;
     bar.finish_and_clear();
-    println!("produced {n} events to {}", a.topic);
+    println!("produced {n} events to {}", opts.topic);
     Ok(())
 }
 

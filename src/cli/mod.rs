@@ -8,6 +8,7 @@
 //!   `state`, `audit`, `dev-broker`).
 
 mod data;
+mod inspect;
 mod ops;
 
 use crate::config::{Config, Overrides};
@@ -16,6 +17,8 @@ use crate::tools::workload::Format;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use data::*;
+pub use inspect::builtin_features;
+use inspect::{config, doctor};
 use ops::*;
 use std::path::PathBuf;
 
@@ -41,8 +44,10 @@ enum Command {
     /// idle_timeout_ms=60000, retention_events=32, batch_max=4096,
     /// in_flight_high=50000, in_flight_low=25000, drain_timeout_ms=30000,
     /// shutdown_grace_ms=30000, store_cache_mb=256, default_reducer=set
-    /// (set|inc|delete), [types."<event type>"] reducer=..., [kafka] extra
-    /// librdkafka consumer properties. Spans go to OTLP when
+    /// (set|inc|delete), [types."<event type>"] reducer=..., [kafka]
+    /// librdkafka properties of every client, [kafka.consumer] and
+    /// [kafka.producer] per role. `orderly config` prints the result and
+    /// where each value came from. Spans go to OTLP when
     /// OTEL_EXPORTER_OTLP_ENDPOINT is set.
     Run(RunArgs),
     /// Run the whole pipeline on an embedded broker with a synthetic CRM workload.
@@ -84,6 +89,28 @@ enum Command {
         #[command(subcommand)]
         command: SettingsCommand,
     },
+    /// Print the effective configuration, one `key = value` per line with
+    /// where it came from (default, file, env, flag); secrets are masked.
+    ///
+    /// Takes the same file, variables and flags as `run`.
+    Config(RunArgs),
+    /// Check a configuration before running it: librdkafka's version and
+    /// built-in features (TLS, SASL, codecs), the properties each Kafka
+    /// client receives (secrets masked), and whether the brokers answer
+    /// and have the input topics.
+    Doctor(DoctorArgs),
+}
+
+#[derive(Args)]
+struct DoctorArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// Do not contact the brokers.
+    #[arg(long)]
+    no_connect: bool,
+    /// Give up connecting after this many seconds.
+    #[arg(long, default_value_t = 10)]
+    timeout: u64,
 }
 
 #[derive(Subcommand)]
@@ -113,10 +140,14 @@ struct PartitionsArgs {
     /// An instance's admin API base URL; repeat for each instance.
     #[arg(long, required = true)]
     admin: Vec<String>,
+    /// TOML config file: with it (or --brokers), partitions nobody owns are
+    /// listed too, read from its brokers with its `[kafka]` properties.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Kafka bootstrap servers, to list unowned partitions too.
     #[arg(long)]
     brokers: Option<String>,
-    /// The input topic, with --brokers.
+    /// The input topic (default: the config's).
     #[arg(long)]
     topic: Option<String>,
     /// Print JSON instead of a table.
@@ -310,18 +341,29 @@ struct RunArgs {
     /// TOML config file.
     #[arg(long, env = "ORDERLY_CONFIG")]
     config: Option<PathBuf>,
-    /// Kafka bootstrap servers (overrides the config).
+    /// Kafka bootstrap servers (overrides the config and ORDERLY_BROKERS).
     #[arg(long)]
     brokers: Option<String>,
-    /// Input topic (overrides the config).
+    /// Input topic (overrides the config and ORDERLY_TOPIC).
     #[arg(long)]
     topic: Option<String>,
-    /// Consumer group (overrides the config).
+    /// Consumer group (overrides the config and ORDERLY_GROUP).
     #[arg(long)]
     group: Option<String>,
-    /// sled data directory (overrides the config).
+    /// sled data directory (overrides the config and ORDERLY_DATA_DIR).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+}
+
+impl RunArgs {
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            brokers: self.brokers.clone(),
+            topic: self.topic.clone(),
+            group: self.group.clone(),
+            data_dir: self.data_dir.clone(),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -345,12 +387,16 @@ struct DemoArgs {
 
 #[derive(Args)]
 struct ProduceArgs {
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "ORDERLY_BROKERS", default_value = "localhost:9092")]
-    brokers: String,
-    /// Topic to write to.
-    #[arg(long, env = "ORDERLY_TOPIC", default_value = "orderly.events")]
-    topic: String,
+    /// TOML config file: its brokers, topic and `[kafka]`/`[kafka.producer]`
+    /// properties (ORDERLY_* variables apply as for `run`).
+    #[arg(long, env = "ORDERLY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Kafka bootstrap servers [config: brokers, default localhost:9092].
+    #[arg(long)]
+    brokers: Option<String>,
+    /// Topic to write to [config: topic, default orderly.events].
+    #[arg(long)]
+    topic: Option<String>,
     /// Messages to produce, duplicates included.
     #[arg(long, default_value_t = 20_000)]
     events: u64,
@@ -441,6 +487,8 @@ pub fn main() {
         Command::Dlq { command } => dlq(command),
         Command::Settings { command } => settings(command),
         Command::Partitions(a) => partitions(a),
+        Command::Config(a) => config(a),
+        Command::Doctor(a) => doctor(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -449,13 +497,7 @@ pub fn main() {
 }
 
 fn run(a: RunArgs) -> anyhow::Result<()> {
-    let overrides = Overrides {
-        brokers: a.brokers,
-        topic: a.topic,
-        group: a.group,
-        data_dir: a.data_dir,
-    };
-    let config = Config::load(a.config.as_deref(), std::env::vars(), &overrides)?;
+    let config = Config::load(a.config.as_deref(), std::env::vars(), &a.overrides())?;
     let instance = format!("{}-{}", config.group, std::process::id());
     let telemetry = crate::telemetry::init(&instance, "info")?;
     let handlers = config.handlers();

@@ -117,11 +117,19 @@ pub(super) fn partitions(a: PartitionsArgs) -> anyhow::Result<()> {
             Err(e) => problems.push(format!("{url}: {e}")),
         }
     }
-    if let (Some(brokers), Some(topic)) = (&a.brokers, &a.topic) {
-        use rdkafka::consumer::{BaseConsumer, Consumer};
-        let c: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .create()?;
+    if a.brokers.is_some() || a.config.is_some() {
+        use rdkafka::consumer::Consumer;
+        let config = Config::load(
+            a.config.as_deref(),
+            std::env::vars(),
+            &Overrides {
+                brokers: a.brokers.clone(),
+                topic: a.topic.clone(),
+                ..Default::default()
+            },
+        )?;
+        let topic = &config.topic;
+        let c = crate::kafka::admin(&config)?;
         let md = c.fetch_metadata(Some(topic), std::time::Duration::from_secs(10))?;
         for t in md.topics().iter().filter(|t| t.name() == topic) {
             for p in t.partitions() {

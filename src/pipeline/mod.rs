@@ -231,7 +231,7 @@ impl Pipeline {
                     crate::changelog::check_topics(&config, &changelog)
                         .map_err(PipelineError::Changelog)?;
                     Some(crate::changelog::Producer {
-                        producer: crate::kafka::producer(&config.brokers, &[("linger.ms", "2")])
+                        producer: crate::kafka::producer(&config, &[("linger.ms", "2")])
                             .map_err(PipelineError::Producer)?,
                         changelog,
                     })
@@ -249,10 +249,7 @@ impl Pipeline {
         let stop_publisher = Arc::new(AtomicBool::new(false));
         let publisher = Publisher {
             store: dyn_store.clone(),
-            producer: crate::kafka::producer(
-                &config.brokers,
-                &[("partitioner", config.partitioner.librdkafka_name())],
-            )
+            producer: crate::kafka::producer(&config, &[])
             .map_err(PipelineError::Producer)?,
             ready: outbox_ready,
             stop: stop_publisher.clone(),

@@ -201,19 +201,19 @@ pub fn put(
         .apply_document(doc.clone())
         .map_err(|e| e.to_string())?;
     let (partition, offset) =
-        produce_document(&config.brokers, &config.settings.topic, &doc, timeout)?;
+        produce_document(config, &doc, timeout)?;
     Ok((doc, partition, offset))
 }
 
-/// Produces `doc` as JSON to `topic`, keyed by its tenant, without checks
-/// (`put` checks first). Returns its partition and offset.
+/// Produces `doc` as JSON to the settings topic of `config`, keyed by its
+/// tenant, without checks (`put` checks first). Returns its partition and offset.
 pub fn produce_document(
-    brokers: &str,
-    topic: &str,
+    config: &crate::config::Config,
     doc: &SettingsDocument,
     timeout: std::time::Duration,
 ) -> Result<(i32, i64), String> {
-    let producer = crate::kafka::producer(brokers, &[]).map_err(|e| e.to_string())?;
+    let topic = &config.settings.topic;
+    let producer = crate::kafka::producer(config, &[]).map_err(|e| e.to_string())?;
     let value = doc.to_json_bytes();
     let record = rdkafka::producer::FutureRecord::to(topic)
         .key(&doc.tenant_id)

@@ -95,13 +95,17 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
             topic: "crm.settings".into(),
             ..Default::default()
         },
-        kafka: [
-            ("session.timeout.ms", "6000"),
-            ("heartbeat.interval.ms", "500"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect(),
+        kafka: crate::config::KafkaConfig {
+            // A fast rebalance on the embedded broker.
+            consumer: [
+                ("session.timeout.ms", "6000"),
+                ("heartbeat.interval.ms", "500"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+            ..Default::default()
+        },
         ..Config::default()
     };
     broker
@@ -124,13 +128,8 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
         .context("creating the settings topic")?;
     // Three tenants, three mappings of the workload's field names.
     for doc in demo_settings() {
-        crate::settings::produce_document(
-            &config.brokers,
-            &config.settings.topic,
-            &doc,
-            Duration::from_secs(30),
-        )
-        .map_err(anyhow::Error::msg)?;
+        crate::settings::produce_document(&config, &doc, Duration::from_secs(30))
+            .map_err(anyhow::Error::msg)?;
     }
     println!(
         "orderly demo: embedded broker at {}, topic {} (8 partitions)",
@@ -148,13 +147,14 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
     };
     let produce_opts = ProduceOptions {
         brokers: config.brokers.clone(),
+        kafka: config.kafka.clone(),
         topic: config.topic.clone(),
         rate: None,
         format: Format::Proto,
     };
     let handlers = config.handlers();
     let admin_addr = config.admin_addr.clone();
-    let (brokers, settings_topic) = (config.brokers.clone(), config.settings.topic.clone());
+    let producer_config = config.clone();
     let summary = actix::System::new().block_on(async move {
         let pipeline = Pipeline::start(config, handlers)?;
         // With --keep-running, the dashboard shows the run live.
@@ -238,11 +238,10 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
                 // `score`: events handled from now on write `rating`; those
                 // before keep `lead_score`.
                 changed = true;
-                let (brokers, topic) = (brokers.clone(), settings_topic.clone());
+                let config = producer_config.clone();
                 tokio::task::spawn_blocking(move || {
                     crate::settings::produce_document(
-                        &brokers,
-                        &topic,
+                        &config,
                         &tenant_1_v2(),
                         Duration::from_secs(30),
                     )

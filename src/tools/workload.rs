@@ -16,7 +16,6 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::ClientConfig;
 use std::time::{Duration, Instant};
 
 /// What to generate.
@@ -333,6 +332,8 @@ pub enum Format {
 pub struct ProduceOptions {
     /// Bootstrap servers.
     pub brokers: String,
+    /// The user's librdkafka properties (`[kafka]`, `[kafka.producer]`).
+    pub kafka: crate::config::KafkaConfig,
     /// The topic.
     pub topic: String,
     /// Events per second; `None` for as fast as possible.
@@ -348,12 +349,14 @@ pub fn produce(
     messages: impl Iterator<Item = Outgoing>,
     mut on_sent: impl FnMut(u64),
 ) -> Result<u64, KafkaError> {
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", &opts.brokers)
-        .set("linger.ms", "5")
-        .set("message.timeout.ms", "60000")
-        .set("enable.idempotence", "true")
-        .create()?;
+    use crate::kafka::{user_sets, with_user, Role};
+    let mut cc = with_user(&opts.brokers, &opts.kafka, Role::Producer);
+    for (k, v) in [("linger.ms", "5"), ("message.timeout.ms", "60000")] {
+        if !user_sets(&opts.kafka, Role::Producer, k) {
+            cc.set(k, v);
+        }
+    }
+    let producer: ThreadedProducer<DefaultProducerContext> = cc.create()?;
     let started = Instant::now();
     let mut sent = 0u64;
     for Outgoing {

@@ -187,14 +187,17 @@ impl TestTopic {
 }
 
 /// Consumer properties that make a killed member leave the group quickly.
-pub fn fast_group() -> BTreeMap<String, String> {
-    [
-        ("session.timeout.ms", "6000"),
-        ("heartbeat.interval.ms", "500"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect()
+pub fn fast_group() -> orderly::config::KafkaConfig {
+    orderly::config::KafkaConfig {
+        consumer: [
+            ("session.timeout.ms", "6000"),
+            ("heartbeat.interval.ms", "500"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect(),
+        ..Default::default()
+    }
 }
 
 pub fn produce_to(
@@ -205,6 +208,7 @@ pub fn produce_to(
 ) -> u64 {
     let opts = ProduceOptions {
         brokers: brokers.into(),
+        kafka: Default::default(),
         topic: topic.into(),
         rate,
         format: Format::Proto,

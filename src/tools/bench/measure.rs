@@ -127,6 +127,7 @@ pub(super) fn produce(
 ) -> anyhow::Result<(u64, f64)> {
     let opts = ProduceOptions {
         brokers: brokers.to_owned(),
+        kafka: Default::default(),
         topic: topic.to_owned(),
         rate,
         format: Format::Proto,

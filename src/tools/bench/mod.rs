@@ -456,6 +456,7 @@ pub fn run(s: &Scenario, brokers: Option<String>, out: &Path) -> anyhow::Result<
             }
             let opts = ProduceOptions {
                 brokers: servers,
+                kafka: Default::default(),
                 topic,
                 rate: Some(rate),
                 format: Format::Proto,

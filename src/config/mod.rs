@@ -6,7 +6,19 @@
 //! top-level fields by upper-casing: `ORDERLY_IN_FLIGHT_HIGH=1000` sets
 //! `in_flight_high`, and `ORDERLY_KAFKA__SESSION_TIMEOUT_MS=6000` sets the
 //! librdkafka property `session.timeout.ms` (a double underscore enters a
-//! table; in `kafka`, single underscores become dots).
+//! table; in `kafka`, single underscores become dots:
+//! `ORDERLY_KAFKA__PRODUCER__LINGER_MS` is `[kafka.producer] linger.ms`).
+//! A variable's value is typed by the field it sets, so a string field
+//! takes `123456` as a string. [`Config::load_traced`] also tells where each
+//! value came from (`orderly config`).
+
+pub mod kafka;
+mod origin;
+#[cfg(test)]
+mod tests;
+
+pub use kafka::{Assignor, KafkaConfig};
+pub use origin::{Loaded, Origin};
 
 use crate::model::envelope::ContentType;
 use crate::model::handler::ReduceOp;
@@ -188,8 +200,13 @@ pub struct Config {
     pub default_reducer: ReduceOp,
     /// Settings per event type.
     pub types: BTreeMap<String, TypeConfig>,
-    /// Extra librdkafka consumer properties, for example `"session.timeout.ms" = "6000"`.
-    pub kafka: BTreeMap<String, String>,
+    /// librdkafka properties of every client (`[kafka]`), and per role
+    /// (`[kafka.consumer]`, `[kafka.producer]`); see [`kafka`].
+    pub kafka: KafkaConfig,
+    /// The source's partition assignor: `cooperative-sticky` (incremental
+    /// rebalances: only the partitions that move stop), `range` or
+    /// `roundrobin`.
+    pub assignor: Assignor,
     /// Where tenant settings come from (`[settings]`).
     pub settings: SettingsConfig,
     /// Turns the changelog on: every entity record made durable is also
@@ -316,7 +333,8 @@ impl Default for Config {
             max_actors: default_max_actors(),
             default_reducer: ReduceOp::Set,
             types: BTreeMap::new(),
-            kafka: BTreeMap::new(),
+            kafka: KafkaConfig::default(),
+            assignor: Assignor::default(),
             settings: Default::default(),
             changelog_suffix: String::new(),
             instance_id: None,
@@ -355,73 +373,7 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
         overrides: &Overrides,
     ) -> Result<Config, ConfigError> {
-        let mut table = match file {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.to_owned(),
-                    source,
-                })?;
-                text.parse::<toml::Table>()
-                    .map_err(|e| ConfigError::Parse(format!("{}: {e}", path.display())))?
-            }
-            None => toml::Table::new(),
-        };
-        for (name, value) in env {
-            let Some(rest) = name.strip_prefix("ORDERLY_") else {
-                continue;
-            };
-            let rest = rest.to_ascii_lowercase();
-            let (section, field) = match rest.split_once("__") {
-                Some((s, f)) if s == "kafka" => (Some(s.to_owned()), f.replace('_', ".")),
-                Some((s, f)) => (Some(s.to_owned()), f.to_owned()),
-                None => (None, rest),
-            };
-            if section.is_none() && !FIELDS.contains(&field.as_str()) {
-                // Not ours (ORDERLY_CONFIG, ORDERLY_FAILPOINTS, ...): leave it alone.
-                continue;
-            }
-            let parsed = scalar(&value, section.as_deref() == Some("kafka"));
-            match section {
-                Some(s) => {
-                    let t = table
-                        .entry(s.clone())
-                        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-                    match t.as_table_mut() {
-                        Some(t) => {
-                            t.insert(field, parsed);
-                        }
-                        None => {
-                            return Err(ConfigError::Parse(format!(
-                                "`{s}` must be a table (set by {name})"
-                            )))
-                        }
-                    }
-                }
-                None => {
-                    table.insert(field, parsed);
-                }
-            }
-        }
-        let mut set = |k: &str, v: toml::Value| {
-            table.insert(k.to_owned(), v);
-        };
-        if let Some(v) = &overrides.brokers {
-            set("brokers", v.clone().into());
-        }
-        if let Some(v) = &overrides.topic {
-            set("topic", v.clone().into());
-        }
-        if let Some(v) = &overrides.group {
-            set("group", v.clone().into());
-        }
-        if let Some(v) = &overrides.data_dir {
-            set("data_dir", v.display().to_string().into());
-        }
-        let config: Config = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
-        config.validate()?;
-        Ok(config)
+        Config::load_traced(file, env, overrides).map(|l| l.config)
     }
 
     /// The topics orderly consumes: the input topic and, if set, the derived-events topic.
@@ -513,6 +465,12 @@ impl Config {
             if id.trim().is_empty() {
                 return bad("instance_id", "must not be empty when set");
             }
+        }
+        if let Err(reason) = self.kafka.check() {
+            return Err(ConfigError::Invalid {
+                field: "kafka",
+                reason,
+            });
         }
         if !self.changelog_suffix.is_empty()
             && self.changelog_suffix.trim() != self.changelog_suffix
@@ -677,110 +635,65 @@ impl Retries {
     }
 }
 
-/// The top-level scalar fields, which `ORDERLY_*` variables can set.
-pub const FIELDS: &[&str] = &[
-    "brokers",
-    "topic",
-    "group",
-    "data_dir",
-    "dead_letter_topic",
-    "derived_topic",
-    "content_type",
-    "shards",
-    "idle_timeout_ms",
-    "retention_events",
-    "retention_ms",
-    "default_late_policy",
-    "default_too_late_policy",
-    "changes_topic",
-    "anomalies_topic",
-    "anomalies_retained",
-    "stall_deadline_ms",
-    "admin_addr",
-    "admin_token",
-    "retry_max_attempts",
-    "retry_initial_ms",
-    "retry_max_ms",
-    "batch_max",
-    "in_flight_high",
-    "in_flight_low",
-    "drain_timeout_ms",
-    "shutdown_grace_ms",
-    "store_cache_mb",
-    "stats_interval_ms",
-    "max_actors",
-    "default_reducer",
-    "changelog_suffix",
-    "instance_id",
-    "purge_after_ms",
-    "partitioner",
-];
-
-fn scalar(v: &str, always_string: bool) -> toml::Value {
-    if always_string {
-        return toml::Value::String(v.to_owned());
-    }
-    if let Ok(i) = v.parse::<i64>() {
-        return toml::Value::Integer(i);
-    }
-    match v {
-        "true" => toml::Value::Boolean(true),
-        "false" => toml::Value::Boolean(false),
-        _ => toml::Value::String(v.to_owned()),
-    }
+/// The type of a field that an `ORDERLY_*` variable sets: the variable's
+/// value is read as this type, so a string field keeps `123456` a string.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A string, a path or a named choice.
+    Str,
+    /// An integer.
+    Int,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// The top-level scalar fields, which `ORDERLY_*` variables can set, with their types.
+pub const FIELDS: &[(&str, Kind)] = &[
+    ("brokers", Kind::Str),
+    ("topic", Kind::Str),
+    ("group", Kind::Str),
+    ("data_dir", Kind::Str),
+    ("dead_letter_topic", Kind::Str),
+    ("derived_topic", Kind::Str),
+    ("content_type", Kind::Str),
+    ("shards", Kind::Int),
+    ("idle_timeout_ms", Kind::Int),
+    ("retention_events", Kind::Int),
+    ("retention_ms", Kind::Int),
+    ("default_late_policy", Kind::Str),
+    ("default_too_late_policy", Kind::Str),
+    ("changes_topic", Kind::Str),
+    ("anomalies_topic", Kind::Str),
+    ("anomalies_retained", Kind::Int),
+    ("stall_deadline_ms", Kind::Int),
+    ("admin_addr", Kind::Str),
+    ("admin_token", Kind::Str),
+    ("retry_max_attempts", Kind::Int),
+    ("retry_initial_ms", Kind::Int),
+    ("retry_max_ms", Kind::Int),
+    ("batch_max", Kind::Int),
+    ("in_flight_high", Kind::Int),
+    ("in_flight_low", Kind::Int),
+    ("drain_timeout_ms", Kind::Int),
+    ("shutdown_grace_ms", Kind::Int),
+    ("store_cache_mb", Kind::Int),
+    ("stats_interval_ms", Kind::Int),
+    ("max_actors", Kind::Int),
+    ("default_reducer", Kind::Str),
+    ("changelog_suffix", Kind::Str),
+    ("instance_id", Kind::Str),
+    ("purge_after_ms", Kind::Int),
+    ("partitioner", Kind::Str),
+    ("assignor", Kind::Str),
+];
 
-    #[test]
-    fn layers_apply_in_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("orderly.toml");
-        std::fs::write(
-            &file,
-            "topic = \"from-file\"\nbatch_max = 7\n[types.\"x.y\"]\nreducer = \"inc\"\n",
-        )
-        .unwrap();
-        let env = vec![
-            ("ORDERLY_BATCH_MAX".to_string(), "9".to_string()),
-            (
-                "ORDERLY_KAFKA__SESSION_TIMEOUT_MS".to_string(),
-                "6000".to_string(),
-            ),
-            ("ORDERLY_CONFIG".to_string(), "ignored".to_string()),
-        ];
-        let o = Overrides {
-            group: Some("g2".into()),
-            ..Default::default()
-        };
-        let c = Config::load(Some(&file), env, &o).unwrap();
-        assert_eq!(c.topic, "from-file");
-        assert_eq!(c.batch_max, 9);
-        assert_eq!(c.group, "g2");
-        assert_eq!(c.kafka["session.timeout.ms"], "6000");
-        assert_eq!(c.types["x.y"].reducer, ReduceOp::Inc);
-    }
+/// The `[settings]` fields that `ORDERLY_SETTINGS__*` variables can set.
+pub const SETTINGS_FIELDS: &[(&str, Kind)] = &[
+    ("source", Kind::Str),
+    ("topic", Kind::Str),
+    ("url", Kind::Str),
+    ("ttl_ms", Kind::Int),
+];
 
-    #[test]
-    fn errors_name_the_field() {
-        let env = vec![("ORDERLY_BATCH_MAX".to_string(), "lots".to_string())];
-        let err = Config::load(None, env, &Overrides::default())
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("batch_max"), "{err}");
-        let env = vec![("ORDERLY_IN_FLIGHT_LOW".to_string(), "999999".to_string())];
-        let err = Config::load(None, env, &Overrides::default())
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("in_flight_low"), "{err}");
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("c.toml");
-        std::fs::write(&file, "bogus_knob = 1\n").unwrap();
-        let err = Config::load(Some(&file), vec![], &Overrides::default())
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("bogus_knob"), "{err}");
-    }
+/// The type of top-level field `name`, if `ORDERLY_*` variables can set it.
+pub fn field_kind(name: &str) -> Option<Kind> {
+    FIELDS.iter().find(|(f, _)| *f == name).map(|(_, k)| *k)
 }

@@ -56,7 +56,13 @@ impl Role<'_> {
 
 /// The client config of `role` for `config`.
 pub fn client(config: &Config, role: Role<'_>) -> ClientConfig {
-    let mut cc = with_user(&config.brokers, &config.kafka, role);
+    client_with(config, role, &[])
+}
+
+/// [`client`] with `defaults` of the caller's own, which the user's
+/// properties override (the changelog producer's `linger.ms`).
+pub fn client_with(config: &Config, role: Role<'_>, defaults: &[(&str, &str)]) -> ClientConfig {
+    let mut cc = with_user(&config.brokers, &config.kafka, role, defaults);
     match role {
         Role::Consumer => {
             cc.set("group.id", &config.group)
@@ -88,15 +94,24 @@ pub fn client(config: &Config, role: Role<'_>) -> ClientConfig {
 /// properties, and orderly's own but those that need the whole [`Config`]
 /// (the group and the partitioner). The tools that have only a broker
 /// address (the workload producer, the benchmark) build theirs with it.
-pub fn with_user(brokers: &str, kafka: &KafkaConfig, role: Role<'_>) -> ClientConfig {
+/// `defaults` come after orderly's own defaults and before the user's.
+pub fn with_user(
+    brokers: &str,
+    kafka: &KafkaConfig,
+    role: Role<'_>,
+    defaults: &[(&str, &str)],
+) -> ClientConfig {
     let mut cc = ClientConfig::new();
     let consumer = matches!(role, Role::Consumer | Role::Reader(_));
-    // orderly's defaults, which the user may change.
+    // orderly's defaults, then the caller's, which the user may change.
     if consumer {
         cc.set("fetch.wait.max.ms", FETCH_WAIT_MAX_MS);
     }
     if role == Role::Producer {
         cc.set("message.timeout.ms", "30000");
+    }
+    for (k, v) in defaults {
+        cc.set(*k, *v);
     }
     // The user's, then the role's table.
     let role_table = match role {
@@ -146,23 +161,7 @@ pub fn producer(
     config: &Config,
     defaults: &[(&str, &str)],
 ) -> rdkafka::error::KafkaResult<FutureProducer> {
-    let mut cc = client(config, Role::Producer);
-    for (k, v) in defaults {
-        if !user_sets(&config.kafka, Role::Producer, k) {
-            cc.set(*k, *v);
-        }
-    }
-    cc.create()
-}
-
-/// Whether the user's properties set `name` for `role`.
-pub fn user_sets(kafka: &KafkaConfig, role: Role<'_>, name: &str) -> bool {
-    kafka.common.contains_key(name)
-        || match role {
-            Role::Consumer | Role::Reader(_) => kafka.consumer.contains_key(name),
-            Role::Producer => kafka.producer.contains_key(name),
-            Role::Admin => false,
-        }
+    client_with(config, Role::Producer, defaults).create()
 }
 
 /// A metadata-only client for `config`.

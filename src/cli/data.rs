@@ -24,15 +24,7 @@ pub(super) fn produce_workload(a: ProduceArgs) -> anyhow::Result<()> {
         seed: a.seed,
         ..WorkloadSpec::default()
     };
-    let config = Config::load(
-        a.config.as_deref(),
-        std::env::vars(),
-        &Overrides {
-            brokers: a.brokers.clone(),
-            topic: a.topic.clone(),
-            ..Default::default()
-        },
-    )?;
+    let config = a.kafka.load()?;
     let opts = ProduceOptions {
         brokers: config.brokers.clone(),
         kafka: config.kafka.clone(),

@@ -20,7 +20,7 @@ pub(super) fn config(a: RunArgs) -> anyhow::Result<()> {
 }
 
 /// librdkafka's `builtin.features`: the codecs and security it was built with.
-pub fn builtin_features() -> anyhow::Result<String> {
+fn builtin_features() -> anyhow::Result<String> {
     Ok(rdkafka::ClientConfig::new()
         .create_native_config()?
         .get("builtin.features")?)

@@ -17,7 +17,6 @@ use crate::tools::workload::Format;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use data::*;
-pub use inspect::builtin_features;
 use inspect::{config, doctor};
 use ops::*;
 use std::path::PathBuf;
@@ -140,16 +139,9 @@ struct PartitionsArgs {
     /// An instance's admin API base URL; repeat for each instance.
     #[arg(long, required = true)]
     admin: Vec<String>,
-    /// TOML config file: with it (or --brokers), partitions nobody owns are
-    /// listed too, read from its brokers with its `[kafka]` properties.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Kafka bootstrap servers, to list unowned partitions too.
-    #[arg(long)]
-    brokers: Option<String>,
-    /// The input topic (default: the config's).
-    #[arg(long)]
-    topic: Option<String>,
+    /// With --config or --brokers, partitions nobody owns are listed too.
+    #[command(flatten)]
+    kafka: KafkaArgs,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -385,18 +377,42 @@ struct DemoArgs {
     data_dir: Option<PathBuf>,
 }
 
+/// Where a CLI command finds Kafka: the config's brokers, topic and
+/// `[kafka]` properties (ORDERLY_* variables apply as for `run`), with flags
+/// over them.
 #[derive(Args)]
-struct ProduceArgs {
-    /// TOML config file: its brokers, topic and `[kafka]`/`[kafka.producer]`
-    /// properties (ORDERLY_* variables apply as for `run`).
+struct KafkaArgs {
+    /// TOML config file.
     #[arg(long, env = "ORDERLY_CONFIG")]
     config: Option<PathBuf>,
     /// Kafka bootstrap servers [config: brokers, default localhost:9092].
     #[arg(long)]
     brokers: Option<String>,
-    /// Topic to write to [config: topic, default orderly.events].
+    /// The topic [config: topic, default orderly.events].
     #[arg(long)]
     topic: Option<String>,
+}
+
+impl KafkaArgs {
+    /// The configuration these name, as `run` would load it.
+    fn load(&self) -> anyhow::Result<Config> {
+        let overrides = Overrides {
+            brokers: self.brokers.clone(),
+            topic: self.topic.clone(),
+            ..Default::default()
+        };
+        Ok(Config::load(
+            self.config.as_deref(),
+            std::env::vars(),
+            &overrides,
+        )?)
+    }
+}
+
+#[derive(Args)]
+struct ProduceArgs {
+    #[command(flatten)]
+    kafka: KafkaArgs,
     /// Messages to produce, duplicates included.
     #[arg(long, default_value_t = 20_000)]
     events: u64,

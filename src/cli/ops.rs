@@ -117,17 +117,9 @@ pub(super) fn partitions(a: PartitionsArgs) -> anyhow::Result<()> {
             Err(e) => problems.push(format!("{url}: {e}")),
         }
     }
-    if a.brokers.is_some() || a.config.is_some() {
+    if a.kafka.brokers.is_some() || a.kafka.config.is_some() {
         use rdkafka::consumer::Consumer;
-        let config = Config::load(
-            a.config.as_deref(),
-            std::env::vars(),
-            &Overrides {
-                brokers: a.brokers.clone(),
-                topic: a.topic.clone(),
-                ..Default::default()
-            },
-        )?;
+        let config = a.kafka.load()?;
         let topic = &config.topic;
         let c = crate::kafka::admin(&config)?;
         let md = c.fetch_metadata(Some(topic), std::time::Duration::from_secs(10))?;

@@ -125,14 +125,12 @@ pub struct KafkaConfig {
 }
 
 impl KafkaConfig {
-    /// `[kafka]` with these properties and no per-role tables.
-    pub fn common<K: Into<String>, V: Into<String>>(
-        props: impl IntoIterator<Item = (K, V)>,
-    ) -> KafkaConfig {
+    /// Only `[kafka.consumer]`, with these properties.
+    pub fn for_consumers(props: &[(&str, &str)]) -> KafkaConfig {
         KafkaConfig {
-            common: props
-                .into_iter()
-                .map(|(k, v)| (k.into(), v.into()))
+            consumer: props
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
             ..Default::default()
         }
@@ -296,7 +294,9 @@ mod tests {
                 assert!(err.contains(name) && err.contains(why), "{err}");
             }
         }
-        assert!(KafkaConfig::common([("linger.ms", "5")]).check().is_ok());
+        assert!(KafkaConfig::for_consumers(&[("fetch.min.bytes", "1")])
+            .check()
+            .is_ok());
     }
 
     #[test]

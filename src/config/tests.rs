@@ -87,14 +87,13 @@ fn a_string_field_takes_a_value_made_of_digits() {
     assert_eq!(c.batch_max, 12);
     // Every string field: a digits-only value loads (or fails only on its
     // own rule, never on its type).
-    for (f, k) in FIELDS.iter().filter(|(_, k)| *k == Kind::Str) {
+    for (f, _) in FIELDS.iter().filter(|(_, k)| *k == Kind::Str) {
         let name = format!("ORDERLY_{}", f.to_ascii_uppercase());
         if let Err(e) = Config::load(None, vars(&[(&name, "123")]), &Overrides::default()) {
             let e = e.to_string();
             assert!(!e.contains("invalid type: integer"), "{name}: {e}");
             assert!(e.contains(f), "{name}: {e}");
         }
-        let _ = k;
     }
 }
 

@@ -95,17 +95,11 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
             topic: "crm.settings".into(),
             ..Default::default()
         },
-        kafka: crate::config::KafkaConfig {
-            // A fast rebalance on the embedded broker.
-            consumer: [
-                ("session.timeout.ms", "6000"),
-                ("heartbeat.interval.ms", "500"),
-            ]
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect(),
-            ..Default::default()
-        },
+        // A fast rebalance on the embedded broker.
+        kafka: crate::config::KafkaConfig::for_consumers(&[
+            ("session.timeout.ms", "6000"),
+            ("heartbeat.interval.ms", "500"),
+        ]),
         ..Config::default()
     };
     broker

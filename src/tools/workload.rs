@@ -349,14 +349,13 @@ pub fn produce(
     messages: impl Iterator<Item = Outgoing>,
     mut on_sent: impl FnMut(u64),
 ) -> Result<u64, KafkaError> {
-    use crate::kafka::{user_sets, with_user, Role};
-    let mut cc = with_user(&opts.brokers, &opts.kafka, Role::Producer);
-    for (k, v) in [("linger.ms", "5"), ("message.timeout.ms", "60000")] {
-        if !user_sets(&opts.kafka, Role::Producer, k) {
-            cc.set(k, v);
-        }
-    }
-    let producer: ThreadedProducer<DefaultProducerContext> = cc.create()?;
+    let producer: ThreadedProducer<DefaultProducerContext> = crate::kafka::with_user(
+        &opts.brokers,
+        &opts.kafka,
+        crate::kafka::Role::Producer,
+        &[("linger.ms", "5"), ("message.timeout.ms", "60000")],
+    )
+    .create()?;
     let started = Instant::now();
     let mut sent = 0u64;
     for Outgoing {

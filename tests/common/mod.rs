@@ -188,16 +188,10 @@ impl TestTopic {
 
 /// Consumer properties that make a killed member leave the group quickly.
 pub fn fast_group() -> orderly::config::KafkaConfig {
-    orderly::config::KafkaConfig {
-        consumer: [
-            ("session.timeout.ms", "6000"),
-            ("heartbeat.interval.ms", "500"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect(),
-        ..Default::default()
-    }
+    orderly::config::KafkaConfig::for_consumers(&[
+        ("session.timeout.ms", "6000"),
+        ("heartbeat.interval.ms", "500"),
+    ])
 }
 
 pub fn produce_to(

@@ -85,7 +85,7 @@ fn refused(admin: &Admin, req: &HttpRequest) -> Option<HttpResponse> {
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    if given == Some(token.as_str()) {
+    if given.is_some_and(|g| same_secret(g.as_bytes(), token.as_bytes())) {
         None
     } else {
         Some(
@@ -93,6 +93,17 @@ fn refused(admin: &Admin, req: &HttpRequest) -> Option<HttpResponse> {
                 .json(serde_json::json!({"error": "missing or wrong bearer token"})),
         )
     }
+}
+
+/// Compares a given token with the configured one in time that depends only
+/// on their lengths, so the answer's timing does not reveal a matching prefix.
+fn same_secret(given: &[u8], token: &[u8]) -> bool {
+    given.len() == token.len()
+        && given
+            .iter()
+            .zip(token)
+            .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+            == 0
 }
 
 fn error(e: ControlError) -> HttpResponse {
@@ -435,5 +446,17 @@ async fn partitions(admin: web::Data<Admin>) -> impl Responder {
         Err(e) => {
             HttpResponse::InternalServerError().json(serde_json::json!({"error": e.to_string()}))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tokens_compare_whole() {
+        use super::same_secret;
+        assert!(same_secret(b"123456", b"123456"));
+        assert!(!same_secret(b"123457", b"123456"));
+        assert!(!same_secret(b"12345", b"123456"));
+        assert!(!same_secret(b"", b"123456"));
     }
 }

@@ -624,7 +624,7 @@ impl Source {
                     },
                     &self.stats,
                 );
-                tracing::warn!(topic = %tp.topic, partition = tp.partition, offset, code = e.code(), error = %e, "undecodable message dead-lettered");
+                tracing::warn!(topic = %tp.topic, partition = tp.partition, offset, code = e.code(), trace_id = crate::telemetry::trace_id_in(&headers).as_deref(), error = %e, "undecodable message dead-lettered");
                 let now = SystemTime::now();
                 let key = m.key().map(<[u8]>::to_vec);
                 let span = traced.then(|| {

@@ -6,6 +6,10 @@
 //! set; otherwise each event's span data is only logged, at debug level, under
 //! the `orderly::event` target.
 //!
+//! Span names and attributes follow OpenTelemetry's messaging semantic
+//! conventions (`process <topic>`, `messaging.*`); orderly's own attributes
+//! are under `orderly.*`.
+//!
 //! A span is built once the event is durable, with explicit timestamps: it
 //! starts when the message was received, carries `orderly.occurred_at`,
 //! `orderly.read_start` and `orderly.write_start` (ms since the Unix epoch,
@@ -15,7 +19,10 @@
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{SpanContext, SpanKind, TraceContextExt, Tracer, TracerProvider as _};
-use opentelemetry::{Context, KeyValue};
+use opentelemetry::{Context, Key, KeyValue};
+use opentelemetry_sdk::Resource;
+use opentelemetry_semantic_conventions as semconv;
+use semconv::attribute as attr;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 use std::sync::OnceLock;
@@ -28,25 +35,56 @@ pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
 }
 
+/// How log lines are written to stderr: `ORDERLY_LOG_FORMAT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable text (the default), coloured only on a terminal.
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+impl LogFormat {
+    /// Reads `ORDERLY_LOG_FORMAT` (`text` or `json`; unset: text).
+    pub fn from_env() -> Result<LogFormat, TelemetryError> {
+        match std::env::var("ORDERLY_LOG_FORMAT").as_deref() {
+            Err(_) | Ok("") | Ok("text") => Ok(LogFormat::Text),
+            Ok("json") => Ok(LogFormat::Json),
+            Ok(other) => Err(TelemetryError::LogFormat(other.to_owned())),
+        }
+    }
+}
+
 /// Telemetry setup failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
     /// The OTLP exporter could not be built from the `OTEL_EXPORTER_OTLP_*` variables.
     #[error("cannot build the OTLP span exporter from OTEL_EXPORTER_OTLP_* variables: {0}")]
     Exporter(String),
+    /// `ORDERLY_LOG_FORMAT` names no known format.
+    #[error("ORDERLY_LOG_FORMAT={0:?}: expected `text` or `json`")]
+    LogFormat(String),
 }
 
 /// Sets up logging (`RUST_LOG`, else `default_log`) and, if an OTLP endpoint
 /// is configured, span export. Call it before starting any async runtime: the
 /// HTTP exporter's blocking client must not be created inside one.
 pub fn init(instance_id: &str, default_log: &str) -> Result<Telemetry, TelemetryError> {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log)),
-        )
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .try_init();
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let format = LogFormat::from_env()?;
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
+    };
     let configured = [
         "OTEL_EXPORTER_OTLP_ENDPOINT",
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
@@ -61,22 +99,45 @@ pub fn init(instance_id: &str, default_log: &str) -> Result<Telemetry, Telemetry
         .with_http()
         .build()
         .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
-    let resource = opentelemetry_sdk::Resource::builder()
-        .with_service_name(std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| "orderly".into()))
-        .with_attributes([
-            KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
-            KeyValue::new("service.instance.id", instance_id.to_owned()),
-        ])
-        .build();
     let provider = SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
-        .with_resource(resource)
+        .with_resource(resource(instance_id))
         .build();
     let _ = TRACER.set(provider.tracer("orderly"));
     tracing::info!("exporting event spans over OTLP");
     Ok(Telemetry {
         provider: Some(provider),
     })
+}
+
+/// The resource of every span: what `OTEL_SERVICE_NAME` and
+/// `OTEL_RESOURCE_ATTRIBUTES` say, and for what they leave unsaid,
+/// `service.name = orderly`, the crate's `service.version` and
+/// `service.instance.id = instance_id`.
+fn resource(instance_id: &str) -> Resource {
+    let detected = Resource::builder().build();
+    let unset = |key: &'static str| detected.get(&Key::from_static_str(key)).is_none();
+    let mut ours = Vec::new();
+    let service_named = std::env::var_os("OTEL_SERVICE_NAME").is_some_and(|v| !v.is_empty())
+        || detected
+            .get(&Key::from_static_str(semconv::resource::SERVICE_NAME))
+            .is_some_and(|v| !v.as_str().starts_with("unknown_service"));
+    if !service_named {
+        ours.push(KeyValue::new(semconv::resource::SERVICE_NAME, "orderly"));
+    }
+    if unset(semconv::resource::SERVICE_VERSION) {
+        ours.push(KeyValue::new(
+            semconv::resource::SERVICE_VERSION,
+            env!("CARGO_PKG_VERSION"),
+        ));
+    }
+    if unset(semconv::resource::SERVICE_INSTANCE_ID) {
+        ours.push(KeyValue::new(
+            semconv::resource::SERVICE_INSTANCE_ID,
+            instance_id.to_owned(),
+        ));
+    }
+    Resource::builder().with_attributes(ours).build()
 }
 
 impl Telemetry {
@@ -126,6 +187,13 @@ pub fn parent_from_headers<'a>(
     sc.is_valid().then_some(sc)
 }
 
+/// The trace id a message's `traceparent` header names, for log lines about
+/// that message, so a log search by trace id finds them beside its span.
+pub fn trace_id_in(headers: &[(String, Vec<u8>)]) -> Option<String> {
+    parent_from_headers(headers.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+        .map(|sc| sc.trace_id().to_string())
+}
+
 /// Writes `traceparent` (and `tracestate`) for `cx` as Kafka header pairs.
 pub fn inject_headers(cx: &Context) -> Vec<(String, String)> {
     struct Out(Vec<(String, String)>);
@@ -145,12 +213,14 @@ pub fn inject_headers(cx: &Context) -> Vec<(String, String)> {
 pub fn start_send_span(topic: &str, entity_id: Option<&str>) -> Option<Context> {
     let tracer = TRACER.get()?;
     let mut attributes = vec![
-        KeyValue::new("messaging.system", "kafka"),
-        KeyValue::new("messaging.operation.type", "send"),
-        KeyValue::new("messaging.destination.name", topic.to_owned()),
+        KeyValue::new(attr::MESSAGING_SYSTEM, "kafka"),
+        KeyValue::new(attr::MESSAGING_OPERATION_TYPE, "send"),
+        KeyValue::new(attr::MESSAGING_OPERATION_NAME, "send"),
+        KeyValue::new(attr::MESSAGING_DESTINATION_NAME, topic.to_owned()),
     ];
     if let Some(id) = entity_id {
-        attributes.push(KeyValue::new("entity.id", id.to_owned()));
+        attributes.push(KeyValue::new(attr::MESSAGING_KAFKA_MESSAGE_KEY, id.to_owned()));
+        attributes.push(KeyValue::new(ENTITY_ID, id.to_owned()));
     }
     let span = tracer
         .span_builder(format!("send {topic}"))
@@ -196,22 +266,47 @@ pub fn unix_ms(t: SystemTime) -> i64 {
         .unwrap_or(0)
 }
 
-/// Emits the span of one event that became durable at `durable_at` with `outcome`.
-pub fn record_event_span(info: &SpanInfo, outcome: &str, durable_at: SystemTime) {
-    let attributes = vec![
-        KeyValue::new("entity.id", info.entity_id.clone()),
-        KeyValue::new("tenant.id", info.tenant_id.clone()),
-        KeyValue::new("event.id", info.event_id.clone()),
-        KeyValue::new("event.type", info.event_type.clone()),
-        KeyValue::new("messaging.system", "kafka"),
-        KeyValue::new("messaging.destination.name", info.topic.to_string()),
-        KeyValue::new("messaging.kafka.partition", info.partition as i64),
-        KeyValue::new("messaging.kafka.offset", info.offset),
+/// orderly's own span attributes; the rest follow the OpenTelemetry
+/// messaging conventions.
+pub const ENTITY_ID: &str = "orderly.entity.id";
+/// The event's tenant.
+pub const TENANT_ID: &str = "orderly.tenant.id";
+/// The event's own id.
+pub const EVENT_ID: &str = "orderly.event.id";
+/// The event's type.
+pub const EVENT_TYPE: &str = "orderly.event.type";
+
+/// Emits the span of one event of consumer group `group` that became
+/// durable at `durable_at` with `outcome`.
+pub fn record_event_span(info: &SpanInfo, group: &str, outcome: &str, durable_at: SystemTime) {
+    let mut attributes = vec![
+        KeyValue::new(attr::MESSAGING_SYSTEM, "kafka"),
+        KeyValue::new(attr::MESSAGING_OPERATION_TYPE, "process"),
+        KeyValue::new(attr::MESSAGING_OPERATION_NAME, "process"),
+        KeyValue::new(attr::MESSAGING_DESTINATION_NAME, info.topic.to_string()),
+        KeyValue::new(attr::MESSAGING_CONSUMER_GROUP_NAME, group.to_owned()),
+        KeyValue::new(
+            attr::MESSAGING_DESTINATION_PARTITION_ID,
+            info.partition.to_string(),
+        ),
+        KeyValue::new(attr::MESSAGING_KAFKA_OFFSET, info.offset),
+        KeyValue::new(ENTITY_ID, info.entity_id.clone()),
+        KeyValue::new(TENANT_ID, info.tenant_id.clone()),
+        KeyValue::new(EVENT_ID, info.event_id.clone()),
+        KeyValue::new(EVENT_TYPE, info.event_type.clone()),
         KeyValue::new("orderly.occurred_at", info.occurred_at),
         KeyValue::new("orderly.read_start", unix_ms(info.read_start)),
         KeyValue::new("orderly.write_start", unix_ms(info.write_start)),
         KeyValue::new("orderly.outcome", outcome.to_owned()),
     ];
+    // The message key: the entity id, which the envelope requires to equal
+    // it (an undecodable message's span carries its key as the entity id).
+    if !info.entity_id.is_empty() {
+        attributes.push(KeyValue::new(
+            attr::MESSAGING_KAFKA_MESSAGE_KEY,
+            info.entity_id.clone(),
+        ));
+    }
     match TRACER.get() {
         Some(tracer) => {
             let parent = match &info.parent {
@@ -219,7 +314,7 @@ pub fn record_event_span(info: &SpanInfo, outcome: &str, durable_at: SystemTime)
                 None => Context::new(),
             };
             let builder = tracer
-                .span_builder(format!("process {}", info.event_type))
+                .span_builder(format!("process {}", info.topic))
                 .with_kind(SpanKind::Consumer)
                 .with_start_time(info.received_at)
                 .with_attributes(attributes);

@@ -138,10 +138,12 @@ fn compose_agrees_with_the_code() {
         "the stack sets an admin token"
     );
 
-    // The broker address is the kafka service's advertised listener.
+    // The broker address is the kafka service's advertised PLAINTEXT listener.
     let kafka = env_of(&doc["services"]["kafka"]);
     let advertised = kafka["KAFKA_ADVERTISED_LISTENERS"]
-        .trim_start_matches("PLAINTEXT://")
+        .split(',')
+        .find_map(|l| l.strip_prefix("PLAINTEXT://"))
+        .expect("a PLAINTEXT listener")
         .to_owned();
     assert_eq!(config.brokers, advertised);
     assert_eq!(
@@ -204,7 +206,61 @@ fn compose_agrees_with_the_code() {
     assert!(strings(&jaeger["ports"])
         .iter()
         .any(|p| p.ends_with(":4318")));
-    assert_eq!(env_of(jaeger)["COLLECTOR_OTLP_ENABLED"], "true");
+    // Jaeger v2, which takes OTLP on 4318 without a flag.
+    let jaeger_image = jaeger["image"].as_str().unwrap();
+    assert!(
+        jaeger_image.starts_with("jaegertracing/jaeger:2."),
+        "Jaeger v2 expected, found {jaeger_image}"
+    );
+
+    // One image for every service that runs orderly, built once.
+    let runs_orderly: Vec<&Value> = ["orderly", "producer"]
+        .iter()
+        .map(|n| &doc["services"][*n])
+        .collect();
+    let image = runs_orderly[0]["image"]
+        .as_str()
+        .expect("orderly names its image");
+    for svc in &runs_orderly {
+        assert_eq!(svc["image"].as_str(), Some(image), "one shared image");
+    }
+    let builds = services
+        .values()
+        .filter(|s| s.get("build").is_some())
+        .count();
+    assert_eq!(builds, 1, "the image is built by one service");
+
+    // Kafka has a listener for the host, advertised as localhost on the
+    // published port, beside the one the services use.
+    let kafka = &doc["services"]["kafka"];
+    let kenv = env_of(kafka);
+    let external = kenv["KAFKA_ADVERTISED_LISTENERS"]
+        .split(',')
+        .find_map(|l| l.split_once("://localhost:"))
+        .map(|(name, port)| (name.to_owned(), port.to_owned()))
+        .expect("a listener advertised as localhost");
+    assert!(
+        kenv["KAFKA_LISTENERS"].contains(&format!("{}://:{}", external.0, external.1)),
+        "the host listener is not bound"
+    );
+    assert!(
+        strings(&kafka["ports"])
+            .iter()
+            .any(|p| p.ends_with(&format!(":{0}:{0}", external.1))
+                || p == &format!("{0}:{0}", external.1)),
+        "the host listener's port {} is not published",
+        external.1
+    );
+    assert!(kenv["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].contains(&format!("{}:", external.0)));
+
+    // The build context leaves out what the image does not need.
+    let ignore = std::fs::read_to_string(root.join(".dockerignore")).expect(".dockerignore");
+    for entry in ["target/", ".git/"] {
+        assert!(
+            ignore.lines().any(|l| l.trim() == entry),
+            ".dockerignore lacks {entry}"
+        );
+    }
 
     // The producer's command is a valid `orderly produce` invocation for the same broker and topic.
     let args = strings(&doc["services"]["producer"]["command"]);
@@ -558,6 +614,41 @@ fn k8s_manifests_agree_with_the_code() {
     std::fs::write(&file, toml_text).unwrap();
     let config = Config::load(Some(&file), plain.clone(), &Overrides::default())
         .expect("the ConfigMap's config is valid");
+
+    // Static membership survives a restart only if the session outlasts it.
+    assert!(env.contains_key("ORDERLY_INSTANCE_ID"), "static membership");
+    let session_ms: u64 = config
+        .kafka
+        .consumer
+        .get("session.timeout.ms")
+        .or(config.kafka.common.get("session.timeout.ms"))
+        .expect("session.timeout.ms is set")
+        .parse()
+        .unwrap();
+    assert!(
+        session_ms >= 60_000,
+        "session.timeout.ms {session_ms} is shorter than a pod restart"
+    );
+    assert_eq!(
+        sts["spec"]["podManagementPolicy"].as_str(),
+        Some("Parallel")
+    );
+    // The image is pinned by the kustomization, by tag or digest.
+    let image = c["image"].as_str().unwrap();
+    let pinned = kustomization["images"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .find(|i| i["name"].as_str() == Some(image))
+        .unwrap_or_else(|| panic!("kustomization.yaml does not pin the image {image}"));
+    let tag = pinned["newTag"]
+        .as_str()
+        .or(pinned["digest"].as_str())
+        .unwrap_or("");
+    assert!(
+        !tag.is_empty() && tag != "latest",
+        "image pinned to {tag:?}"
+    );
 
     // The data dir is the PersistentVolumeClaim.
     let claim = sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"]

@@ -343,3 +343,71 @@ fn producer_spans_parent_the_processing_spans() {
         "each message has its own producer span"
     );
 }
+
+/// `ORDERLY_LOG_FORMAT=json`: every line orderly writes is one JSON object,
+/// with no ANSI escapes when stderr is a file, and the log line about a bad
+/// message carries the trace id of its `traceparent`. The run is also given
+/// a digits-only admin token, which must load as a string and work.
+#[test]
+fn json_logs_parse_line_by_line_and_carry_the_trace_id() {
+    let topic = TestTopic::new(2);
+    let events = shuffled_stream(10, 3, 0.0, 5);
+    topic.produce_events(&events);
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let junk = orderly::tools::workload::Outgoing {
+        key: Some(b"lead-junk".to_vec()),
+        value: b"{not json".to_vec(),
+        headers: vec![(
+            "traceparent".into(),
+            format!("00-{trace_id}-b7ad6b7169203331-01").into_bytes(),
+        )],
+    };
+    topic.produce(std::iter::once(junk));
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = topic.config_file(dir.path(), &dir.path().join("data"));
+    let log = dir.path().join("orderly.log");
+    let mut orderly = OrderlyProcess::start(
+        &config,
+        &log,
+        &[
+            ("ORDERLY_LOG_FORMAT", "json"),
+            ("ORDERLY_ADMIN_TOKEN", "123456"),
+        ],
+    );
+    let admin = orderly.admin_addr(Duration::from_secs(60));
+    topic
+        .wait_all_committed(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", orderly.log_tail()));
+    let post = |token: &str| {
+        reqwest::blocking::Client::new()
+            .post(format!("http://{admin}/api/dead-letters/skip-all"))
+            .bearer_auth(token)
+            .send()
+            .expect("admin answers")
+            .status()
+            .as_u16()
+    };
+    assert_eq!(post("12345"), 401, "a wrong token is refused");
+    assert_eq!(post("123456"), 200, "the digits-only token is the token");
+    let status = orderly.terminate(Duration::from_secs(30));
+    assert!(status.success(), "{}", orderly.log_tail());
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains('\u{1b}'), "no ANSI escapes in a file");
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(lines.len() > 3, "{text}");
+    for l in &lines {
+        assert!(l["timestamp"].is_string() && l["level"].is_string(), "{l}");
+        assert!(l["message"].is_string(), "{l}");
+    }
+    let dead = lines
+        .iter()
+        .find(|l| l["message"] == "undecodable message dead-lettered")
+        .unwrap_or_else(|| panic!("no dead-letter line in {text}"));
+    assert_eq!(dead["trace_id"], trace_id, "{dead}");
+}

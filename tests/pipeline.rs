@@ -312,3 +312,42 @@ fn a_header_key_that_is_not_utf8_does_not_stop_the_source() {
     assert!(problems.is_empty(), "{problems:?}");
     assert!(store.dead_letters(0, 10).unwrap().is_empty());
 }
+
+/// Batches compressed with each codec a producer may use (Java producers
+/// often send zstd) are decoded, and their events fold to the oracle.
+#[test]
+fn batches_in_every_compression_codec_fold_to_the_oracle() {
+    let topic = TestTopic::new(2);
+    let dir = tempfile::tempdir().unwrap();
+    let events = shuffled_stream(80, 5, 0.0, 11);
+    let oracle = Oracle::of(&events);
+    let n = events.len() as u64;
+    let (brokers, name) = (topic.brokers.clone(), topic.topic.clone());
+    let store = run_until_durable(topic.config(dir.path()), n, move || {
+        let codecs = ["zstd", "lz4", "snappy", "gzip"];
+        for (codec, chunk) in codecs.iter().zip(events.chunks(events.len() / 4 + 1)) {
+            let mut kafka = orderly::config::KafkaConfig::default();
+            kafka
+                .producer
+                .insert("compression.type".into(), (*codec).into());
+            // Linger, so that messages travel in compressed batches.
+            kafka.producer.insert("linger.ms".into(), "50".into());
+            let opts = workload::ProduceOptions {
+                brokers: brokers.clone(),
+                kafka,
+                topic: name.clone(),
+                rate: None,
+                format: Format::Proto,
+            };
+            let messages = chunk.iter().map(|e| workload::message_of(e, Format::Proto));
+            let sent = workload::produce(&opts, messages, |_| {}).expect(codec);
+            assert_eq!(sent, chunk.len() as u64, "{codec}");
+        }
+    });
+    let problems = oracle.diff(store.as_ref());
+    assert!(
+        problems.is_empty(),
+        "{:?}",
+        &problems[..problems.len().min(5)]
+    );
+}

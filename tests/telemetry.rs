@@ -48,6 +48,13 @@ fn every_event_gets_a_span_with_attributes_timestamps_and_parent() {
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
             ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            // A digits-only value for a string field, and a resource
+            // attribute of the user's own that must survive.
+            ("ORDERLY_INSTANCE_ID", "7"),
+            (
+                "OTEL_RESOURCE_ATTRIBUTES",
+                "deployment.environment.name=test",
+            ),
         ],
     );
 
@@ -92,21 +99,39 @@ fn every_event_gets_a_span_with_attributes_timestamps_and_parent() {
     let status = orderly.terminate(Duration::from_secs(30));
     assert!(status.success());
 
+    let resources = receiver.resources();
+    assert!(!resources.is_empty());
+    for r in &resources {
+        assert_eq!(r["service.name"], "orderly", "{r:?}");
+        assert_eq!(r["service.instance.id"], "7", "from instance_id: {r:?}");
+        assert_eq!(r["service.version"], env!("CARGO_PKG_VERSION"));
+        assert_eq!(r["deployment.environment.name"], "test", "{r:?}");
+    }
+
     let spans = receiver.spans();
     let mut by_event: HashMap<String, &Span> = HashMap::new();
     for s in &spans {
-        by_event.insert(string(&attrs(s), "event.id"), s);
+        by_event.insert(string(&attrs(s), "orderly.event.id"), s);
     }
     assert_eq!(by_event.len(), events.len(), "one span per event");
     for e in &events {
         let span = by_event[&e.event_id];
         let a = attrs(span);
-        assert_eq!(string(&a, "entity.id"), e.entity_id);
-        assert_eq!(string(&a, "tenant.id"), e.tenant_id);
-        assert_eq!(string(&a, "event.type"), e.event_type);
-        assert_eq!(string(&a, "orderly.outcome"), "applied");
-        assert!((0..2).contains(&int(&a, "messaging.kafka.partition")));
+        // The messaging semantic conventions, then orderly's own.
+        assert_eq!(span.name, format!("process {}", topic.topic));
+        assert_eq!(string(&a, "messaging.system"), "kafka");
+        assert_eq!(string(&a, "messaging.operation.type"), "process");
+        assert_eq!(string(&a, "messaging.operation.name"), "process");
+        assert_eq!(string(&a, "messaging.destination.name"), topic.topic);
+        assert_eq!(string(&a, "messaging.consumer.group.name"), topic.group);
+        let partition = string(&a, "messaging.destination.partition.id");
+        assert!(["0", "1"].contains(&partition.as_str()), "{partition}");
+        assert_eq!(string(&a, "messaging.kafka.message.key"), e.entity_id);
         assert!(int(&a, "messaging.kafka.offset") >= 0);
+        assert_eq!(string(&a, "orderly.entity.id"), e.entity_id);
+        assert_eq!(string(&a, "orderly.tenant.id"), e.tenant_id);
+        assert_eq!(string(&a, "orderly.event.type"), e.event_type);
+        assert_eq!(string(&a, "orderly.outcome"), "applied");
         let (occurred, read, write) = (
             int(&a, "orderly.occurred_at"),
             int(&a, "orderly.read_start"),

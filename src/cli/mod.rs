@@ -514,8 +514,7 @@ pub fn main() {
 
 fn run(a: RunArgs) -> anyhow::Result<()> {
     let config = Config::load(a.config.as_deref(), std::env::vars(), &a.overrides())?;
-    let instance = format!("{}-{}", config.group, std::process::id());
-    let telemetry = crate::telemetry::init(&instance, "info")?;
+    let telemetry = crate::telemetry::init(&config.instance_name(), "info")?;
     let handlers = config.handlers();
     let result = actix::System::new().block_on(async move {
         let admin_addr = config.admin_addr.clone();

@@ -359,6 +359,16 @@ pub struct Overrides {
 }
 
 impl Config {
+    /// This instance's name, for telemetry and operators: `instance_id` if
+    /// set, else the host name (a container's or pod's own), else the
+    /// consumer group and process id.
+    pub fn instance_name(&self) -> String {
+        if let Some(id) = &self.instance_id {
+            return id.clone();
+        }
+        host_name().unwrap_or_else(|| format!("{}-{}", self.group, std::process::id()))
+    }
+
     /// The changelog, when `changelog_suffix` turns it on.
     pub fn changelog(&self) -> Option<ChangelogConfig> {
         (!self.changelog_suffix.is_empty()).then(|| ChangelogConfig {
@@ -696,4 +706,18 @@ pub const SETTINGS_FIELDS: &[(&str, Kind)] = &[
 /// The type of top-level field `name`, if `ORDERLY_*` variables can set it.
 pub fn field_kind(name: &str) -> Option<Kind> {
     FIELDS.iter().find(|(f, _)| *f == name).map(|(_, k)| *k)
+}
+
+/// The machine's host name, if it has a usable one.
+fn host_name() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname writes at most
+    // that many bytes and we stop at the first NUL or the end.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let name = std::str::from_utf8(&buf[..end]).ok()?.trim();
+    (!name.is_empty() && name != "localhost").then(|| name.to_owned())
 }

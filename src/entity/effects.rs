@@ -39,7 +39,7 @@ impl EntityActor {
                     },
                     stats,
                 );
-                tracing::warn!(entity = %self.id, event = %event.event_id, offset = origin.offset, error = %rejected, "event dead-lettered");
+                tracing::warn!(entity = %self.id, event = %event.event_id, offset = origin.offset, trace_id = crate::telemetry::trace_id_in(headers).as_deref(), error = %rejected, "event dead-lettered");
                 fx.dead_letter = Some(DeadLetter::rejected(
                     code,
                     rejected.to_string(),

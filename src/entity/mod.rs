@@ -264,7 +264,7 @@ impl EntityActor {
             if transient && attempt < shared.retries.max_attempts {
                 let delay = shared.retries.backoff(attempt);
                 emit(RetryScheduled, &shared.stats);
-                tracing::info!(entity = %self.id, event = %d.event.event_id, attempt, ?delay, error = %rejected.error, "transient failure; retrying");
+                tracing::info!(entity = %self.id, event = %d.event.event_id, attempt, ?delay, trace_id = crate::telemetry::trace_id_in(&d.headers).as_deref(), error = %rejected.error, "transient failure; retrying");
                 self.retrying = Some((d, attempt));
                 ctx.run_later(delay, |actor, ctx| {
                     if let Some((d, n)) = actor.retrying.take() {

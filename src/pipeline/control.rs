@@ -88,7 +88,7 @@ pub struct PartitionOverview {
 /// Who this instance is, for operators.
 #[derive(Debug, Clone)]
 pub struct Identity {
-    /// `instance_id` if set, else the consumer group and process id.
+    /// [`Config::instance_name`](crate::config::Config::instance_name).
     pub instance: String,
     /// The changelog, when it is on.
     pub changelog: Option<crate::config::ChangelogConfig>,

@@ -226,6 +226,7 @@ impl Pipeline {
             anomalies_topic: config.anomalies_topic.clone(),
             anomalies_retained: config.anomalies_retained,
             store_ok: store_ok.clone(),
+            group: config.group.as_str().into(),
             changelog: match config.changelog() {
                 Some(changelog) if with_source => {
                     crate::changelog::check_topics(&config, &changelog)
@@ -399,10 +400,7 @@ impl Pipeline {
             store,
             settings,
             identity: Arc::new(Identity {
-                instance: config
-                    .instance_id
-                    .clone()
-                    .unwrap_or_else(|| format!("{}-{}", config.group, std::process::id())),
+                instance: config.instance_name(),
                 changelog: config.changelog(),
             }),
             stop_settings,

@@ -126,6 +126,8 @@ pub struct Writer {
     pub anomalies_retained: u64,
     /// False while store writes are failing.
     pub store_ok: Arc<std::sync::atomic::AtomicBool>,
+    /// The consumer group, for the event spans.
+    pub group: Arc<str>,
     /// Where entity records are also written, when the changelog is on.
     pub changelog: Option<crate::changelog::Producer>,
 }
@@ -320,7 +322,7 @@ impl Writer {
             }
             if let Some(ack) = &intent.ack {
                 if let Some(span) = &ack.span {
-                    telemetry::record_event_span(span, ack.outcome, durable_at);
+                    telemetry::record_event_span(span, &self.group, ack.outcome, durable_at);
                 }
             }
         }

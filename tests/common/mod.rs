@@ -545,9 +545,13 @@ pub mod otlp {
     use std::net::TcpListener;
     use std::sync::{Arc, Mutex};
 
+    /// The resource attributes of one export, as strings.
+    pub type Resource = std::collections::HashMap<String, String>;
+
     #[derive(Clone, Default)]
     pub struct Receiver {
         pub spans: Arc<Mutex<Vec<Span>>>,
+        pub resources: Arc<Mutex<Vec<Resource>>>,
         pub port: u16,
     }
 
@@ -556,14 +560,19 @@ pub mod otlp {
             let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
             let port = listener.local_addr().expect("addr").port();
             let spans: Arc<Mutex<Vec<Span>>> = Arc::default();
-            let sink = spans.clone();
+            let resources: Arc<Mutex<Vec<Resource>>> = Arc::default();
+            let (sink, rsink) = (spans.clone(), resources.clone());
             std::thread::spawn(move || {
                 for stream in listener.incoming().flatten() {
-                    let sink = sink.clone();
-                    std::thread::spawn(move || serve(stream, sink));
+                    let (sink, rsink) = (sink.clone(), rsink.clone());
+                    std::thread::spawn(move || serve(stream, sink, rsink));
                 }
             });
-            Receiver { spans, port }
+            Receiver {
+                spans,
+                resources,
+                port,
+            }
         }
 
         pub fn endpoint(&self) -> String {
@@ -573,9 +582,18 @@ pub mod otlp {
         pub fn spans(&self) -> Vec<Span> {
             self.spans.lock().expect("lock").clone()
         }
+
+        /// The resource of every export received.
+        pub fn resources(&self) -> Vec<Resource> {
+            self.resources.lock().expect("lock").clone()
+        }
     }
 
-    fn serve(stream: std::net::TcpStream, sink: Arc<Mutex<Vec<Span>>>) {
+    fn serve(
+        stream: std::net::TcpStream,
+        sink: Arc<Mutex<Vec<Span>>>,
+        rsink: Arc<Mutex<Vec<Resource>>>,
+    ) {
         let mut writer = stream.try_clone().expect("clone");
         let mut reader = BufReader::new(stream);
         loop {
@@ -612,6 +630,14 @@ pub mod otlp {
                 ExportTraceServiceRequest::decode(body.as_slice()).expect("valid OTLP protobuf");
             let mut spans = sink.lock().expect("lock");
             for rs in req.resource_spans {
+                use opentelemetry_proto::tonic::common::v1::any_value::Value;
+                let resource = rs.resource.iter().flat_map(|r| &r.attributes);
+                let resource =
+                    resource.filter_map(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                        Value::StringValue(v) => Some((kv.key.clone(), v.clone())),
+                        other => Some((kv.key.clone(), format!("{other:?}"))),
+                    });
+                rsink.lock().expect("lock").push(resource.collect());
                 for ss in rs.scope_spans {
                     spans.extend(ss.spans);
                 }

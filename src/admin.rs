@@ -1,9 +1,14 @@
 //! The admin HTTP server: health, readiness, dead letters, parked entities
 //! and entity views, for operators and their tools.
 //!
-//! Reads are open; every mutating call (`POST`) needs `Authorization: Bearer
-//! <admin_token>`, and with no token configured every mutating call is
-//! refused. The server binds `admin_addr`, loopback by default.
+//! Every mutating call (`POST`) needs `Authorization: Bearer <admin_token>`,
+//! and with no token configured every mutating call is refused. The server
+//! binds `admin_addr`, loopback by default. Reads are open on loopback; bound
+//! beyond it, the reads that show raw payloads and state (dead letters and
+//! entity views) need the token too.
+//!
+//! Scans of the store (dead letters, parked entities, entity views) run on
+//! actix's blocking pool, so a long one never holds up `/health` or `/ready`.
 //!
 //! | method and path | what it does |
 //! |---|---|
@@ -21,6 +26,7 @@
 //! | `GET /api/partitions` | this instance's partitions: assigned or only held, entities, checkpoint, lag, changelog position |
 //! | `GET /api/overview` | counters, gauges, latency percentiles, partitions and recent corrections, for the dashboard |
 //! | `GET /api/anomalies?limit=` | the most recent anomalies, newest first |
+//! | `GET /api/undeliverable?after=&limit=` | outbox records the broker refused for good, with the reason |
 //! | `GET /api/stalled` | events that ran past the stall deadline (running ones have no `finished_at`) |
 
 use crate::model::dead_letter::DeadLetter;
@@ -33,6 +39,8 @@ use serde::Deserialize;
 struct Admin {
     control: Control,
     token: Option<String>,
+    /// Bound beyond loopback: payload and state reads need the token.
+    private_reads: bool,
 }
 
 /// Starts the server on the current actix System. Returns its handle.
@@ -41,7 +49,13 @@ pub fn start(
     addr: &str,
     token: Option<String>,
 ) -> std::io::Result<actix_web::dev::ServerHandle> {
-    let state = web::Data::new(Admin { control, token });
+    let listener = std::net::TcpListener::bind(addr)?;
+    let private_reads = !listener.local_addr()?.ip().is_loopback();
+    let state = web::Data::new(Admin {
+        control,
+        token,
+        private_reads,
+    });
     let server = actix_web::HttpServer::new(move || {
         actix_web::App::new()
             .app_data(state.clone())
@@ -61,10 +75,11 @@ pub fn start(
             .service(overview)
             .service(partitions)
             .service(recent_anomalies)
+            .service(undeliverable)
     })
     .workers(1)
     .disable_signals()
-    .bind(addr)?;
+    .listen(listener)?;
     let bound: Vec<String> = server.addrs().iter().map(|a| a.to_string()).collect();
     let server = server.run();
     let handle = server.handle();
@@ -97,6 +112,15 @@ fn refused(admin: &Admin, req: &HttpRequest) -> Option<HttpResponse> {
 
 /// Compares a given token with the configured one in time that depends only
 /// on their lengths, so the answer's timing does not reveal a matching prefix.
+/// The refusal of a payload or state read without the right token, when
+/// the server listens beyond loopback.
+fn refused_read(admin: &Admin, req: &HttpRequest) -> Option<HttpResponse> {
+    if !admin.private_reads {
+        return None;
+    }
+    refused(admin, req)
+}
+
 fn same_secret(given: &[u8], token: &[u8]) -> bool {
     given.len() == token.len()
         && given
@@ -182,9 +206,17 @@ fn page(
 }
 
 #[get("/api/dead-letters")]
-async fn list_dead_letters(admin: web::Data<Admin>, filter: web::Query<Filter>) -> impl Responder {
+async fn list_dead_letters(
+    admin: web::Data<Admin>,
+    req: HttpRequest,
+    filter: web::Query<Filter>,
+) -> impl Responder {
+    if let Some(r) = refused_read(&admin, &req) {
+        return r;
+    }
     let limit = filter.limit.unwrap_or(100).clamp(1, 1000);
-    match page(admin.control.store(), &filter, limit) {
+    let (control, filter) = (admin.control.clone(), filter.into_inner());
+    match blocking(move || page(control.store(), &filter, limit)).await {
         Ok((items, next)) => HttpResponse::Ok().json(serde_json::json!({
             "items": items.iter().map(DeadLetter::to_json).collect::<Vec<_>>(),
             "next_after": next,
@@ -227,7 +259,8 @@ async fn bulk(admin: &Admin, filter: Filter, retry: bool) -> HttpResponse {
         after: None,
         ..filter
     };
-    let (items, _) = match page(admin.control.store(), &filter, usize::MAX) {
+    let control = admin.control.clone();
+    let (items, _) = match blocking(move || page(control.store(), &filter, usize::MAX)).await {
         Ok(p) => p,
         Err(e) => return HttpResponse::InternalServerError().json(serde_json::json!({"error": e})),
     };
@@ -290,30 +323,33 @@ async fn stalled(admin: web::Data<Admin>) -> impl Responder {
 
 #[get("/api/parked")]
 async fn parked(admin: web::Data<Admin>) -> impl Responder {
-    let store = admin.control.store();
-    let mut out = Vec::new();
-    let ids = match store.parked() {
-        Ok(ids) => ids,
-        Err(e) => {
-            return HttpResponse::InternalServerError()
-                .json(serde_json::json!({"error": e.to_string()}))
-        }
-    };
-    for id in ids {
-        match store.load_entity(&id) {
-            Ok(Some(r)) if r.parking.parked.is_some() => out.push(serde_json::json!({
-                "entity_id": r.entity_id,
-                "parked": r.parking.parked,
-                "held": r.parking.held.len(),
-            })),
-            Ok(_) => {}
-            Err(e) => {
-                return HttpResponse::InternalServerError()
-                    .json(serde_json::json!({"error": e.to_string()}))
+    let control = admin.control.clone();
+    let scan = move || -> Result<Vec<serde_json::Value>, String> {
+        let store = control.store();
+        let mut out = Vec::new();
+        for id in store.parked().map_err(|e| e.to_string())? {
+            match store.load_entity(&id).map_err(|e| e.to_string())? {
+                Some(r) if r.parking.parked.is_some() => out.push(serde_json::json!({
+                    "entity_id": r.entity_id,
+                    "parked": r.parking.parked,
+                    "held": r.parking.held.len(),
+                })),
+                _ => {}
             }
         }
+        Ok(out)
+    };
+    match blocking(scan).await {
+        Ok(out) => HttpResponse::Ok().json(serde_json::json!({"items": out})),
+        Err(e) => HttpResponse::InternalServerError().json(serde_json::json!({"error": e})),
     }
-    HttpResponse::Ok().json(serde_json::json!({"items": out}))
+}
+
+/// Runs a store scan on the blocking pool, off the server's worker.
+async fn blocking<T: Send + 'static>(
+    scan: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    web::block(scan).await.map_err(|e| e.to_string())?
 }
 
 #[derive(Deserialize)]
@@ -343,48 +379,59 @@ async fn release(
 }
 
 #[get("/api/entities/{id}")]
-async fn entity_view(admin: web::Data<Admin>, id: web::Path<String>) -> impl Responder {
-    let store = admin.control.store();
-    match store.load_entity(&id) {
-        Ok(Some(r)) => {
-            let mut anomalies = Vec::new();
-            let mut after = store.anomaly_seq().unwrap_or(1).saturating_sub(10_000);
-            while let Ok(chunk) = store.anomalies(after, 1000) {
-                let Some(last) = chunk.last().map(|a| a.seq) else {
-                    break;
-                };
-                anomalies.extend(
-                    chunk
-                        .into_iter()
-                        .filter(|a| a.entity_id == *id)
-                        .map(|a| a.to_json()),
-                );
-                after = last;
-            }
-            let n = anomalies.len();
-            let recent: Vec<_> = anomalies.into_iter().skip(n.saturating_sub(50)).collect();
-            // The retained event log: which event wrote what, in order.
-            let log: Vec<_> = r.log.iter().map(log_entry_json).collect();
-            let history: Vec<_> = store
-                .history(&id)
-                .unwrap_or_default()
-                .iter()
-                .map(log_entry_json)
-                .collect();
-            HttpResponse::Ok().json(serde_json::json!({
-                "record": r.to_json(),
-                "log": log,
-                "history": history,
-                "recent_anomalies": recent,
-            }))
-        }
-        Ok(None) => {
-            HttpResponse::NotFound().json(serde_json::json!({"error": format!("no entity {id}")}))
-        }
-        Err(e) => {
-            HttpResponse::InternalServerError().json(serde_json::json!({"error": e.to_string()}))
-        }
+async fn entity_view(
+    admin: web::Data<Admin>,
+    req: HttpRequest,
+    id: web::Path<String>,
+) -> impl Responder {
+    if let Some(r) = refused_read(&admin, &req) {
+        return r;
     }
+    let (control, id) = (admin.control.clone(), id.into_inner());
+    let shown = id.clone();
+    match blocking(move || entity_json(control.store(), &id)).await {
+        Ok(Some(view)) => HttpResponse::Ok().json(view),
+        Ok(None) => HttpResponse::NotFound()
+            .json(serde_json::json!({"error": format!("no entity {shown}")})),
+        Err(e) => HttpResponse::InternalServerError().json(serde_json::json!({"error": e})),
+    }
+}
+
+/// An entity's record, retained log, history and recent anomalies.
+fn entity_json(store: &dyn Store, id: &str) -> Result<Option<serde_json::Value>, String> {
+    let Some(r) = store.load_entity(id).map_err(|e| e.to_string())? else {
+        return Ok(None);
+    };
+    let mut anomalies = Vec::new();
+    let mut after = store.anomaly_seq().unwrap_or(1).saturating_sub(10_000);
+    while let Ok(chunk) = store.anomalies(after, 1000) {
+        let Some(last) = chunk.last().map(|a| a.seq) else {
+            break;
+        };
+        anomalies.extend(
+            chunk
+                .into_iter()
+                .filter(|a| a.entity_id == id)
+                .map(|a| a.to_json()),
+        );
+        after = last;
+    }
+    let n = anomalies.len();
+    let recent: Vec<_> = anomalies.into_iter().skip(n.saturating_sub(50)).collect();
+    // The retained event log: which event wrote what, in order.
+    let log: Vec<_> = r.log.iter().map(log_entry_json).collect();
+    let history: Vec<_> = store
+        .history(id)
+        .unwrap_or_default()
+        .iter()
+        .map(log_entry_json)
+        .collect();
+    Ok(Some(serde_json::json!({
+        "record": r.to_json(),
+        "log": log,
+        "history": history,
+        "recent_anomalies": recent,
+    })))
 }
 
 fn log_entry_json(e: &crate::model::fold::LogEntry) -> serde_json::Value {
@@ -430,6 +477,57 @@ async fn recent_anomalies(admin: web::Data<Admin>, q: web::Query<Recent>) -> imp
         Err(e) => {
             HttpResponse::InternalServerError().json(serde_json::json!({"error": e.to_string()}))
         }
+    }
+}
+
+#[derive(Deserialize)]
+struct Page {
+    after: Option<u64>,
+    limit: Option<usize>,
+}
+
+#[get("/api/undeliverable")]
+async fn undeliverable(
+    admin: web::Data<Admin>,
+    req: HttpRequest,
+    q: web::Query<Page>,
+) -> impl Responder {
+    if let Some(r) = refused_read(&admin, &req) {
+        return r;
+    }
+    let (control, after) = (admin.control.clone(), q.after.unwrap_or(0));
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let scan = move || {
+        control
+            .store()
+            .undeliverable(after, limit)
+            .map_err(|e| e.to_string())
+    };
+    match blocking(scan).await {
+        Ok(items) => {
+            let next = items.last().map(|(id, _)| *id);
+            let items: Vec<_> = items
+                .iter()
+                .map(|(id, rec)| {
+                    let header = |name: &str| {
+                        rec.headers
+                            .iter()
+                            .find(|(k, _)| k == name)
+                            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+                    };
+                    serde_json::json!({
+                        "id": id,
+                        "topic": rec.topic,
+                        "key": rec.key.as_deref().map(String::from_utf8_lossy),
+                        "partition": rec.partition,
+                        "value_bytes": rec.value.len(),
+                        "reason": header("orderly-undeliverable"),
+                    })
+                })
+                .collect();
+            HttpResponse::Ok().json(serde_json::json!({"items": items, "next_after": next}))
+        }
+        Err(e) => HttpResponse::InternalServerError().json(serde_json::json!({"error": e})),
     }
 }
 

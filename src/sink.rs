@@ -5,8 +5,17 @@
 //! the flush and removes each once the broker acknowledges it; after a crash
 //! the rest are published on the next start. Delivery is at least once, and
 //! every record carries an id that makes duplicates recognisable.
+//!
+//! A record the broker refuses for good (larger than `message.max.bytes`,
+//! its topic gone, not authorised) is never retried: it moves aside in the
+//! store (`Store::undeliverable`), with the reason in an
+//! `orderly-undeliverable` header, and is counted. A bundle published in
+//! part keeps only its unpublished records, so a retry does not publish
+//! the others again.
 
+use crate::internal_events::{emit, OutboxUndeliverable};
 use crate::store::Store;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -23,6 +32,8 @@ pub struct Publisher {
     pub ready: Arc<tokio::sync::Notify>,
     /// Set to stop after one last pass.
     pub stop: Arc<AtomicBool>,
+    /// Counters.
+    pub stats: Arc<crate::metrics::Stats>,
 }
 
 impl Publisher {
@@ -70,28 +81,53 @@ impl Publisher {
             self.producer.send(r, Duration::from_secs(5))
         });
         let mut results = futures::future::join_all(sends).await.into_iter();
-        // A bundle is removed once every message in it is published; one that
-        // failed in part is published again, whole (at least once).
-        let mut done = Vec::new();
+        let (mut done, mut partial) = (Vec::new(), false);
         for (id, recs) in &page {
-            let mut ok = true;
+            let (mut unpublished, mut undeliverable) = (Vec::new(), Vec::new());
             for (rec, r) in recs.iter().zip(results.by_ref()) {
-                if let Err((e, _)) = r {
-                    ok = false;
+                let Err((e, _)) = r else { continue };
+                if let Some(reason) = refused_for_good(&e) {
+                    emit(OutboxUndeliverable { reason }, &self.stats);
+                    tracing::error!(topic = %rec.topic, error = %e, "the broker refuses an outbox record for good; it is kept in the store as undeliverable");
+                    let mut rec = rec.clone();
+                    rec.headers
+                        .push(("orderly-undeliverable".into(), e.to_string().into_bytes()));
+                    undeliverable.push(rec);
+                } else {
                     tracing::warn!(topic = %rec.topic, error = %e, "publishing an outbox record failed; will retry");
+                    unpublished.push(rec.clone());
                 }
             }
-            if ok {
+            if unpublished.is_empty() && undeliverable.is_empty() {
                 done.push(*id);
+                continue;
+            }
+            partial |= !unpublished.is_empty();
+            if let Err(e) = self.store.settle_outbox(*id, &unpublished, &undeliverable) {
+                tracing::error!(error = %e, "cannot settle a partly published outbox bundle; it will be published again");
+                partial = true;
             }
         }
         if let Err(e) = self.store.remove_outbox(&done) {
             tracing::error!(error = %e, "cannot remove published outbox records; they will be published again");
         }
-        if done.len() < page.len() {
+        if partial {
             tokio::time::sleep(Duration::from_millis(500)).await;
             return 0;
         }
-        done.len()
+        page.len()
     }
+}
+
+/// Why the broker will never take a record, if that is what `e` says; a
+/// failure that a retry may mend (a timeout, a broker down) gives `None`.
+fn refused_for_good(e: &KafkaError) -> Option<&'static str> {
+    use RDKafkaErrorCode as C;
+    Some(match e.rdkafka_error_code()? {
+        C::MessageSizeTooLarge | C::MessageBatchTooLarge => "too_large",
+        C::UnknownTopic | C::UnknownPartition | C::InvalidTopic => "no_such_topic",
+        C::TopicAuthorizationFailed => "not_authorized",
+        C::InvalidRecord => "invalid_record",
+        _ => return None,
+    })
 }

@@ -473,3 +473,43 @@ fn dead_letters_page_through_a_hundred_thousand_records() {
     stop_tx.send(()).unwrap();
     server.join().unwrap();
 }
+
+/// Bound beyond loopback, the admin API asks for the token on the reads
+/// that show payloads and state, not on health; the token comes from
+/// `admin_token_file`.
+#[test]
+fn beyond_loopback_payload_reads_need_the_token_from_its_file() {
+    let topic = TestTopic::new(1);
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "s3cret-from-file\n").unwrap();
+    let config = topic.config_file(dir.path(), &dir.path().join("data"));
+    let token_path = token_file.to_string_lossy().into_owned();
+    let mut orderly = common::OrderlyProcess::start(
+        &config,
+        &dir.path().join("orderly.log"),
+        &[
+            ("ORDERLY_ADMIN_ADDR", "0.0.0.0:0"),
+            ("ORDERLY_ADMIN_TOKEN_FILE", &token_path),
+        ],
+    );
+    let addr = orderly.admin_addr(Duration::from_secs(60));
+    let port = addr.rsplit(':').next().unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let get = |path: &str, token: Option<&str>| {
+        let mut req = reqwest::blocking::Client::new().get(format!("{base}{path}"));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send().expect("admin answers").status().as_u16()
+    };
+    assert_eq!(get("/health", None), 200);
+    assert_eq!(get("/api/overview", None), 200);
+    assert_eq!(get("/api/dead-letters", None), 401);
+    assert_eq!(get("/api/entities/lead-1", None), 401);
+    assert_eq!(get("/api/dead-letters", Some("wrong")), 401);
+    assert_eq!(get("/api/dead-letters", Some("s3cret-from-file")), 200);
+    assert_eq!(get("/api/entities/lead-1", Some("s3cret-from-file")), 404);
+    let status = orderly.terminate(Duration::from_secs(30));
+    assert!(status.success(), "{}", orderly.log_tail());
+}

@@ -211,3 +211,67 @@ fn permanent_failures_skip_or_park_and_a_release_applies_the_event_in_order() {
         assert_eq!(con.counters.applied_events, 4);
     });
 }
+
+/// An outbox record the broker can never take (here, a change record over
+/// the producer's `message.max.bytes`) is moved aside as undeliverable with
+/// its reason, once; the records beside it are published exactly once, and
+/// publishing goes on.
+#[test]
+fn an_outbox_record_the_broker_refuses_for_good_moves_aside_and_the_rest_publish_once() {
+    let topic = TestTopic::new(1);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = topic.config(dir.path());
+    config
+        .kafka
+        .producer
+        .insert("message.max.bytes".into(), "2000".into());
+    let big = "x".repeat(4_000);
+    let mut events: Vec<Event> = (0..20)
+        .map(|i| {
+            event(
+                &format!("lead-{i}"),
+                &format!("small-{i}"),
+                "lead.updated",
+                1_000 + i,
+                serde_json::json!({"n": i}),
+            )
+        })
+        .collect();
+    events.insert(
+        7,
+        event(
+            "lead-big",
+            "big",
+            "lead.updated",
+            1_000,
+            serde_json::json!({"note": big}),
+        ),
+    );
+    let n = events.len() as u64;
+    let (brokers, name) = (topic.brokers.clone(), topic.topic.clone());
+    let store = common::run_to_quiet(config.clone(), config.handlers(), n, move || {
+        common::produce_events(&brokers, &name, &events);
+    });
+    // The outbox is empty (run_to_quiet waited for it); the big record is aside.
+    let aside = store.undeliverable(0, 100).unwrap();
+    assert_eq!(aside.len(), 1, "one undeliverable record");
+    let (_, rec) = &aside[0];
+    assert_eq!(rec.topic, config.changes_topic);
+    let reason = rec
+        .headers
+        .iter()
+        .find(|(k, _)| k == "orderly-undeliverable")
+        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        .expect("the reason header");
+    assert!(reason.to_lowercase().contains("too large"), "{reason}");
+    // Every other change record was published, once.
+    let changes = common::read_json(&topic, &config.changes_topic, n as usize);
+    let ids: Vec<&str> = changes
+        .iter()
+        .map(|c| c["event_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), n as usize - 1, "{ids:?}");
+    let distinct: std::collections::HashSet<_> = ids.iter().collect();
+    assert_eq!(distinct.len(), ids.len(), "no record published twice");
+    assert!(!ids.contains(&"big"));
+}

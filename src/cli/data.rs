@@ -83,7 +83,12 @@ pub(super) fn bench(a: BenchArgs) -> anyhow::Result<()> {
         crate::tools::bench::engine_only(&s, &a.out)?;
         return Ok(());
     }
-    crate::tools::bench::run(&s, a.brokers, &a.out)?;
+    // The user's librdkafka properties, for the clients of an external broker.
+    let kafka = match &a.config {
+        Some(path) => Config::load(Some(path), std::env::vars(), &Default::default())?.kafka,
+        None => Default::default(),
+    };
+    crate::tools::bench::run(&s, a.brokers, kafka, &a.out)?;
     Ok(())
 }
 

@@ -171,6 +171,10 @@ struct BenchArgs {
     /// A Kafka-protocol broker to run against; default: the embedded one.
     #[arg(long)]
     brokers: Option<String>,
+    /// A TOML config whose `[kafka]` tables the clients of `--brokers` get
+    /// (security, compression); its other fields are not used.
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
     /// Where to write report.json and report.svg.
     #[arg(long, default_value = "bench-results")]
     out: std::path::PathBuf,
@@ -518,7 +522,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     let handlers = config.handlers();
     let result = actix::System::new().block_on(async move {
         let admin_addr = config.admin_addr.clone();
-        let admin_token = config.admin_token.clone();
+        let admin_token = config.resolved_admin_token()?;
         let pipeline = Pipeline::start(config, handlers)?;
         let admin = if admin_addr.is_empty() {
             None

@@ -172,6 +172,9 @@ pub struct Config {
     /// The bearer token that mutating admin calls must carry. Unset: every
     /// mutating call is refused.
     pub admin_token: Option<String>,
+    /// A file that holds the admin token (a mounted Secret, say), read at
+    /// start; surrounding whitespace is ignored. Set this or `admin_token`.
+    pub admin_token_file: Option<PathBuf>,
     /// Attempts for an event whose handler fails transiently, the first included.
     pub retry_max_attempts: u32,
     /// The first retry's delay, in ms; each later one doubles, with jitter
@@ -320,6 +323,7 @@ impl Default for Config {
             stall_deadline_ms: 30_000,
             admin_addr: "127.0.0.1:8089".into(),
             admin_token: None,
+            admin_token_file: None,
             retry_max_attempts: 8,
             retry_initial_ms: 100,
             retry_max_ms: 10_000,
@@ -386,6 +390,24 @@ impl Config {
         Config::load_traced(file, env, overrides).map(|l| l.config)
     }
 
+    /// The admin token: `admin_token`, or the contents of `admin_token_file`.
+    pub fn resolved_admin_token(&self) -> Result<Option<String>, ConfigError> {
+        let Some(path) = &self.admin_token_file else {
+            return Ok(self.admin_token.clone());
+        };
+        let invalid = |reason: String| ConfigError::Invalid {
+            field: "admin_token_file",
+            reason,
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| invalid(format!("cannot read {}: {e}", path.display())))?;
+        let token = text.trim();
+        if token.is_empty() {
+            return Err(invalid(format!("{} is empty", path.display())));
+        }
+        Ok(Some(token.to_owned()))
+    }
+
     /// The topics orderly consumes: the input topic and, if set, the derived-events topic.
     pub fn input_topics(&self) -> Vec<String> {
         std::iter::once(self.topic.clone())
@@ -403,6 +425,9 @@ impl Config {
         };
         if self.brokers.trim().is_empty() {
             return bad("brokers", "must name at least one host:port");
+        }
+        if self.admin_token.is_some() && self.admin_token_file.is_some() {
+            return bad("admin_token_file", "set it or admin_token, not both");
         }
         if self.topic.trim().is_empty() {
             return bad("topic", "must not be empty");
@@ -676,6 +701,7 @@ pub const FIELDS: &[(&str, Kind)] = &[
     ("stall_deadline_ms", Kind::Int),
     ("admin_addr", Kind::Str),
     ("admin_token", Kind::Str),
+    ("admin_token_file", Kind::Str),
     ("retry_max_attempts", Kind::Int),
     ("retry_initial_ms", Kind::Int),
     ("retry_max_ms", Kind::Int),

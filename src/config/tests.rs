@@ -160,3 +160,34 @@ fn origins_name_the_layer_and_secrets_are_masked() {
     assert!(!text.contains("hunter2") && !text.contains("s3cret"), "{text}");
     assert!(line("kafka.\"sasl.password\"").contains("********"), "{text}");
 }
+
+#[test]
+fn the_admin_token_comes_from_its_file_or_the_field_not_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    std::fs::write(&file, "  abc123\n").unwrap();
+    let path = file.to_string_lossy().into_owned();
+    let c = Config::load(
+        None,
+        vars(&[("ORDERLY_ADMIN_TOKEN_FILE", &path)]),
+        &Overrides::default(),
+    )
+    .unwrap();
+    assert_eq!(c.resolved_admin_token().unwrap().as_deref(), Some("abc123"));
+    let both = Config::load(
+        None,
+        vars(&[("ORDERLY_ADMIN_TOKEN_FILE", &path), ("ORDERLY_ADMIN_TOKEN", "x")]),
+        &Overrides::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(both.contains("admin_token_file"), "{both}");
+    let missing = Config {
+        admin_token_file: Some(dir.path().join("nope")),
+        ..Config::default()
+    };
+    let e = missing.resolved_admin_token().unwrap_err().to_string();
+    assert!(e.contains("admin_token_file") && e.contains("nope"), "{e}");
+    std::fs::write(&file, "\n").unwrap();
+    assert!(c.resolved_admin_token().is_err(), "an empty file is no token");
+}

@@ -52,3 +52,18 @@ impl InternalEvent for EventsDurable<'_> {
         }
     }
 }
+
+/// The broker refused an outbox record for good; it was moved aside.
+pub struct OutboxUndeliverable {
+    /// Why, from a bounded set: `too_large`, `no_such_topic`,
+    /// `not_authorized`, `invalid_record`.
+    pub reason: &'static str,
+}
+
+impl InternalEvent for OutboxUndeliverable {
+    fn emit(self, stats: &Stats) {
+        stats.writer.undeliverable.fetch_add(1, Relaxed);
+        ::metrics::counter!("orderly_outbox_undeliverable_total", "reason" => self.reason)
+            .increment(1);
+    }
+}

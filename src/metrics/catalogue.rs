@@ -73,6 +73,11 @@ pub const CATALOGUE: &[(&str, Kind, &str)] = &[
         "Messages dead-lettered, by stage and error code.",
     ),
     (
+        "orderly_outbox_undeliverable_total",
+        Kind::Counter,
+        "Outbox records the broker refused for good and that were moved aside, by reason.",
+    ),
+    (
         "orderly_dead_letters_open",
         Kind::Gauge,
         "Dead letters waiting for an operator (status open).",
@@ -312,6 +317,9 @@ pub fn register_catalogue() {
             counter!("orderly_out_of_order_events_total", "policy" => policy, "too_late" => too_late)
                 .increment(0);
         }
+    }
+    for reason in ["too_large", "no_such_topic", "not_authorized", "invalid_record"] {
+        counter!("orderly_outbox_undeliverable_total", "reason" => reason).increment(0);
     }
     for result in ["hit", "miss"] {
         counter!("orderly_settings_lookups_total", "result" => result).increment(0);

@@ -113,6 +113,8 @@ pub struct WriterStats {
     pub open_dead_letters: AtomicI64,
     /// Parked entities, as of the last store batch.
     pub parked_entities: AtomicI64,
+    /// Outbox records the broker refused for good, moved aside.
+    pub undeliverable: AtomicU64,
 }
 
 /// What the changelog books: restores, handovers and forwarded events.

@@ -254,6 +254,7 @@ impl Pipeline {
             .map_err(PipelineError::Producer)?,
             ready: outbox_ready,
             stop: stop_publisher.clone(),
+            stats: stats.clone(),
         };
         let publisher = spawn("orderly-publisher", &fatal, move || {
             runtime().block_on(publisher.run())

@@ -18,6 +18,8 @@ pub(super) const OUTBOX_BUNDLE: u8 = b'b';
 pub(super) const PARTITION_INDEX: u8 = b'i';
 /// Changelog positions.
 pub(super) const CHANGELOG: u8 = b'l';
+/// Outbox records the broker refused for good, kept for operators.
+pub(super) const UNDELIVERABLE: u8 = b'u';
 pub(super) fn index_key(home: &Home, entity: &str) -> Vec<u8> {
     let mut k = index_prefix(home);
     k.extend_from_slice(entity.as_bytes());

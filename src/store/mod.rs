@@ -17,6 +17,7 @@
 //! | `i\0<topic>\0<partition, i32 BE><entity id>` | the partition index: the entities whose home is that input partition |
 //! | `l\0<changelog topic>\0<partition, i32 BE>` | the next changelog offset this store holds (written or restored), i64 BE |
 //! | `h\0<entity id>\0<order key>` | a history entry ([`LogEntry`]) for types that keep history |
+//! | `u\0<id, u64 BE>` | an [`OutboxRecord`] the broker refused for good (too large, no such topic), with the reason in its `orderly-undeliverable` header |
 //!
 //! Every value starts with a format-version byte. Version 2 added the
 //! settings version to provenance and the ignored-events count to entity
@@ -185,6 +186,19 @@ pub trait Store: Send + Sync + 'static {
     fn outbox(&self, limit: usize) -> Result<Vec<(u64, Vec<OutboxRecord>)>>;
     /// Removes published outbox bundles.
     fn remove_outbox(&self, ids: &[u64]) -> Result<()>;
+    /// Settles bundle `id` after a pass that published only part of it, in
+    /// one atomic batch: `unpublished` stays in the outbox for a later pass
+    /// (so what was published is not published again), and `undeliverable`
+    /// records move aside under fresh ids, out of the outbox.
+    fn settle_outbox(
+        &self,
+        id: u64,
+        unpublished: &[OutboxRecord],
+        undeliverable: &[OutboxRecord],
+    ) -> Result<()>;
+    /// Outbox records the broker refused for good, with id > `after`, at
+    /// most `limit`, oldest first.
+    fn undeliverable(&self, after: u64, limit: usize) -> Result<Vec<(u64, OutboxRecord)>>;
     /// The ids of the parked entities, from the parked index.
     fn parked(&self) -> Result<Vec<String>>;
     /// How many dead letters have status open.

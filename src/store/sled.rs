@@ -441,6 +441,45 @@ impl Store for SledStore {
         Ok(())
     }
 
+    fn settle_outbox(
+        &self,
+        id: u64,
+        unpublished: &[OutboxRecord],
+        undeliverable: &[OutboxRecord],
+    ) -> Result<()> {
+        let mut b = ::sled::Batch::default();
+        b.remove(key(OUTBOX, &id.to_be_bytes()));
+        if unpublished.is_empty() {
+            b.remove(key(OUTBOX_BUNDLE, &id.to_be_bytes()));
+        } else {
+            b.insert(key(OUTBOX_BUNDLE, &id.to_be_bytes()), encode(&unpublished));
+        }
+        for rec in undeliverable {
+            let aside = self.next_id()?;
+            b.insert(key(UNDELIVERABLE, &aside.to_be_bytes()), encode(rec));
+        }
+        self.tree.apply_batch(b)?;
+        Ok(())
+    }
+
+    fn undeliverable(&self, after: u64, limit: usize) -> Result<Vec<(u64, OutboxRecord)>> {
+        self.tree
+            .range(key(UNDELIVERABLE, &after.saturating_add(1).to_be_bytes())..key(UNDELIVERABLE + 1, b""))
+            .take(limit)
+            .map(|kv| {
+                let (k, v) = kv?;
+                let id = k[2..]
+                    .try_into()
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| StoreError::Corrupt {
+                        key: String::from_utf8_lossy(&k).into_owned(),
+                        reason: "undeliverable key has the wrong length".into(),
+                    })?;
+                Ok((id, decode(&k, &v)?))
+            })
+            .collect()
+    }
+
     fn parked(&self) -> Result<Vec<String>> {
         self.tree
             .scan_prefix(key(PARKED, b""))

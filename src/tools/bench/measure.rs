@@ -73,21 +73,40 @@ pub(super) fn handlers(s: &Scenario, config: &Config) -> Handlers {
 /// Where the benchmark runs.
 pub(super) enum Broker {
     Embedded(crate::tools::broker::EmbeddedBroker),
-    External(String),
+    /// A broker at these servers, with the user's librdkafka properties
+    /// (`--config`'s `[kafka]` tables).
+    External(String, crate::config::KafkaConfig),
 }
 
 impl Broker {
     pub(super) fn servers(&self) -> String {
         match self {
             Broker::Embedded(b) => b.bootstrap_servers(),
-            Broker::External(s) => s.clone(),
+            Broker::External(s, _) => s.clone(),
         }
+    }
+
+    /// The user's librdkafka properties; none for the embedded broker.
+    pub(super) fn kafka(&self) -> crate::config::KafkaConfig {
+        match self {
+            Broker::Embedded(_) => Default::default(),
+            Broker::External(_, kafka) => kafka.clone(),
+        }
+    }
+
+    /// A client of this broker in `role`, from orderly's client builder.
+    pub(super) fn client(
+        &self,
+        role: crate::kafka::Role<'_>,
+        defaults: &[(&str, &str)],
+    ) -> ClientConfig {
+        crate::kafka::with_user(&self.servers(), &self.kafka(), role, defaults)
     }
 
     pub(super) fn name(&self) -> String {
         match self {
             Broker::Embedded(_) => "embedded (librdkafka mock cluster)".into(),
-            Broker::External(s) => format!("external at {s}"),
+            Broker::External(s, _) => format!("external at {s}"),
         }
     }
 
@@ -96,10 +115,10 @@ impl Broker {
             Broker::Embedded(b) => b
                 .create_topic(name, partitions)
                 .with_context(|| format!("creating topic {name}")),
-            Broker::External(servers) => {
+            Broker::External(..) => {
                 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-                let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
-                    .set("bootstrap.servers", servers)
+                let admin: AdminClient<rdkafka::client::DefaultClientContext> = self
+                    .client(crate::kafka::Role::Admin, &[])
                     .create()
                     .context("creating an admin client")?;
                 let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
@@ -108,7 +127,7 @@ impl Broker {
                     .build()?;
                 let results = rt
                     .block_on(admin.create_topics([&topic], &AdminOptions::new()))
-                    .with_context(|| format!("creating topic {name} on {servers}"))?;
+                    .with_context(|| format!("creating topic {name} on {}", self.servers()))?;
                 for r in results {
                     r.map_err(|(t, e)| anyhow::anyhow!("creating topic {t}: {e}"))?;
                 }
@@ -119,15 +138,16 @@ impl Broker {
 }
 
 pub(super) fn produce(
-    brokers: &str,
+    broker: &Broker,
     topic: &str,
     rate: Option<f64>,
     events: impl Iterator<Item = Event>,
     progress: Option<&indicatif::ProgressBar>,
 ) -> anyhow::Result<(u64, f64)> {
+    let brokers = broker.servers();
     let opts = ProduceOptions {
-        brokers: brokers.to_owned(),
-        kafka: Default::default(),
+        brokers: brokers.clone(),
+        kafka: broker.kafka(),
         topic: topic.to_owned(),
         rate,
         format: Format::Proto,
@@ -150,9 +170,9 @@ pub(super) fn produce(
 
 /// Fails if the broker already dropped the start of a partition: the
 /// embedded mock cluster keeps only about 5 MB per partition.
-pub(super) fn check_retained(brokers: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+pub(super) fn check_retained(broker: &Broker, topic: &str, partitions: i32) -> anyhow::Result<()> {
+    let consumer: BaseConsumer = broker
+        .client(crate::kafka::Role::Admin, &[])
         .create()
         .context("creating a consumer")?;
     for p in 0..partitions {
@@ -169,18 +189,16 @@ pub(super) fn check_retained(brokers: &str, topic: &str, partitions: i32) -> any
 
 /// The bare consumer: reads every message of the topic and discards it.
 pub(super) fn bare_consumer(
-    brokers: &str,
+    broker: &Broker,
     topic: &str,
     partitions: i32,
     expected: u64,
 ) -> anyhow::Result<f64> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    // A reader built as orderly's are, so its fetch settings (and the
+    // user's properties) match the source's and the ceiling is comparable.
+    let consumer: BaseConsumer = broker
+        .client(crate::kafka::Role::Reader("bench-bare"), &[])
         .set("group.id", format!("bench-bare-{}", rand::random::<u32>()))
-        // The same fetch settings as orderly's source, so the ceiling is comparable.
-        .set("fetch.wait.max.ms", crate::kafka::FETCH_WAIT_MAX_MS)
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
         .create()
         .context("creating the bare consumer")?;
     let mut tpl = TopicPartitionList::new();

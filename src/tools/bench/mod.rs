@@ -299,13 +299,14 @@ fn rss_mib() -> f64 {
         .unwrap_or(0.0)
 }
 
-fn config_for(s: &Scenario, brokers: &str, topics: &Topics, data_dir: &Path) -> Config {
+fn config_for(s: &Scenario, broker: &Broker, topics: &Topics, data_dir: &Path) -> Config {
     let mut types = Config::crm_types();
     for t in types.values_mut() {
         t.on_failure = FailurePolicy::Skip;
     }
     Config {
-        brokers: brokers.to_owned(),
+        brokers: broker.servers(),
+        kafka: broker.kafka(),
         topic: topics.input.clone(),
         group: format!("bench-{}", rand::random::<u32>()),
         data_dir: data_dir.to_owned(),
@@ -365,13 +366,19 @@ fn degradation(values: &[f64]) -> Option<f64> {
     (*first > 0.0).then(|| last / first)
 }
 
-/// Runs `s`. `brokers`: an external Kafka-protocol broker; `None` for the
-/// embedded one. Writes `report.json` and `report.svg` into `out`.
-pub fn run(s: &Scenario, brokers: Option<String>, out: &Path) -> anyhow::Result<Report> {
+/// Runs `s`. `brokers`: an external Kafka-protocol broker, whose clients get
+/// the librdkafka properties `kafka` (`--config`'s `[kafka]` tables); `None`
+/// for the embedded one. Writes `report.json` and `report.svg` into `out`.
+pub fn run(
+    s: &Scenario,
+    brokers: Option<String>,
+    kafka: crate::config::KafkaConfig,
+    out: &Path,
+) -> anyhow::Result<Report> {
     s.validate()?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let broker = match brokers {
-        Some(b) => Broker::External(b),
+        Some(b) => Broker::External(b, kafka),
         None => Broker::Embedded(
             crate::tools::broker::EmbeddedBroker::start(1)
                 .context("starting the embedded broker")?,
@@ -390,9 +397,9 @@ pub fn run(s: &Scenario, brokers: Option<String>, out: &Path) -> anyhow::Result<
         let n = s.calibration_events.max(10_000);
         let topics = Topics::create(&broker, s, "calibration")?;
         let bar = progress(n, "calibrating");
-        produce(&servers, &topics.input, None, s.events(n, 0.0)?, None)?;
+        produce(&broker, &topics.input, None, s.events(n, 0.0)?, None)?;
         let dir = tempfile::tempdir()?;
-        let config = config_for(s, &servers, &topics, dir.path());
+        let config = config_for(s, &broker, &topics, dir.path());
         let h = handlers(s, &config);
         let e2e = end_to_end(s, config, h, move || Some(n), Arc::default(), &bar)?;
         bar.finish_and_clear();
@@ -407,7 +414,7 @@ pub fn run(s: &Scenario, brokers: Option<String>, out: &Path) -> anyhow::Result<
 
     let topics = Topics::create(&broker, s, "run")?;
     let dir = tempfile::tempdir()?;
-    let mut config = config_for(s, &servers, &topics, dir.path());
+    let mut config = config_for(s, &broker, &topics, dir.path());
     if s.restore {
         config.changelog_suffix = CHANGELOG.into();
     }
@@ -421,7 +428,7 @@ pub fn run(s: &Scenario, brokers: Option<String>, out: &Path) -> anyhow::Result<
     if !open {
         let bar = progress(events, "producing");
         let (n, r) = produce(
-            &servers,
+            &broker,
             &topics.input,
             None,
             s.events(events, 0.0)?,
@@ -432,9 +439,9 @@ pub fn run(s: &Scenario, brokers: Option<String>, out: &Path) -> anyhow::Result<
         finished.store(true, Relaxed);
         produced_rate = r;
         println!("produced {n} events at {r:.0} events/s");
-        check_retained(&servers, &topics.input, s.partitions)?;
+        check_retained(&broker, &topics.input, s.partitions)?;
         if s.ceilings {
-            let eps = bare_consumer(&servers, &topics.input, s.partitions, n)?;
+            let eps = bare_consumer(&broker, &topics.input, s.partitions, n)?;
             println!("bare consumer: {eps:.0} events/s");
             ceilings.insert("bare_consumer_eps".into(), eps.into());
         }
@@ -445,7 +452,7 @@ pub fn run(s: &Scenario, brokers: Option<String>, out: &Path) -> anyhow::Result<
     let h = handlers(s, &config);
     let consuming = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let producer = if open {
-        let (servers, topic) = (servers.clone(), topics.input.clone());
+        let (servers, kafka, topic) = (servers.clone(), broker.kafka(), topics.input.clone());
         let (produced, finished) = (produced.clone(), finished.clone());
         let (scenario, consuming) = (s.clone(), consuming.clone());
         Some(std::thread::spawn(move || -> anyhow::Result<f64> {
@@ -456,7 +463,7 @@ pub fn run(s: &Scenario, brokers: Option<String>, out: &Path) -> anyhow::Result<
             }
             let opts = ProduceOptions {
                 brokers: servers,
-                kafka: Default::default(),
+                kafka,
                 topic,
                 rate: Some(rate),
                 format: Format::Proto,
@@ -495,7 +502,7 @@ pub fn run(s: &Scenario, brokers: Option<String>, out: &Path) -> anyhow::Result<
 
     if s.ceilings {
         if open {
-            let eps = bare_consumer(&servers, &topics.input, s.partitions, produced)?;
+            let eps = bare_consumer(&broker, &topics.input, s.partitions, produced)?;
             println!("bare consumer: {eps:.0} events/s");
             ceilings.insert("bare_consumer_eps".into(), eps.into());
         }
@@ -506,7 +513,7 @@ pub fn run(s: &Scenario, brokers: Option<String>, out: &Path) -> anyhow::Result<
         ceilings.insert("store_events_measured".into(), measured.into());
         let engine_topics = Topics::create(&broker, s, "engine")?;
         let engine_dir = tempfile::tempdir()?;
-        let engine_config = config_for(s, &servers, &engine_topics, engine_dir.path());
+        let engine_config = config_for(s, &broker, &engine_topics, engine_dir.path());
         let h = handlers(s, &engine_config);
         let eps = engine_ceiling(
             engine_config,
@@ -565,7 +572,7 @@ pub fn engine_only(s: &Scenario, out: &Path) -> anyhow::Result<f64> {
     );
     let topics = Topics::create(&broker, s, "engine")?;
     let dir = tempfile::tempdir()?;
-    let config = config_for(s, &broker.servers(), &topics, dir.path());
+    let config = config_for(s, &broker, &topics, dir.path());
     let h = handlers(s, &config);
     let events: Vec<Event> = s
         .events(s.event_count(s.rate), s.rate)?

@@ -470,6 +470,54 @@ fn dead_letters_page_through_a_hundred_thousand_records() {
     assert_eq!(ids, (99_010..=n).step_by(10).collect::<Vec<_>>());
     assert!(page["next_after"].is_null(), "{}", page["next_after"]);
 
+    // A filter that matches nothing scans all 100,000 records; meanwhile
+    // /health answers (the scan runs off the server's one worker). Scans
+    // repeat so that one is surely running while health is asked.
+    let scanning = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let scans = {
+        let (base, scanning) = (base.clone(), scanning.clone());
+        std::thread::spawn(move || {
+            let mut took = Vec::new();
+            while scanning.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                reqwest::blocking::get(format!("{base}/api/dead-letters?code=no_such_code"))
+                    .unwrap()
+                    .error_for_status()
+                    .unwrap();
+                took.push(t.elapsed());
+            }
+            took
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let mut health = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        let status = reqwest::blocking::get(format!("{base}/health"))
+            .unwrap()
+            .status();
+        assert_eq!(status, 200);
+        health.push(t.elapsed());
+    }
+    scanning.store(false, std::sync::atomic::Ordering::Relaxed);
+    let scan_took = scans.join().unwrap();
+    let slowest_scan = scan_took.iter().max().copied().unwrap_or_default();
+    let median_health = {
+        health.sort();
+        health[health.len() / 2]
+    };
+    // Behind a blocking scan, half the health checks would wait for one:
+    // their median would be a sizeable part of a scan. (Only compared when
+    // a scan is long enough to tell; this is an ordering check, not a speed
+    // requirement.)
+    eprintln!("slowest scan {slowest_scan:?}, median health {median_health:?}");
+    if slowest_scan > Duration::from_millis(100) {
+        assert!(
+            median_health < slowest_scan / 4,
+            "health waited on scans: median {median_health:?}, scan {slowest_scan:?}"
+        );
+    }
+
     stop_tx.send(()).unwrap();
     server.join().unwrap();
 }
@@ -512,4 +560,107 @@ fn beyond_loopback_payload_reads_need_the_token_from_its_file() {
     assert_eq!(get("/api/entities/lead-1", Some("s3cret-from-file")), 404);
     let status = orderly.terminate(Duration::from_secs(30));
     assert!(status.success(), "{}", orderly.log_tail());
+}
+
+/// A retry sent to an instance that does not own the entity's partition is
+/// refused, and nothing changes there: applied, it would change an orphan
+/// record that never reaches the owner. The same retry on an owned
+/// partition goes through.
+#[test]
+fn a_retry_on_an_instance_that_does_not_own_the_partition_is_refused() {
+    use orderly::model::dead_letter::DeadLetter;
+    use orderly::store::{CommitBatch, SledStore};
+    let topic = TestTopic::new(1);
+    let dir = tempfile::tempdir().unwrap();
+    let letter = |id: u64, entity: &str, partition: i32| {
+        let value = serde_json::json!({
+            "entity_id": entity, "tenant_id": "tenant-0", "event_id": format!("e{id}"),
+            "type": "lead.updated", "occurred_at": 1_000, "payload": {"stage": id}
+        });
+        DeadLetter {
+            id,
+            code: "handler_permanent".into(),
+            reason: "seeded".into(),
+            attempts: 1,
+            topic: topic.topic.clone(),
+            partition,
+            offset: id as i64,
+            key: Some(entity.as_bytes().to_vec()),
+            value: Some(value.to_string().into_bytes()),
+            headers: Vec::new(),
+            entity_id: Some(entity.into()),
+            event_id: Some(format!("e{id}")),
+            event_type: Some("lead.updated".into()),
+            created_at: 0,
+            status: "open".into(),
+        }
+    };
+    {
+        let store = SledStore::open(dir.path(), 64).unwrap();
+        let batch = CommitBatch {
+            // Partition 5 of a one-partition topic: owned by nobody here.
+            dead_letters: vec![letter(1, "lead-elsewhere", 5), letter(2, "lead-here", 0)],
+            open_dead_letters: Some(2),
+            ..Default::default()
+        };
+        store.commit(&batch).unwrap();
+        futures::executor::block_on(orderly::store::Store::flush(&store)).unwrap();
+    }
+    let mut config = topic.config(dir.path());
+    config.admin_token = Some("t".into());
+    let port = free_port();
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let server = std::thread::spawn(move || {
+        actix::System::new().block_on(async move {
+            let pipeline = Pipeline::start(config, Default::default()).unwrap();
+            let store = pipeline.store();
+            let server = orderly::admin::start(
+                pipeline.control(),
+                &format!("127.0.0.1:{port}"),
+                Some("t".into()),
+            )
+            .unwrap();
+            while stop_rx.try_recv().is_err() {
+                actix_rt::time::sleep(Duration::from_millis(20)).await;
+            }
+            server.stop(true).await;
+            pipeline.shutdown().unwrap();
+            store
+        })
+    });
+    let base = format!("http://127.0.0.1:{port}");
+    let retry = |id: u64| {
+        let resp = reqwest::blocking::Client::new()
+            .post(format!("{base}/api/dead-letters/{id}/retry"))
+            .bearer_auth("t")
+            .send()
+            .expect("admin answers");
+        let status = resp.status().as_u16();
+        (status, resp.json::<serde_json::Value>().unwrap_or_default())
+    };
+    // Wait until the partition is assigned: the owned retry then succeeds.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (status, body) = loop {
+        let (status, body) = retry(2);
+        if status == 200 || Instant::now() > deadline {
+            break (status, body);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = retry(1);
+    assert_eq!(status, 409, "{body}");
+    let reason = body["error"].as_str().unwrap();
+    assert!(reason.contains("does not own"), "{reason}");
+
+    stop_tx.send(()).unwrap();
+    let store = server.join().unwrap();
+    use orderly::store::Store;
+    assert!(
+        store.load_entity("lead-elsewhere").unwrap().is_none(),
+        "nothing applied"
+    );
+    assert_eq!(store.dead_letter(1).unwrap().unwrap().status, "open");
+    assert!(store.load_entity("lead-here").unwrap().is_some());
+    assert_eq!(store.dead_letter(2).unwrap().unwrap().status, "retried");
 }

@@ -351,3 +351,58 @@ fn batches_in_every_compression_codec_fold_to_the_oracle() {
         &problems[..problems.len().min(5)]
     );
 }
+
+/// A 900 KB message of binary junk becomes a dead letter that keeps the
+/// whole value in the store; the one published to the dead-letter topic is
+/// cut to fit a Kafka message and says so, and every other event folds to
+/// the oracle.
+#[test]
+fn a_900_kb_binary_junk_message_is_dead_lettered_and_published_cut() {
+    let topic = TestTopic::new(1);
+    let dir = tempfile::tempdir().unwrap();
+    let events = shuffled_stream(10, 3, 0.0, 9);
+    let oracle = Oracle::of(&events);
+    let n = events.len() as u64 + 1;
+    let junk: Vec<u8> = (0..900_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8 | 0x80)
+        .collect();
+    let sent = junk.clone();
+    let (brokers, name) = (topic.brokers.clone(), topic.topic.clone());
+    let config = topic.config(dir.path());
+    let store = common::run_to_quiet(config.clone(), config.handlers(), n, move || {
+        let (first, rest) = events.split_at(events.len() / 2);
+        common::produce_events(&brokers, &name, first);
+        common::produce_to(
+            &brokers,
+            &name,
+            None,
+            std::iter::once(Outgoing {
+                key: Some(b"lead-junk".to_vec()),
+                value: sent,
+                headers: vec![],
+            }),
+        );
+        common::produce_events(&brokers, &name, rest);
+    });
+    let problems = oracle.diff(store.as_ref());
+    assert!(problems.is_empty(), "{problems:?}");
+    let dls = store.dead_letters(0, 10).unwrap();
+    assert_eq!(dls.len(), 1);
+    assert_eq!(
+        dls[0].value.as_deref(),
+        Some(junk.as_slice()),
+        "the store keeps it whole"
+    );
+    let published = topic.read_all(&topic.dead_letters, 1, Duration::from_secs(20));
+    assert_eq!(published.len(), 1, "published, not stuck in the outbox");
+    assert!(published[0].len() < 400_000, "{} bytes", published[0].len());
+    let dl: serde_json::Value = serde_json::from_slice(&published[0]).unwrap();
+    assert_eq!(dl["value_truncated"], true);
+    assert_eq!(dl["value_bytes"], 900_000);
+    assert!(
+        dl["value"]["base64"].is_string(),
+        "binary is base64: {}",
+        dl["code"]
+    );
+    assert!(store.undeliverable(0, 10).unwrap().is_empty());
+}

@@ -289,14 +289,47 @@ impl Control {
             .map_err(|e| {
                 ControlError::Conflict(format!("dead letter {id} still cannot be decoded: {e}"))
             })?;
-        let origin = crate::model::fold::Origin::new(
-            crate::model::position::TopicPartition::new(dl.topic, dl.partition),
-            dl.offset,
-        );
+        let came_from = crate::model::position::TopicPartition::new(dl.topic, dl.partition);
+        self.check_owned(id, &event.entity_id, &came_from)?;
+        let origin = crate::model::fold::Origin::new(came_from, dl.offset);
         self.router
             .retry(crate::entity::RetryDeadLetter { event, origin, id })
             .await
             .map_err(ControlError::Conflict)
+    }
+
+    /// Refuses a retry on an instance that does not own the entity's
+    /// partition: applied here, it would change an orphan record that never
+    /// reaches the changelog, and the owner would never see it. The entity
+    /// lives where its record says (where it moved to, if it moved), or with
+    /// no record, on the partition the message came from.
+    fn check_owned(
+        &self,
+        id: u64,
+        entity: &str,
+        came_from: &crate::model::position::TopicPartition,
+    ) -> Result<(), ControlError> {
+        let record = self
+            .store
+            .load_entity(entity)
+            .map_err(|e| ControlError::Internal(e.to_string()))?;
+        let lives = record
+            .and_then(|r| r.placement.moved_to.or(r.placement.home))
+            .unwrap_or_else(|| came_from.clone());
+        let owned = self
+            .stats
+            .source
+            .assigned
+            .lock()
+            .map(|a| a.contains(&lives))
+            .unwrap_or(false);
+        if owned {
+            Ok(())
+        } else {
+            Err(ControlError::Conflict(format!(
+                "dead letter {id}: entity {entity} lives on {lives}, which this instance does not own; retry it on the instance that does (orderly partitions names it)"
+            )))
+        }
     }
 
     /// Marks a dead letter skipped: an operator decided to leave it. Returns once durable.

@@ -142,7 +142,10 @@ impl<'w> BatchBuilder<'w> {
         self.batch.outbox.push(OutboxRecord {
             topic: self.writer.dead_letter_topic.clone(),
             key: dl.key.clone(),
-            value: dl.to_json().to_string().into_bytes(),
+            value: dl
+                .to_json_capped(crate::model::dead_letter::PUBLISHED_VALUE_MAX)
+                .to_string()
+                .into_bytes(),
             headers,
             partition: None,
         });

@@ -102,7 +102,7 @@ impl HttpReader {
             .get(reqwest::header::ETAG)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        let body = match resp.bytes() {
+        let body = match read_capped(resp, BODY_MAX) {
             Ok(b) => b,
             Err(e) => return error(&format!("GET {}: reading the body: {e}", self.url)),
         };
@@ -160,4 +160,34 @@ fn crc32(bytes: &[u8]) -> u32 {
         }
     }
     !crc
+}
+
+/// The largest settings response read: a bigger one is an error (the
+/// settings in force stay), never an allocation without bound.
+pub const BODY_MAX: u64 = 64 * 1024 * 1024;
+
+/// Reads all of `body`, or fails once it passes `max` bytes.
+fn read_capped(body: impl std::io::Read, max: u64) -> Result<Vec<u8>, String> {
+    use std::io::Read as _;
+    let mut out = Vec::new();
+    body.take(max + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| e.to_string())?;
+    if out.len() as u64 > max {
+        return Err(format!("the response is larger than {max} bytes"));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod body_tests {
+    #[test]
+    fn a_body_over_the_cap_is_an_error_not_an_allocation() {
+        let read = |n: usize, max| super::read_capped(std::io::Cursor::new(vec![b'x'; n]), max);
+        assert_eq!(read(10, 10).unwrap().len(), 10);
+        assert!(read(11, 10).unwrap_err().contains("larger than 10 bytes"));
+        // An endless body stops at the cap.
+        let endless = std::io::repeat(b'{');
+        assert!(super::read_capped(endless, 1 << 20).is_err());
+    }
 }

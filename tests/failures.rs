@@ -275,3 +275,63 @@ fn an_outbox_record_the_broker_refuses_for_good_moves_aside_and_the_rest_publish
     assert_eq!(distinct.len(), ids.len(), "no record published twice");
     assert!(!ids.contains(&"big"));
 }
+
+/// With the changelog on, a record the broker will not take (here, over the
+/// producer's `message.max.bytes`) is retried, nothing is checkpointed, and
+/// `/ready` says why instead of "ready"; shutdown still ends within its grace.
+#[test]
+fn a_changelog_record_the_broker_refuses_makes_the_instance_not_ready() {
+    let topic = TestTopic::new(1);
+    topic
+        .broker
+        .create_topic(&format!("{}.changelog", topic.topic), 1)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = topic.config(dir.path());
+    config.changelog_suffix = ".changelog".into();
+    config.shutdown_grace_ms = 1_000;
+    config
+        .kafka
+        .producer
+        .insert("message.max.bytes".into(), "2000".into());
+    let big = event(
+        "lead-big",
+        "big",
+        "lead.updated",
+        1_000,
+        // Incompressible, so the stored (LZ4) record stays over the limit.
+        serde_json::json!({"note": (0..400)
+            .map(|_| format!("{:016x}", rand::random::<u64>()))
+            .collect::<String>()}),
+    );
+    let (brokers, name) = (topic.brokers.clone(), topic.topic.clone());
+    let handlers = config.handlers();
+    actix::System::new().block_on(async move {
+        let pipeline = Pipeline::start(config, handlers).expect("pipeline starts");
+        let control = pipeline.control();
+        common::produce_events(&brokers, &name, &[big]);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let reason = control.not_ready().unwrap_or_default();
+            if reason.contains("changelog") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still: {reason:?}, durable {}, record {:?} bytes",
+                Stats::get(&pipeline.stats().writer.durable),
+                control
+                    .store()
+                    .load_entity("lead-big")
+                    .map(|r| r.map(|r| orderly::store::encode(&r).len()))
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            Stats::get(&pipeline.stats().writer.durable),
+            0,
+            "nothing acknowledged"
+        );
+        let _ = pipeline.shutdown();
+    });
+}

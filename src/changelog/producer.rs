@@ -125,6 +125,10 @@ impl Producer {
                     }
                 }
             }
+            stats
+                .changelog
+                .produce_failing
+                .store(!failed.is_empty(), std::sync::atomic::Ordering::Relaxed);
             if !failed.is_empty() {
                 attempt += 1;
                 let delay = Duration::from_millis(100u64.saturating_mul(1 << attempt.min(6)));

@@ -120,6 +120,9 @@ pub struct WriterStats {
 /// What the changelog books: restores, handovers and forwarded events.
 #[derive(Debug, Default)]
 pub struct ChangelogStats {
+    /// True while changelog records are not acknowledged and are being
+    /// retried: nothing is checkpointed meanwhile, and `/ready` says so.
+    pub produce_failing: std::sync::atomic::AtomicBool,
     /// Changelog records restored.
     pub restored_records: AtomicU64,
     /// Time spent restoring partitions, µs.

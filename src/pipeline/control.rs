@@ -241,6 +241,11 @@ impl Control {
         if !self.brokers_ok.load(Relaxed) {
             return Some("all Kafka brokers are down; retrying".into());
         }
+        if self.stats.changelog.produce_failing.load(Relaxed) {
+            return Some(
+                "changelog records are not acknowledged; retrying, nothing is checkpointed".into(),
+            );
+        }
         if !self.settings.is_caught_up() {
             return Some("reading tenant settings; processing has not started".into());
         }

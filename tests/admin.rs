@@ -15,14 +15,6 @@ use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A blocking HTTP call from a thread, as an operator's tool would make it.
 async fn call(method: &str, url: String, token: Option<&str>) -> (u16, serde_json::Value) {
     let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
@@ -85,7 +77,7 @@ fn operators_retry_and_skip_dead_letters_and_release_parked_entities() {
         ),
     ];
     let n = events.len() as u64;
-    let port = free_port();
+    let port = common::free_port();
     let base = format!("http://127.0.0.1:{port}");
     let (brokers, name) = (topic.brokers.clone(), topic.topic.clone());
     actix::System::new().block_on(async move {
@@ -322,7 +314,7 @@ fn a_slow_event_is_reported_as_stalled_and_not_killed() {
             serde_json::json!({"done": true}),
         ),
     ];
-    let port = free_port();
+    let port = common::free_port();
     let base = format!("http://127.0.0.1:{port}");
     let (brokers, name) = (topic.brokers.clone(), topic.topic.clone());
     actix::System::new().block_on(async move {
@@ -411,7 +403,7 @@ fn dead_letters_page_through_a_hundred_thousand_records() {
     }
 
     let config = topic.config(dir.path());
-    let port = free_port();
+    let port = common::free_port();
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
     let server = std::thread::spawn(move || {
         actix::System::new().block_on(async move {
@@ -608,7 +600,7 @@ fn a_retry_on_an_instance_that_does_not_own_the_partition_is_refused() {
     }
     let mut config = topic.config(dir.path());
     config.admin_token = Some("t".into());
-    let port = free_port();
+    let port = common::free_port();
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
     let server = std::thread::spawn(move || {
         actix::System::new().block_on(async move {

@@ -21,14 +21,6 @@ use std::time::{Duration, Instant};
 
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn find(candidates: &[&str]) -> Option<PathBuf> {
     candidates.iter().map(PathBuf::from).find(|p| p.is_file())
 }
@@ -53,7 +45,7 @@ impl Browser {
             .map(PathBuf::from)
             .or_else(|| find(&["/usr/bin/chromium", "/usr/bin/chromium-browser"]))
             .ok_or("chromium not found (apt-get install chromium)")?;
-        let port = free_port();
+        let port = common::free_port();
         let driver = Command::new(&chromedriver)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
@@ -246,7 +238,7 @@ fn dashboard_shows_live_work_provenance_and_retries_a_dead_letter() {
         broken: AtomicBool::new(true),
     });
     let handlers = common::skip_and_park(&mut config, validating.clone());
-    let port = free_port();
+    let port = common::free_port();
     let base = format!("http://127.0.0.1:{port}");
     let token = "dash-token";
 

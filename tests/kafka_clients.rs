@@ -87,18 +87,6 @@ fn relay(mut client: TcpStream, upstream: &str, seen: &Mutex<Vec<Vec<u8>>>) {
     let _ = server.shutdown(std::net::Shutdown::Both);
 }
 
-fn wait_for(what: &str, timeout: Duration, log: &OrderlyProcess, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; log:\n{}",
-            log.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn kafka_and_kafka_producer_reach_every_client_of_a_run() {
     const SUFFIX: &str = "-changelog";
@@ -141,10 +129,9 @@ fn kafka_and_kafka_producer_reach_every_client_of_a_run() {
     // carry `[kafka]`'s software name.
     let producer = ["orderly-test-producer", "orderly-common-sw"];
     let consumer = ["orderly-test-consumer", "orderly-common-sw"];
-    wait_for(
+    common::wait_until(
         "two producers and a consumer through the proxy",
         Duration::from_secs(30),
-        &orderly,
         || proxy.count(&producer) >= 2 && proxy.count(&consumer) >= 1,
     );
     let status = orderly.terminate(Duration::from_secs(30));
@@ -206,14 +193,6 @@ fn certificate(dir: &Path) -> Option<(String, String)> {
     })
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Server(Child);
 
 impl Drop for Server {
@@ -236,7 +215,7 @@ fn sasl_ssl_run_completes_a_tls_handshake() {
         eprintln!("skipped: no openssl to make a certificate");
         return;
     };
-    let port = free_port();
+    let port = common::free_port();
     let out = dir.path().join("s_server.out");
     let server = Command::new("openssl")
         .args([
@@ -283,15 +262,10 @@ fn sasl_ssl_run_completes_a_tls_handshake() {
     // here the first Kafka request, ApiVersions, which carries `[kafka]`'s
     // software name. s_server answers no Kafka request, so the SASL
     // exchange itself cannot follow.
-    wait_for(
-        "a Kafka request over TLS",
-        Duration::from_secs(30),
-        &orderly,
-        || {
-            let t = text();
-            t.contains("ACCEPT") && t.contains("orderly-over-tls")
-        },
-    );
+    common::wait_until("a Kafka request over TLS", Duration::from_secs(30), || {
+        let t = text();
+        t.contains("ACCEPT") && t.contains("orderly-over-tls")
+    });
     assert!(!orderly.log_tail().contains("OpenSSL not available"));
 }
 

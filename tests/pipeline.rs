@@ -332,15 +332,8 @@ fn batches_in_every_compression_codec_fold_to_the_oracle() {
                 .insert("compression.type".into(), (*codec).into());
             // Linger, so that messages travel in compressed batches.
             kafka.producer.insert("linger.ms".into(), "50".into());
-            let opts = workload::ProduceOptions {
-                brokers: brokers.clone(),
-                kafka,
-                topic: name.clone(),
-                rate: None,
-                format: Format::Proto,
-            };
             let messages = chunk.iter().map(|e| workload::message_of(e, Format::Proto));
-            let sent = workload::produce(&opts, messages, |_| {}).expect(codec);
+            let sent = common::produce_with(&brokers, &name, None, kafka, messages);
             assert_eq!(sent, chunk.len() as u64, "{codec}");
         }
     });

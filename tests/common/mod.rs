@@ -200,9 +200,20 @@ pub fn produce_to(
     rate: Option<f64>,
     messages: impl Iterator<Item = Outgoing>,
 ) -> u64 {
+    produce_with(brokers, topic, rate, Default::default(), messages)
+}
+
+/// [`produce_to`] with the producer given these librdkafka properties.
+pub fn produce_with(
+    brokers: &str,
+    topic: &str,
+    rate: Option<f64>,
+    kafka: orderly::config::KafkaConfig,
+    messages: impl Iterator<Item = Outgoing>,
+) -> u64 {
     let opts = ProduceOptions {
         brokers: brokers.into(),
-        kafka: Default::default(),
+        kafka,
         topic: topic.into(),
         rate,
         format: Format::Proto,
@@ -398,6 +409,15 @@ pub fn state_dump(data_dir: &Path) -> Vec<serde_json::Value> {
 }
 
 /// Polls `done` every 20 ms until it holds; fails the test after `timeout`.
+/// A port nothing listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !done() {

@@ -35,6 +35,7 @@
 
 mod format;
 mod keys;
+mod lz4;
 mod sled;
 
 pub use self::sled::SledStore;
@@ -237,13 +238,27 @@ pub trait Store: Send + Sync + 'static {
 /// the `max` benchmark a record took 492 bytes instead of 944, and the
 /// store half the disk.
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    SCRATCH.with_borrow_mut(|(body, block)| {
+    SCRATCH.with_borrow_mut(|(body, block, table)| {
         body.clear();
         // Encoding our own plain data types into a Vec cannot fail.
         bincode::serde::encode_into_std_write(value, &mut *body, bincode::config::standard())
             .expect("encoding into a Vec is infallible");
-        frame(body, block)
+        frame(body, block, table)
     })
+}
+
+/// Encodes a value as [`encode`] does, but never compressed.
+///
+/// For values that live for milliseconds: an outbox bundle is deleted once
+/// published, so compressing it costs CPU on the hot path (about 12k
+/// instructions per event in `max`, BENCHMARKS.md) to save bytes that sled
+/// reclaims soon after anyway.
+pub fn encode_plain<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut out = vec![FORMAT_VERSION, PLAIN];
+    // Encoding our own plain data types into a Vec cannot fail.
+    bincode::serde::encode_into_std_write(value, &mut out, bincode::config::standard())
+        .expect("encoding into a Vec is infallible");
+    out
 }
 
 /// Bodies shorter than this are stored plain: LZ4 would save little.
@@ -260,22 +275,22 @@ const LZ4: u8 = 1;
 const MAX_BODY: usize = 256 * 1024 * 1024;
 
 thread_local! {
-    /// The bincode body and its LZ4 block before framing, reused from value
-    /// to value, so that the value written is allocated once, at its size.
-    static SCRATCH: std::cell::RefCell<(Vec<u8>, Vec<u8>)> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    /// The bincode body, its LZ4 block before framing and the compressor's
+    /// hash table, reused from value to value, so that the value written is
+    /// allocated once, at its size.
+    static SCRATCH: std::cell::RefCell<(Vec<u8>, Vec<u8>, lz4::Table)> =
+        std::cell::RefCell::new((Vec::new(), Vec::new(), lz4::Table::default()));
 }
 
 /// `[FORMAT_VERSION, codec, payload]`: the LZ4 block of `body` (in `block`'s
 /// space) when that is smaller, else `body` itself.
-fn frame(body: &[u8], block: &mut Vec<u8>) -> Vec<u8> {
+fn frame(body: &[u8], block: &mut Vec<u8>, table: &mut lz4::Table) -> Vec<u8> {
     let compressed = (body.len() >= COMPRESS_FROM)
         .then(|| {
-            block.resize(lz4_flex::block::get_maximum_output_size(body.len()), 0);
-            // `block` is sized for the worst case, so this does not fail.
-            lz4_flex::block::compress_into(body, block).ok()
+            block.clear();
+            lz4::compress(body, table, block);
+            block.len()
         })
-        .flatten()
         .filter(|&n| 4 + n < body.len());
     let payload_len = compressed.map_or(body.len(), |n| 4 + n);
     let mut out = Vec::with_capacity(2 + payload_len);

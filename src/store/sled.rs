@@ -121,7 +121,7 @@ impl Store for SledStore {
             if i > 0 {
                 id = self.next_id()?;
             }
-            b.insert(key(OUTBOX_BUNDLE, &id.to_be_bytes()), encode(&chunk));
+            b.insert(key(OUTBOX_BUNDLE, &id.to_be_bytes()), encode_plain(&chunk));
         }
         for a in &batch.anomalies {
             b.insert(key(ANOMALY, &a.seq.to_be_bytes()), encode(a));
@@ -452,7 +452,7 @@ impl Store for SledStore {
         if unpublished.is_empty() {
             b.remove(key(OUTBOX_BUNDLE, &id.to_be_bytes()));
         } else {
-            b.insert(key(OUTBOX_BUNDLE, &id.to_be_bytes()), encode(&unpublished));
+            b.insert(key(OUTBOX_BUNDLE, &id.to_be_bytes()), encode_plain(&unpublished));
         }
         for rec in undeliverable {
             let aside = self.next_id()?;

@@ -313,6 +313,8 @@ fn no_event_is_processed_before_the_settings_topic_is_caught_up() {
     let log = p.log_tail();
     // Threads write their lines in whatever order they get the lock, so the
     // order is read from each line's timestamp, not from its place in the log.
+    // The timestamps are RFC 3339 in UTC with microseconds, of fixed width,
+    // so they compare as text.
     let at = |what: &str| -> String {
         let line = log.lines().find(|l| l.contains(what)).expect(&log);
         line.split_whitespace().next().expect(line).to_owned()

@@ -240,11 +240,16 @@ pub trait Store: Send + Sync + 'static {
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     SCRATCH.with_borrow_mut(|(body, block, table)| {
         body.clear();
-        // Encoding our own plain data types into a Vec cannot fail.
-        bincode::serde::encode_into_std_write(value, &mut *body, bincode::config::standard())
-            .expect("encoding into a Vec is infallible");
+        append_body(value, body);
         frame(body, block, table)
     })
+}
+
+/// Appends `value`'s bincode body to `out`.
+fn append_body<T: Serialize>(value: &T, out: &mut Vec<u8>) {
+    // Encoding our own plain data types into a Vec cannot fail.
+    bincode::serde::encode_into_std_write(value, out, bincode::config::standard())
+        .expect("encoding into a Vec is infallible");
 }
 
 /// Encodes a value as [`encode`] does, but never compressed.
@@ -255,9 +260,7 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 /// reclaims soon after anyway.
 pub fn encode_plain<T: Serialize>(value: &T) -> Vec<u8> {
     let mut out = vec![FORMAT_VERSION, PLAIN];
-    // Encoding our own plain data types into a Vec cannot fail.
-    bincode::serde::encode_into_std_write(value, &mut out, bincode::config::standard())
-        .expect("encoding into a Vec is infallible");
+    append_body(value, &mut out);
     out
 }
 

@@ -369,6 +369,9 @@ pub struct SourceParts {
     pub fatal: Arc<crate::lifecycle::Fatal>,
     /// The partitioner, and the partition counts this source keeps current.
     pub layout: Arc<crate::partitioner::Layout>,
+    /// The changelog producer, when the changelog is on: the restorer writes
+    /// what a crash left pending with it.
+    pub changelog: Option<crate::changelog::Producer>,
 }
 
 impl Source {
@@ -379,9 +382,11 @@ impl Source {
             source,
         };
         let cc = crate::kafka::group_consumer(config);
-        let restorer = match config.changelog() {
-            Some(changelog) => Some(Restorer::new(config, changelog).map_err(err)?),
-            None => None,
+        let restorer = match (config.changelog(), parts.changelog) {
+            (Some(changelog), Some(producer)) => {
+                Some(Restorer::new(config, changelog, producer).map_err(err)?)
+            }
+            _ => None,
         };
         let local: HashSet<TopicPartition> = parts
             .store

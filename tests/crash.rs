@@ -8,6 +8,7 @@ use common::{shuffled_stream, Oracle, OrderlyProcess, TestTopic};
 use orderly::store::Store;
 use orderly::tools::workload::{self, Format};
 use rand::{Rng, SeedableRng};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 #[test]
@@ -134,8 +135,17 @@ fn crash_at(point: &str) {
     let events = shuffled_stream(200, 10, 0.02, 3);
     topic.produce_events(&events);
 
+    let mut second = crash_and_restart(&topic, &config, &log, point);
+    assert!(second.terminate(Duration::from_secs(30)).success());
+    assert_oracle(&Oracle::of(&events), &data, point);
+}
+
+/// Runs orderly with `point` set to exit on its third hit, checks that it
+/// exited there, and restarts it without; returns the restarted process once
+/// every produced offset is committed.
+fn crash_and_restart(topic: &TestTopic, config: &Path, log: &Path, point: &str) -> OrderlyProcess {
     let spec = format!("{point}=exit@3");
-    let mut first = OrderlyProcess::start(&config, &log, &[("ORDERLY_FAILPOINTS", &spec)]);
+    let mut first = OrderlyProcess::start(config, log, &[("ORDERLY_FAILPOINTS", &spec)]);
     let status = first.child.wait().unwrap();
     assert_eq!(
         status.code(),
@@ -143,20 +153,24 @@ fn crash_at(point: &str) {
         "{point}: {}",
         first.log_tail()
     );
-    assert!(std::fs::read_to_string(&log)
+    assert!(std::fs::read_to_string(log)
         .unwrap()
         .contains(&format!("fail point {point} fired")));
-
-    let mut second = OrderlyProcess::start(&config, &log, &[]);
+    let second = OrderlyProcess::start(config, log, &[]);
     if let Err(e) = topic.wait_all_committed(Duration::from_secs(90)) {
         panic!("{point}: {e}\nlog:\n{}", second.log_tail());
     }
-    assert!(second.terminate(Duration::from_secs(30)).success());
-    let store = orderly::store::SledStore::open(&data, 16).unwrap();
-    let problems = Oracle::of(&events).diff(&store);
+    second
+}
+
+/// The store in `data` (of a stopped instance) equals the oracle.
+fn assert_oracle(oracle: &Oracle, data: &Path, what: &str) {
+    let store = orderly::store::SledStore::open(data, 16).unwrap();
+    let problems = oracle.diff(&store);
     assert!(
         problems.is_empty(),
-        "{point}: {:?}",
+        "{what}: {} mismatches, first: {:?}",
+        problems.len(),
         &problems[..problems.len().min(5)]
     );
 }
@@ -212,4 +226,104 @@ fn store_failures_are_retried_and_nothing_is_acknowledged_until_durable() {
     let store = orderly::store::SledStore::open(&data, 16).unwrap();
     let problems = Oracle::of(&events).diff(&store);
     assert!(problems.is_empty(), "{problems:?}");
+}
+
+/// With the changelog on: runs orderly with a fail point that makes it exit
+/// in the writer, restarts it without, and checks what it promised besides
+/// the state. Every applied event's change record is published (at least
+/// once: they are keyed by entity and event id), and the changelog holds
+/// every entity's final record: a fresh instance that restores all of it
+/// from the changelog, with an empty data dir, reaches the oracle too.
+fn crash_with_the_changelog_at(point: &str) {
+    const SUFFIX: &str = ".changelog";
+    let topic = TestTopic::new(4);
+    topic
+        .broker
+        .create_topic(&format!("{}{SUFFIX}", topic.topic), 4)
+        .expect("changelog topic");
+    let dir = tempfile::tempdir().unwrap();
+    let write_config = |name: &str| {
+        let mut config = topic.config(&dir.path().join(format!("data-{name}")));
+        config.changelog_suffix = SUFFIX.into();
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+        (path, config)
+    };
+    let (config_path, config) = write_config("a");
+    let log = dir.path().join("a.log");
+    let events = shuffled_stream(200, 10, 0.02, 3);
+    topic.produce_events(&events);
+    let oracle = Oracle::of(&events);
+
+    let mut second = crash_and_restart(&topic, &config_path, &log, point);
+    if point == "writer.before_changelog" {
+        // The batch was durable in sled but not in the changelog: the
+        // restart writes it there before consuming.
+        assert!(
+            std::fs::read_to_string(&log)
+                .unwrap()
+                .contains("wrote the changelog records a crash left pending"),
+            "{}",
+            second.log_tail()
+        );
+    }
+
+    let expected: std::collections::HashSet<(String, String)> = events
+        .iter()
+        .map(|e| (e.entity_id.clone(), e.event_id.clone()))
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    let mut parsed = 0;
+    topic.read_until(&config.changes_topic, Duration::from_secs(60), |read| {
+        for m in &read[parsed..] {
+            let c: serde_json::Value = serde_json::from_slice(m).expect("a change record is JSON");
+            seen.insert((
+                c["entity_id"].as_str().unwrap_or_default().to_owned(),
+                c["event_id"].as_str().unwrap_or_default().to_owned(),
+            ));
+        }
+        parsed = read.len();
+        expected.is_subset(&seen)
+    });
+    let missing: Vec<_> = expected.difference(&seen).take(5).collect();
+    assert!(
+        missing.is_empty(),
+        "{point}: {} of {} applied events have no change record, for example {missing:?}",
+        expected.difference(&seen).count(),
+        expected.len()
+    );
+    assert!(second.terminate(Duration::from_secs(30)).success());
+    assert_oracle(&oracle, &config.data_dir, point);
+
+    // A fresh instance restores everything from the changelog.
+    let (fresh_path, fresh) = write_config("fresh");
+    let fresh_log = dir.path().join("fresh.log");
+    let mut third = OrderlyProcess::start(&fresh_path, &fresh_log, &[]);
+    common::wait_until(
+        "the fresh instance is assigned all four partitions",
+        Duration::from_secs(90),
+        || {
+            std::fs::read_to_string(&fresh_log)
+                .unwrap_or_default()
+                .matches("partition assigned")
+                .count()
+                >= 4
+        },
+    );
+    assert!(third.terminate(Duration::from_secs(30)).success());
+    assert_oracle(
+        &oracle,
+        &fresh.data_dir,
+        &format!("{point}, restored from the changelog"),
+    );
+}
+
+#[test]
+fn with_the_changelog_a_crash_before_the_store_commit_loses_no_change_record() {
+    crash_with_the_changelog_at("writer.before_commit");
+}
+
+#[test]
+fn with_the_changelog_a_crash_before_the_changelog_is_written_loses_no_record() {
+    crash_with_the_changelog_at("writer.before_changelog");
 }

@@ -4,7 +4,8 @@
 //! every entity record the store makes durable is also written to
 //! `<input topic><suffix>` at the entity's home partition, so a partition's
 //! state can move to another instance:
-//! - [`Producer`] writes each batch's records before the sled batch commits;
+//! - [`Producer`] writes each batch's records once the sled batch is durable,
+//!   before its offsets are acknowledged;
 //! - [`Restorer`] reads a newly assigned partition's changelog into the store
 //!   before the partition is consumed;
 //! - [`Follower`] reads the changelog partitions this instance does not own,
@@ -20,6 +21,7 @@ mod restore;
 
 pub use follower::Follower;
 pub use producer::Producer;
+pub(crate) use producer::Planned;
 pub use restore::Restorer;
 
 use crate::config::{ChangelogConfig, Config};

@@ -17,14 +17,21 @@ use std::time::{Duration, Instant};
 pub struct Restorer {
     consumer: BaseConsumer,
     changelog: ChangelogConfig,
+    producer: super::Producer,
 }
 
 impl Restorer {
     /// A restorer reading the changelogs named by `changelog` on `config.brokers`.
-    pub fn new(config: &Config, changelog: ChangelogConfig) -> Result<Self, KafkaError> {
+    /// `producer` writes what a crash left pending (see [`super::Producer::republish`]).
+    pub fn new(
+        config: &Config,
+        changelog: ChangelogConfig,
+        producer: super::Producer,
+    ) -> Result<Self, KafkaError> {
         Ok(Restorer {
             consumer: crate::kafka::reader(config, "restore").create()?,
             changelog,
+            producer,
         })
     }
 
@@ -54,13 +61,25 @@ impl Restorer {
         let position = store
             .changelog_position(&topic, partition)
             .map_err(|e| e.to_string())?;
+        let home = crate::model::fold::Home::new(input, partition);
+        let pending = store
+            .changelog_pending(&home)
+            .map_err(|e| e.to_string())?;
+        if position.unwrap_or(low) >= high {
+            // Nobody wrote this changelog partition since this store did:
+            // what a crash left pending is written now.
+            if !pending.is_empty() {
+                let n = self
+                    .producer
+                    .republish(store, &home, stats, Duration::from_secs(60))?;
+                tracing::info!(partition = %home, records = n, "wrote the changelog records a crash left pending");
+            }
+            return Ok((false, Vec::new()));
+        }
         let from = match position {
-            Some(p) if p >= high => return Ok((false, Vec::new())),
-            None if high <= low => return Ok((false, Vec::new())),
             Some(p) if p > low => Offset::Offset(p),
             _ => Offset::Beginning,
         };
-        let home = crate::model::fold::Home::new(input, partition);
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&topic, partition, from)
             .map_err(|e| e.to_string())?;
@@ -146,6 +165,15 @@ impl Restorer {
         let _ = self.consumer.unassign();
         result?;
         write(&mut batch, next.max(high))?;
+        if !pending.is_empty() {
+            // Another owner wrote the partition since: its records, just
+            // restored, supersede what this store left pending.
+            let done = crate::store::CommitBatch {
+                changelog_done: pending.into_iter().map(|id| (home.clone(), id)).collect(),
+                ..Default::default()
+            };
+            store.commit(&done).map_err(|e| e.to_string())?;
+        }
         futures::executor::block_on(store.flush()).map_err(|e| e.to_string())?;
         emit(
             RestoreFinished {

@@ -216,6 +216,18 @@ impl Pipeline {
         let store_ok = Arc::new(AtomicBool::new(true));
         let brokers_ok = Arc::new(AtomicBool::new(true));
 
+        let changelog = match config.changelog() {
+            Some(changelog) if with_source => {
+                crate::changelog::check_topics(&config, &changelog)
+                    .map_err(PipelineError::Changelog)?;
+                Some(crate::changelog::Producer {
+                    producer: crate::kafka::producer(&config, &[("linger.ms", "2")])
+                        .map_err(PipelineError::Producer)?,
+                    changelog,
+                })
+            }
+            _ => None,
+        };
         let writer = Writer {
             store: dyn_store.clone(),
             checkpointer: checkpointer.clone(),
@@ -227,18 +239,7 @@ impl Pipeline {
             anomalies_retained: config.anomalies_retained,
             store_ok: store_ok.clone(),
             group: config.group.as_str().into(),
-            changelog: match config.changelog() {
-                Some(changelog) if with_source => {
-                    crate::changelog::check_topics(&config, &changelog)
-                        .map_err(PipelineError::Changelog)?;
-                    Some(crate::changelog::Producer {
-                        producer: crate::kafka::producer(&config, &[("linger.ms", "2")])
-                            .map_err(PipelineError::Producer)?,
-                        changelog,
-                    })
-                }
-                _ => None,
-            },
+            changelog: changelog.clone(),
         };
         let writer_fatal = fatal.clone();
         let writer = spawn("orderly-writer", &fatal, move || {
@@ -359,6 +360,7 @@ impl Pipeline {
                     settings: settings.clone(),
                     fatal: fatal.clone(),
                     layout,
+                    changelog,
                 },
             )
             .map_err(|e| PipelineError::Source(Box::new(e)))?;

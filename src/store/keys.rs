@@ -20,6 +20,22 @@ pub(super) const PARTITION_INDEX: u8 = b'i';
 pub(super) const CHANGELOG: u8 = b'l';
 /// Outbox records the broker refused for good, kept for operators.
 pub(super) const UNDELIVERABLE: u8 = b'u';
+/// Changelog records committed to the store but not yet acknowledged by the
+/// broker, by the changelog partition (the home) they go to.
+pub(super) const CHANGELOG_PENDING: u8 = b'w';
+
+pub(super) fn pending_prefix(home: &Home) -> Vec<u8> {
+    let mut k = key(CHANGELOG_PENDING, home.topic.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&home.partition.to_be_bytes());
+    k
+}
+
+pub(super) fn pending_key(home: &Home, entity: &str) -> Vec<u8> {
+    let mut k = pending_prefix(home);
+    k.extend_from_slice(entity.as_bytes());
+    k
+}
 pub(super) fn index_key(home: &Home, entity: &str) -> Vec<u8> {
     let mut k = index_prefix(home);
     k.extend_from_slice(entity.as_bytes());

@@ -17,6 +17,7 @@
 //! | `i\0<topic>\0<partition, i32 BE><entity id>` | the partition index: the entities whose home is that input partition |
 //! | `l\0<changelog topic>\0<partition, i32 BE>` | the next changelog offset this store holds (written or restored), i64 BE |
 //! | `h\0<entity id>\0<order key>` | a history entry ([`LogEntry`]) for types that keep history |
+//! | `w\0<input topic>\0<partition, i32 BE><entity id>` | a changelog record the store holds and the broker has not acknowledged yet: the entity's view from that home partition (its record, or a forwarding stub) |
 //! | `u\0<id, u64 BE>` | an [`OutboxRecord`] the broker refused for good (too large, no such topic), with the reason in its `orderly-undeliverable` header |
 //!
 //! Every value starts with a format-version byte. Version 2 added the
@@ -139,6 +140,12 @@ pub struct CommitBatch {
     /// The next changelog offset per changelog partition, once this batch's
     /// changelog records are acknowledged.
     pub changelog_positions: Vec<Checkpoint>,
+    /// Changelog records this batch makes the store hold before the broker
+    /// has them: (home partition, entity). Written with the state, so that a
+    /// crash before the changelog is written leaves a mark to write it from.
+    pub changelog_pending: Vec<(Home, String)>,
+    /// Pending changelog records the broker has acknowledged: marks removed.
+    pub changelog_done: Vec<(Home, String)>,
 }
 
 /// An entity's home partition, before and after a batch.
@@ -206,6 +213,9 @@ pub trait Store: Send + Sync + 'static {
     fn open_dead_letters(&self) -> Result<u64>;
     /// The next changelog offset this store holds for a changelog partition.
     fn changelog_position(&self, topic: &str, partition: i32) -> Result<Option<i64>>;
+    /// The entities whose changelog record for `home` is committed here and
+    /// not yet acknowledged by the broker (see [`CommitBatch::changelog_pending`]).
+    fn changelog_pending(&self, home: &Home) -> Result<Vec<String>>;
     /// Entities per home partition, from the partition index.
     fn partition_counts(&self) -> Result<BTreeMap<Home, u64>>;
     /// Writes records restored from a changelog partition (each the whole

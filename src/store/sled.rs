@@ -171,8 +171,23 @@ impl Store for SledStore {
                 cp.next_offset.to_be_bytes().to_vec(),
             );
         }
+        for (home, id) in &batch.changelog_pending {
+            b.insert(pending_key(home, id), &[][..]);
+        }
+        for (home, id) in &batch.changelog_done {
+            b.remove(pending_key(home, id));
+        }
         self.tree.apply_batch(b)?;
         Ok(())
+    }
+
+    fn changelog_pending(&self, home: &Home) -> Result<Vec<String>> {
+        let prefix = pending_prefix(home);
+        self.tree
+            .scan_prefix(&prefix)
+            .keys()
+            .map(|k| Ok(String::from_utf8_lossy(&k?[prefix.len()..]).into_owned()))
+            .collect()
     }
 
     fn changelog_position(&self, topic: &str, partition: i32) -> Result<Option<i64>> {
@@ -267,6 +282,9 @@ impl Store for SledStore {
         let mut b = ::sled::Batch::default();
         b.remove(checkpoint_key(&input.topic, input.partition));
         b.remove(changelog_key(changelog_topic, input.partition));
+        for k in self.tree.scan_prefix(pending_prefix(input)).keys() {
+            b.remove(k?);
+        }
         self.tree.apply_batch(b)?;
         let prefix = index_prefix(input);
         let mut purged = 0;

@@ -200,12 +200,19 @@ impl Writer {
             ..
         } = builder;
         batch.homes = BatchBuilder::home_changes(&homes);
-        if let Some(changelog) = &self.changelog {
-            // The changelog first: a record the store holds is always in the
-            // changelog too, so the next owner of a partition never restores
-            // less than a checkpoint covers.
-            batch.changelog_positions = changelog.write(&batch.entities, &homes, &self.stats).await;
-        }
+        // The changelog after the store (see `changelog::producer`): its
+        // records are marked pending in the batch, written once the batch is
+        // durable, and acknowledged (checkpointed) only after that, so the
+        // next owner of a partition never restores less than a checkpoint
+        // covers, and never restores a record whose effects were lost.
+        let planned = match &self.changelog {
+            Some(_) => crate::changelog::Producer::plan(&batch.entities, &homes),
+            None => Vec::new(),
+        };
+        batch.changelog_pending = planned
+            .iter()
+            .map(|p| (p.home.clone(), p.id.to_owned()))
+            .collect();
         if !batch.outbox.is_empty() {
             batch.outbox_id = self.store.next_id()?;
         }
@@ -254,6 +261,10 @@ impl Writer {
             );
             self.store_ok.store(true, Relaxed);
         }
+        if let Some(changelog) = &self.changelog {
+            let pending = std::mem::take(&mut batch.changelog_pending);
+            self.write_changelog(changelog, &planned, pending).await;
+        }
         let took = started.elapsed();
         let durable_at = SystemTime::now();
         self.checkpointer.flushed(
@@ -280,6 +291,35 @@ impl Writer {
             let _ = b.send(());
         }
         Ok(())
+    }
+
+    /// Writes a durable batch's changelog records, then clears their
+    /// pending marks with the changelog positions reached. That second
+    /// commit is not flushed: if it is lost, the next assignment restores
+    /// this store's own records from the older position, which is harmless.
+    async fn write_changelog(
+        &self,
+        changelog: &crate::changelog::Producer,
+        planned: &[crate::changelog::Planned<'_>],
+        pending: Vec<(crate::model::fold::Home, String)>,
+    ) {
+        // Only `exit` and `sleep` act here: the batch is durable already.
+        let _ = crate::failpoint::hit("writer.before_changelog");
+        let done = CommitBatch {
+            changelog_positions: changelog.write(planned, &self.stats).await,
+            changelog_done: pending,
+            ..Default::default()
+        };
+        if let Err(e) = self.store.commit(&done) {
+            emit(
+                ComponentError {
+                    stage: "store",
+                    error_code: "changelog_position_failed",
+                    error: &e,
+                },
+                &self.stats,
+            );
+        }
     }
 
     fn publish_view(&self, view: &OperatorView) {

@@ -161,6 +161,17 @@ impl TestTopic {
 
     /// Reads every message of `topic` from the beginning (for dead-letter checks).
     pub fn read_all(&self, topic: &str, expected: usize, timeout: Duration) -> Vec<Vec<u8>> {
+        self.read_until(topic, timeout, |read| read.len() >= expected)
+    }
+
+    /// Reads `topic`'s partition 0 from the beginning until `done` says so
+    /// of what was read, or `timeout` passes.
+    pub fn read_until(
+        &self,
+        topic: &str,
+        timeout: Duration,
+        mut done: impl FnMut(&[Vec<u8>]) -> bool,
+    ) -> Vec<Vec<u8>> {
         let c: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)
             .set(
@@ -176,7 +187,7 @@ impl TestTopic {
         c.assign(&tpl).expect("assign");
         let mut out = Vec::new();
         let deadline = Instant::now() + timeout;
-        while out.len() < expected && Instant::now() < deadline {
+        while !done(&out) && Instant::now() < deadline {
             if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
                 use rdkafka::Message;
                 out.push(m.payload().unwrap_or_default().to_vec());

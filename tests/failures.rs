@@ -276,62 +276,62 @@ fn an_outbox_record_the_broker_refuses_for_good_moves_aside_and_the_rest_publish
     assert!(!ids.contains(&"big"));
 }
 
-/// With the changelog on, a record the broker will not take (here, over the
-/// producer's `message.max.bytes`) is retried, nothing is checkpointed, and
-/// `/ready` says why instead of "ready"; shutdown still ends within its grace.
+/// With the changelog on, an event that would make its entity's record
+/// larger than a changelog message may be (a 600 KB note, which the record
+/// holds twice: in its state and in its log) is dead-lettered with
+/// `record_too_large`. The entity keeps its record, and its later events and
+/// every other entity's reach the oracle. Before, the changelog refused the
+/// record, the writer retried it for ever, and nothing after it became
+/// durable.
 #[test]
-fn a_changelog_record_the_broker_refuses_makes_the_instance_not_ready() {
-    let topic = TestTopic::new(1);
+fn an_event_that_would_outgrow_a_changelog_message_is_dead_lettered() {
+    let topic = TestTopic::new(2);
     topic
         .broker
-        .create_topic(&format!("{}.changelog", topic.topic), 1)
+        .create_topic(&format!("{}.changelog", topic.topic), 2)
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut config = topic.config(dir.path());
     config.changelog_suffix = ".changelog".into();
-    config.shutdown_grace_ms = 1_000;
-    config
-        .kafka
-        .producer
-        .insert("message.max.bytes".into(), "2000".into());
+    let mut events = shuffled_stream(20, 5, 0.0, 7);
+    let first = events[0].clone();
     let big = event(
-        "lead-big",
+        &first.entity_id,
         "big",
-        "lead.updated",
-        1_000,
-        // Incompressible, so the stored (LZ4) record stays over the limit.
-        serde_json::json!({"note": (0..400)
+        &first.event_type,
+        first.occurred_at + 1,
+        // Incompressible, so the stored (LZ4) record would stay over the limit.
+        serde_json::json!({"note": (0..37_500)
             .map(|_| format!("{:016x}", rand::random::<u64>()))
             .collect::<String>()}),
     );
+    let oracle = Oracle::of(&events);
+    let mut produced = events.clone();
+    produced.insert(events.len() / 2, big);
+    events.clear();
     let (brokers, name) = (topic.brokers.clone(), topic.topic.clone());
     let handlers = config.handlers();
-    actix::System::new().block_on(async move {
-        let pipeline = Pipeline::start(config, handlers).expect("pipeline starts");
-        let control = pipeline.control();
-        common::produce_events(&brokers, &name, &[big]);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let reason = control.not_ready().unwrap_or_default();
-            if reason.contains("changelog") {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "still: {reason:?}, durable {}, record {:?} bytes",
-                Stats::get(&pipeline.stats().writer.durable),
-                control
-                    .store()
-                    .load_entity("lead-big")
-                    .map(|r| r.map(|r| orderly::store::encode(&r).len()))
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert_eq!(
-            Stats::get(&pipeline.stats().writer.durable),
-            0,
-            "nothing acknowledged"
-        );
-        let _ = pipeline.shutdown();
+    let expected = produced.len() as u64;
+    let store = common::run_to_quiet(config, handlers, expected, move || {
+        common::produce_events(&brokers, &name, &produced);
     });
+    let dead: Vec<_> = store
+        .dead_letters(0, 100)
+        .unwrap()
+        .into_iter()
+        .filter(|d| d.code == "record_too_large")
+        .collect();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(
+        dead[0].reason.contains("message.max.bytes"),
+        "{}",
+        dead[0].reason
+    );
+    assert_eq!(dead[0].entity_id.as_deref(), Some(first.entity_id.as_str()));
+    let problems = oracle.diff(&*store);
+    assert!(
+        problems.is_empty(),
+        "{:?}",
+        &problems[..problems.len().min(5)]
+    );
 }

@@ -136,6 +136,16 @@ impl KafkaConfig {
         }
     }
 
+    /// The producers' `message.max.bytes`: `[kafka.producer]`, else
+    /// `[kafka]`, else librdkafka's default of 1,000,000.
+    pub fn producer_message_max_bytes(&self) -> usize {
+        [&self.producer, &self.common]
+            .iter()
+            .find_map(|t| t.get("message.max.bytes"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(1_000_000)
+    }
+
     /// Every table with its name (`kafka`, `kafka.consumer`, `kafka.producer`).
     pub fn tables(&self) -> [(&'static str, &BTreeMap<String, String>); 3] {
         [

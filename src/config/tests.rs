@@ -191,3 +191,13 @@ fn the_admin_token_comes_from_its_file_or_the_field_not_both() {
     std::fs::write(&file, "\n").unwrap();
     assert!(c.resolved_admin_token().is_err(), "an empty file is no token");
 }
+
+#[test]
+fn the_producers_message_limit_comes_from_producer_then_common_then_the_default() {
+    let mut k = KafkaConfig::default();
+    assert_eq!(k.producer_message_max_bytes(), 1_000_000);
+    k.common.insert("message.max.bytes".into(), "5000".into());
+    assert_eq!(k.producer_message_max_bytes(), 5_000);
+    k.producer.insert("message.max.bytes".into(), " 7000 ".into());
+    assert_eq!(k.producer_message_max_bytes(), 7_000);
+}

@@ -31,7 +31,7 @@ impl EntityActor {
         let outcome = match result {
             Ok(o) => o,
             Err(rejected) => {
-                let code = format!("handler_{}", rejected.error.kind());
+                let code = rejected.code();
                 emit(
                     DeadLettered {
                         stage: "handler",
@@ -150,12 +150,16 @@ impl EntityActor {
     pub(super) fn send(&mut self, entity_changed: bool, fx: Effects, ack: Option<Ack>) {
         let entity = entity_changed
             .then(|| {
-                self.record.as_ref().map(|r| crate::writer::EntityWrite {
-                    id: self.id.clone(),
-                    bytes: crate::store::encode(r),
-                    parked: r.parking.parked.is_some(),
-                    home: r.placement.home.clone(),
-                    previous_home: self.stored_home.clone(),
+                self.record.as_ref().map(|r| {
+                    let (bytes, body_len) = crate::store::encode_measured(r);
+                    self.body_len = Some(body_len);
+                    crate::writer::EntityWrite {
+                        id: self.id.clone(),
+                        bytes,
+                        parked: r.parking.parked.is_some(),
+                        home: r.placement.home.clone(),
+                        previous_home: self.stored_home.clone(),
+                    }
                 })
             })
             .flatten();

@@ -58,6 +58,12 @@ pub struct Shared {
     pub fatal: Arc<crate::lifecycle::Fatal>,
     /// Which partition each key belongs on, for entities that change partition.
     pub layout: Arc<crate::partitioner::Layout>,
+    /// With the changelog on, the largest encoded record the changelog can
+    /// take (the producers' `message.max.bytes`, less the key and the
+    /// record's overhead). An event that would make its entity's record
+    /// larger is dead-lettered (`record_too_large`), and the record stays
+    /// as it was: the changelog would refuse the record for ever.
+    pub record_limit: Option<usize>,
 }
 
 /// One decoded message on its way to its entity.
@@ -131,6 +137,9 @@ pub struct EntityActor {
     busy: Arc<crate::stall::Busy>,
     /// The home partition the store's partition index has for the entity.
     stored_home: Option<crate::model::fold::Home>,
+    /// The record's body length before compression, when known (see
+    /// [`Shared::record_limit`]).
+    body_len: Option<usize>,
 }
 
 impl EntityActor {
@@ -150,6 +159,7 @@ impl EntityActor {
             waiting: Default::default(),
             busy,
             stored_home: None,
+            body_len: None,
         }
     }
 }
@@ -203,6 +213,7 @@ impl EntityActor {
                 .load_entity(&self.id)
                 .map_err(|e| format!("cannot read entity {:?}: {e}", self.id))?;
             self.stored_home = loaded.as_ref().and_then(|r| r.placement.home.clone());
+            self.body_len = None;
             self.record = loaded;
         }
         Ok(self.record.as_mut())
@@ -231,6 +242,7 @@ impl EntityActor {
         let read_start = SystemTime::now();
         let processed_at = unix_ms(read_start);
         let origin = Origin::new(d.tp.clone(), d.offset);
+        let known_len = self.body_len;
         let record = match self.record(&d.event.entity_id, &d.event.tenant_id) {
             Ok(r) => r,
             Err(reason) => {
@@ -254,8 +266,32 @@ impl EntityActor {
         // The settings in force now: this event is handled under them.
         let settings = shared.settings.view(&d.event.tenant_id);
         busy.begin(&d.event.entity_id, &d.event.event_id, processed_at);
-        let result = record.process(&d.event, &origin, processed_at, &shared.handlers, &settings);
+        // The record grows by at most about twice the event (its log entry
+        // and its state): only an event that could pass the limit pays for
+        // a copy of the record to fall back on.
+        let limit = shared.record_limit.map(|l| l.saturating_sub(d.event.entity_id.len()));
+        let fallback = limit
+            .filter(|l| {
+                let now = known_len.unwrap_or_else(|| crate::store::body_len(&*record));
+                now + 2 * crate::store::body_len(&d.event) + 1024 + 2 > *l
+            })
+            .map(|l| (l, record.clone()));
+        let mut result = record.process(&d.event, &origin, processed_at, &shared.handlers, &settings);
         busy.end();
+        if let (Some((limit, before)), Ok(_)) = (fallback, &result) {
+            let size = crate::store::encode(&*record).len();
+            if size > limit {
+                *record = before;
+                result = Err(crate::model::fold::Rejected {
+                    event_type: d.event.event_type.clone(),
+                    event_id: d.event.event_id.clone(),
+                    error: crate::model::handler::HandlerError::Permanent(format!(
+                        "with this event the entity's record would take {size} bytes, more than the {limit} a changelog message may hold (the producers' message.max.bytes); the record is kept as it was"
+                    )),
+                    code: Some("record_too_large"),
+                });
+            }
+        }
         if let Err(rejected) = &result {
             let transient = matches!(
                 rejected.error,

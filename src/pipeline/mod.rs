@@ -300,6 +300,10 @@ impl Pipeline {
             changes_topic: config.changes_topic.clone(),
             derived_topic: config.derived_topic.clone(),
             fatal: fatal.clone(),
+            // The key and the Kafka record's own fields take the rest.
+            record_limit: changelog
+                .as_ref()
+                .map(|_| config.kafka.producer_message_max_bytes().saturating_sub(512)),
         });
         let arbiters: Vec<Arbiter> = (0..config.shard_count()).map(|_| Arbiter::new()).collect();
         let busy: Vec<Arc<crate::stall::Busy>> = arbiters.iter().map(|_| Arc::default()).collect();

@@ -255,6 +255,34 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     })
 }
 
+/// As [`encode`], and also the length of the body before compression: the
+/// encoded value is at most 2 bytes longer than that.
+pub fn encode_measured<T: Serialize>(value: &T) -> (Vec<u8>, usize) {
+    SCRATCH.with_borrow_mut(|(body, block, table)| {
+        body.clear();
+        append_body(value, body);
+        (frame(body, block, table), body.len())
+    })
+}
+
+/// The length of `value`'s body before compression, without encoding it.
+pub fn body_len<T: Serialize>(value: &T) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Counting our own plain data types cannot fail.
+    let _ = bincode::serde::encode_into_std_write(value, &mut count, bincode::config::standard());
+    count.0
+}
+
 /// Appends `value`'s bincode body to `out`.
 fn append_body<T: Serialize>(value: &T, out: &mut Vec<u8>) {
     // Encoding our own plain data types into a Vec cannot fail.

@@ -338,9 +338,9 @@ enum Mode {
     Release,
 }
 
-/// A handler rejected the event; the record is unchanged but for the skip bookkeeping.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("handler for {event_type:?} failed on event {event_id:?}: {error}")]
+/// A handler rejected the event, or orderly did (`code` says why); the
+/// record is unchanged but for the skip bookkeeping.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Rejected {
     /// The event's type.
     pub event_type: String,
@@ -348,7 +348,40 @@ pub struct Rejected {
     pub event_id: String,
     /// The handler's error.
     pub error: HandlerError,
+    /// Set when orderly, not the handler, rejected the event: the dead
+    /// letter's code, for example `record_too_large`.
+    pub code: Option<&'static str>,
 }
+
+impl Rejected {
+    /// The dead letter's code: `code`, else `handler_<kind>`.
+    pub fn code(&self) -> String {
+        match self.code {
+            Some(code) => code.to_owned(),
+            None => format!("handler_{}", self.error.kind()),
+        }
+    }
+}
+
+impl std::fmt::Display for Rejected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (event_type, event_id) = (&self.event_type, &self.event_id);
+        match self.code {
+            Some(code) => write!(
+                f,
+                "{code} on event {event_id:?} of type {event_type:?}: {}",
+                self.error
+            ),
+            None => write!(
+                f,
+                "handler for {event_type:?} failed on event {event_id:?}: {}",
+                self.error
+            ),
+        }
+    }
+}
+
+impl std::error::Error for Rejected {}
 
 fn apply_entry(
     state: &mut EntityState,

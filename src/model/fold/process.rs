@@ -280,6 +280,7 @@ impl EntityRecord {
             event_type: event.event_type.clone(),
             event_id: event.event_id.clone(),
             error,
+            code: None,
         };
         let handler = handlers.for_type(&event.event_type);
 

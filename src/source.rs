@@ -51,6 +51,8 @@ pub struct SourceContext {
     stats: Arc<Stats>,
     /// Restores assigned partitions from their changelog, when it is on.
     restorer: Option<Restorer>,
+    /// The store writer, for the dead letters of corrupt changelog records.
+    writer: tokio::sync::mpsc::UnboundedSender<WriterMsg>,
     /// Input partitions whose state the store holds.
     local: Mutex<HashSet<TopicPartition>>,
     /// When the assignment last changed; `None` before the first assignment.
@@ -169,14 +171,24 @@ impl ConsumerContext for SourceContext {
                     for e in tpl.elements() {
                         let (topic, partition) = (e.topic().to_owned(), e.partition());
                         match r.restore(self.store.as_ref(), &self.stats, &topic, partition) {
-                            Ok((true, conflicts)) => {
+                            Ok(done) if done.read => {
                                 restored.insert(TopicPartition::new(topic.as_str(), partition));
-                                for record in conflicts {
+                                for record in done.conflicts {
                                     // The entity moved: its actor merges this copy.
                                     self.router.merge(record, partition);
                                 }
+                                if !done.quarantined.is_empty() {
+                                    for dl in done.quarantined {
+                                        // Recorded like any dead letter (deduplicated by position).
+                                        let _ = self.writer.send(WriterMsg::Write(Box::new(
+                                            WriteIntent::dead_letter(dl),
+                                        )));
+                                    }
+                                    // The quarantined entities are parked now.
+                                    let _ = self.writer.send(WriterMsg::Reload);
+                                }
                             }
-                            Ok((false, _)) => {}
+                            Ok(_) => {}
                             Err(reason) => {
                                 // Processing without the state would apply events to empty records.
                                 tracing::error!(%reason, "cannot restore a partition from its changelog; stopping");
@@ -398,6 +410,7 @@ impl Source {
         let context = SourceContext {
             layout: parts.layout,
             restorer,
+            writer: parts.writer.clone(),
             local: Mutex::new(local),
             last_rebalance: Mutex::new(None),
             commit_failed_at: Mutex::new(None),

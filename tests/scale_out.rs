@@ -242,3 +242,67 @@ fn a_missing_changelog_topic_stops_start_up_and_says_which() {
         "{log}"
     );
 }
+
+/// A changelog record that cannot be decoded (here an LZ4 block that claims
+/// 4 GiB) quarantines its entity instead of stopping the instance: the
+/// entity is parked, its events are held, the record is dead-lettered with
+/// `corrupt_changelog_record`, and every other entity reaches the oracle.
+/// Before, the restore failed and the instance stopped.
+#[test]
+fn a_corrupt_changelog_record_quarantines_its_entity_and_the_rest_flows() {
+    let t = TestTopic::new(1);
+    changelog_topic(&t);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = t.config(&dir.path().join("data"));
+    config.changelog_suffix = SUFFIX.into();
+    let events = common::shuffled_stream(20, 4, 0.0, 9);
+    let victim = events[0].entity_id.clone();
+    let changelog = format!("{}{SUFFIX}", t.topic);
+    let junk = orderly::tools::workload::Outgoing {
+        key: Some(victim.clone().into_bytes()),
+        // Format 6, LZ4, a size prefix of 4 GiB - 1.
+        value: vec![orderly::store::FORMAT_VERSION, 1, 0xff, 0xff, 0xff, 0xff, 0],
+        headers: Vec::new(),
+    };
+    common::produce_to(&t.brokers, &changelog, None, std::iter::once(junk));
+    let held = events.iter().filter(|e| e.entity_id == victim).count();
+    let others: Vec<_> = events
+        .iter()
+        .filter(|e| e.entity_id != victim)
+        .cloned()
+        .collect();
+    let oracle = Oracle::of(&others);
+    let (brokers, name) = (t.brokers.clone(), t.topic.clone());
+    let handlers = config.handlers();
+    let store = common::run_to_quiet(config, handlers, events.len() as u64, move || {
+        common::produce_events(&brokers, &name, &events);
+    });
+    use orderly::store::Store;
+    let record = store
+        .load_entity(&victim)
+        .unwrap()
+        .expect("the victim is kept");
+    let parked = record
+        .parking
+        .parked
+        .as_ref()
+        .expect("the victim is parked");
+    assert!(parked.reason.contains("quarantined"), "{}", parked.reason);
+    assert_eq!(record.parking.held.len(), held, "its events are held");
+    let dead: Vec<_> = store
+        .dead_letters(0, 100)
+        .unwrap()
+        .into_iter()
+        .filter(|d| d.code == "corrupt_changelog_record")
+        .collect();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].entity_id.as_deref(), Some(victim.as_str()));
+    assert_eq!(dead[0].topic, changelog);
+    assert_eq!(store.parked().unwrap(), vec![victim.clone()]);
+    let problems = oracle.diff_excluding(&*store, &[victim.as_str()]);
+    assert!(
+        problems.is_empty(),
+        "{:?}",
+        &problems[..problems.len().min(5)]
+    );
+}

@@ -3,7 +3,7 @@
 //! read into the store before the input partition is consumed.
 
 use crate::config::{ChangelogConfig, Config};
-use crate::internal_events::{emit, RestoreFinished, RestoreStarted};
+use crate::internal_events::{emit, DeadLettered, RestoreFinished, RestoreStarted};
 use crate::metrics::Stats;
 use crate::store::Store;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -41,17 +41,14 @@ impl Restorer {
     }
 
     /// Brings the store's copy of `input`/`partition` up to its changelog's
-    /// end. Returns whether anything was read (then consumption must resume
-    /// from the offset committed to Kafka, not the stored checkpoint), and
-    /// the restored records of entities this store holds live under another
-    /// partition, which their actors merge.
+    /// end; see [`Restore`] for what it returns.
     pub fn restore(
         &self,
         store: &dyn Store,
         stats: &Stats,
         input: &str,
         partition: i32,
-    ) -> Result<(bool, Vec<crate::model::fold::EntityRecord>), String> {
+    ) -> Result<Restore, String> {
         let topic = self.topic_of(input);
         let timeout = Duration::from_secs(10);
         let (low, high) = self
@@ -74,7 +71,7 @@ impl Restorer {
                     .republish(store, &home, stats, Duration::from_secs(60))?;
                 tracing::info!(partition = %home, records = n, "wrote the changelog records a crash left pending");
             }
-            return Ok((false, Vec::new()));
+            return Ok(Restore::default());
         }
         let from = match position {
             Some(p) if p > low => Offset::Offset(p),
@@ -95,12 +92,14 @@ impl Restorer {
         );
         let started = Instant::now();
         let mut batch: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut offsets: Vec<i64> = Vec::new();
+        let mut quarantined = Vec::new();
         let mut records = 0u64;
         let mut next = position.unwrap_or(low).max(low);
         let mut last_progress = (next, Instant::now());
         let mut last_log = Instant::now();
         let mut conflicts = Vec::new();
-        let mut write = |batch: &mut Vec<(String, Vec<u8>)>, next: i64| {
+        let mut write = |batch: &mut Vec<(String, Vec<u8>)>, offsets: &mut Vec<i64>, next: i64| {
             let found = store
                 .restore(
                     &home,
@@ -114,8 +113,33 @@ impl Restorer {
                     },
                 )
                 .map_err(|e| e.to_string())?;
-            conflicts.extend(found);
+            conflicts.extend(found.conflicts);
+            for (i, reason) in found.corrupt {
+                let (id, bytes) = &batch[i];
+                tracing::error!(%topic, partition, offset = offsets[i], entity = %id, %reason, "corrupt changelog record: the entity is quarantined (parked) and dead-lettered; the rest of the partition restores");
+                emit(
+                    DeadLettered {
+                        stage: "restore",
+                        code: "corrupt_changelog_record",
+                    },
+                    stats,
+                );
+                quarantined.push(crate::model::dead_letter::DeadLetter::undecodable(
+                    "corrupt_changelog_record",
+                    format!("the changelog record of entity {id:?} cannot be decoded ({reason}); the entity is parked with the record this instance had of it (or none): release it to apply its held events, or repair it"),
+                    crate::model::dead_letter::Received {
+                        key: Some(id.clone().into_bytes()),
+                        value: Some(bytes.clone()),
+                        headers: Vec::new(),
+                        topic: topic.clone(),
+                        partition,
+                        offset: offsets[i],
+                    },
+                    crate::telemetry::unix_ms(std::time::SystemTime::now()),
+                ));
+            }
             batch.clear();
+            offsets.clear();
             Ok::<_, String>(())
         };
         let result = loop {
@@ -126,11 +150,12 @@ impl Restorer {
                 Some(Ok(m)) => {
                     if let (Some(k), Some(v)) = (m.key(), m.payload()) {
                         batch.push((String::from_utf8_lossy(k).into_owned(), v.to_vec()));
+                        offsets.push(m.offset());
                         records += 1;
                     }
                     next = m.offset() + 1;
                     if batch.len() >= 1000 {
-                        if let Err(e) = write(&mut batch, next) {
+                        if let Err(e) = write(&mut batch, &mut offsets, next) {
                             break Err(e);
                         }
                     }
@@ -164,7 +189,7 @@ impl Restorer {
         };
         let _ = self.consumer.unassign();
         result?;
-        write(&mut batch, next.max(high))?;
+        write(&mut batch, &mut offsets, next.max(high))?;
         if !pending.is_empty() {
             // Another owner wrote the partition since: its records, just
             // restored, supersede what this store left pending.
@@ -184,6 +209,24 @@ impl Restorer {
             },
             stats,
         );
-        Ok((true, conflicts))
+        Ok(Restore {
+            read: true,
+            conflicts,
+            quarantined,
+        })
     }
+}
+
+/// What a [`Restorer::restore`] did.
+#[derive(Debug, Default)]
+pub struct Restore {
+    /// Whether anything was read: then consumption must resume from the
+    /// offset committed to Kafka, not the stored checkpoint.
+    pub read: bool,
+    /// The restored records of entities this store holds live under
+    /// another partition, which their actors merge.
+    pub conflicts: Vec<crate::model::fold::EntityRecord>,
+    /// The dead letters of records that could not be decoded: their
+    /// entities are quarantined (parked) in the store.
+    pub quarantined: Vec<crate::model::dead_letter::DeadLetter>,
 }

@@ -86,7 +86,8 @@ impl InternalEvent for EventProcessed<'_> {
 
 /// A message became a dead letter.
 pub struct DeadLettered<'a> {
-    /// Where: `decode` (the source) or `handler` (an entity actor).
+    /// Where: `decode` (the source), `handler` (an entity actor) or
+    /// `restore` (a changelog record).
     pub stage: &'static str,
     /// The error code, from a bounded set.
     pub code: &'a str,

@@ -270,16 +270,7 @@ impl Pipeline {
                 stats: stats.clone(),
                 reject: Box::new(move |dl| {
                     // Recorded like any dead letter (deduplicated by position).
-                    let _ = writer.send(WriterMsg::Write(Box::new(WriteIntent {
-                        entity: None,
-                        dead_letter: Some(dl),
-                        outbox: Vec::new(),
-                        anomalies: Vec::new(),
-                        history: Vec::new(),
-                        ack: None,
-                        durable: None,
-                        resolve_dead_letter: None,
-                    })));
+                    let _ = writer.send(WriterMsg::Write(Box::new(WriteIntent::dead_letter(dl))));
                 }),
                 stop: stop_settings.clone(),
                 fatal: fatal.clone(),

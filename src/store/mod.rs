@@ -148,6 +148,18 @@ pub struct CommitBatch {
     pub changelog_done: Vec<(Home, String)>,
 }
 
+/// What [`Store::restore`] found besides the records it wrote.
+#[derive(Debug, Default)]
+pub struct Restored {
+    /// Live records of entities that live here under another partition,
+    /// for their actors to merge.
+    pub conflicts: Vec<EntityRecord>,
+    /// The records that could not be decoded, by their index in the
+    /// records given, with the reason: each one's entity is quarantined
+    /// (parked).
+    pub corrupt: Vec<(usize, String)>,
+}
+
 /// An entity's home partition, before and after a batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HomeChange {
@@ -228,12 +240,17 @@ pub trait Store: Send + Sync + 'static {
     /// home (the entity moved partitions) does not replace it: a forwarding
     /// stub is dropped, and a live record is returned, to be merged by the
     /// entity's actor.
+    ///
+    /// A record that cannot be decoded quarantines its entity: the store's
+    /// own record of it (or a new, empty one) is kept and parked, so its
+    /// events wait for an operator, and the entity is returned with the
+    /// reason. The rest of the partition restores.
     fn restore(
         &self,
         input: &Home,
         records: &[(String, Vec<u8>)],
         changelog: &Checkpoint,
-    ) -> Result<Vec<EntityRecord>>;
+    ) -> Result<Restored>;
     /// Removes everything held for an input partition this instance no longer
     /// owns: its checkpoint, its changelog position, and its entities (with
     /// their history and parked entries). Returns how many entities went.

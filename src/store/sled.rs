@@ -13,6 +13,47 @@ pub struct SledStore {
 }
 
 impl SledStore {
+    /// Adds to `b` what quarantines `id`, whose restored record is corrupt:
+    /// the record this store holds (or a new one) at `input`, parked with
+    /// the reason, so its events wait for an operator instead of being
+    /// applied to a state that lacks the lost record. An entity that lives
+    /// on here under another partition is left alone.
+    fn quarantine(&self, b: &mut ::sled::Batch, input: &Home, id: &str, reason: &str) -> Result<()> {
+        let k = key(ENTITY, id.as_bytes());
+        let local = match self.tree.get(&k)? {
+            Some(v) => decode::<EntityRecord>(&k, &v).ok(),
+            None => None,
+        };
+        let mut record = match local {
+            Some(r)
+                if r.placement.moved_to.is_none()
+                    && r.placement.home.as_ref().is_some_and(|h| h != input) =>
+            {
+                return Ok(());
+            }
+            Some(r) => r,
+            None => EntityRecord::new(id, ""),
+        };
+        record.placement = crate::model::fold::Placement {
+            home: Some(input.clone()),
+            moved_to: None,
+        };
+        if record.parking.parked.is_none() {
+            let since = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            record.parking.parked = Some(crate::model::fold::Parked {
+                event_id: String::new(),
+                reason: format!("quarantined: its changelog record is corrupt ({reason}); its events are held until an operator releases the entity"),
+                since,
+            });
+        }
+        b.insert(index_key(input, id), &[][..]);
+        b.insert(key(PARKED, id.as_bytes()), &[][..]);
+        b.insert(k, encode(&record));
+        Ok(())
+    }
+
     /// Opens (or creates) the store in `dir`. `cache_mb` bounds sled's page cache.
     pub fn open(dir: &Path, cache_mb: u64) -> Result<Self> {
         let db = ::sled::Config::new()
@@ -231,12 +272,21 @@ impl Store for SledStore {
         input: &Home,
         records: &[(String, Vec<u8>)],
         changelog: &Checkpoint,
-    ) -> Result<Vec<EntityRecord>> {
+    ) -> Result<Restored> {
         let mut b = ::sled::Batch::default();
         let mut conflicts = Vec::new();
-        for (id, bytes) in records {
+        let mut corrupt = Vec::new();
+        for (i, (id, bytes)) in records.iter().enumerate() {
             let k = key(ENTITY, id.as_bytes());
-            let record: EntityRecord = decode(&k, bytes)?;
+            let record: EntityRecord = match decode(&k, bytes) {
+                Ok(r) => r,
+                Err(e) => {
+                    let reason = e.to_string();
+                    self.quarantine(&mut b, input, id, &reason)?;
+                    corrupt.push((i, reason));
+                    continue;
+                }
+            };
             if let Some(old) = self.tree.get(&k)? {
                 if let Ok(old) = decode::<EntityRecord>(&k, &old) {
                     let elsewhere = old
@@ -273,7 +323,7 @@ impl Store for SledStore {
         );
         b.remove(checkpoint_key(&input.topic, input.partition));
         self.tree.apply_batch(b)?;
-        Ok(conflicts)
+        Ok(Restored { conflicts, corrupt })
     }
 
     fn purge_partition(&self, input: &Home, changelog_topic: &str) -> Result<u64> {

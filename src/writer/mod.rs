@@ -62,6 +62,22 @@ pub struct WriteIntent {
     pub resolve_dead_letter: Option<(DeadLetterRef, &'static str)>,
 }
 
+impl WriteIntent {
+    /// An intent that only records a dead letter (no offset to acknowledge).
+    pub fn dead_letter(dead_letter: DeadLetter) -> Self {
+        WriteIntent {
+            entity: None,
+            dead_letter: Some(dead_letter),
+            outbox: Vec::new(),
+            anomalies: Vec::new(),
+            history: Vec::new(),
+            ack: None,
+            durable: None,
+            resolve_dead_letter: None,
+        }
+    }
+}
+
 /// One entity record to write.
 #[derive(Debug)]
 pub struct EntityWrite {

@@ -54,14 +54,16 @@ fn restore_keeps_an_entity_that_moved_here() {
             ],
             &changelog,
         )
-        .unwrap();
+        .unwrap()
+        .conflicts;
     assert!(conflicts.is_empty(), "{conflicts:?}");
     assert_eq!(store.load_entity("a").unwrap(), Some(live_here.clone()));
     assert_eq!(store.load_entity("b").unwrap(), Some(record("b", 1, None)));
     assert_eq!(store.load_entity("c").unwrap(), Some(record("c", 1, None)));
     let conflicts = store
         .restore(&home(1), &[restored(&record("a", 1, None))], &changelog)
-        .unwrap();
+        .unwrap()
+        .conflicts;
     assert_eq!(conflicts, vec![record("a", 1, None)]);
     assert_eq!(store.load_entity("a").unwrap(), Some(live_here));
 }

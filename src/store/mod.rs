@@ -57,6 +57,12 @@ pub enum StoreError {
     /// sled reported an I/O or internal error.
     #[error("store I/O failed: {0}; check the data dir's disk and permissions")]
     Sled(#[from] ::sled::Error),
+    /// Another process holds the data dir's lock.
+    #[error("the store in {dir} is locked by another process; two instances cannot share a data_dir, so give each its own or stop the other one")]
+    Locked {
+        /// The data dir.
+        dir: String,
+    },
     /// A value could not be decoded.
     #[error("stored value under key {key:?} is corrupt: {reason}")]
     Corrupt {

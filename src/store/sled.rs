@@ -55,13 +55,37 @@ impl SledStore {
     }
 
     /// Opens (or creates) the store in `dir`. `cache_mb` bounds sled's page cache.
+    ///
+    /// sled locks the directory. A store of this process that was just
+    /// dropped can hold the lock a little longer, until sled's background
+    /// threads let go of it, so a locked directory is tried again for up to
+    /// [`LOCK_WAIT`] before [`StoreError::Locked`] is returned.
     pub fn open(dir: &Path, cache_mb: u64) -> Result<Self> {
-        let db = ::sled::Config::new()
+        Self::open_waiting(dir, cache_mb, LOCK_WAIT)
+    }
+
+    /// [`SledStore::open`], waiting up to `lock_wait` for a locked directory.
+    pub fn open_waiting(dir: &Path, cache_mb: u64, lock_wait: std::time::Duration) -> Result<Self> {
+        let config = ::sled::Config::new()
             .path(dir)
             .cache_capacity(cache_mb.saturating_mul(1024 * 1024))
             // orderly flushes after every batch; a timer flush would only add fsyncs.
-            .flush_every_ms(None)
-            .open()?;
+            .flush_every_ms(None);
+        let deadline = std::time::Instant::now() + lock_wait;
+        let db = loop {
+            match config.open() {
+                Ok(db) => break db,
+                Err(e) if is_lock_conflict(&e) => {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(StoreError::Locked {
+                            dir: dir.display().to_string(),
+                        });
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         let tree = db.open_tree("orderly")?;
         let store = SledStore { db, tree };
         store.build_operator_index()?;
@@ -563,6 +587,17 @@ impl Store for SledStore {
             .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
             .unwrap_or(0))
     }
+}
+
+/// How long [`SledStore::open`] waits for a locked directory: long enough
+/// for a store this process just dropped to let go of its lock.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Whether sled refused to open because another handle holds the lock
+/// (sled 0.34 reports it as an I/O error of kind `Other` naming the lock).
+fn is_lock_conflict(e: &::sled::Error) -> bool {
+    matches!(e, ::sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock
+        || io.to_string().contains("could not acquire lock"))
 }
 
 /// Outbox bundles stay below this many bytes (about). sled writes a node

@@ -476,3 +476,24 @@ fn a_damaged_frame_is_corrupt() {
         assert!(matches!(err, StoreError::Corrupt { .. }), "{what}: {err}");
     }
 }
+
+/// A directory another handle holds is waited for: opening succeeds once
+/// the holder lets go (a store this process just dropped), and fails with
+/// `Locked`, naming the directory, when it never does.
+#[test]
+fn a_locked_directory_is_waited_for_then_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = SledStore::open(dir.path(), 16).unwrap();
+    let err = SledStore::open_waiting(dir.path(), 16, std::time::Duration::from_millis(200))
+        .err()
+        .expect("the directory is held");
+    assert!(matches!(&err, StoreError::Locked { dir: d } if d.contains(&dir.path().display().to_string())), "{err}");
+    assert!(err.to_string().contains("cannot share a data_dir"), "{err}");
+    let holder = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        drop(first);
+    });
+    let second = SledStore::open_waiting(dir.path(), 16, std::time::Duration::from_secs(10));
+    holder.join().unwrap();
+    assert!(second.is_ok(), "{:?}", second.err());
+}

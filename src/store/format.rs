@@ -9,7 +9,7 @@ use crate::model::fold::{EntityRecord, LogEntry};
 use serde::de::DeserializeOwned;
 
 /// The format version written at the start of every stored value.
-pub const FORMAT_VERSION: u8 = 6;
+pub const FORMAT_VERSION: u8 = 7;
 
 /// A value the store keeps, and how it is read from an older format.
 pub trait Stored: DeserializeOwned {

@@ -20,6 +20,8 @@ pub(super) const PARTITION_INDEX: u8 = b'i';
 pub(super) const CHANGELOG: u8 = b'l';
 /// Outbox records the broker refused for good, kept for operators.
 pub(super) const UNDELIVERABLE: u8 = b'u';
+/// Pieces of spilled entity records.
+pub(super) const SPILL: u8 = b's';
 /// Changelog records committed to the store but not yet acknowledged by the
 /// broker, by the changelog partition (the home) they go to.
 pub(super) const CHANGELOG_PENDING: u8 = b'w';

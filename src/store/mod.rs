@@ -19,6 +19,7 @@
 //! | `h\0<entity id>\0<order key>` | a history entry ([`LogEntry`]) for types that keep history |
 //! | `w\0<input topic>\0<partition, i32 BE><entity id>` | a changelog record the store holds and the broker has not acknowledged yet: the entity's view from that home partition (its record, or a forwarding stub) |
 //! | `u\0<id, u64 BE>` | an [`OutboxRecord`] the broker refused for good (too large, no such topic), with the reason in its `orderly-undeliverable` header |
+//! | `s\0<entity id>\0<chunk, u32 BE>` | a piece of a spilled entity record: an encoded record larger than [`SPILL_BYTES`] is cut into pieces of that size, and its `e` key holds a marker (codec 2) with their count and total length |
 //!
 //! Every value starts with a format-version byte. Version 2 added the
 //! settings version to provenance and the ignored-events count to entity
@@ -26,7 +27,10 @@
 //! records and an explicit partition to outbox records; version 4 grouped
 //! the entity record's fields; version 5 stored provenance once per writing
 //! event; version 6 put a codec byte after the version (0: the body as is,
-//! 1: an LZ4 block) and compresses bodies of 128 bytes or more. Values of
+//! 1: an LZ4 block) and compresses bodies of 128 bytes or more; version 7
+//! added the spill marker (codec 2), so that sled never holds a value or a
+//! leaf large enough for a blob file (sled keeps those in memory, whatever
+//! its cache size: BENCHMARKS.md, "sled keeps large values resident"). Values of
 //! every older version are still read (see [`Stored`]). This module
 //! does not decide what goes into a batch; the writer does.
 //!
@@ -334,6 +338,18 @@ const PLAIN: u8 = 0;
 /// its decompressed size (u32, little endian).
 const LZ4: u8 = 1;
 
+/// The codec byte of a format-7 entity value that was spilled: its pieces
+/// follow under `s` keys; the value holds their count and the whole
+/// encoded length (each u32, little endian).
+pub(crate) const SPILLED: u8 = 2;
+
+/// Encoded entity records larger than this are spilled into pieces of this
+/// size. sled writes a node larger than a quarter of its 512 KiB segment to
+/// a blob file of its own and keeps it in memory for as long as it lives,
+/// whatever the cache size; a leaf holds up to 16 keys, so 16 pieces stay
+/// below that.
+pub const SPILL_BYTES: usize = 6 * 1024;
+
 /// The largest body a stored value may decompress to. A corrupt size prefix
 /// is an error, not an allocation of gigabytes.
 const MAX_BODY: usize = 256 * 1024 * 1024;
@@ -396,6 +412,7 @@ fn unframe(framed: &[u8]) -> std::result::Result<std::borrow::Cow<'_, [u8]>, Str
             }
             Ok(std::borrow::Cow::Owned(body))
         }
+        Some((&SPILLED, _)) => Err("a spilled record's marker was read without its pieces".into()),
         Some((&codec, _)) => Err(format!("unknown codec {codec}")),
         None => Err("the codec byte is missing".into()),
     }
@@ -414,7 +431,8 @@ pub fn decode<T: Stored>(key: &[u8], bytes: &[u8]) -> Result<T> {
             .map_err(corrupt)
     };
     match bytes.first() {
-        Some(&FORMAT_VERSION) => {
+        // Format 7 added the spill marker to format 6, nothing else.
+        Some(&FORMAT_VERSION) | Some(6) => {
             let body = unframe(&bytes[1..]).map_err(|reason| StoreError::Corrupt {
                 key: key_text(),
                 reason,

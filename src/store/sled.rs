@@ -3,13 +3,57 @@
 
 use super::keys::*;
 use super::*;
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+/// The lock, even if a thread panicked while holding it (the map is
+/// rebuilt from the store at the next open).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// The sled implementation of [`Store`].
 #[derive(Clone)]
 pub struct SledStore {
     db: ::sled::Db,
     tree: ::sled::Tree,
+    /// The spilled entities and their piece counts (from the `s` keys at
+    /// open, then kept with every write), so that a write removes the
+    /// pieces a record no longer needs without reading it first.
+    spilled: Arc<Mutex<HashMap<String, u32>>>,
+}
+
+/// The pieces of entity `id`'s record under `s` keys: `s\0<id>\0`.
+fn piece_prefix(id: &[u8]) -> Vec<u8> {
+    let mut k = key(SPILL, id);
+    k.push(0);
+    k
+}
+
+fn piece_key(id: &[u8], n: u32) -> Vec<u8> {
+    let mut k = piece_prefix(id);
+    k.extend_from_slice(&n.to_be_bytes());
+    k
+}
+
+/// The piece count and total length a spill marker holds, if `v` is one.
+fn spill_marker(v: &[u8]) -> Option<(u32, u32)> {
+    match v {
+        [FORMAT_VERSION, SPILLED, rest @ ..] if rest.len() == 8 => Some((
+            u32::from_le_bytes(rest[..4].try_into().ok()?),
+            u32::from_le_bytes(rest[4..].try_into().ok()?),
+        )),
+        _ => None,
+    }
+}
+
+/// Entity writes of one sled batch: what to put in the batch, and the
+/// piece counts to remember once it is applied.
+#[derive(Default)]
+struct EntityPuts {
+    batch: ::sled::Batch,
+    spilled: Vec<(String, u32)>,
 }
 
 impl SledStore {
@@ -18,9 +62,9 @@ impl SledStore {
     /// the reason, so its events wait for an operator instead of being
     /// applied to a state that lacks the lost record. An entity that lives
     /// on here under another partition is left alone.
-    fn quarantine(&self, b: &mut ::sled::Batch, input: &Home, id: &str, reason: &str) -> Result<()> {
+    fn quarantine(&self, b: &mut EntityPuts, input: &Home, id: &str, reason: &str) -> Result<()> {
         let k = key(ENTITY, id.as_bytes());
-        let local = match self.tree.get(&k)? {
+        let local = match self.entity_value(&k)? {
             Some(v) => decode::<EntityRecord>(&k, &v).ok(),
             None => None,
         };
@@ -48,10 +92,105 @@ impl SledStore {
                 since,
             });
         }
-        b.insert(index_key(input, id), &[][..]);
-        b.insert(key(PARKED, id.as_bytes()), &[][..]);
-        b.insert(k, encode(&record));
+        b.batch.insert(index_key(input, id), &[][..]);
+        b.batch.insert(key(PARKED, id.as_bytes()), &[][..]);
+        self.put_entity_value(b, id, &encode(&record));
         Ok(())
+    }
+
+    /// Adds entity `id`'s encoded record to `b`: under its `e` key, or,
+    /// when larger than [`SPILL_BYTES`], in pieces under `s` keys with a
+    /// marker under the `e` key. Pieces an earlier, larger record left are
+    /// removed.
+    fn put_entity_value(&self, b: &mut EntityPuts, id: &str, value: &[u8]) {
+        let old = lock(&self.spilled).get(id).copied().unwrap_or(0);
+        let k = key(ENTITY, id.as_bytes());
+        let pieces = if value.len() > SPILL_BYTES {
+            let mut n = 0u32;
+            for piece in value.chunks(SPILL_BYTES) {
+                b.batch.insert(piece_key(id.as_bytes(), n), piece);
+                n += 1;
+            }
+            let mut marker = vec![FORMAT_VERSION, SPILLED];
+            marker.extend_from_slice(&n.to_le_bytes());
+            marker.extend_from_slice(&(value.len() as u32).to_le_bytes());
+            b.batch.insert(k, marker);
+            n
+        } else {
+            b.batch.insert(k, value);
+            0
+        };
+        for n in pieces..old {
+            b.batch.remove(piece_key(id.as_bytes(), n));
+        }
+        if pieces != old {
+            b.spilled.push((id.to_owned(), pieces));
+        }
+    }
+
+    /// Removes entity `id`'s record and its pieces.
+    fn remove_entity_value(&self, b: &mut EntityPuts, id: &[u8]) {
+        let id_text = String::from_utf8_lossy(id);
+        let old = lock(&self.spilled).get(id_text.as_ref()).copied().unwrap_or(0);
+        b.batch.remove(key(ENTITY, id));
+        for n in 0..old {
+            b.batch.remove(piece_key(id, n));
+        }
+        if old > 0 {
+            b.spilled.push((id_text.into_owned(), 0));
+        }
+    }
+
+    /// Applies `b`, then remembers its piece counts.
+    fn apply(&self, b: EntityPuts) -> Result<()> {
+        self.tree.apply_batch(b.batch)?;
+        let mut spilled = lock(&self.spilled);
+        for (id, n) in b.spilled {
+            if n == 0 {
+                spilled.remove(&id);
+            } else {
+                spilled.insert(id, n);
+            }
+        }
+        Ok(())
+    }
+
+    /// The encoded record under entity key `k`, its pieces put together
+    /// when it was spilled.
+    fn entity_value(&self, k: &[u8]) -> Result<Option<std::borrow::Cow<'static, [u8]>>> {
+        match self.tree.get(k)? {
+            Some(v) => self.unspill(k, v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// `v`, read under entity key `k`, or the record its pieces hold when
+    /// it is a spill marker.
+    fn unspill(&self, k: &[u8], v: ::sled::IVec) -> Result<std::borrow::Cow<'static, [u8]>> {
+        let Some((n, len)) = spill_marker(&v) else {
+            return Ok(std::borrow::Cow::Owned(v.to_vec()));
+        };
+        let corrupt = |reason: String| StoreError::Corrupt {
+            key: String::from_utf8_lossy(k).into_owned(),
+            reason,
+        };
+        let len = len as usize;
+        if len > n as usize * SPILL_BYTES {
+            return Err(corrupt(format!(
+                "the spill marker claims {len} bytes in {n} pieces of at most {SPILL_BYTES}"
+            )));
+        }
+        let mut out = Vec::with_capacity(len);
+        for piece in self.tree.scan_prefix(piece_prefix(&k[2..])).values().take(n as usize) {
+            out.extend_from_slice(&piece?);
+        }
+        if out.len() != len {
+            return Err(corrupt(format!(
+                "the spilled record's pieces hold {} bytes, its marker says {len}",
+                out.len()
+            )));
+        }
+        Ok(std::borrow::Cow::Owned(out))
     }
 
     /// Opens (or creates) the store in `dir`. `cache_mb` bounds sled's page cache.
@@ -87,7 +226,26 @@ impl SledStore {
             }
         };
         let tree = db.open_tree("orderly")?;
-        let store = SledStore { db, tree };
+        let mut spilled: HashMap<String, u32> = HashMap::new();
+        for k in tree.scan_prefix(key(SPILL, b"")).keys() {
+            let k = k?;
+            // `s\0<id>\0<n, u32 BE>`: the highest piece number plus one.
+            if let Some((id, n)) = k
+                .len()
+                .checked_sub(5)
+                .filter(|&nul| nul >= 2 && k[nul] == 0)
+                .map(|nul| (&k[2..nul], &k[nul + 1..]))
+            {
+                let n = u32::from_be_bytes(n.try_into().unwrap_or_default()) + 1;
+                let e = spilled.entry(String::from_utf8_lossy(id).into_owned()).or_default();
+                *e = (*e).max(n);
+            }
+        }
+        let store = SledStore {
+            db,
+            tree,
+            spilled: Arc::new(Mutex::new(spilled)),
+        };
         store.build_operator_index()?;
         Ok(store)
     }
@@ -128,8 +286,9 @@ impl SledStore {
     /// Overwrites one entity record directly, outside the pipeline. For
     /// repairs and for tests that corrupt state on purpose.
     pub fn put_entity(&self, record: &EntityRecord) -> Result<()> {
-        self.tree
-            .insert(key(ENTITY, record.entity_id.as_bytes()), encode(record))?;
+        let mut b = EntityPuts::default();
+        self.put_entity_value(&mut b, &record.entity_id, &encode(record));
+        self.apply(b)?;
         self.tree.flush()?;
         Ok(())
     }
@@ -158,17 +317,18 @@ impl SledStore {
 impl Store for SledStore {
     fn load_entity(&self, entity_id: &str) -> Result<Option<EntityRecord>> {
         let k = key(ENTITY, entity_id.as_bytes());
-        match self.tree.get(&k)? {
+        match self.entity_value(&k)? {
             Some(v) => Ok(Some(decode(&k, &v)?)),
             None => Ok(None),
         }
     }
 
     fn commit(&self, batch: &CommitBatch) -> Result<()> {
-        let mut b = ::sled::Batch::default();
+        let mut puts = EntityPuts::default();
         for (id, bytes) in &batch.entities {
-            b.insert(key(ENTITY, id.as_bytes()), bytes.as_slice());
+            self.put_entity_value(&mut puts, id, bytes);
         }
+        let b = &mut puts.batch;
         for dl in &batch.dead_letters {
             b.insert(key(DEAD_LETTER, &dl.id.to_be_bytes()), encode(dl));
             b.insert(
@@ -242,8 +402,7 @@ impl Store for SledStore {
         for (home, id) in &batch.changelog_done {
             b.remove(pending_key(home, id));
         }
-        self.tree.apply_batch(b)?;
-        Ok(())
+        self.apply(puts)
     }
 
     fn changelog_pending(&self, home: &Home) -> Result<Vec<String>> {
@@ -297,7 +456,7 @@ impl Store for SledStore {
         records: &[(String, Vec<u8>)],
         changelog: &Checkpoint,
     ) -> Result<Restored> {
-        let mut b = ::sled::Batch::default();
+        let mut b = EntityPuts::default();
         let mut conflicts = Vec::new();
         let mut corrupt = Vec::new();
         for (i, (id, bytes)) in records.iter().enumerate() {
@@ -311,7 +470,7 @@ impl Store for SledStore {
                     continue;
                 }
             };
-            if let Some(old) = self.tree.get(&k)? {
+            if let Some(old) = self.entity_value(&k)? {
                 if let Ok(old) = decode::<EntityRecord>(&k, &old) {
                     let elsewhere = old
                         .placement.home
@@ -326,27 +485,27 @@ impl Store for SledStore {
                     }
                     // Keep the partition index exact when the record lived elsewhere.
                     if let Some(h) = elsewhere {
-                        b.remove(index_key(h, id));
+                        b.batch.remove(index_key(h, id));
                     }
                 }
             }
-            b.insert(
+            b.batch.insert(
                 index_key(record.placement.home.as_ref().unwrap_or(input), id),
                 &[][..],
             );
             if record.parking.parked.is_some() {
-                b.insert(key(PARKED, id.as_bytes()), &[][..]);
+                b.batch.insert(key(PARKED, id.as_bytes()), &[][..]);
             } else {
-                b.remove(key(PARKED, id.as_bytes()));
+                b.batch.remove(key(PARKED, id.as_bytes()));
             }
-            b.insert(k, bytes.as_slice());
+            self.put_entity_value(&mut b, id, bytes);
         }
-        b.insert(
+        b.batch.insert(
             changelog_key(&changelog.tp.topic, changelog.tp.partition),
             changelog.next_offset.to_be_bytes().to_vec(),
         );
-        b.remove(checkpoint_key(&input.topic, input.partition));
-        self.tree.apply_batch(b)?;
+        b.batch.remove(checkpoint_key(&input.topic, input.partition));
+        self.apply(b)?;
         Ok(Restored { conflicts, corrupt })
     }
 
@@ -372,19 +531,19 @@ impl Store for SledStore {
             if keys.is_empty() {
                 break;
             }
-            let mut b = ::sled::Batch::default();
+            let mut b = EntityPuts::default();
             for k in &keys {
                 let id = &k[prefix.len()..];
-                b.remove(key(ENTITY, id));
-                b.remove(key(PARKED, id));
+                self.remove_entity_value(&mut b, id);
+                b.batch.remove(key(PARKED, id));
                 let entity = String::from_utf8_lossy(id);
                 for h in self.tree.scan_prefix(history_prefix(&entity)).keys() {
-                    b.remove(h?);
+                    b.batch.remove(h?);
                 }
-                b.remove(k.clone());
+                b.batch.remove(k.clone());
                 purged += 1;
             }
-            self.tree.apply_batch(b)?;
+            self.apply(b)?;
         }
         self.tree.flush()?;
         Ok(purged)
@@ -462,7 +621,7 @@ impl Store for SledStore {
     fn entities(&self) -> Box<dyn Iterator<Item = Result<EntityRecord>> + '_> {
         Box::new(self.tree.scan_prefix(key(ENTITY, b"")).map(|kv| {
             let (k, v) = kv?;
-            decode(&k, &v)
+            decode(&k, &self.unspill(&k, v)?)
         }))
     }
 

@@ -497,3 +497,96 @@ fn a_locked_directory_is_waited_for_then_refused() {
     holder.join().unwrap();
     assert!(second.is_ok(), "{:?}", second.err());
 }
+
+/// Random letters: LZ4 cannot shrink them, so the record stays large.
+fn noise(len: usize, seed: u64) -> String {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (b'a' + (x % 26) as u8) as char
+        })
+        .collect()
+}
+
+/// A record larger than SPILL_BYTES is stored in pieces under `s` keys and
+/// read back whole; a smaller record later removes the pieces it no longer
+/// needs, and so does a purge; the piece counts survive a reopen; a large
+/// record stored inline by format 6 still reads.
+#[test]
+fn large_records_spill_into_pieces_and_leave_none_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = Home::new("in", 0);
+    let commit = |store: &SledStore, r: &EntityRecord| {
+        let mut r = r.clone();
+        r.placement.home = Some(home.clone());
+        store
+            .commit(&CommitBatch {
+                entities: vec![(r.entity_id.clone(), encode(&r))],
+                homes: vec![crate::store::HomeChange {
+                    entity: r.entity_id.clone(),
+                    from: None,
+                    to: home.clone(),
+                }],
+                ..Default::default()
+            })
+            .unwrap();
+        r
+    };
+    let pieces = |store: &SledStore| store.usage().unwrap().get(&'s').map_or(0, |u| u.0);
+    let store = SledStore::open(dir.path(), 16).unwrap();
+    let big = commit(&store, &record_with_notes(noise(100_000, 1)));
+    let n = pieces(&store);
+    assert!(n >= (100_000 / SPILL_BYTES) as u64, "{n} pieces");
+    assert_eq!(store.load_entity("lead-1").unwrap().as_ref(), Some(&big));
+    assert_eq!(store.entities().next().unwrap().unwrap(), big);
+    // The marker under the e key is small.
+    let marker = store.tree.get(key(ENTITY, b"lead-1")).unwrap().unwrap();
+    assert_eq!(marker.len(), 10);
+    // Smaller, still spilled: fewer pieces.
+    let smaller = commit(&store, &record_with_notes(noise(30_000, 2)));
+    assert!(pieces(&store) < n);
+    assert_eq!(store.load_entity("lead-1").unwrap().as_ref(), Some(&smaller));
+    drop(store);
+    // After a reopen the piece count is known again: a small record removes them all.
+    let store = SledStore::open(dir.path(), 16).unwrap();
+    let small = commit(&store, &record_with_notes("short".into()));
+    assert_eq!(pieces(&store), 0);
+    assert_eq!(store.load_entity("lead-1").unwrap().as_ref(), Some(&small));
+    // A purge removes the pieces too.
+    commit(&store, &record_with_notes(noise(50_000, 3)));
+    assert!(pieces(&store) > 0);
+    assert_eq!(store.purge_partition(&home, "in.changelog").unwrap(), 1);
+    assert_eq!(pieces(&store), 0);
+    assert_eq!(store.load_entity("lead-1").unwrap(), None);
+    // Format 6 stored every record inline: it still reads.
+    let old = record_with_notes(noise(20_000, 4));
+    let mut inline = encode(&old);
+    inline[0] = 6;
+    store.tree.insert(key(ENTITY, b"lead-1"), inline).unwrap();
+    assert_eq!(store.load_entity("lead-1").unwrap().as_ref(), Some(&old));
+}
+
+/// A spill marker whose pieces are missing or short is a Corrupt error that
+/// names the key, not a panic or a wrong record.
+#[test]
+fn a_spill_marker_without_its_pieces_is_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path(), 16).unwrap();
+    let mut marker = vec![FORMAT_VERSION, SPILLED];
+    marker.extend_from_slice(&3u32.to_le_bytes());
+    marker.extend_from_slice(&10_000u32.to_le_bytes());
+    store.tree.insert(key(ENTITY, b"lead-9"), marker.clone()).unwrap();
+    let err = store.load_entity("lead-9").unwrap_err();
+    assert!(matches!(&err, StoreError::Corrupt { key, .. } if key.contains("lead-9")), "{err}");
+    // A marker that claims more than its pieces can hold.
+    marker[6..].copy_from_slice(&u32::MAX.to_le_bytes());
+    store.tree.insert(key(ENTITY, b"lead-9"), marker).unwrap();
+    assert!(matches!(store.load_entity("lead-9"), Err(StoreError::Corrupt { .. })));
+    // decode alone refuses a marker.
+    let mut m = vec![FORMAT_VERSION, SPILLED];
+    m.extend_from_slice(&[0; 8]);
+    assert!(matches!(decode::<EntityRecord>(b"e", &m), Err(StoreError::Corrupt { .. })));
+}

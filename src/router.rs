@@ -45,6 +45,15 @@ struct Handle {
     tp: TopicPartition,
 }
 
+/// How many live actors the shards of a router keep, at most.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Actors, over all shards.
+    pub actors: usize,
+    /// Bytes of their records (encoded size), over all shards.
+    pub bytes: u64,
+}
+
 /// One shard: the entity actors on one Arbiter.
 pub struct Shard {
     shared: Arc<Shared>,
@@ -53,45 +62,78 @@ pub struct Shard {
     /// Most actors kept alive on this shard; beyond it the least recently
     /// used quiescent ones are passivated.
     max_actors: usize,
+    /// Most bytes this shard's actors' records may take; beyond it the
+    /// least recently used quiescent ones are passivated.
+    max_bytes: u64,
+    /// What this shard's actors' records take now: each actor adds the
+    /// change in its record's size, and takes its size away when it stops.
+    live_bytes: Arc<std::sync::atomic::AtomicI64>,
+    /// When a passivation over the byte budget last found nothing to stop:
+    /// the scan waits a little before it is tried again.
+    bytes_scan_missed: Option<Instant>,
     entities: HashMap<String, Handle>,
 }
 
 impl Shard {
-    /// A shard whose actors are passivated after `idle`.
+    /// A shard whose actors are passivated after `idle`, or beyond `limits`
+    /// (this shard's share).
     pub fn new(
         shared: Arc<Shared>,
         idle: Duration,
         busy: Arc<crate::stall::Busy>,
-        max_actors: usize,
+        limits: Limits,
     ) -> Self {
         Shard {
             shared,
             busy,
             idle,
-            max_actors: max_actors.max(1),
+            max_actors: limits.actors.max(1),
+            max_bytes: limits.bytes.max(1),
+            live_bytes: Arc::default(),
+            bytes_scan_missed: None,
             entities: HashMap::new(),
         }
     }
 
     /// Above `max_actors` (plus a tenth, so this runs once per many new
-    /// actors), passivates the least recently used quiescent actors down to
-    /// `max_actors`: memory follows the hot set, not every key ever seen.
+    /// actors) or `max_bytes` (likewise), passivates the least recently used
+    /// quiescent actors down to both: memory follows the hot set, not every
+    /// key ever seen, and large records cannot fill it below `max_actors`.
     fn passivate_over_cap(&mut self) {
-        if self.entities.len() <= self.max_actors + self.max_actors / 10 {
+        let live = self.live_bytes.load(std::sync::atomic::Ordering::Relaxed).max(0) as u64;
+        let over_count = self.entities.len() > self.max_actors + self.max_actors / 10;
+        let over_bytes = live > self.max_bytes + self.max_bytes / 10
+            && self
+                .bytes_scan_missed
+                .is_none_or(|t| t.elapsed() >= Duration::from_millis(100));
+        if !over_count && !over_bytes {
             return;
         }
-        let mut idle: Vec<(Instant, String)> = self
+        let mut idle: Vec<(Instant, String, u64)> = self
             .entities
             .iter()
             .filter(|(_, h)| h.status.quiescent(h.delivered))
-            .map(|(k, h)| (h.last_delivery, k.clone()))
+            .map(|(k, h)| {
+                let bytes = h.status.bytes.load(std::sync::atomic::Ordering::Relaxed);
+                (h.last_delivery, k.clone(), bytes)
+            })
             .collect();
-        let excess = self.entities.len().saturating_sub(self.max_actors);
-        if idle.len() > excess {
-            idle.select_nth_unstable(excess);
-            idle.truncate(excess);
-        }
-        for (_, k) in &idle {
+        idle.sort_unstable_by_key(|(at, _, _)| *at);
+        // Oldest first, until both the count and the bytes are within bounds.
+        let mut excess = self.entities.len().saturating_sub(self.max_actors);
+        let mut excess_bytes = live.saturating_sub(self.max_bytes);
+        let stop = idle
+            .iter()
+            .take_while(|(_, _, bytes)| {
+                let go = excess > 0 || excess_bytes > 0;
+                excess = excess.saturating_sub(1);
+                excess_bytes = excess_bytes.saturating_sub(*bytes);
+                go
+            })
+            .count();
+        idle.truncate(stop);
+        self.bytes_scan_missed = (over_bytes && excess_bytes > 0).then(Instant::now);
+        for (_, k, _) in &idle {
             self.entities.remove(k);
         }
         if !idle.is_empty() {
@@ -125,7 +167,11 @@ impl Actor for Shard {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         let every = (self.idle / 2).clamp(Duration::from_millis(10), Duration::from_secs(5));
-        ctx.run_interval(every, |shard, _| shard.passivate_idle());
+        ctx.run_interval(every, |shard, _| {
+            shard.passivate_idle();
+            // Records also grow without new actors: check the budget too.
+            shard.passivate_over_cap();
+        });
     }
 }
 
@@ -140,6 +186,7 @@ impl Shard {
                 self.shared.clone(),
                 status.clone(),
                 self.busy.clone(),
+                self.live_bytes.clone(),
             );
             self.entities.insert(
                 entity_id.to_owned(),
@@ -272,9 +319,13 @@ impl Router {
         shared: Arc<Shared>,
         idle: Duration,
         busy: &[Arc<crate::stall::Busy>],
-        max_actors: usize,
+        limits: Limits,
     ) -> Router {
-        let per_shard = max_actors.div_ceil(arbiters.len().max(1));
+        let n = arbiters.len().max(1);
+        let per_shard = Limits {
+            actors: limits.actors.div_ceil(n),
+            bytes: limits.bytes.div_ceil(n as u64),
+        };
         let shards = arbiters
             .iter()
             .zip(busy)

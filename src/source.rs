@@ -339,6 +339,9 @@ pub struct Source {
     stats: Arc<Stats>,
     high: i64,
     low: i64,
+    /// The in-flight byte marks.
+    bytes_high: i64,
+    bytes_low: i64,
     topic_names: std::cell::RefCell<HashMap<String, Arc<str>>>,
     settings: Arc<crate::settings::Settings>,
     purge_after: Duration,
@@ -437,6 +440,8 @@ impl Source {
             stats: parts.stats,
             high: config.in_flight_high as i64,
             low: config.in_flight_low as i64,
+            bytes_high: mib(config.in_flight_mb_high),
+            bytes_low: mib(config.in_flight_mb_low),
             topic_names: Default::default(),
             settings: parts.settings,
             purge_after: Duration::from_millis(config.purge_after_ms),
@@ -470,15 +475,16 @@ impl Source {
                 last_commit = Instant::now();
             }
             let in_flight = self.stats.source.in_flight.load(Relaxed);
-            if !paused && in_flight >= self.high {
+            let bytes = self.stats.source.in_flight_bytes.load(Relaxed);
+            if !paused && (in_flight >= self.high || bytes >= self.bytes_high) {
                 paused = true;
                 let partitions = lock(&self.consumer.context().assigned).len();
                 emit(PartitionsPaused { paused: partitions }, &self.stats);
-                tracing::debug!(in_flight, "backpressure: not taking messages");
-            } else if paused && in_flight <= self.low {
+                tracing::debug!(in_flight, bytes, "backpressure: not taking messages");
+            } else if paused && in_flight <= self.low && bytes <= self.bytes_low {
                 paused = false;
                 emit(PartitionsPaused { paused: 0 }, &self.stats);
-                tracing::debug!(in_flight, "backpressure released");
+                tracing::debug!(in_flight, bytes, "backpressure released");
             }
             if paused {
                 // librdkafka keeps heartbeating on its own threads; the group
@@ -606,9 +612,10 @@ impl Source {
                 &self.stats,
             );
         }
-        emit(EventReceived, &self.stats);
         let kafka_ts = m.timestamp().to_millis();
         let headers = crate::kafka::headers_of(m);
+        let bytes = message_bytes(m.key(), m.payload(), &headers);
+        emit(EventReceived { bytes }, &self.stats);
         let content_type = headers
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
@@ -632,6 +639,7 @@ impl Source {
                     received_at,
                     parent,
                     traced,
+                    bytes,
                 });
             }
             Err(e) => {
@@ -692,6 +700,7 @@ impl Source {
                         occurred_at: None,
                         outcome: "dead-lettered",
                         span,
+                        bytes,
                     }),
                     durable: None,
                     resolve_dead_letter: None,
@@ -700,4 +709,16 @@ impl Source {
             }
         }
     }
+}
+
+/// A message's size as the in-flight byte count sees it: key, value and
+/// headers.
+pub fn message_bytes(key: Option<&[u8]>, value: Option<&[u8]>, headers: &[(String, Vec<u8>)]) -> u64 {
+    let h: usize = headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+    (key.map_or(0, <[u8]>::len) + value.map_or(0, <[u8]>::len) + h) as u64
+}
+
+/// `mb` MiB in bytes, as the in-flight gauges count them.
+pub(crate) fn mib(mb: u64) -> i64 {
+    mb.saturating_mul(1024 * 1024).min(i64::MAX as u64) as i64
 }

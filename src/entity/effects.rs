@@ -147,7 +147,7 @@ impl EntityActor {
     }
 
     /// Sends one write intent to the writer.
-    pub(super) fn send(&mut self, entity_changed: bool, fx: Effects, ack: Option<Ack>) {
+    pub(super) fn send(&mut self, entity_changed: bool, fx: Effects, mut ack: Option<Ack>) {
         let entity = entity_changed
             .then(|| {
                 self.record.as_ref().map(|r| {
@@ -165,6 +165,17 @@ impl EntityActor {
             .flatten();
         if let Some(w) = &entity {
             self.stored_home = w.home.clone();
+            let size = self.body_len.unwrap_or(0) as u64;
+            let before = self.status.bytes.swap(size, Relaxed);
+            self.shard_bytes
+                .fetch_add(size as i64 - before as i64, Relaxed);
+            if let Some(ack) = &mut ack {
+                // The copy waits in the writer's queue and batch until the
+                // event is durable: memory the source must count.
+                let bytes = w.bytes.len() as u64;
+                ack.bytes += bytes;
+                emit(crate::internal_events::InFlightBytesAdded { bytes }, &self.shared.stats);
+            }
         }
         let intent = WriteIntent {
             entity,
@@ -217,6 +228,7 @@ pub(super) fn ack_of(d: &Delivery, read_start: SystemTime, outcome: &'static str
         occurred_at: Some(d.event.occurred_at),
         outcome,
         span,
+        bytes: d.bytes,
     }
 }
 

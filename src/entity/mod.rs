@@ -85,6 +85,9 @@ pub struct Delivery {
     pub parent: Option<SpanContext>,
     /// Whether to gather span data.
     pub traced: bool,
+    /// The message's size (key, value, headers), counted in flight until
+    /// the event is durable.
+    pub bytes: u64,
 }
 
 /// Counters the router reads to decide whether an actor may be passivated.
@@ -96,6 +99,9 @@ pub struct EntityStatus {
     pub writes_sent: AtomicU64,
     /// Write intents made durable (incremented by the writer).
     pub durable: Arc<AtomicU64>,
+    /// The size of the actor's record when last encoded (the body before
+    /// compression), for the shard's memory budget.
+    pub bytes: AtomicU64,
 }
 
 impl EntityStatus {
@@ -140,6 +146,9 @@ pub struct EntityActor {
     /// The record's body length before compression, when known (see
     /// [`Shared::record_limit`]).
     body_len: Option<usize>,
+    /// The shard's total of its actors' record sizes, which this actor
+    /// keeps up to date with its own ([`EntityStatus::bytes`]).
+    shard_bytes: Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl EntityActor {
@@ -149,6 +158,7 @@ impl EntityActor {
         shared: Arc<Shared>,
         status: Arc<EntityStatus>,
         busy: Arc<crate::stall::Busy>,
+        shard_bytes: Arc<std::sync::atomic::AtomicI64>,
     ) -> Self {
         EntityActor {
             id,
@@ -160,6 +170,7 @@ impl EntityActor {
             busy,
             stored_home: None,
             body_len: None,
+            shard_bytes,
         }
     }
 }
@@ -172,6 +183,8 @@ impl Actor for EntityActor {
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
+        let bytes = self.status.bytes.swap(0, Relaxed);
+        self.shard_bytes.fetch_sub(bytes as i64, Relaxed);
         emit(ActorStopped, &self.shared.stats);
     }
 }
@@ -276,6 +289,9 @@ impl EntityActor {
                 now + 2 * crate::store::body_len(&d.event) + 1024 + 2 > *l
             })
             .map(|l| (l, record.clone()));
+        // Tests make handlers slow here (`entity.handle=sleep(MS)`); an
+        // error or exit there is not a handler's outcome and is ignored.
+        let _ = crate::failpoint::hit("entity.handle");
         let mut result = record.process(&d.event, &origin, processed_at, &shared.handlers, &settings);
         busy.end();
         if let (Some((limit, before)), Ok(_)) = (fallback, &result) {

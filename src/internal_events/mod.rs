@@ -82,6 +82,7 @@ impl InternalEvent for GaugesSampled<'_> {
         gauge!("orderly_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
         gauge!("orderly_active_actors").set(stats.entities.active_actors.load(Relaxed) as f64);
         gauge!("orderly_in_flight_events").set(stats.source.in_flight.load(Relaxed) as f64);
+        gauge!("orderly_in_flight_bytes").set(stats.source.in_flight_bytes.load(Relaxed) as f64);
         gauge!("orderly_paused_partitions").set(stats.source.paused_partitions.load(Relaxed) as f64);
         gauge!("orderly_dead_letters_open").set(stats.writer.open_dead_letters.load(Relaxed) as f64);
         gauge!("orderly_parked_entities").set(stats.writer.parked_entities.load(Relaxed) as f64);

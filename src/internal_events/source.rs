@@ -5,12 +5,16 @@ use crate::metrics::Stats;
 use std::sync::atomic::Ordering::Relaxed;
 
 /// A Kafka message arrived.
-pub struct EventReceived;
+pub struct EventReceived {
+    /// Its size: key, value and headers.
+    pub bytes: u64,
+}
 
 impl InternalEvent for EventReceived {
     fn emit(self, stats: &Stats) {
         let in_flight = stats.source.in_flight.fetch_add(1, Relaxed) + 1;
         stats.source.max_in_flight.fetch_max(in_flight, Relaxed);
+        InFlightBytesAdded { bytes: self.bytes }.emit(stats);
         Stats::incr(&stats.source.received);
         ::metrics::counter!("orderly_events_received_total").increment(1);
     }
@@ -53,5 +57,24 @@ impl InternalEvent for OffsetGap<'_> {
         }
         ::metrics::counter!("orderly_offset_gaps_total").increment(1);
         ::metrics::counter!("orderly_offsets_skipped_total").increment(missing.max(0) as u64);
+    }
+}
+
+/// Bytes joined the in-flight total: a message arrived, or a write intent
+/// took a copy of its entity's record to the writer. They leave it when the
+/// event is durable ([`super::EventsDurable`]).
+pub struct InFlightBytesAdded {
+    /// How many.
+    pub bytes: u64,
+}
+
+impl InternalEvent for InFlightBytesAdded {
+    fn emit(self, stats: &Stats) {
+        let bytes = stats
+            .source
+            .in_flight_bytes
+            .fetch_add(self.bytes as i64, Relaxed)
+            + self.bytes as i64;
+        stats.source.max_in_flight_bytes.fetch_max(bytes, Relaxed);
     }
 }

@@ -29,6 +29,8 @@ impl InternalEvent for BatchCommitted {
 pub struct EventsDurable<'a> {
     /// Per message.
     pub latencies: &'a [(Option<u64>, Option<u64>)],
+    /// The in-flight bytes they held, which are freed.
+    pub bytes: u64,
 }
 
 impl InternalEvent for EventsDurable<'_> {
@@ -37,6 +39,10 @@ impl InternalEvent for EventsDurable<'_> {
         stats.record_latencies(self.latencies.iter().copied());
         stats.writer.durable.fetch_add(n as u64, Relaxed);
         stats.source.in_flight.fetch_sub(n as i64, Relaxed);
+        stats
+            .source
+            .in_flight_bytes
+            .fetch_sub(self.bytes as i64, Relaxed);
         ::metrics::counter!("orderly_events_durable_total").increment(n as u64);
         let append =
             ::metrics::histogram!("orderly_record_e2e_latency_seconds", "from" => "append");

@@ -119,6 +119,11 @@ pub const CATALOGUE: &[(&str, Kind, &str)] = &[
         "Messages received and not yet durable.",
     ),
     (
+        "orderly_in_flight_bytes",
+        Kind::Gauge,
+        "Bytes held by messages received and not yet durable, and by the record copies their writes carry.",
+    ),
+    (
         "orderly_paused_partitions",
         Kind::Gauge,
         "Partitions paused for backpressure.",

@@ -53,6 +53,11 @@ pub struct SourceStats {
     pub in_flight: AtomicI64,
     /// The most messages ever in flight at once.
     pub max_in_flight: AtomicI64,
+    /// Bytes held by the messages in flight and by the record copies their
+    /// write intents carry to the writer.
+    pub in_flight_bytes: AtomicI64,
+    /// The most bytes ever in flight at once.
+    pub max_in_flight_bytes: AtomicI64,
     /// Times the source paused its partitions for backpressure.
     pub pauses: AtomicU64,
     /// Partitions paused for backpressure now.
@@ -204,6 +209,10 @@ pub struct GaugeSnapshot {
     pub in_flight: i64,
     /// The most ever in flight at once.
     pub max_in_flight: i64,
+    /// Bytes in flight: messages and their record copies.
+    pub in_flight_bytes: i64,
+    /// The most bytes ever in flight at once.
+    pub max_in_flight_bytes: i64,
     /// Entity actors alive.
     pub active_actors: i64,
     /// Partitions paused for backpressure.
@@ -407,6 +416,8 @@ impl Stats {
             gauges: GaugeSnapshot {
                 in_flight: g(&source.in_flight),
                 max_in_flight: g(&source.max_in_flight),
+                in_flight_bytes: g(&source.in_flight_bytes),
+                max_in_flight_bytes: g(&source.max_in_flight_bytes),
                 active_actors: g(&entities.active_actors),
                 paused_partitions: g(&source.paused_partitions),
                 failed: g(&writer.open_dead_letters),

@@ -93,12 +93,14 @@ fn finish_by(deadline: Instant, f: impl FnOnce() + Send + 'static) -> bool {
 
 /// Feeds events to a pipeline started with [`Pipeline::start_engine`], as
 /// the Kafka source would: each gets a partition and the next offset of it,
-/// and feeding waits while `in_flight_high` events are in flight.
+/// and feeding waits while `in_flight_high` events (or `in_flight_mb_high`
+/// MiB) are in flight.
 pub struct Injector {
     router: Router,
     checkpointer: Arc<Checkpointer>,
     stats: Arc<Stats>,
     high: i64,
+    bytes_high: i64,
     topic: Arc<str>,
     offsets: HashMap<i32, i64>,
 }
@@ -106,13 +108,17 @@ pub struct Injector {
 impl Injector {
     /// Routes `event` as if read from `partition`; blocks while the pipeline is full.
     pub fn inject(&mut self, event: crate::model::envelope::Event, partition: i32) {
-        while self.stats.source.in_flight.load(Relaxed) >= self.high {
+        while self.stats.source.in_flight.load(Relaxed) >= self.high
+            || self.stats.source.in_flight_bytes.load(Relaxed) >= self.bytes_high
+        {
             std::thread::sleep(Duration::from_micros(200));
         }
         let offset = self.offsets.entry(partition).or_insert(0);
         let tp = crate::checkpoint::TopicPartition::new(self.topic.clone(), partition);
         self.checkpointer.received(&tp, *offset);
-        crate::internal_events::emit(crate::internal_events::EventReceived, &self.stats);
+        // The size the message would have, about: its encoded event.
+        let bytes = crate::store::body_len(&event) as u64;
+        crate::internal_events::emit(crate::internal_events::EventReceived { bytes }, &self.stats);
         let now = std::time::SystemTime::now();
         self.router.route(crate::entity::Delivery {
             event,
@@ -123,6 +129,7 @@ impl Injector {
             received_at: now,
             parent: None,
             traced: crate::telemetry::spans_wanted(),
+            bytes,
         });
         *offset += 1;
     }
@@ -303,7 +310,10 @@ impl Pipeline {
             shared,
             Duration::from_millis(config.idle_timeout_ms),
             &busy,
-            config.max_actors,
+            crate::router::Limits {
+                actors: config.max_actors,
+                bytes: config.actors_mb.saturating_mul(1024 * 1024),
+            },
         );
         let resolver = router.clone();
         let stalls = Arc::new(crate::stall::Stalls::default());
@@ -371,6 +381,7 @@ impl Pipeline {
                 checkpointer: checkpointer.clone(),
                 stats: stats.clone(),
                 high: config.in_flight_high as i64,
+                bytes_high: crate::source::mib(config.in_flight_mb_high),
                 topic: Arc::from(config.topic.as_str()),
                 offsets: HashMap::new(),
             };

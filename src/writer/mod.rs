@@ -39,6 +39,9 @@ pub struct Ack {
     pub outcome: &'static str,
     /// Span data, when spans are wanted.
     pub span: Option<Box<SpanInfo>>,
+    /// The in-flight bytes the event holds until it is durable: its message,
+    /// and the record copies its write intent carries.
+    pub bytes: u64,
 }
 
 /// What one processed message asks the store to write.
@@ -361,14 +364,19 @@ impl Writer {
             .map(|d| d.as_micros() as i64)
             .unwrap_or(0);
         let since = |ms: Option<i64>| ms.map(|ms| (now_us - ms * 1000).max(0) as u64);
+        let mut bytes = 0;
         let latencies: Vec<_> = intents
             .iter()
             .filter_map(|i| i.ack.as_ref())
-            .map(|a| (since(a.kafka_ts), since(a.occurred_at)))
+            .map(|a| {
+                bytes += a.bytes;
+                (since(a.kafka_ts), since(a.occurred_at))
+            })
             .collect();
         emit(
             EventsDurable {
                 latencies: &latencies,
+                bytes,
             },
             &self.stats,
         );

@@ -13,23 +13,68 @@ use std::time::{Duration, Instant};
 
 #[test]
 fn sigkill_at_random_moments_loses_nothing_and_applies_nothing_twice() {
+    sigkill_loop(false);
+}
+
+#[test]
+fn with_the_changelog_sigkill_at_random_moments_loses_nothing() {
+    sigkill_loop(true);
+}
+
+/// Undecodable messages mixed into the stream: one every this many events.
+const JUNK_EVERY: usize = 500;
+
+/// SIGKILLs `orderly run` five times mid-stream, with the changelog on or
+/// off, and checks what it promised: the state (the oracle, each event
+/// applied once), each junk message's dead letter exactly once, and each
+/// applied event's change record at least once.
+fn sigkill_loop(changelog: bool) {
     let topic = TestTopic::new(8);
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let config = topic.config_file(dir.path(), &data);
+    let mut c = topic.config(&data);
+    // librdkafka's mock broker keeps 5 MiB per partition and deletes older
+    // records: the change records (about 20,000 of a few hundred bytes,
+    // more after redeliveries) go to a topic of 16 partitions, so that none
+    // is deleted before it is read.
+    c.changes_topic = format!("{}.changes", topic.topic);
+    topic
+        .broker
+        .create_topic(&c.changes_topic, 16)
+        .expect("changes topic");
+    if changelog {
+        c.changelog_suffix = ".changelog".into();
+        topic
+            .broker
+            .create_topic(&format!("{}.changelog", topic.topic), 8)
+            .expect("changelog topic");
+    }
+    let config = dir.path().join("orderly.toml");
+    std::fs::write(&config, toml::to_string(&c).unwrap()).unwrap();
+    let changes_topic = c.changes_topic.clone();
     let log = dir.path().join("orderly.log");
 
     let events = shuffled_stream(1_000, 20, 0.02, 11);
     let oracle = Oracle::of(&events);
+    let applied: std::collections::HashSet<(String, String)> = events
+        .iter()
+        .map(|e| (e.entity_id.clone(), e.event_id.clone()))
+        .collect();
+    let junk = events.len() / JUNK_EVERY;
     let (brokers, name) = (topic.brokers.clone(), topic.topic.clone());
     let producer = std::thread::spawn(move || {
         common::produce_to(
             &brokers,
             &name,
             Some(1_500.0),
-            events
-                .iter()
-                .map(|e| workload::message_of(e, Format::Proto)),
+            events.iter().enumerate().flat_map(|(i, e)| {
+                let junk = (i % JUNK_EVERY == JUNK_EVERY - 1).then(|| workload::Outgoing {
+                    key: Some(format!("junk-{i}").into_bytes()),
+                    value: b"\xff not an event".to_vec(),
+                    headers: Vec::new(),
+                });
+                std::iter::once(workload::message_of(e, Format::Proto)).chain(junk)
+            }),
         )
     });
 
@@ -59,6 +104,14 @@ fn sigkill_at_random_moments_loses_nothing_and_applies_nothing_twice() {
     if let Err(e) = topic.wait_all_committed(Duration::from_secs(120)) {
         panic!("{e}\nlog:\n{}", orderly.log_tail());
     }
+    let missing = missing_change_records(&topic, &changes_topic, &applied);
+    assert!(
+        missing.is_empty(),
+        "{} of {} applied events have no change record, for example {:?}",
+        missing.len(),
+        applied.len(),
+        &missing[..missing.len().min(5)]
+    );
     let status = orderly.terminate(Duration::from_secs(30));
     assert!(status.success(), "exit {status:?}: {}", orderly.log_tail());
 
@@ -70,6 +123,16 @@ fn sigkill_at_random_moments_loses_nothing_and_applies_nothing_twice() {
         problems.len(),
         &problems[..problems.len().min(5)]
     );
+    // Each junk message has one dead letter, however often it was redelivered.
+    let dead = store.dead_letters(0, 10_000).unwrap();
+    let positions: std::collections::HashSet<(i32, i64)> =
+        dead.iter().map(|d| (d.partition, d.offset)).collect();
+    assert_eq!(dead.len(), junk, "{dead:?}");
+    assert_eq!(positions.len(), junk, "one dead letter per message");
+    assert!(dead.iter().all(|d| d
+        .entity_id
+        .as_deref()
+        .is_some_and(|e| e.starts_with("junk-"))));
     let log_text = std::fs::read_to_string(&log).unwrap();
     assert_eq!(log_text.matches("pipeline started").count(), 6, "six runs");
     assert!(produced >= 20_000);
@@ -272,25 +335,13 @@ fn crash_with_the_changelog_at(point: &str) {
         .iter()
         .map(|e| (e.entity_id.clone(), e.event_id.clone()))
         .collect();
-    let mut seen = std::collections::HashSet::new();
-    let mut parsed = 0;
-    topic.read_until(&config.changes_topic, Duration::from_secs(60), |read| {
-        for m in &read[parsed..] {
-            let c: serde_json::Value = serde_json::from_slice(m).expect("a change record is JSON");
-            seen.insert((
-                c["entity_id"].as_str().unwrap_or_default().to_owned(),
-                c["event_id"].as_str().unwrap_or_default().to_owned(),
-            ));
-        }
-        parsed = read.len();
-        expected.is_subset(&seen)
-    });
-    let missing: Vec<_> = expected.difference(&seen).take(5).collect();
+    let missing = missing_change_records(&topic, &config.changes_topic, &expected);
     assert!(
         missing.is_empty(),
-        "{point}: {} of {} applied events have no change record, for example {missing:?}",
-        expected.difference(&seen).count(),
-        expected.len()
+        "{point}: {} of {} applied events have no change record, for example {:?}",
+        missing.len(),
+        expected.len(),
+        &missing[..missing.len().min(5)]
     );
     assert!(second.terminate(Duration::from_secs(30)).success());
     assert_oracle(&oracle, &config.data_dir, point);
@@ -326,4 +377,27 @@ fn with_the_changelog_a_crash_before_the_store_commit_loses_no_change_record() {
 #[test]
 fn with_the_changelog_a_crash_before_the_changelog_is_written_loses_no_record() {
     crash_with_the_changelog_at("writer.before_changelog");
+}
+
+/// The (entity, event) pairs of `expected` that no change record on
+/// `changes` names, after reading for up to 60 s.
+fn missing_change_records(
+    topic: &TestTopic,
+    changes: &str,
+    expected: &std::collections::HashSet<(String, String)>,
+) -> Vec<(String, String)> {
+    let mut seen = std::collections::HashSet::new();
+    let mut parsed = 0;
+    topic.read_until(changes, Duration::from_secs(60), |read| {
+        for m in &read[parsed..] {
+            let c: serde_json::Value = serde_json::from_slice(m).expect("a change record is JSON");
+            seen.insert((
+                c["entity_id"].as_str().unwrap_or_default().to_owned(),
+                c["event_id"].as_str().unwrap_or_default().to_owned(),
+            ));
+        }
+        parsed = read.len();
+        expected.is_subset(&seen)
+    });
+    expected.difference(&seen).cloned().collect()
 }

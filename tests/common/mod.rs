@@ -164,8 +164,8 @@ impl TestTopic {
         self.read_until(topic, timeout, |read| read.len() >= expected)
     }
 
-    /// Reads `topic`'s partition 0 from the beginning until `done` says so
-    /// of what was read, or `timeout` passes.
+    /// Reads every partition of `topic` from the beginning until `done`
+    /// says so of what was read, or `timeout` passes.
     pub fn read_until(
         &self,
         topic: &str,
@@ -181,9 +181,17 @@ impl TestTopic {
             .set("auto.offset.reset", "earliest")
             .create()
             .expect("reader");
+        let partitions = c
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .ok()
+            .and_then(|m| m.topics().first().map(|t| t.partitions().len() as i32))
+            .unwrap_or(1)
+            .max(1);
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, 0, Offset::Beginning)
-            .expect("tpl");
+        for p in 0..partitions {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .expect("tpl");
+        }
         c.assign(&tpl).expect("assign");
         let mut out = Vec::new();
         let deadline = Instant::now() + timeout;

@@ -18,7 +18,7 @@
 //! | `POST /api/dead-letters/{id}/retry` | processes the event again through its entity's actor |
 //! | `POST /api/dead-letters/{id}/skip` | marks it skipped |
 //! | `POST /api/dead-letters/retry-all?…filters` and `/skip-all` | the same for every open dead letter that matches |
-//! | `GET /api/parked` | parked entities and why |
+//! | `GET /api/parked?after=<id>&limit=N` | parked entities and why, a page at a time |
 //! | `POST /api/parked/{entity}/release?skip=true` | releases a parked entity (skipping the event that parked it) |
 //! | `GET /api/entities/{id}` | state, provenance per field, the retained event log, history entries and recent anomalies |
 //! | `GET /` | the live dashboard |
@@ -321,13 +321,25 @@ async fn stalled(admin: web::Data<Admin>) -> impl Responder {
     HttpResponse::Ok().json(serde_json::json!({"items": admin.control.stalled()}))
 }
 
+/// A page of parked entities: after this id, at most `limit` (100 by
+/// default, 1,000 at most).
+#[derive(Deserialize)]
+struct ParkedQuery {
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
 #[get("/api/parked")]
-async fn parked(admin: web::Data<Admin>) -> impl Responder {
+async fn parked(admin: web::Data<Admin>, q: web::Query<ParkedQuery>) -> impl Responder {
     let control = admin.control.clone();
-    let scan = move || -> Result<Vec<serde_json::Value>, String> {
+    let limit = q.limit.unwrap_or(100).clamp(1, 1_000);
+    let after = q.after.clone().unwrap_or_default();
+    let scan = move || -> Result<(Vec<serde_json::Value>, Option<String>), String> {
         let store = control.store();
         let mut out = Vec::new();
-        for id in store.parked().map_err(|e| e.to_string())? {
+        let page = store.parked_page(&after, limit).map_err(|e| e.to_string())?;
+        let next = (page.len() == limit).then(|| page.last().cloned()).flatten();
+        for id in page {
             match store.load_entity(&id).map_err(|e| e.to_string())? {
                 Some(r) if r.parking.parked.is_some() => out.push(serde_json::json!({
                     "entity_id": r.entity_id,
@@ -337,10 +349,10 @@ async fn parked(admin: web::Data<Admin>) -> impl Responder {
                 _ => {}
             }
         }
-        Ok(out)
+        Ok((out, next))
     };
     match blocking(scan).await {
-        Ok(out) => HttpResponse::Ok().json(serde_json::json!({"items": out})),
+        Ok((out, next)) => HttpResponse::Ok().json(serde_json::json!({"items": out, "next": next})),
         Err(e) => HttpResponse::InternalServerError().json(serde_json::json!({"error": e})),
     }
 }
@@ -397,7 +409,10 @@ async fn entity_view(
     }
 }
 
-/// An entity's record, retained log, history and recent anomalies.
+/// History entries an entity view shows: the newest.
+const HISTORY_SHOWN: usize = 100;
+
+/// An entity's record, retained log, newest history and recent anomalies.
 fn entity_json(store: &dyn Store, id: &str) -> Result<Option<serde_json::Value>, String> {
     let Some(r) = store.load_entity(id).map_err(|e| e.to_string())? else {
         return Ok(None);
@@ -421,7 +436,7 @@ fn entity_json(store: &dyn Store, id: &str) -> Result<Option<serde_json::Value>,
     // The retained event log: which event wrote what, in order.
     let log: Vec<_> = r.log.iter().map(log_entry_json).collect();
     let history: Vec<_> = store
-        .history(id)
+        .history_tail(id, HISTORY_SHOWN)
         .unwrap_or_default()
         .iter()
         .map(log_entry_json)

@@ -206,6 +206,10 @@ pub struct Config {
     /// Most entity actors alive at once; beyond it the least recently used
     /// idle ones are passivated (their state stays in the store).
     pub max_actors: usize,
+    /// Most events a parked entity holds until an operator releases it;
+    /// later ones are dead-lettered (`held_limit`), so its record stays
+    /// bounded.
+    pub max_held_events: usize,
     /// Most MiB the records of live entity actors may take (measured as
     /// their encoded size); beyond it the least recently used idle ones are
     /// passivated, so entities with large records cannot fill memory below
@@ -281,6 +285,15 @@ pub const fn default_max_actors() -> usize {
 /// this one instead.
 pub const fn default_actors_mb() -> u64 {
     256
+}
+
+/// Default most events a parked entity holds.
+///
+/// Parking is for an operator to look at within hours; 10,000 events of a
+/// few hundred bytes keep the record under a few MB, within a changelog
+/// message with `message.max.bytes` raised for it.
+pub const fn default_max_held_events() -> usize {
+    10_000
 }
 
 /// Default in-flight byte high mark, in MiB.
@@ -369,6 +382,7 @@ impl Default for Config {
             stats_interval_ms: default_stats_interval_ms(),
             max_actors: default_max_actors(),
             actors_mb: default_actors_mb(),
+            max_held_events: default_max_held_events(),
             default_reducer: ReduceOp::Set,
             types: BTreeMap::new(),
             kafka: KafkaConfig::default(),
@@ -530,6 +544,9 @@ impl Config {
         if self.in_flight_mb_low >= self.in_flight_mb_high {
             return bad("in_flight_mb_low", "must be below in_flight_mb_high");
         }
+        if self.max_held_events == 0 {
+            return bad("max_held_events", "must be at least 1");
+        }
         if self.actors_mb == 0 {
             return bad("actors_mb", "must be at least 1");
         }
@@ -643,6 +660,7 @@ impl Config {
         for (t, c) in &self.types {
             p = p.with_type(t, c.late_policy, c.too_late_policy, c.history);
         }
+        p.max_held = self.max_held_events;
         p
     }
 
@@ -754,6 +772,7 @@ pub const FIELDS: &[(&str, Kind)] = &[
     ("in_flight_mb_high", Kind::Int),
     ("in_flight_mb_low", Kind::Int),
     ("actors_mb", Kind::Int),
+    ("max_held_events", Kind::Int),
     ("drain_timeout_ms", Kind::Int),
     ("shutdown_grace_ms", Kind::Int),
     ("store_cache_mb", Kind::Int),

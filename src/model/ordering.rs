@@ -156,6 +156,9 @@ pub struct Policies {
     /// Log entries this much older (by occurred_at) than the high-water mark
     /// are folded into the base, if set.
     pub retention_ms: Option<i64>,
+    /// Most events a parked entity holds; later ones are dead-lettered
+    /// (`held_limit`), so a parked entity's record cannot grow without bound.
+    pub max_held: usize,
 }
 
 impl Default for Policies {
@@ -168,6 +171,7 @@ impl Default for Policies {
             default_too_late: TooLatePolicy::Drop,
             retention_events: 32,
             retention_ms: None,
+            max_held: 10_000,
         }
     }
 }

@@ -202,6 +202,8 @@ pub trait Store: Send + Sync + 'static {
     fn anomaly_seq(&self) -> Result<u64>;
     /// An entity's history entries, in order-key order.
     fn history(&self, entity_id: &str) -> Result<Vec<LogEntry>>;
+    /// An entity's newest `limit` history entries, in order-key order.
+    fn history_tail(&self, entity_id: &str, limit: usize) -> Result<Vec<LogEntry>>;
     /// Whether the message at this position already has a dead letter.
     fn has_dead_letter(&self, topic: &str, partition: i32, offset: i64) -> Result<bool>;
     /// Every entity record, in key order.
@@ -231,6 +233,9 @@ pub trait Store: Send + Sync + 'static {
     fn undeliverable(&self, after: u64, limit: usize) -> Result<Vec<(u64, OutboxRecord)>>;
     /// The ids of the parked entities, from the parked index.
     fn parked(&self) -> Result<Vec<String>>;
+    /// The ids of the parked entities after `after`, at most `limit`, in id
+    /// order: one page.
+    fn parked_page(&self, after: &str, limit: usize) -> Result<Vec<String>>;
     /// How many dead letters have status open.
     fn open_dead_letters(&self) -> Result<u64>;
     /// The next changelog offset this store holds for a changelog partition.

@@ -612,6 +612,21 @@ impl Store for SledStore {
             .collect()
     }
 
+    fn history_tail(&self, entity_id: &str, limit: usize) -> Result<Vec<LogEntry>> {
+        let mut newest: Vec<LogEntry> = self
+            .tree
+            .scan_prefix(history_prefix(entity_id))
+            .rev()
+            .take(limit)
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect::<Result<_>>()?;
+        newest.reverse();
+        Ok(newest)
+    }
+
     fn has_dead_letter(&self, topic: &str, partition: i32, offset: i64) -> Result<bool> {
         Ok(self
             .tree
@@ -735,6 +750,21 @@ impl Store for SledStore {
         self.tree
             .scan_prefix(key(PARKED, b""))
             .keys()
+            .map(|k| Ok(String::from_utf8_lossy(&k?[2..]).into_owned()))
+            .collect()
+    }
+
+    fn parked_page(&self, after: &str, limit: usize) -> Result<Vec<String>> {
+        // Strictly after `after`: its key with a zero byte appended is the
+        // first key above it.
+        let mut start = key(PARKED, after.as_bytes());
+        if !after.is_empty() {
+            start.push(0);
+        }
+        self.tree
+            .range(start..key(PARKED + 1, b""))
+            .keys()
+            .take(limit)
             .map(|k| Ok(String::from_utf8_lossy(&k?[2..]).into_owned()))
             .collect()
     }

@@ -16,6 +16,7 @@ use crate::model::tenant::{TenantSettings, TenantView};
 use crate::model::value::{Fields, Value};
 mod merge;
 mod process;
+pub use process::HELD_LIMIT;
 pub(crate) mod provenance_table;
 #[cfg(test)]
 mod tests;

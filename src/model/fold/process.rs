@@ -39,6 +39,13 @@ impl EntityRecord {
             }
         }
         let previous = self.applied_offsets.insert(tp.clone(), origin.offset);
+        if self.holds_its_limit(event, settings.current().policies().max_held) {
+            match previous {
+                Some(o) => self.applied_offsets.insert(tp, o),
+                None => self.applied_offsets.remove(&tp),
+            };
+            return Err(held_limit(event, settings.current().policies().max_held));
+        }
         if let Some(outcome) = self.duplicate_or_held(event, origin) {
             if matches!(outcome, Outcome::Duplicate(_)) {
                 self.counters.duplicates += 1;
@@ -76,6 +83,9 @@ impl EntityRecord {
         handlers: &Handlers,
         settings: &TenantView,
     ) -> Result<Outcome, Rejected> {
+        if self.holds_its_limit(event, settings.current().policies().max_held) {
+            return Err(held_limit(event, settings.current().policies().max_held));
+        }
         if let Some(outcome) = self.duplicate_or_held(event, origin) {
             return Ok(outcome);
         }
@@ -123,6 +133,19 @@ impl EntityRecord {
             settings,
             mode,
         )
+    }
+
+    /// Whether the entity is parked and already holds `max_held` events, so
+    /// that `event` (unless a duplicate of one of them) cannot be held.
+    fn holds_its_limit(&self, event: &Event, max_held: usize) -> bool {
+        self.parking.parked.is_some()
+            && self.parking.held.len() >= max_held
+            && !self
+                .parking
+                .held
+                .iter()
+                .any(|h| h.event.event_id == event.event_id)
+            && !self.log.iter().any(|e| e.key.event_id == event.event_id)
     }
 
     /// A duplicate by event id (in the log or held), or, if the entity is
@@ -447,3 +470,20 @@ impl EntityRecord {
         }
     }
 }
+
+/// The rejection of an event that a parked entity holding `max` events
+/// cannot hold: it is dead-lettered (`held_limit`), and the entity stays
+/// parked with what it holds.
+fn held_limit(event: &Event, max: usize) -> Rejected {
+    Rejected {
+        event_type: event.event_type.clone(),
+        event_id: event.event_id.clone(),
+        error: crate::model::handler::HandlerError::Permanent(format!(
+            "the entity is parked and already holds {max} events (max_held_events); release or skip it, then retry this dead letter"
+        )),
+        code: Some(HELD_LIMIT),
+    }
+}
+
+/// The dead-letter code of an event a parked entity could not hold.
+pub const HELD_LIMIT: &str = "held_limit";

@@ -346,3 +346,46 @@ fn rejected_event_leaves_state_unchanged() {
         .unwrap();
     assert_eq!(again, Outcome::Duplicate(DuplicateKind::Redelivery));
 }
+
+/// A parked entity holds at most `max_held` events: the next one is
+/// rejected (`held_limit`) with its offset left unrecorded, so giving up on
+/// it is recorded as any failure is; a redelivery of a held event is still
+/// a duplicate; a release then processes what was held.
+#[test]
+fn a_parked_entity_holds_at_most_max_held_events() {
+    let h = handlers();
+    let mut policies = Policies::new(LatePolicy::Recompute, TooLatePolicy::Drop, 32, None);
+    policies.max_held = 3;
+    let p = TenantView::defaults(&policies);
+    let mut r = EntityRecord::new("e", "t");
+    let first = ev("e0", 10, "set", serde_json::json!({"stage": "a"}));
+    r.record_failure(&first, &origin(0), "down", 0, true);
+    assert!(r.parking.parked.is_some());
+    for i in 1..3 {
+        let e = ev(&format!("e{i}"), 10 + i, "set", serde_json::json!({"n": i}));
+        assert_eq!(r.process(&e, &origin(i), 0, &h, &p).unwrap(), Outcome::Held);
+    }
+    assert_eq!(r.parking.held.len(), 3);
+    let over = ev("e3", 20, "set", serde_json::json!({"n": 3}));
+    let err = r.process(&over, &origin(3), 0, &h, &p).unwrap_err();
+    assert_eq!(err.code(), HELD_LIMIT);
+    assert!(err.to_string().contains("holds 3 events"), "{err}");
+    assert_eq!(r.parking.held.len(), 3);
+    assert_eq!(
+        r.applied_offsets.get(&origin(3).topic_partition()),
+        Some(&2)
+    );
+    // The actor gives up on it without parking: a skip, offset recorded.
+    r.record_failure(&over, &origin(3), &err.to_string(), 0, false);
+    assert_eq!(r.parking.held.len(), 3);
+    // A held event redelivered under a new offset is a duplicate, not over the limit.
+    let again = ev("e1", 11, "set", serde_json::json!({"n": 1}));
+    assert!(matches!(
+        r.process(&again, &origin(4), 0, &h, &p),
+        Ok(Outcome::Duplicate(_))
+    ));
+    let released = r.release(false, 0, &h, &p);
+    assert_eq!(released.len(), 3);
+    assert!(r.parking.parked.is_none());
+    assert_eq!(r.state.fields.get("n"), Some(&Value::Int(2)));
+}

@@ -590,3 +590,53 @@ fn a_spill_marker_without_its_pieces_is_corrupt() {
     m.extend_from_slice(&[0; 8]);
     assert!(matches!(decode::<EntityRecord>(b"e", &m), Err(StoreError::Corrupt { .. })));
 }
+
+/// The parked index pages in id order, strictly after the id given; the
+/// history tail is the newest entries, in order.
+#[test]
+fn parked_entities_page_and_history_tails_are_the_newest() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path(), 16).unwrap();
+    let ids: Vec<String> = (0..25).map(|i| format!("lead-{i:02}")).collect();
+    store
+        .commit(&CommitBatch {
+            parked: ids.iter().map(|id| (id.clone(), true)).collect(),
+            ..Default::default()
+        })
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut after = String::new();
+    loop {
+        let page = store.parked_page(&after, 10).unwrap();
+        assert!(page.len() <= 10);
+        let Some(last) = page.last().cloned() else {
+            break;
+        };
+        seen.extend(page);
+        after = last;
+    }
+    assert_eq!(seen, ids);
+    let entry = |n: i64| {
+        let mut e = EntityRecord::new("lead-h", "t");
+        let ev = crate::model::envelope::Event::test(&format!("e{n}"), n, "set", serde_json::json!({"n": n}));
+        e.process(
+            &ev,
+            &crate::model::fold::Origin::new(crate::model::position::TopicPartition::new("in", 0), n),
+            0,
+            &crate::model::handler::Handlers::default(),
+            &crate::model::tenant::TenantView::defaults(&crate::model::ordering::Policies::default()),
+        )
+        .unwrap();
+        ("lead-h".to_string(), e.log[0].clone())
+    };
+    store
+        .commit(&CommitBatch {
+            history: (0..8).map(entry).collect(),
+            ..Default::default()
+        })
+        .unwrap();
+    let tail = store.history_tail("lead-h", 3).unwrap();
+    let all = store.history("lead-h").unwrap();
+    assert_eq!(all.len(), 8);
+    assert_eq!(tail, all[5..].to_vec());
+}

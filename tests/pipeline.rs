@@ -87,8 +87,14 @@ fn malformed_messages_are_dead_lettered_and_processing_goes_on() {
         value: br#"{"entity_id":"lead-0","tenant_id":"tenant-0","event_id":"bad-inc","type":"conversion.recorded","occurred_at":1700000099999,"payload":{"stage":1}}"#.to_vec(),
         headers: vec![("x-origin".into(), b"crm".to_vec())],
     };
+    // An id with a NUL: store keys use NUL as their separator.
+    let nul = Outgoing {
+        key: Some(b"lead-0\0x".to_vec()),
+        value: br#"{"entity_id":"lead-0\u0000x","tenant_id":"tenant-0","event_id":"nul-1","type":"lead.updated","occurred_at":1700000099999,"payload":{"stage":"x"}}"#.to_vec(),
+        headers: Vec::new(),
+    };
     let mut messages: Vec<Outgoing> = Vec::new();
-    let mut bad = malformed.clone().into_iter().chain([rejected]);
+    let mut bad = malformed.clone().into_iter().chain([rejected, nul]);
     for (i, e) in good.iter().enumerate() {
         messages.push(workload::message_of(e, Format::Proto));
         if i % 20 == 10 {
@@ -99,7 +105,7 @@ fn malformed_messages_are_dead_lettered_and_processing_goes_on() {
     }
     messages.extend(bad);
     let n = messages.len() as u64;
-    let kinds = malformed.len() + 1;
+    let kinds = malformed.len() + 2;
     assert!(kinds >= 7);
     let (brokers, name) = (topic.brokers.clone(), topic.topic.clone());
     let store = run_until_durable(topic.config(dir.path()), n, move || {
@@ -119,6 +125,7 @@ fn malformed_messages_are_dead_lettered_and_processing_goes_on() {
             "key_mismatch",
             "missing_entity_id",
             "missing_event_id",
+            "nul_in_id",
             "payload_not_object"
         ]
     );

@@ -8,6 +8,19 @@ use crate::model::dead_letter::DeadLetter;
 use crate::model::fold::{EntityRecord, LogEntry};
 use serde::de::DeserializeOwned;
 
+/// The most bytes decoding one stored value may allocate: a corrupt length
+/// prefix (in any format) is an error, not an allocation of exabytes. The
+/// same bound as an LZ4 body's (`MAX_BODY`).
+pub const MAX_DECODED: usize = 256 * 1024 * 1024;
+
+/// How stored values are decoded: bincode's standard layout, allocating at
+/// most [`MAX_DECODED`] bytes.
+pub(crate) const DECODE: bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<MAX_DECODED>,
+> = bincode::config::standard().with_limit::<MAX_DECODED>();
+
 /// The format version written at the start of every stored value.
 pub const FORMAT_VERSION: u8 = 7;
 
@@ -16,25 +29,25 @@ pub trait Stored: DeserializeOwned {
     /// Decodes the bincode body of a format-1 value. The default suits the
     /// types whose layout did not change.
     fn from_v1(body: &[u8]) -> std::result::Result<Self, bincode::error::DecodeError> {
-        bincode::serde::decode_from_slice(body, bincode::config::standard()).map(|(v, _)| v)
+        bincode::serde::decode_from_slice(body, DECODE).map(|(v, _)| v)
     }
 
     /// Decodes the bincode body of a format-2 value. The default suits the
     /// types whose layout did not change.
     fn from_v2(body: &[u8]) -> std::result::Result<Self, bincode::error::DecodeError> {
-        bincode::serde::decode_from_slice(body, bincode::config::standard()).map(|(v, _)| v)
+        bincode::serde::decode_from_slice(body, DECODE).map(|(v, _)| v)
     }
 
     /// Decodes the bincode body of a format-3 value. The default suits the
     /// types whose layout did not change.
     fn from_v3(body: &[u8]) -> std::result::Result<Self, bincode::error::DecodeError> {
-        bincode::serde::decode_from_slice(body, bincode::config::standard()).map(|(v, _)| v)
+        bincode::serde::decode_from_slice(body, DECODE).map(|(v, _)| v)
     }
 
     /// Decodes the bincode body of a format-4 value. The default suits the
     /// types whose layout did not change.
     fn from_v4(body: &[u8]) -> std::result::Result<Self, bincode::error::DecodeError> {
-        bincode::serde::decode_from_slice(body, bincode::config::standard()).map(|(v, _)| v)
+        bincode::serde::decode_from_slice(body, DECODE).map(|(v, _)| v)
     }
 }
 
@@ -49,7 +62,7 @@ impl Stored for OutboxRecord {
     fn from_v2(body: &[u8]) -> std::result::Result<Self, bincode::error::DecodeError> {
         bincode::serde::decode_from_slice::<format_v2::OutboxRecord, _>(
             body,
-            bincode::config::standard(),
+            DECODE,
         )
         .map(|(v, _)| v.into())
     }
@@ -63,7 +76,7 @@ impl Stored for Vec<OutboxRecord> {
     fn from_v2(body: &[u8]) -> std::result::Result<Self, bincode::error::DecodeError> {
         bincode::serde::decode_from_slice::<Vec<format_v2::OutboxRecord>, _>(
             body,
-            bincode::config::standard(),
+            DECODE,
         )
         .map(|(v, _)| v.into_iter().map(Into::into).collect())
     }
@@ -73,7 +86,7 @@ impl Stored for EntityRecord {
     fn from_v1(body: &[u8]) -> std::result::Result<Self, bincode::error::DecodeError> {
         bincode::serde::decode_from_slice::<format_v1::EntityRecord, _>(
             body,
-            bincode::config::standard(),
+            DECODE,
         )
         .map(|(v, _)| format_v4::EntityRecord::from(format_v3::EntityRecord::from(v)).into())
     }
@@ -85,7 +98,7 @@ impl Stored for EntityRecord {
     fn from_v3(body: &[u8]) -> std::result::Result<Self, bincode::error::DecodeError> {
         bincode::serde::decode_from_slice::<format_v3::EntityRecord, _>(
             body,
-            bincode::config::standard(),
+            DECODE,
         )
         .map(|(v, _)| format_v4::EntityRecord::from(v).into())
     }
@@ -93,7 +106,7 @@ impl Stored for EntityRecord {
     fn from_v4(body: &[u8]) -> std::result::Result<Self, bincode::error::DecodeError> {
         bincode::serde::decode_from_slice::<format_v4::EntityRecord, _>(
             body,
-            bincode::config::standard(),
+            DECODE,
         )
         .map(|(v, _)| v.into())
     }
@@ -114,7 +127,7 @@ impl Stored for LogEntry {
     fn from_v1(body: &[u8]) -> std::result::Result<Self, bincode::error::DecodeError> {
         bincode::serde::decode_from_slice::<format_v1::LogEntry, _>(
             body,
-            bincode::config::standard(),
+            DECODE,
         )
         .map(|(v, _)| v.into())
     }

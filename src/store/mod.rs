@@ -431,7 +431,7 @@ pub fn decode<T: Stored>(key: &[u8], bytes: &[u8]) -> Result<T> {
         reason: e.to_string(),
     };
     let current = |body: &[u8]| {
-        bincode::serde::decode_from_slice(body, bincode::config::standard())
+        bincode::serde::decode_from_slice(body, format::DECODE)
             .map(|(v, _)| v)
             .map_err(corrupt)
     };

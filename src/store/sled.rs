@@ -1,6 +1,7 @@
 //! [`SledStore`]: the store over one sled tree, so that every batch commits
 //! atomically with `apply_batch` and is made durable with `flush_async`.
 
+use self::spill::EntityPuts;
 use super::keys::*;
 use super::*;
 use std::collections::HashMap;
@@ -22,38 +23,6 @@ pub struct SledStore {
     /// open, then kept with every write), so that a write removes the
     /// pieces a record no longer needs without reading it first.
     spilled: Arc<Mutex<HashMap<String, u32>>>,
-}
-
-/// The pieces of entity `id`'s record under `s` keys: `s\0<id>\0`.
-fn piece_prefix(id: &[u8]) -> Vec<u8> {
-    let mut k = key(SPILL, id);
-    k.push(0);
-    k
-}
-
-fn piece_key(id: &[u8], n: u32) -> Vec<u8> {
-    let mut k = piece_prefix(id);
-    k.extend_from_slice(&n.to_be_bytes());
-    k
-}
-
-/// The piece count and total length a spill marker holds, if `v` is one.
-fn spill_marker(v: &[u8]) -> Option<(u32, u32)> {
-    match v {
-        [FORMAT_VERSION, SPILLED, rest @ ..] if rest.len() == 8 => Some((
-            u32::from_le_bytes(rest[..4].try_into().ok()?),
-            u32::from_le_bytes(rest[4..].try_into().ok()?),
-        )),
-        _ => None,
-    }
-}
-
-/// Entity writes of one sled batch: what to put in the batch, and the
-/// piece counts to remember once it is applied.
-#[derive(Default)]
-struct EntityPuts {
-    batch: ::sled::Batch,
-    spilled: Vec<(String, u32)>,
 }
 
 impl SledStore {
@@ -96,101 +65,6 @@ impl SledStore {
         b.batch.insert(key(PARKED, id.as_bytes()), &[][..]);
         self.put_entity_value(b, id, &encode(&record));
         Ok(())
-    }
-
-    /// Adds entity `id`'s encoded record to `b`: under its `e` key, or,
-    /// when larger than [`SPILL_BYTES`], in pieces under `s` keys with a
-    /// marker under the `e` key. Pieces an earlier, larger record left are
-    /// removed.
-    fn put_entity_value(&self, b: &mut EntityPuts, id: &str, value: &[u8]) {
-        let old = lock(&self.spilled).get(id).copied().unwrap_or(0);
-        let k = key(ENTITY, id.as_bytes());
-        let pieces = if value.len() > SPILL_BYTES {
-            let mut n = 0u32;
-            for piece in value.chunks(SPILL_BYTES) {
-                b.batch.insert(piece_key(id.as_bytes(), n), piece);
-                n += 1;
-            }
-            let mut marker = vec![FORMAT_VERSION, SPILLED];
-            marker.extend_from_slice(&n.to_le_bytes());
-            marker.extend_from_slice(&(value.len() as u32).to_le_bytes());
-            b.batch.insert(k, marker);
-            n
-        } else {
-            b.batch.insert(k, value);
-            0
-        };
-        for n in pieces..old {
-            b.batch.remove(piece_key(id.as_bytes(), n));
-        }
-        if pieces != old {
-            b.spilled.push((id.to_owned(), pieces));
-        }
-    }
-
-    /// Removes entity `id`'s record and its pieces.
-    fn remove_entity_value(&self, b: &mut EntityPuts, id: &[u8]) {
-        let id_text = String::from_utf8_lossy(id);
-        let old = lock(&self.spilled).get(id_text.as_ref()).copied().unwrap_or(0);
-        b.batch.remove(key(ENTITY, id));
-        for n in 0..old {
-            b.batch.remove(piece_key(id, n));
-        }
-        if old > 0 {
-            b.spilled.push((id_text.into_owned(), 0));
-        }
-    }
-
-    /// Applies `b`, then remembers its piece counts.
-    fn apply(&self, b: EntityPuts) -> Result<()> {
-        self.tree.apply_batch(b.batch)?;
-        let mut spilled = lock(&self.spilled);
-        for (id, n) in b.spilled {
-            if n == 0 {
-                spilled.remove(&id);
-            } else {
-                spilled.insert(id, n);
-            }
-        }
-        Ok(())
-    }
-
-    /// The encoded record under entity key `k`, its pieces put together
-    /// when it was spilled.
-    fn entity_value(&self, k: &[u8]) -> Result<Option<std::borrow::Cow<'static, [u8]>>> {
-        match self.tree.get(k)? {
-            Some(v) => self.unspill(k, v).map(Some),
-            None => Ok(None),
-        }
-    }
-
-    /// `v`, read under entity key `k`, or the record its pieces hold when
-    /// it is a spill marker.
-    fn unspill(&self, k: &[u8], v: ::sled::IVec) -> Result<std::borrow::Cow<'static, [u8]>> {
-        let Some((n, len)) = spill_marker(&v) else {
-            return Ok(std::borrow::Cow::Owned(v.to_vec()));
-        };
-        let corrupt = |reason: String| StoreError::Corrupt {
-            key: String::from_utf8_lossy(k).into_owned(),
-            reason,
-        };
-        let len = len as usize;
-        if len > n as usize * SPILL_BYTES {
-            return Err(corrupt(format!(
-                "the spill marker claims {len} bytes in {n} pieces of at most {SPILL_BYTES}"
-            )));
-        }
-        let mut out = Vec::with_capacity(len);
-        for piece in self.tree.scan_prefix(piece_prefix(&k[2..])).values().take(n as usize) {
-            out.extend_from_slice(&piece?);
-        }
-        if out.len() != len {
-            return Err(corrupt(format!(
-                "the spilled record's pieces hold {} bytes, its marker says {len}",
-                out.len()
-            )));
-        }
-        Ok(std::borrow::Cow::Owned(out))
     }
 
     /// Opens (or creates) the store in `dir`. `cache_mb` bounds sled's page cache.
@@ -821,5 +695,6 @@ fn outbox_chunks(outbox: &[OutboxRecord]) -> impl Iterator<Item = &[OutboxRecord
     })
 }
 
+mod spill;
 #[cfg(test)]
 mod tests;

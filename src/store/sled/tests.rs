@@ -640,3 +640,24 @@ fn parked_entities_page_and_history_tails_are_the_newest() {
     assert_eq!(all.len(), 8);
     assert_eq!(tail, all[5..].to_vec());
 }
+
+/// Found by the `stored_record` fuzz target: a format-1 anomaly whose
+/// string length prefix claims 3 × 10^18 bytes made bincode allocate that
+/// much (the process aborted). Every format now decodes with an allocation
+/// limit, so it is a Corrupt error.
+#[test]
+fn a_huge_length_prefix_in_an_old_format_is_an_error_not_an_allocation() {
+    let value = [1, 0, 253, 255, 0, 0, 0, 0, 0, 128, 45, 48, 1, 144];
+    let err = decode::<Anomaly>(b"a\0x", &value).unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+    for version in 1..=4u8 {
+        let mut v = value.to_vec();
+        v[0] = version;
+        // Each reads it as its own layout: an error or a small value, never
+        // a huge allocation.
+        let _ = decode::<EntityRecord>(b"e\0x", &v);
+        let _ = decode::<LogEntry>(b"h\0x", &v);
+        let _ = decode::<Vec<OutboxRecord>>(b"b\0x", &v);
+        let _ = decode::<DeadLetter>(b"d\0x", &v);
+    }
+}

@@ -1,0 +1,74 @@
+//! The defaults of the top-level knobs, each a named `const fn` with why
+//! its value was chosen.
+
+/// Default most live entity actors.
+///
+/// An actor with its record took about 10 KB in the `max` benchmark (RSS
+/// over live actors); 50,000 keep a hot set that large in memory for about
+/// 500 MB, and a keyspace of millions bounded.
+pub const fn default_max_actors() -> usize {
+    50_000
+}
+
+/// Default memory budget of live entity actors' records, in MiB.
+///
+/// Records of about 1 KB (the `max` benchmark's) fill it only past 250,000
+/// actors, so `max_actors` is the bound that acts for them; records of
+/// hundreds of KB (large payloads in the state and the log) are bounded by
+/// this one instead.
+pub const fn default_actors_mb() -> u64 {
+    256
+}
+
+/// Default most events a parked entity holds.
+///
+/// Parking is for an operator to look at within hours; 10,000 events of a
+/// few hundred bytes keep the record under a few MB, within a changelog
+/// message with `message.max.bytes` raised for it.
+pub const fn default_max_held_events() -> usize {
+    10_000
+}
+
+/// Default in-flight byte high mark, in MiB.
+///
+/// 50,000 in-flight events of about 400 B, each with a 1 KB record copy,
+/// take about 70 MiB: the count mark acts first for them. Messages of
+/// hundreds of KB are bounded by this one: about 128 events of 1 MiB.
+pub const fn default_in_flight_mb_high() -> u64 {
+    128
+}
+
+/// Default librdkafka statistics interval.
+///
+/// Consumer lag is a slow signal next to a 15 s Prometheus scrape; 5 s keeps
+/// it fresh without noticeable cost in the client.
+pub const fn default_stats_interval_ms() -> u64 {
+    5_000
+}
+
+/// Default most write intents per store batch.
+pub const fn default_batch_max() -> usize {
+    // Large enough that one fsync covers thousands of events at full speed,
+    // small enough that a batch's intents stay in cache.
+    4096
+}
+
+/// Default in-flight high mark.
+pub const fn default_in_flight_high() -> usize {
+    // About 20 MB of queued events at 400 B each: bounded memory, yet deep
+    // enough to keep every shard busy while a flush is running.
+    50_000
+}
+
+/// Default log retention per entity.
+pub const fn default_retention_events() -> usize {
+    // Late events usually trail by a handful of events; 32 keeps records
+    // small (one record per entity, rewritten per batch) while covering that.
+    32
+}
+
+/// Default passivation timeout.
+pub const fn default_idle_timeout_ms() -> u64 {
+    // A minute: hot entities stay in memory, the long tail does not.
+    60_000
+}

@@ -407,6 +407,14 @@ fn unframe(framed: &[u8]) -> std::result::Result<std::borrow::Cow<'_, [u8]>, Str
                     "the LZ4 block claims {size} bytes, more than the {MAX_BODY} a value may hold"
                 ));
             }
+            // An LZ4 block expands at most about 255 times: a larger claim
+            // is corrupt, and is refused before its buffer is allocated.
+            if size > block.len().saturating_mul(255).saturating_add(16) {
+                return Err(format!(
+                    "the LZ4 block of {} bytes claims {size}, more than LZ4 can expand to",
+                    block.len()
+                ));
+            }
             let mut body = vec![0; size];
             let n = lz4_flex::block::decompress_into(block, &mut body)
                 .map_err(|e| format!("the LZ4 block is corrupt: {e}"))?;

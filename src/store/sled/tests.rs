@@ -661,3 +661,14 @@ fn a_huge_length_prefix_in_an_old_format_is_an_error_not_an_allocation() {
         let _ = decode::<DeadLetter>(b"d\0x", &v);
     }
 }
+
+/// An LZ4 block that claims more than LZ4 can expand to (about 255 times
+/// its size) is refused before its buffer is allocated.
+#[test]
+fn an_lz4_claim_past_the_expansion_limit_is_corrupt() {
+    let mut value = vec![FORMAT_VERSION, 1];
+    value.extend_from_slice(&(100u32 * 1024 * 1024).to_le_bytes());
+    value.extend_from_slice(&[0x1f, b'a', 0, 0]);
+    let err = decode::<EntityRecord>(b"e\0x", &value).unwrap_err();
+    assert!(err.to_string().contains("more than LZ4 can expand to"), "{err}");
+}

@@ -10,17 +10,6 @@ use common::TestTopic;
 use orderly::tools::workload;
 use std::time::{Duration, Instant};
 
-/// The resident memory of process `pid`, in MiB.
-fn rss_of_mib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kb| kb / 1024)
-        .unwrap_or(0)
-}
-
 /// What `orderly run` may hold with the memory knobs of the large-message
 /// test, in MiB: sled's cache, the live actors' records, the in-flight
 /// messages, librdkafka's prefetch queue,
@@ -132,7 +121,7 @@ fn large_messages_and_a_slow_handler_keep_memory_under_the_byte_marks() {
     let started = Instant::now();
     let mut max_rss = 0;
     while started.elapsed() < Duration::from_secs(30) {
-        max_rss = max_rss.max(rss_of_mib(pid));
+        max_rss = max_rss.max(common::rss_mib(&pid.to_string()));
         std::thread::sleep(Duration::from_millis(100));
     }
     let overview: serde_json::Value =

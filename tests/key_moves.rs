@@ -187,17 +187,27 @@ fn keys_that_move_partition_in_one_instance_keep_their_state() {
     config.changelog_suffix = SUFFIX.into();
     let events = switched(common::shuffled_stream(300, 8, 0.02, 31));
     let oracle = Oracle::of(&events.iter().map(|(e, _)| e.clone()).collect::<Vec<_>>());
-    let (brokers, topic) = (t.brokers.clone(), t.topic.clone());
+    let (brokers, topic, group) = (t.brokers.clone(), t.topic.clone(), t.group.clone());
     let sent = std::sync::Arc::new(std::sync::Mutex::new(HashMap::new()));
     let out = sent.clone();
     let n = events.len() as u64;
     let handlers = config.handlers();
     let store = common::run_to_quiet(config, handlers, n, move || {
-        // The first half by % 4, then a pause, so that most moved entities
-        // live under their old partition before their first event by % 8.
+        // The first half by % 4, durable and checkpointed before the rest,
+        // so that the moved entities live under their old partition (and
+        // in its changelog) before their first event by % 8. (A fixed pause
+        // was not always enough under load: the group had not even joined,
+        // both halves came in one batch, and no entity ever lived under its
+        // old partition, so there was no stub to find.)
         let half = events.len() / 2;
         let mut sent = produce_routed(&brokers, &topic, &events[..half]);
-        std::thread::sleep(Duration::from_secs(2));
+        wait_committed(
+            &brokers,
+            &group,
+            &topic,
+            half as i64,
+            Duration::from_secs(60),
+        );
         for (id, ps) in produce_routed(&brokers, &topic, &events[half..]) {
             sent.entry(id).or_default().extend(ps);
         }
@@ -240,6 +250,39 @@ fn keys_that_move_partition_in_one_instance_keep_their_state() {
         }
     }
     assert!(stubs > 0, "no stub in the changelog");
+}
+
+/// Waits until `group` has committed at least `messages` offsets of
+/// `topic`'s 8 partitions (summed), or `timeout` passes.
+fn wait_committed(brokers: &str, group: &str, topic: &str, messages: i64, timeout: Duration) {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..8 {
+            tpl.add_partition(topic, p);
+        }
+        let committed: i64 = c
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .map(|tpl| {
+                tpl.elements()
+                    .iter()
+                    .map(|e| match e.offset() {
+                        Offset::Offset(o) => o,
+                        _ => 0,
+                    })
+                    .sum()
+            })
+            .unwrap_or(0);
+        if committed >= messages {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn instance_config(t: &TestTopic, dir: &Path, name: &str) -> PathBuf {

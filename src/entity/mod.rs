@@ -328,10 +328,7 @@ impl EntityActor {
                 return;
             }
             let reason = rejected.to_string();
-            // An event the parked entity could not hold is skipped: parking
-            // on it would hold it after all.
-            let park = rejected.code != Some(crate::model::fold::HELD_LIMIT)
-                && shared.retries.park_on_failure.contains(&d.event.event_type);
+            let park = shared.retries.park_on_failure.contains(&d.event.event_type);
             record.record_failure(&d.event, &origin, &reason, processed_at, park);
         }
         if handover {

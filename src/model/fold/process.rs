@@ -38,14 +38,10 @@ impl EntityRecord {
                 return Ok(Outcome::Duplicate(DuplicateKind::Redelivery));
             }
         }
-        let previous = self.applied_offsets.insert(tp.clone(), origin.offset);
         if self.holds_its_limit(event, settings.current().policies().max_held) {
-            match previous {
-                Some(o) => self.applied_offsets.insert(tp, o),
-                None => self.applied_offsets.remove(&tp),
-            };
             return Err(held_limit(event, settings.current().policies().max_held));
         }
+        let previous = self.applied_offsets.insert(tp.clone(), origin.offset);
         if let Some(outcome) = self.duplicate_or_held(event, origin) {
             if matches!(outcome, Outcome::Duplicate(_)) {
                 self.counters.duplicates += 1;
@@ -173,8 +169,8 @@ impl EntityRecord {
     /// Records that the actor gave up on an event (a permanent failure, or
     /// the last transient one): it is dead-lettered, its offset counts as
     /// applied (so a redelivery is a duplicate), and then either the skip is
-    /// noted in the record, or, with `park`, the entity is parked with the
-    /// event first in line.
+    /// noted in the record, or, with `park` and the entity not parked yet,
+    /// the entity is parked with the event first in line.
     pub fn record_failure(
         &mut self,
         event: &Event,
@@ -189,7 +185,9 @@ impl EntityRecord {
             .or_insert(origin.offset);
         *last = (*last).max(origin.offset);
         self.counters.dead_lettered += 1;
-        if park {
+        // An entity already parked is not parked again: its held events
+        // would wait behind this one, and it may be over its hold limit.
+        if park && self.parking.parked.is_none() {
             self.parking.parked = Some(Parked {
                 event_id: event.event_id.clone(),
                 reason: reason.to_owned(),

@@ -375,9 +375,12 @@ fn a_parked_entity_holds_at_most_max_held_events() {
         r.applied_offsets.get(&origin(3).topic_partition()),
         Some(&2)
     );
-    // The actor gives up on it without parking: a skip, offset recorded.
-    r.record_failure(&over, &origin(3), &err.to_string(), 0, false);
+    // Giving up on it, even for a type that parks on failure, skips it: the
+    // entity is parked already, so it is not held after all.
+    r.record_failure(&over, &origin(3), &err.to_string(), 0, true);
     assert_eq!(r.parking.held.len(), 3);
+    assert_eq!(r.parking.parked.as_ref().unwrap().event_id, "e0");
+    assert_eq!(r.parking.skipped.last().unwrap().event_id, "e3");
     // A held event redelivered under a new offset is a duplicate, not over the limit.
     let again = ev("e1", 11, "set", serde_json::json!({"n": 1}));
     assert!(matches!(

@@ -100,7 +100,7 @@ impl SledStore {
 
     /// The encoded record under entity key `k`, its pieces put together
     /// when it was spilled.
-    pub(super) fn entity_value(&self, k: &[u8]) -> Result<Option<std::borrow::Cow<'static, [u8]>>> {
+    pub(super) fn entity_value(&self, k: &[u8]) -> Result<Option<::sled::IVec>> {
         match self.tree.get(k)? {
             Some(v) => self.unspill(k, v).map(Some),
             None => Ok(None),
@@ -109,9 +109,10 @@ impl SledStore {
 
     /// `v`, read under entity key `k`, or the record its pieces hold when
     /// it is a spill marker.
-    pub(super) fn unspill(&self, k: &[u8], v: ::sled::IVec) -> Result<std::borrow::Cow<'static, [u8]>> {
+    pub(super) fn unspill(&self, k: &[u8], v: ::sled::IVec) -> Result<::sled::IVec> {
         let Some((n, len)) = spill_marker(&v) else {
-            return Ok(std::borrow::Cow::Owned(v.to_vec()));
+            // Stored whole: read as it is, no copy.
+            return Ok(v);
         };
         let corrupt = |reason: String| StoreError::Corrupt {
             key: String::from_utf8_lossy(k).into_owned(),
@@ -133,6 +134,6 @@ impl SledStore {
                 out.len()
             )));
         }
-        Ok(std::borrow::Cow::Owned(out))
+        Ok(out.into())
     }
 }

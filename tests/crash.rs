@@ -104,14 +104,7 @@ fn sigkill_loop(changelog: bool) {
     if let Err(e) = topic.wait_all_committed(Duration::from_secs(120)) {
         panic!("{e}\nlog:\n{}", orderly.log_tail());
     }
-    let missing = missing_change_records(&topic, &changes_topic, &applied);
-    assert!(
-        missing.is_empty(),
-        "{} of {} applied events have no change record, for example {:?}",
-        missing.len(),
-        applied.len(),
-        &missing[..missing.len().min(5)]
-    );
+    assert_change_records(&topic, &changes_topic, &applied, "sigkill loop");
     let status = orderly.terminate(Duration::from_secs(30));
     assert!(status.success(), "exit {status:?}: {}", orderly.log_tail());
 
@@ -335,14 +328,7 @@ fn crash_with_the_changelog_at(point: &str) {
         .iter()
         .map(|e| (e.entity_id.clone(), e.event_id.clone()))
         .collect();
-    let missing = missing_change_records(&topic, &config.changes_topic, &expected);
-    assert!(
-        missing.is_empty(),
-        "{point}: {} of {} applied events have no change record, for example {:?}",
-        missing.len(),
-        expected.len(),
-        &missing[..missing.len().min(5)]
-    );
+    assert_change_records(&topic, &config.changes_topic, &expected, point);
     assert!(second.terminate(Duration::from_secs(30)).success());
     assert_oracle(&oracle, &config.data_dir, point);
 
@@ -380,6 +366,24 @@ fn with_the_changelog_a_crash_before_the_changelog_is_written_loses_no_record() 
 }
 
 /// The (entity, event) pairs of `expected` that no change record on
+/// Asserts that a change record on `changes` names every (entity, event)
+/// pair of `expected`, reading for up to 60 s; `context` heads the message.
+fn assert_change_records(
+    topic: &TestTopic,
+    changes: &str,
+    expected: &std::collections::HashSet<(String, String)>,
+    context: &str,
+) {
+    let missing = missing_change_records(topic, changes, expected);
+    assert!(
+        missing.is_empty(),
+        "{context}: {} of {} applied events have no change record, for example {:?}",
+        missing.len(),
+        expected.len(),
+        &missing[..missing.len().min(5)]
+    );
+}
+
 /// `changes` names, after reading for up to 60 s.
 fn missing_change_records(
     topic: &TestTopic,

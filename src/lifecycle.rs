@@ -9,6 +9,13 @@
 
 use std::sync::{Arc, Mutex};
 
+/// Locks `m`, even if a thread panicked while holding it: a panic on an
+/// orderly thread raises [`Fatal`] already, and the data behind these locks
+/// (maps and counters) stays usable for the shutdown that follows.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A condition that stops the pipeline (the store failed, for example).
 #[derive(Debug, Default)]
 pub struct Fatal {

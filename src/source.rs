@@ -15,6 +15,7 @@
 
 use crate::changelog::Restorer;
 use crate::checkpoint::{Checkpointer, TopicPartition};
+use crate::lifecycle::lock;
 use crate::config::Config;
 use crate::entity::Delivery;
 use crate::internal_events::{
@@ -90,10 +91,6 @@ impl ClientContext for SourceContext {
         }
         *lock(&self.stats.source.lag) = lag;
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl SourceContext {

@@ -8,12 +8,6 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-/// The lock, even if a thread panicked while holding it (the map is
-/// rebuilt from the store at the next open).
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 /// The sled implementation of [`Store`].
 #[derive(Clone)]
 pub struct SledStore {

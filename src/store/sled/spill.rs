@@ -6,7 +6,8 @@
 
 use super::super::keys::*;
 use super::super::*;
-use super::{lock, SledStore};
+use super::SledStore;
+use crate::lifecycle::lock;
 
 /// The pieces of entity `id`'s record under `s` keys: `s\0<id>\0`.
 fn piece_prefix(id: &[u8]) -> Vec<u8> {

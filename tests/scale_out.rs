@@ -121,17 +121,37 @@ fn three_instances_share_twelve_partitions_through_a_kill_and_a_restart() {
         .iter_mut()
         .map(|p| format!("http://{}", p.admin_addr(Duration::from_secs(30))))
         .collect();
+    // An instance that does not answer counts as unsettled, not as one
+    // that owns nothing.
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut settled = 0;
+    let mut last = String::new();
     while settled < 3 {
-        assert!(Instant::now() < deadline, "the group never settled");
+        assert!(
+            Instant::now() < deadline,
+            "the group never settled: {last}\n{}",
+            instances
+                .iter()
+                .map(|p| format!("{}:\n{}", p.log.display(), p.log_tail()))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
         std::thread::sleep(Duration::from_secs(1));
         let mut owners: BTreeMap<i64, usize> = BTreeMap::new();
         let mut stale = 0;
+        let mut silent = Vec::new();
         for a in &admins {
-            let body: serde_json::Value = reqwest::blocking::get(format!("{a}/api/partitions"))
-                .and_then(|r| r.json())
-                .unwrap_or_default();
+            let body: serde_json::Value = match reqwest::blocking::get(format!(
+                "{a}/api/partitions"
+            ))
+            .and_then(|r| r.json())
+            {
+                Ok(body) => body,
+                Err(e) => {
+                    silent.push(format!("{a}: {e}"));
+                    continue;
+                }
+            };
             for p in body["partitions"].as_array().into_iter().flatten() {
                 if p["assigned"] == true {
                     *owners.entry(p["partition"].as_i64().unwrap()).or_default() += 1;
@@ -140,7 +160,11 @@ fn three_instances_share_twelve_partitions_through_a_kill_and_a_restart() {
                 }
             }
         }
-        let ok = owners.len() == 12 && owners.values().all(|n| *n == 1) && stale == 0;
+        let ok = silent.is_empty()
+            && owners.len() == 12
+            && owners.values().all(|n| *n == 1)
+            && stale == 0;
+        last = format!("owners {owners:?}, {stale} stale, not answering {silent:?}");
         settled = if ok { settled + 1 } else { 0 };
     }
     // `orderly partitions` shows each partition's owner.

@@ -469,6 +469,9 @@ impl Found {
 pub struct OrderlyProcess {
     pub child: Child,
     pub log: PathBuf,
+    /// Where this process's output starts in `log`: a restarted instance
+    /// appends to its predecessor's log, whose lines are not its own.
+    log_from: usize,
 }
 
 impl OrderlyProcess {
@@ -489,6 +492,7 @@ impl OrderlyProcess {
             .append(true)
             .open(log)
             .expect("log file");
+        let log_from = log_file.metadata().expect("log file size").len() as usize;
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_orderly"));
         cmd.args(args)
             .env("RUST_LOG", "info")
@@ -501,6 +505,7 @@ impl OrderlyProcess {
         OrderlyProcess {
             child: cmd.spawn().expect("spawn orderly"),
             log: log.to_owned(),
+            log_from,
         }
     }
 
@@ -530,12 +535,19 @@ impl OrderlyProcess {
         }
     }
 
+    /// What this process has written to its log so far (not what an
+    /// earlier process appended to the same file).
+    pub fn own_log(&self) -> String {
+        let bytes = std::fs::read(&self.log).unwrap_or_default();
+        String::from_utf8_lossy(bytes.get(self.log_from..).unwrap_or_default()).into_owned()
+    }
+
     /// The admin server's address, read from the log line it prints once
     /// bound (configs in tests bind port 0).
     pub fn admin_addr(&mut self, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
         loop {
-            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let text = self.own_log();
             if let Some(addr) = text
                 .lines()
                 .rev()

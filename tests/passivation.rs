@@ -1,0 +1,82 @@
+//! `max_actors` bounds the live entity actors, also when more events are in
+//! flight than it allows actors: the actors whose writes are still in
+//! flight are kept, and passivated once durable.
+
+mod common;
+
+use orderly::config::Config;
+use orderly::metrics::Stats;
+use orderly::pipeline::Pipeline;
+use orderly::tools::broker::EmbeddedBroker;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+#[test]
+fn live_actors_come_down_to_max_actors_after_a_burst_of_new_keys() {
+    let broker = EmbeddedBroker::start(1).expect("embedded broker");
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        brokers: broker.bootstrap_servers(),
+        topic: "passivation".into(),
+        data_dir: dir.path().join("data"),
+        admin_addr: String::new(),
+        changes_topic: String::new(),
+        anomalies_topic: String::new(),
+        shards: 1,
+        max_actors: 100,
+        // Only the cap passivates here, not the idle timeout.
+        idle_timeout_ms: 600_000,
+        ..Config::default()
+    };
+    let handlers = config.handlers();
+    // 3,000 new keys, all of them in flight at once (the in-flight mark is
+    // 50,000): thirty times the cap in actors with writes not yet durable.
+    let events: Vec<_> = (0..3_000)
+        .map(|i| {
+            common::event(
+                &format!("lead-{i}"),
+                &format!("e{i}"),
+                "lead.created",
+                1_000 + i,
+                serde_json::json!({ "n": i }),
+            )
+        })
+        .collect();
+    let n = events.len() as u64;
+    actix::System::new().block_on(async move {
+        let (pipeline, mut injector) = Pipeline::start_engine(config, handlers).unwrap();
+        let stats = pipeline.stats();
+        let feeder = std::thread::spawn(move || {
+            for e in events {
+                injector.inject(e, 0);
+            }
+        });
+        let fatal = pipeline.fatal();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Stats::get(&stats.writer.durable) < n {
+            assert!(
+                fatal.reason().is_none(),
+                "the pipeline stopped: {:?}",
+                fatal.reason()
+            );
+            assert!(Instant::now() < deadline, "events not durable within 60 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        feeder.join().unwrap();
+        // Every actor is quiescent now; the shard's timer (every 5 s here)
+        // passivates down to the cap.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let live = stats.entities.active_actors.load(Relaxed);
+            if live <= 100 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{live} actors still live 30 s after every write was durable (max_actors = 100)"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        pipeline.shutdown().unwrap();
+    });
+}

@@ -322,18 +322,6 @@ fn append_body<T: Serialize>(value: &T, out: &mut Vec<u8>) {
         .expect("encoding into a Vec is infallible");
 }
 
-/// Encodes a value as [`encode`] does, but never compressed.
-///
-/// For values that live for milliseconds: an outbox bundle is deleted once
-/// published, so compressing it costs CPU on the hot path (about 12k
-/// instructions per event in `max`, BENCHMARKS.md) to save bytes that sled
-/// reclaims soon after anyway.
-pub fn encode_plain<T: Serialize>(value: &T) -> Vec<u8> {
-    let mut out = vec![FORMAT_VERSION, PLAIN];
-    append_body(value, &mut out);
-    out
-}
-
 /// Bodies shorter than this are stored plain: LZ4 would save little.
 pub const COMPRESS_FROM: usize = 128;
 

@@ -321,6 +321,7 @@ pub(super) fn engine_ceiling(
         let (pipeline, mut injector) = Pipeline::start_engine(config, handlers)?;
         let stats = pipeline.stats();
         let started = Instant::now();
+        let cpu_before = super::cpu_seconds();
         let feeder = std::thread::spawn(move || {
             for e in events {
                 let p = crate::router::shard_of(&e.entity_id, partitions as usize) as i32;
@@ -357,12 +358,16 @@ pub(super) fn engine_ceiling(
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let secs = started.elapsed().as_secs_f64();
+        let cpu_after = super::cpu_seconds();
         let _ = feeder.join();
         pipeline.shutdown()?;
         Ok(EngineRun {
             eps: n as f64 / secs.max(1e-9),
             windows,
             max_rss_mib,
+            secs,
+            cpu_user_s: cpu_after.0 - cpu_before.0,
+            cpu_system_s: cpu_after.1 - cpu_before.1,
         })
     })
 }
@@ -375,6 +380,12 @@ pub(super) struct EngineRun {
     pub(super) windows: Vec<f64>,
     /// The largest resident set seen, MiB.
     pub(super) max_rss_mib: f64,
+    /// How long it took, s.
+    pub(super) secs: f64,
+    /// The process's CPU time in user space meanwhile, s.
+    pub(super) cpu_user_s: f64,
+    /// The process's CPU time in the kernel meanwhile, s.
+    pub(super) cpu_system_s: f64,
 }
 
 /// Waits up to 120 s for `done`, failing early if the pipeline stops.

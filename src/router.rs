@@ -103,15 +103,15 @@ impl Shard {
         }
     }
 
-    /// Above `max_actors` (plus a tenth, so this runs once per many new
-    /// actors) or `max_bytes` (likewise), passivates the least recently used
-    /// quiescent actors down to both: memory follows the hot set, not every
-    /// key ever seen, and large records cannot fill it below `max_actors`.
     /// `n` and a tenth.
     fn slack(n: usize) -> usize {
         n + n / 10
     }
 
+    /// Above `max_actors` (plus a tenth, so this runs once per many new
+    /// actors) or `max_bytes` (likewise), passivates the least recently used
+    /// quiescent actors down to both: memory follows the hot set, not every
+    /// key ever seen, and large records cannot fill it below `max_actors`.
     /// Runs from the timer with `timer` set (the count is then checked
     /// against `max_actors` and a tenth again: actors that were busy at the
     /// last scan may be quiescent now), and for each new actor without.

@@ -39,7 +39,13 @@ fn main() {
     let _ = std::fs::remove_dir_all(&dir);
     let db = sled::Config::new()
         .path(&dir)
-        .cache_capacity(256 << 20)
+        .cache_capacity(
+            std::env::var("CACHE_MB")
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(256)
+                << 20,
+        )
         .flush_every_ms(None)
         .open()
         .unwrap();

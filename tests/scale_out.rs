@@ -57,11 +57,7 @@ fn wait_for_log(p: &OrderlyProcess, needle: &str, timeout: Duration) {
     common::wait_until(
         &format!("{needle:?} in {}", p.log.display()),
         timeout,
-        || {
-            std::fs::read_to_string(&p.log)
-                .unwrap_or_default()
-                .contains(needle)
-        },
+        || p.own_log().contains(needle),
     );
 }
 

@@ -9,8 +9,8 @@ use crate::model::fold::{EntityRecord, LogEntry};
 use serde::de::DeserializeOwned;
 
 /// The most bytes decoding one stored value may allocate: a corrupt length
-/// prefix (in any format) is an error, not an allocation of exabytes. The
-/// same bound as an LZ4 body's (`MAX_BODY`).
+/// prefix (in any format) is an error, not an allocation of exabytes. An
+/// LZ4 body may decompress to as much and no more.
 pub const MAX_DECODED: usize = 256 * 1024 * 1024;
 
 /// How stored values are decoded: bincode's standard layout, allocating at

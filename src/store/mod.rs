@@ -343,9 +343,10 @@ pub(crate) const SPILLED: u8 = 2;
 /// below that.
 pub const SPILL_BYTES: usize = 6 * 1024;
 
-/// The largest body a stored value may decompress to. A corrupt size prefix
-/// is an error, not an allocation of gigabytes.
-const MAX_BODY: usize = 256 * 1024 * 1024;
+/// The largest body a stored value may decompress to: the bound decoding
+/// it may allocate. A corrupt size prefix is an error, not an allocation of
+/// gigabytes.
+const MAX_BODY: usize = format::MAX_DECODED;
 
 thread_local! {
     /// The bincode body, its LZ4 block before framing and the compressor's

@@ -8,13 +8,12 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() {
     // Transparent huge pages made one engine run in three spend seconds in
     // the kernel zeroing 2 MiB pages (`clear_page_erms` under
-    // `mi_page_free_list_extend`, perf): the engine ceiling was about 20k
-    // events/s in those runs against 41k-45k without huge pages
-    // (BENCHMARKS.md, "The allocator"). mimalloc is built with `no_thp`, so
-    // it no longer asks for them; where the system hands them out unasked
-    // (`enabled = always`), the process opts out, as mimalloc's own
-    // `MIMALLOC_ALLOW_THP=0` does. With that variable set, the system's
-    // setting stands.
+    // `mi_page_free_list_extend`, perf), at about 20k events/s against
+    // 35k-41k without them (BENCHMARKS.md, "The allocator"). The process
+    // opts out, as mimalloc's own `MIMALLOC_ALLOW_THP=0` does: the kernel
+    // then gives it no huge pages, also where mimalloc asked for them
+    // before `main`. With that variable set, mimalloc's and the system's
+    // settings stand.
     #[cfg(target_os = "linux")]
     if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
         // SAFETY: prctl with PR_SET_THP_DISABLE takes no pointers.

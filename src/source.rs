@@ -695,6 +695,7 @@ impl Source {
                         offset,
                         kafka_ts,
                         occurred_at: None,
+                        received_at,
                         outcome: "dead-lettered",
                         span,
                         bytes,

@@ -62,6 +62,9 @@ fn smoke_scenario_writes_a_complete_report_whose_counts_add_up() {
         "/latency/append_to_durable/p99_ms",
         "/latency/append_to_durable/max_ms",
         "/latency/occurred_to_durable/p99_ms",
+        "/latency/received_to_durable/p50_ms",
+        "/latency/received_to_durable/p99_ms",
+        "/latency/received_to_durable_after_warmup/p99_ms",
         "/reliability/processed",
         "/reliability/dead_lettered",
         "/reliability/duplicates",
@@ -74,6 +77,7 @@ fn smoke_scenario_writes_a_complete_report_whose_counts_add_up() {
         "/windows/0/t_s",
         "/windows/0/throughput_eps",
         "/windows/0/p99_ms",
+        "/windows/0/received_p99_ms",
         "/windows/0/rss_mib",
         "/windows/0/active_actors",
         "/windows/0/in_flight",
@@ -104,6 +108,23 @@ fn smoke_scenario_writes_a_complete_report_whose_counts_add_up() {
         ("/ratios/vs_engine", "/ceilings/engine_eps"),
     ] {
         assert!((f(ratio) - drain / f(ceiling)).abs() < 1e-9, "{ratio}");
+    }
+    // orderly's share (received → durable) is a part of append → durable:
+    // a message is appended before it is received. One millisecond of slack
+    // for the append timestamp's resolution.
+    let received = |q: &str| f(&format!("/latency/received_to_durable/{q}"));
+    let append = |q: &str| f(&format!("/latency/append_to_durable/{q}"));
+    assert_eq!(
+        n("/latency/received_to_durable/count"),
+        n("/latency/append_to_durable/count")
+    );
+    for q in ["p50_ms", "p99_ms", "max_ms"] {
+        assert!(
+            received(q) > 0.0 && received(q) <= append(q) + 1.0,
+            "received → durable {q} {} against append → durable {}",
+            received(q),
+            append(q)
+        );
     }
 
     let svg = std::fs::read_to_string(out.path().join("report.svg")).unwrap();

@@ -226,6 +226,7 @@ pub(super) fn ack_of(d: &Delivery, read_start: SystemTime, outcome: &'static str
         offset: d.offset,
         kafka_ts: d.kafka_ts,
         occurred_at: Some(d.event.occurred_at),
+        received_at: d.received_at,
         outcome,
         span,
         bytes: d.bytes,

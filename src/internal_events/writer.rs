@@ -24,11 +24,10 @@ impl InternalEvent for BatchCommitted {
     }
 }
 
-/// Messages became durable; `latencies` holds, per message, (Kafka append →
-/// durable, occurred_at → durable) in microseconds, where known.
+/// Messages became durable, with each one's latencies.
 pub struct EventsDurable<'a> {
     /// Per message.
-    pub latencies: &'a [(Option<u64>, Option<u64>)],
+    pub latencies: &'a [crate::metrics::DurableLatency],
     /// The in-flight bytes they held, which are freed.
     pub bytes: u64,
 }
@@ -48,13 +47,16 @@ impl InternalEvent for EventsDurable<'_> {
             ::metrics::histogram!("orderly_record_e2e_latency_seconds", "from" => "append");
         let occurred =
             ::metrics::histogram!("orderly_record_e2e_latency_seconds", "from" => "occurred");
-        for (a, o) in self.latencies {
-            if let Some(us) = a {
-                append.record(*us as f64 / 1e6);
+        let received =
+            ::metrics::histogram!("orderly_record_e2e_latency_seconds", "from" => "received");
+        for l in self.latencies {
+            if let Some(us) = l.append {
+                append.record(us as f64 / 1e6);
             }
-            if let Some(us) = o {
-                occurred.record(*us as f64 / 1e6);
+            if let Some(us) = l.occurred {
+                occurred.record(us as f64 / 1e6);
             }
+            received.record(l.received as f64 / 1e6);
         }
     }
 }

@@ -161,7 +161,7 @@ pub const CATALOGUE: &[(&str, Kind, &str)] = &[
     (
         "orderly_record_e2e_latency_seconds",
         Kind::Histogram,
-        "From Kafka append (from=append) or occurred_at (from=occurred) to durable.",
+        "From Kafka append (from=append), occurred_at (from=occurred) or orderly receiving the message (from=received, orderly's own share) to durable.",
     ),
     (
         "orderly_record_lateness_seconds",
@@ -345,7 +345,7 @@ pub fn register_catalogue() {
     for reason in ["late", "too_late"] {
         counter!("orderly_dropped_records_total", "reason" => reason).increment(0);
     }
-    for from in ["append", "occurred"] {
+    for from in ["append", "occurred", "received"] {
         let _ = histogram!("orderly_record_e2e_latency_seconds", "from" => from);
     }
     let _ = histogram!("orderly_record_lateness_seconds");

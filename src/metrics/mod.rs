@@ -232,6 +232,29 @@ pub struct LatencySnapshot {
     pub append_to_durable: Percentiles,
     /// The event's `occurred_at` → durable.
     pub occurred_to_durable: Percentiles,
+    /// Received from the consumer → durable: orderly's own share of the
+    /// append → durable latency (the rest is the producer, the broker and
+    /// the fetch).
+    pub received_to_durable: Percentiles,
+}
+
+/// The latency of one message made durable, in microseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DurableLatency {
+    /// Kafka append → durable, when the message has a timestamp.
+    pub append: Option<u64>,
+    /// The event's `occurred_at` → durable, when it was decoded.
+    pub occurred: Option<u64>,
+    /// Received from the consumer → durable.
+    pub received: u64,
+}
+
+/// The latency since the last [`Stats::take_window`].
+pub struct LatencyWindow {
+    /// Kafka append → durable, µs.
+    pub append: Histogram<u64>,
+    /// Received → durable, µs.
+    pub received: Histogram<u64>,
 }
 
 pub use crate::model::position::TopicPartition;
@@ -240,8 +263,11 @@ pub use crate::model::position::TopicPartition;
 struct Latency {
     append_to_durable: Histogram<u64>,
     occurred_to_durable: Histogram<u64>,
+    received_to_durable: Histogram<u64>,
     /// append → durable since the last [`Stats::take_window`].
     window: Histogram<u64>,
+    /// received → durable since the last [`Stats::take_window`].
+    received_window: Histogram<u64>,
 }
 
 impl Default for Latency {
@@ -253,7 +279,9 @@ impl Default for Latency {
         Latency {
             append_to_durable: h(),
             occurred_to_durable: h(),
+            received_to_durable: h(),
             window: h(),
+            received_window: h(),
         }
     }
 }
@@ -323,20 +351,21 @@ impl Stats {
         counter.fetch_add(1, Relaxed);
     }
 
-    /// Records the latencies of a batch of durable events, in microseconds.
-    /// `samples` holds (append → durable, occurred → durable) per event.
-    pub fn record_latencies(&self, samples: impl Iterator<Item = (Option<u64>, Option<u64>)>) {
+    /// Records the latencies of a batch of durable events.
+    pub fn record_latencies(&self, samples: impl Iterator<Item = DurableLatency>) {
         let Ok(mut l) = self.latency.lock() else {
             return;
         };
-        for (append, occurred) in samples {
-            if let Some(us) = append {
+        for s in samples {
+            if let Some(us) = s.append {
                 l.append_to_durable.saturating_record(us.max(1));
                 l.window.saturating_record(us.max(1));
             }
-            if let Some(us) = occurred {
+            if let Some(us) = s.occurred {
                 l.occurred_to_durable.saturating_record(us.max(1));
             }
+            l.received_to_durable.saturating_record(s.received.max(1));
+            l.received_window.saturating_record(s.received.max(1));
         }
     }
 
@@ -350,12 +379,16 @@ impl Stats {
         }
     }
 
-    /// Kafka append → durable latency (µs) since the previous call, and a fresh window.
-    pub fn take_window(&self) -> Option<Histogram<u64>> {
+    /// The latency since the previous call, and a fresh window.
+    pub fn take_window(&self) -> Option<LatencyWindow> {
         self.latency.lock().ok().map(|mut l| {
-            let h = l.window.clone();
+            let w = LatencyWindow {
+                append: l.window.clone(),
+                received: l.received_window.clone(),
+            };
             l.window.reset();
-            h
+            l.received_window.reset();
+            w
         })
     }
 
@@ -372,6 +405,14 @@ impl Stats {
         self.latency
             .lock()
             .map(|l| percentiles(&l.occurred_to_durable))
+            .unwrap_or_default()
+    }
+
+    /// Received → durable latency so far: orderly's own share.
+    pub fn received_to_durable(&self) -> Percentiles {
+        self.latency
+            .lock()
+            .map(|l| percentiles(&l.received_to_durable))
             .unwrap_or_default()
     }
 
@@ -427,6 +468,7 @@ impl Stats {
             latency_ms: LatencySnapshot {
                 append_to_durable: self.append_to_durable(),
                 occurred_to_durable: self.occurred_to_durable(),
+                received_to_durable: self.received_to_durable(),
             },
         }
     }
@@ -496,7 +538,14 @@ mod tests {
         stats.writer.parked_entities.fetch_add(7, Relaxed);
         stats.changelog.forwarded.fetch_add(8, Relaxed);
         stats.errors.fetch_add(9, Relaxed);
-        stats.record_latencies([(Some(2_000), Some(3_000))].into_iter());
+        stats.record_latencies(
+            [DurableLatency {
+                append: Some(2_000),
+                occurred: Some(3_000),
+                received: 1_000,
+            }]
+            .into_iter(),
+        );
         let json = serde_json::to_value(stats.snapshot()).unwrap();
         let c = &json["counters"];
         assert_eq!(
@@ -513,5 +562,7 @@ mod tests {
         assert_eq!(append["count"], 1);
         assert!((append["p50_ms"].as_f64().unwrap() - 2.0).abs() < 0.01, "{append}");
         assert!(json["latency_ms"]["occurred_to_durable"]["max_ms"].as_f64().unwrap() >= 2.99);
+        let received = json["latency_ms"]["received_to_durable"]["max_ms"].as_f64().unwrap();
+        assert!((0.99..2.0).contains(&received), "{received}");
     }
 }

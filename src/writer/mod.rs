@@ -13,7 +13,7 @@ mod batch;
 use batch::BatchBuilder;
 use crate::checkpoint::{Checkpointer, TopicPartition};
 use crate::internal_events::{emit, BatchCommitted, ComponentError, EventsDurable};
-use crate::metrics::Stats;
+use crate::metrics::{DurableLatency, Stats};
 use crate::model::dead_letter::DeadLetter;
 
 use crate::store::{Checkpoint, CommitBatch, OutboxRecord, Store, StoreError};
@@ -35,6 +35,8 @@ pub struct Ack {
     pub kafka_ts: Option<i64>,
     /// The event's external timestamp, ms, if decoded.
     pub occurred_at: Option<i64>,
+    /// When the source received the message.
+    pub received_at: SystemTime,
     /// What processing did, for the span.
     pub outcome: &'static str,
     /// Span data, when spans are wanted.
@@ -370,7 +372,13 @@ impl Writer {
             .filter_map(|i| i.ack.as_ref())
             .map(|a| {
                 bytes += a.bytes;
-                (since(a.kafka_ts), since(a.occurred_at))
+                DurableLatency {
+                    append: since(a.kafka_ts),
+                    occurred: since(a.occurred_at),
+                    received: durable_at
+                        .duration_since(a.received_at)
+                        .map_or(0, |d| d.as_micros() as u64),
+                }
             })
             .collect();
         emit(

@@ -434,7 +434,7 @@ pub(super) fn end_to_end(
         stats.take_window();
         // Latency after the first window: the steady state, without the
         // first fetches and the first actors of a fresh start.
-        let mut steady: Option<hdrhistogram::Histogram<u64>> = None;
+        let mut steady: Option<crate::metrics::LatencyWindow> = None;
         let mut windows = Vec::new();
         let mut last_durable = Stats::get(&stats.writer.durable);
         let mut last_t = started;
@@ -466,15 +466,21 @@ pub(super) fn end_to_end(
             if last_t.elapsed() >= window || done {
                 let dt = last_t.elapsed().as_secs_f64();
                 let h = stats.take_window();
-                let p = h
+                let (p, received) = h
                     .as_ref()
-                    .map(crate::metrics::percentiles)
+                    .map(|w| {
+                        (
+                            crate::metrics::percentiles(&w.append),
+                            crate::metrics::percentiles(&w.received),
+                        )
+                    })
                     .unwrap_or_default();
                 if let Some(h) = h {
                     if windows.is_empty() {
                         // The warm-up window is left out of `steady`.
                     } else if let Some(s) = steady.as_mut() {
-                        let _ = s.add(&h);
+                        let _ = s.append.add(&h.append);
+                        let _ = s.received.add(&h.received);
                     } else {
                         steady = Some(h);
                     }
@@ -485,6 +491,7 @@ pub(super) fn end_to_end(
                     t_s: started.elapsed().as_secs_f64(),
                     throughput_eps: (durable - last_durable) as f64 / dt.max(1e-9),
                     p99_ms: p.p99 as f64 / 1000.0,
+                    received_p99_ms: received.p99 as f64 / 1000.0,
                     rss_mib: rss,
                     active_actors: stats.entities.active_actors.load(Relaxed),
                     in_flight: stats.source.in_flight.load(Relaxed),
@@ -505,7 +512,11 @@ pub(super) fn end_to_end(
         Ok(E2e {
             steady: steady
                 .as_ref()
-                .map(crate::metrics::percentiles)
+                .map(|w| crate::metrics::percentiles(&w.append))
+                .unwrap_or_default(),
+            steady_received: steady
+                .as_ref()
+                .map(|w| crate::metrics::percentiles(&w.received))
                 .unwrap_or_default(),
             drain_eps: durable as f64 / seconds.max(1e-9),
             seconds,

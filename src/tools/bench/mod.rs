@@ -261,6 +261,8 @@ pub struct Window {
     pub throughput_eps: f64,
     /// p99 Kafka append → durable in the window, ms (0 if none).
     pub p99_ms: f64,
+    /// p99 received → durable in the window (orderly's own share), ms.
+    pub received_p99_ms: f64,
     /// Resident memory, MiB.
     pub rss_mib: f64,
     /// Entity actors alive.
@@ -273,6 +275,8 @@ pub struct Window {
 struct E2e {
     /// append → durable after the first window.
     steady: Percentiles,
+    /// received → durable after the first window: orderly's own share.
+    steady_received: Percentiles,
     drain_eps: f64,
     seconds: f64,
     stats: Arc<Stats>,

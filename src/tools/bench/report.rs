@@ -138,6 +138,8 @@ pub(super) fn report(
             "append_to_durable": append,
             "append_to_durable_after_warmup": e2e.steady,
             "occurred_to_durable": st.occurred_to_durable(),
+            "received_to_durable": st.received_to_durable(),
+            "received_to_durable_after_warmup": e2e.steady_received,
         },
         "reliability": {
             "produced": produced,
@@ -207,6 +209,14 @@ pub(super) fn print_table(r: &serde_json::Value) {
                 "{} / {}",
                 f(&r["latency"]["append_to_durable_after_warmup"]["p50_ms"]),
                 f(&r["latency"]["append_to_durable_after_warmup"]["p99_ms"])
+            ),
+        ),
+        (
+            "  received → durable (orderly)",
+            format!(
+                "{} / {}",
+                f(&r["latency"]["received_to_durable_after_warmup"]["p50_ms"]),
+                f(&r["latency"]["received_to_durable_after_warmup"]["p99_ms"])
             ),
         ),
         (

@@ -13,7 +13,7 @@ use crate::entity::{
     Deliver, Delivery, EntityActor, EntityStatus, Merge, Released, Resolve, RetryDeadLetter, Shared,
 };
 use actix::prelude::*;
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,6 +43,8 @@ struct Handle {
     delivered: u64,
     last_delivery: Instant,
     tp: TopicPartition,
+    /// Its place in the shard's recency queue: the tick of its last delivery.
+    tick: u64,
 }
 
 /// How many live actors the shards of a router keep, at most.
@@ -53,6 +55,11 @@ pub struct Limits {
     /// Bytes of their records (encoded size), over all shards.
     pub bytes: u64,
 }
+
+/// Actors looked at, beyond those to passivate, when a new actor passes the
+/// cap: the quiescent ones are usually the oldest, but an actor whose write
+/// is still in flight is skipped (and kept).
+const PASSIVATION_LOOKAHEAD: usize = 16;
 
 /// One shard: the entity actors on one Arbiter.
 pub struct Shard {
@@ -68,17 +75,17 @@ pub struct Shard {
     /// What this shard's actors' records take now: each actor adds the
     /// change in its record's size, and takes its size away when it stops.
     live_bytes: Arc<std::sync::atomic::AtomicI64>,
-    /// When a passivation over the byte budget last found nothing to stop:
-    /// the scan waits a little before it is tried again.
-    bytes_scan_missed: Option<Instant>,
-    /// The actor count above which a new actor runs a passivation over
-    /// `max_actors`: a tenth over it, or a tenth over what the last scan
-    /// left when that could not get down to `max_actors` (its actors still
-    /// had writes in flight). Without this, every new actor scanned and
-    /// sorted the whole shard while the in-flight events outnumbered
-    /// `max_actors`: a fifth of the CPU at a million new keys (perf).
-    count_scan_at: usize,
-    entities: HashMap<String, Handle>,
+    entities: HashMap<Arc<str>, Handle>,
+    /// The actors in the order of their last delivery, least recent first,
+    /// as `(tick, id)`. An actor's current entry is the one whose tick its
+    /// handle holds; its older entries (and those of passivated actors) are
+    /// stale, skipped when met and dropped when the queue is compacted. So a
+    /// delivery costs a push, and passivation takes actors from the front
+    /// instead of scanning and sorting the shard (which, at a million new
+    /// keys, was a fifth of the CPU, and in an open loop stalled the shard's
+    /// deliveries while it ran).
+    recency: VecDeque<(u64, Arc<str>)>,
+    tick: u64,
 }
 
 impl Shard {
@@ -97,90 +104,98 @@ impl Shard {
             max_actors: limits.actors.max(1),
             max_bytes: limits.bytes.max(1),
             live_bytes: Arc::default(),
-            bytes_scan_missed: None,
-            count_scan_at: Self::slack(limits.actors.max(1)),
             entities: HashMap::new(),
+            recency: VecDeque::new(),
+            tick: 0,
         }
     }
 
-    /// `n` and a tenth.
-    fn slack(n: usize) -> usize {
-        n + n / 10
+    fn live_bytes(&self) -> u64 {
+        self.live_bytes.load(std::sync::atomic::Ordering::Relaxed).max(0) as u64
     }
 
-    /// Above `max_actors` (plus a tenth, so this runs once per many new
-    /// actors) or `max_bytes` (likewise), passivates the least recently used
-    /// quiescent actors down to both: memory follows the hot set, not every
-    /// key ever seen, and large records cannot fill it below `max_actors`.
-    /// Runs from the timer with `timer` set (the count is then checked
-    /// against `max_actors` and a tenth again: actors that were busy at the
-    /// last scan may be quiescent now), and for each new actor without.
-    fn passivate_over_cap(&mut self, timer: bool) {
-        let live = self.live_bytes.load(std::sync::atomic::Ordering::Relaxed).max(0) as u64;
-        let count_at = if timer {
-            Self::slack(self.max_actors)
-        } else {
-            self.count_scan_at
-        };
-        let over_count = self.entities.len() > count_at;
-        let over_bytes = live > self.max_bytes + self.max_bytes / 10
-            && self
-                .bytes_scan_missed
-                .is_none_or(|t| t.elapsed() >= Duration::from_millis(100));
-        if !over_count && !over_bytes {
-            return;
-        }
-        let mut idle: Vec<(Instant, String, u64)> = self
-            .entities
-            .iter()
-            .filter(|(_, h)| h.status.quiescent(h.delivered))
-            .map(|(k, h)| {
-                let bytes = h.status.bytes.load(std::sync::atomic::Ordering::Relaxed);
-                (h.last_delivery, k.clone(), bytes)
-            })
-            .collect();
-        idle.sort_unstable_by_key(|(at, _, _)| *at);
-        // Oldest first, until both the count and the bytes are within bounds.
-        let mut excess = self.entities.len().saturating_sub(self.max_actors);
-        let mut excess_bytes = live.saturating_sub(self.max_bytes);
-        let stop = idle
-            .iter()
-            .take_while(|(_, _, bytes)| {
-                let go = excess > 0 || excess_bytes > 0;
-                excess = excess.saturating_sub(1);
-                excess_bytes = excess_bytes.saturating_sub(*bytes);
-                go
-            })
-            .count();
-        idle.truncate(stop);
-        self.bytes_scan_missed = (over_bytes && excess_bytes > 0).then(Instant::now);
-        for (_, k, _) in &idle {
-            self.entities.remove(k);
-        }
-        self.count_scan_at = Self::slack(self.max_actors)
-            .max(self.entities.len() + self.max_actors / 10);
-        if !idle.is_empty() {
-            crate::internal_events::emit(
-                crate::internal_events::ActorsPassivated {
-                    count: idle.len() as u64,
-                },
-                &self.shared.stats,
-            );
-        }
+    fn over_cap(&self, live_bytes: u64) -> bool {
+        self.entities.len() > self.max_actors || live_bytes > self.max_bytes
     }
 
-    /// Drops idle, fully durable actors. Dropping the last address stops an actor.
+    /// The oldest live entry of the recency queue, taken off it; stale
+    /// entries before it are dropped.
+    fn pop_oldest(&mut self) -> Option<(u64, Arc<str>)> {
+        while let Some((tick, id)) = self.recency.pop_front() {
+            if self.entities.get(&id).is_some_and(|h| h.tick == tick) {
+                return Some((tick, id));
+            }
+        }
+        None
+    }
+
+    /// Passivates the least recently used quiescent actors while the shard
+    /// is over `max_actors` or `max_bytes`: memory follows the hot set, not
+    /// every key ever seen, and large records cannot fill it below
+    /// `max_actors`. Looks at no more than `budget` actors; those whose
+    /// writes are still in flight are kept and go to the back of the queue.
+    fn passivate_over_cap(&mut self, budget: usize) {
+        let mut live = self.live_bytes();
+        let mut busy = Vec::new();
+        let mut stopped = 0u64;
+        let mut looked = 0;
+        while looked < budget && self.over_cap(live) {
+            let Some((tick, id)) = self.pop_oldest() else {
+                break;
+            };
+            looked += 1;
+            let h = &self.entities[&id];
+            if !h.status.quiescent(h.delivered) {
+                busy.push((tick, id));
+                continue;
+            }
+            live = live.saturating_sub(h.status.bytes.load(std::sync::atomic::Ordering::Relaxed));
+            // Dropping the last address stops the actor.
+            self.entities.remove(&id);
+            stopped += 1;
+        }
+        self.recency.extend(busy);
+        self.passivated(stopped);
+    }
+
+    /// Passivates the actors idle past the timeout whose writes are durable.
     fn passivate_idle(&mut self) {
-        let idle = self.idle;
-        let before = self.entities.len();
-        self.entities
-            .retain(|_, h| h.last_delivery.elapsed() < idle || !h.status.quiescent(h.delivered));
-        let n = before - self.entities.len();
-        if n > 0 {
+        let mut busy = Vec::new();
+        let mut stopped = 0u64;
+        while let Some((tick, id)) = self.pop_oldest() {
+            let h = &self.entities[&id];
+            if h.last_delivery.elapsed() < self.idle {
+                // The queue is in delivery order: the rest are more recent.
+                self.recency.push_front((tick, id));
+                break;
+            }
+            if h.status.quiescent(h.delivered) {
+                self.entities.remove(&id);
+                stopped += 1;
+            } else {
+                busy.push((tick, id));
+            }
+        }
+        self.recency.extend(busy);
+        self.passivated(stopped);
+    }
+
+    fn passivated(&self, count: u64) {
+        if count > 0 {
             crate::internal_events::emit(
-                crate::internal_events::ActorsPassivated { count: n as u64 },
+                crate::internal_events::ActorsPassivated { count },
                 &self.shared.stats,
             );
+        }
+    }
+
+    /// Drops the stale entries of the recency queue once they outnumber the
+    /// live ones, so the queue stays within twice the live actors.
+    fn compact_recency(&mut self) {
+        if self.recency.len() > 2 * self.entities.len() + 1024 {
+            let entities = &self.entities;
+            self.recency
+                .retain(|(tick, id)| entities.get(id).is_some_and(|h| h.tick == *tick));
         }
     }
 }
@@ -192,37 +207,57 @@ impl Actor for Shard {
         let every = (self.idle / 2).clamp(Duration::from_millis(10), Duration::from_secs(5));
         ctx.run_interval(every, |shard, _| {
             shard.passivate_idle();
-            // Records also grow without new actors: check the budget too.
-            shard.passivate_over_cap(true);
+            // Actors kept at the cap because their writes were in flight
+            // are quiescent by now; and records grow without new actors.
+            let all = shard.entities.len();
+            shard.passivate_over_cap(all);
         });
     }
 }
 
 impl Shard {
-    /// The handle of an entity's actor, started if needed.
+    /// The handle of an entity's actor, started if needed, with one more
+    /// delivery counted.
     fn actor(&mut self, entity_id: &str, tp: &TopicPartition) -> &mut Handle {
-        if !self.entities.contains_key(entity_id) {
-            self.passivate_over_cap(false);
-            let status = Arc::new(EntityStatus::default());
-            let actor = EntityActor::new(
-                entity_id.to_owned(),
-                self.shared.clone(),
-                status.clone(),
-                self.busy.clone(),
-                self.live_bytes.clone(),
-            );
-            self.entities.insert(
-                entity_id.to_owned(),
-                Handle {
-                    addr: actor.start(),
-                    status,
-                    delivered: 0,
-                    last_delivery: Instant::now(),
-                    tp: tp.clone(),
-                },
-            );
-        }
-        self.entities.get_mut(entity_id).expect("inserted above")
+        self.tick += 1;
+        let tick = self.tick;
+        let id = match self.entities.get_key_value(entity_id) {
+            Some((id, _)) => id.clone(),
+            None => {
+                let status = Arc::new(EntityStatus::default());
+                let actor = EntityActor::new(
+                    entity_id.to_owned(),
+                    self.shared.clone(),
+                    status.clone(),
+                    self.busy.clone(),
+                    self.live_bytes.clone(),
+                );
+                let id: Arc<str> = Arc::from(entity_id);
+                self.entities.insert(
+                    id.clone(),
+                    Handle {
+                        addr: actor.start(),
+                        status,
+                        delivered: 0,
+                        last_delivery: Instant::now(),
+                        tp: tp.clone(),
+                        tick,
+                    },
+                );
+                // One in, (about) one out: a few actors looked at per new
+                // one, never a scan of the shard.
+                let excess = self.entities.len().saturating_sub(self.max_actors);
+                self.passivate_over_cap(excess + PASSIVATION_LOOKAHEAD);
+                id
+            }
+        };
+        self.recency.push_back((tick, id.clone()));
+        self.compact_recency();
+        let h = self.entities.get_mut(&id).expect("inserted above, and a new actor is the most recent: not passivated");
+        h.tick = tick;
+        h.delivered += 1;
+        h.last_delivery = Instant::now();
+        h
     }
 }
 
@@ -232,8 +267,6 @@ impl Handler<ResolveEntity> for Shard {
     fn handle(&mut self, msg: ResolveEntity, _: &mut Self::Context) -> Self::Result {
         let tp = TopicPartition::new("", -1);
         let h = self.actor(&msg.entity_id, &tp);
-        h.delivered += 1;
-        h.last_delivery = Instant::now();
         let fut = h.addr.send(Resolve { skip: msg.skip });
         Box::pin(async move {
             fut.await
@@ -253,8 +286,6 @@ impl Handler<RetryEntity> for Shard {
     fn handle(&mut self, RetryEntity(msg): RetryEntity, _: &mut Self::Context) -> Self::Result {
         let tp = msg.origin.tp.clone();
         let h = self.actor(&msg.event.entity_id.clone(), &tp);
-        h.delivered += 1;
-        h.last_delivery = Instant::now();
         let fut = h.addr.send(msg);
         Box::pin(async move {
             fut.await
@@ -268,8 +299,6 @@ impl Handler<Route> for Shard {
 
     fn handle(&mut self, Route(d): Route, _: &mut Self::Context) {
         let h = self.actor(&d.event.entity_id.clone(), &d.tp);
-        h.delivered += 1;
-        h.last_delivery = Instant::now();
         if h.tp != d.tp {
             h.tp = d.tp.clone();
         }
@@ -292,7 +321,7 @@ impl Handler<RouteMerge> for Shard {
         // Only an entity held here has anything to merge or yield: one
         // whose actor is alive (its record may not be in the store yet),
         // or one in the store. No actor is started for the others.
-        if !self.entities.contains_key(&record.entity_id)
+        if !self.entities.contains_key(record.entity_id.as_str())
             && !matches!(
                 self.shared.store.load_entity(&record.entity_id),
                 Ok(Some(_))
@@ -301,8 +330,6 @@ impl Handler<RouteMerge> for Shard {
             return;
         }
         let h = self.actor(&record.entity_id.clone(), &tp);
-        h.delivered += 1;
-        h.last_delivery = Instant::now();
         h.addr.do_send(Merge(record));
     }
 }

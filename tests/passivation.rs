@@ -11,11 +11,9 @@ use orderly::tools::broker::EmbeddedBroker;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-#[test]
-fn live_actors_come_down_to_max_actors_after_a_burst_of_new_keys() {
-    let broker = EmbeddedBroker::start(1).expect("embedded broker");
-    let dir = tempfile::tempdir().unwrap();
-    let config = Config {
+/// One shard that keeps `max_actors`, on `broker`, in `dir`.
+fn one_shard(broker: &EmbeddedBroker, dir: &tempfile::TempDir, max_actors: usize) -> Config {
+    Config {
         brokers: broker.bootstrap_servers(),
         topic: "passivation".into(),
         data_dir: dir.path().join("data"),
@@ -23,11 +21,18 @@ fn live_actors_come_down_to_max_actors_after_a_burst_of_new_keys() {
         changes_topic: String::new(),
         anomalies_topic: String::new(),
         shards: 1,
-        max_actors: 100,
+        max_actors,
         // Only the cap passivates here, not the idle timeout.
         idle_timeout_ms: 600_000,
         ..Config::default()
-    };
+    }
+}
+
+#[test]
+fn live_actors_come_down_to_max_actors_after_a_burst_of_new_keys() {
+    let broker = EmbeddedBroker::start(1).expect("embedded broker");
+    let dir = tempfile::tempdir().unwrap();
+    let config = one_shard(&broker, &dir, 100);
     let handlers = config.handlers();
     // 3,000 new keys, all of them in flight at once (the in-flight mark is
     // 50,000): thirty times the cap in actors with writes not yet durable.
@@ -77,6 +82,64 @@ fn live_actors_come_down_to_max_actors_after_a_burst_of_new_keys() {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        pipeline.shutdown().unwrap();
+    });
+}
+
+/// Beyond `max_actors` the least recently *used* actor goes, not the
+/// oldest one: an actor that had a delivery since is kept.
+#[test]
+fn the_least_recently_used_actor_is_the_one_passivated() {
+    let broker = EmbeddedBroker::start(1).expect("embedded broker");
+    let dir = tempfile::tempdir().unwrap();
+    let config = one_shard(&broker, &dir, 2);
+    let handlers = config.handlers();
+    actix::System::new().block_on(async move {
+        let (pipeline, mut injector) = Pipeline::start_engine(config, handlers).unwrap();
+        let stats = pipeline.stats();
+        let fatal = pipeline.fatal();
+        let mut sent = 0u64;
+        // Sends one event of `entity` and waits until it is durable; returns
+        // the actors started so far.
+        let (stats_f, fatal_f) = (stats.clone(), fatal.clone());
+        let mut send = move |entity: &str| {
+            let (stats, fatal) = (&stats_f, &fatal_f);
+            sent += 1;
+            let e = common::event(
+                entity,
+                &format!("e{sent}"),
+                "lead.created",
+                1_000 + sent as i64,
+                serde_json::json!({ "n": sent }),
+            );
+            injector.inject(e, 0);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Stats::get(&stats.writer.durable) < sent {
+                assert!(fatal.reason().is_none(), "{:?}", fatal.reason());
+                assert!(Instant::now() < deadline, "event {sent} not durable");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            // The writer counts the event durable just before it tells
+            // the actor; let it.
+            std::thread::sleep(Duration::from_millis(100));
+            Stats::get(&stats.entities.actor_starts)
+        };
+        let feeder = std::thread::spawn(move || {
+            let mut starts = Vec::new();
+            for entity in ["a", "b", "a", "c", "a", "b"] {
+                starts.push(send(entity));
+            }
+            starts
+        });
+        while !feeder.is_finished() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let starts = feeder.join().unwrap();
+        // a and b start; a is used again; c starts and b, used least
+        // recently, is passivated (a was started first, but used since); a
+        // is still live; b starts again.
+        assert_eq!(starts, vec![1, 2, 2, 3, 3, 4]);
+        assert_eq!(stats.entities.active_actors.load(Relaxed), 2);
         pipeline.shutdown().unwrap();
     });
 }

@@ -131,6 +131,8 @@ pub struct ActorStarted;
 impl InternalEvent for ActorStarted {
     fn emit(self, stats: &Stats) {
         stats.entities.active_actors.fetch_add(1, Relaxed);
+        stats.entities.actor_starts.fetch_add(1, Relaxed);
+        ::metrics::counter!("orderly_actor_starts_total").increment(1);
     }
 }
 

@@ -109,6 +109,11 @@ pub const CATALOGUE: &[(&str, Kind, &str)] = &[
         "Idle entity actors stopped.",
     ),
     (
+        "orderly_actor_starts_total",
+        Kind::Counter,
+        "Entity actors started; about one per event means max_actors is below the hot set.",
+    ),
+    (
         "orderly_mailbox_depth",
         Kind::Gauge,
         "Deliveries queued in a shard's mailbox, by shard.",
@@ -284,6 +289,7 @@ pub fn register_catalogue() {
         "orderly_retries_total",
         "orderly_stalled_events_total",
         "orderly_passivations_total",
+        "orderly_actor_starts_total",
         "orderly_offset_gaps_total",
         "orderly_offsets_skipped_total",
         "orderly_settings_compiled_total",

@@ -101,6 +101,8 @@ pub struct EntityStats {
     pub active_actors: AtomicI64,
     /// Entity actors passivated so far.
     pub passivations: AtomicU64,
+    /// Entity actors started so far.
+    pub actor_starts: AtomicU64,
     /// Events waiting for a retry now.
     pub retrying: AtomicI64,
 }
@@ -186,6 +188,8 @@ pub struct CounterSnapshot {
     pub stalled: u64,
     /// Actors passivated.
     pub passivations: u64,
+    /// Actors started.
+    pub actor_starts: u64,
     /// Backpressure pauses.
     pub pauses: u64,
     /// Errors inside orderly.
@@ -446,6 +450,7 @@ impl Stats {
                 dead_letters: c(&entities.dead_letters),
                 stalled: c(&entities.stalled),
                 passivations: c(&entities.passivations),
+                actor_starts: c(&entities.actor_starts),
                 pauses: c(&source.pauses),
                 errors: c(&self.errors),
                 batches: c(&writer.batches),

@@ -56,9 +56,10 @@ pub struct Limits {
     pub bytes: u64,
 }
 
-/// Actors looked at, beyond those to passivate, when a new actor passes the
-/// cap: the quiescent ones are usually the oldest, but an actor whose write
-/// is still in flight is skipped (and kept).
+/// Actors looked at, at most, when a new actor passes the cap: the
+/// quiescent ones are usually the oldest, but an actor whose write is still
+/// in flight is skipped (and kept). More than one, so that a shard over the
+/// cap comes back down as it takes new actors.
 const PASSIVATION_LOOKAHEAD: usize = 16;
 
 /// One shard: the entity actors on one Arbiter.
@@ -244,10 +245,11 @@ impl Shard {
                         tick,
                     },
                 );
-                // One in, (about) one out: a few actors looked at per new
-                // one, never a scan of the shard.
-                let excess = self.entities.len().saturating_sub(self.max_actors);
-                self.passivate_over_cap(excess + PASSIVATION_LOOKAHEAD);
+                // One in, about one out: a few actors looked at per new
+                // one, never a scan of the shard, also when more actors
+                // than the cap have writes in flight (the timer catches up
+                // once they are durable).
+                self.passivate_over_cap(PASSIVATION_LOOKAHEAD);
                 id
             }
         };

@@ -166,7 +166,9 @@ impl Shard {
         while let Some((tick, id)) = self.pop_oldest() {
             let h = &self.entities[&id];
             if h.last_delivery.elapsed() < self.idle {
-                // The queue is in delivery order: the rest are more recent.
+                // The queue is in delivery order, so the rest are more
+                // recent; except the actors moved to the back while their
+                // writes were in flight, which wait for a later tick.
                 self.recency.push_front((tick, id));
                 break;
             }
@@ -221,7 +223,7 @@ impl Shard {
     /// delivery counted.
     fn actor(&mut self, entity_id: &str, tp: &TopicPartition) -> &mut Handle {
         self.tick += 1;
-        let tick = self.tick;
+        let (tick, now) = (self.tick, Instant::now());
         let id = match self.entities.get_key_value(entity_id) {
             Some((id, _)) => id.clone(),
             None => {
@@ -240,7 +242,7 @@ impl Shard {
                         addr: actor.start(),
                         status,
                         delivered: 0,
-                        last_delivery: Instant::now(),
+                        last_delivery: now,
                         tp: tp.clone(),
                         tick,
                     },
@@ -258,7 +260,7 @@ impl Shard {
         let h = self.entities.get_mut(&id).expect("inserted above, and a new actor is the most recent: not passivated");
         h.tick = tick;
         h.delivered += 1;
-        h.last_delivery = Instant::now();
+        h.last_delivery = now;
         h
     }
 }

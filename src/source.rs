@@ -655,7 +655,6 @@ impl Source {
                         parent: telemetry::parent_from_headers(
                             headers.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
                         ),
-                        received_at,
                         read_start: now,
                         write_start: now,
                         topic: tp.topic.clone(),

@@ -235,8 +235,6 @@ pub fn start_send_span(topic: &str, entity_id: Option<&str>) -> Option<Context> 
 pub struct SpanInfo {
     /// The parent from `traceparent`, if any.
     pub parent: Option<SpanContext>,
-    /// When the source received the message.
-    pub received_at: SystemTime,
     /// When the actor started reading the entity.
     pub read_start: SystemTime,
     /// When the actor handed the write intent to the writer.
@@ -276,9 +274,16 @@ pub const EVENT_ID: &str = "orderly.event.id";
 /// The event's type.
 pub const EVENT_TYPE: &str = "orderly.event.type";
 
-/// Emits the span of one event of consumer group `group` that became
-/// durable at `durable_at` with `outcome`.
-pub fn record_event_span(info: &SpanInfo, group: &str, outcome: &str, durable_at: SystemTime) {
+/// Emits the span of one event of consumer group `group`, received at
+/// `received_at` (the span's start), that became durable at `durable_at`
+/// with `outcome`.
+pub fn record_event_span(
+    info: &SpanInfo,
+    received_at: SystemTime,
+    group: &str,
+    outcome: &str,
+    durable_at: SystemTime,
+) {
     let mut attributes = vec![
         KeyValue::new(attr::MESSAGING_SYSTEM, "kafka"),
         KeyValue::new(attr::MESSAGING_OPERATION_TYPE, "process"),
@@ -316,7 +321,7 @@ pub fn record_event_span(info: &SpanInfo, group: &str, outcome: &str, durable_at
             let builder = tracer
                 .span_builder(format!("process {}", info.topic))
                 .with_kind(SpanKind::Consumer)
-                .with_start_time(info.received_at)
+                .with_start_time(received_at)
                 .with_attributes(attributes);
             let span = tracer.build_with_context(builder, &parent);
             let cx = Context::new().with_span(span);
@@ -334,7 +339,7 @@ pub fn record_event_span(info: &SpanInfo, group: &str, outcome: &str, durable_at
             partition = info.partition,
             offset = info.offset,
             occurred_at = info.occurred_at,
-            received_at = unix_ms(info.received_at),
+            received_at = unix_ms(received_at),
             read_start = unix_ms(info.read_start),
             write_start = unix_ms(info.write_start),
             durable_at = unix_ms(durable_at),

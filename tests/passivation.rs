@@ -119,9 +119,6 @@ fn the_least_recently_used_actor_is_the_one_passivated() {
                 assert!(Instant::now() < deadline, "event {sent} not durable");
                 std::thread::sleep(Duration::from_millis(5));
             }
-            // The writer counts the event durable just before it tells
-            // the actor; let it.
-            std::thread::sleep(Duration::from_millis(100));
             Stats::get(&stats.entities.actor_starts)
         };
         let feeder = std::thread::spawn(move || {

@@ -208,7 +208,6 @@ pub(super) fn ack_of(d: &Delivery, read_start: SystemTime, outcome: &'static str
     let span = d.traced.then(|| {
         Box::new(SpanInfo {
             parent: d.parent.clone(),
-            received_at: d.received_at,
             read_start,
             write_start,
             topic: d.tp.topic.clone(),

@@ -381,6 +381,11 @@ impl Writer {
                 }
             })
             .collect();
+        // The actors first: once the stats count an event durable, its
+        // actor counts it too (and may be passivated).
+        for d in intents.iter().filter_map(|i| i.durable.as_ref()) {
+            d.fetch_add(1, Relaxed);
+        }
         emit(
             EventsDurable {
                 latencies: &latencies,
@@ -388,14 +393,15 @@ impl Writer {
             },
             &self.stats,
         );
-        for intent in intents {
-            if let Some(d) = &intent.durable {
-                d.fetch_add(1, Relaxed);
-            }
-            if let Some(ack) = &intent.ack {
-                if let Some(span) = &ack.span {
-                    telemetry::record_event_span(span, &self.group, ack.outcome, durable_at);
-                }
+        for ack in intents.iter().filter_map(|i| i.ack.as_ref()) {
+            if let Some(span) = &ack.span {
+                telemetry::record_event_span(
+                    span,
+                    ack.received_at,
+                    &self.group,
+                    ack.outcome,
+                    durable_at,
+                );
             }
         }
     }

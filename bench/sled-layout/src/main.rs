@@ -1,4 +1,6 @@
-// Random-key inserts against sequential appends (one record per key, or
+// Random-key inserts (alone, after a get of each key, or with the epoch
+// collector driven after each batch: `random-collect`, COLLECT pins) against
+// sequential appends (one record per key, or
 // packed into 6 KB chunks) plus a small random index, in sled 0.34.7:
 // batches of 4096, a flush after each, 500-byte values, 256 MiB of cache.
 use std::time::Instant;
@@ -69,7 +71,7 @@ fn main() {
                 *v = rng(&mut x) as u8;
             }
             match mode.as_str() {
-                "random" => {
+                "random" | "random-collect" => {
                     let mut k = b"e\0".to_vec();
                     k.extend_from_slice(id.as_bytes());
                     b.insert(k, value.clone());
@@ -110,6 +112,18 @@ fn main() {
         }
         t.apply_batch(b).unwrap();
         db.flush().unwrap();
+        if mode == "random-collect" {
+            // Drive crossbeam-epoch's collector: a thread collects at most
+            // 8 bags (64 deferred frees each) per 128 pins, and a batch
+            // pins once, so the garbage of a batch's inserts outruns it.
+            let rounds: usize = std::env::var("COLLECT")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(64);
+            for _ in 0..rounds {
+                sled::crossbeam_pin().flush();
+            }
+        }
         if last.elapsed().as_secs() >= 5 {
             eprintln!(
                 "{mode}: {i} at {:.0}/s",

@@ -82,6 +82,11 @@ fn smoke_scenario_writes_a_complete_report_whose_counts_add_up() {
         "/windows/0/active_actors",
         "/windows/0/in_flight",
         "/targets/0/met",
+        "/store/bytes_on_disk",
+        "/store/entities",
+        "/store/bytes_per_entity",
+        "/store/usage/e/keys",
+        "/store/usage/e/bytes",
     ] {
         assert!(
             r.pointer(path).is_some_and(|v| !v.is_null()),
@@ -99,6 +104,17 @@ fn smoke_scenario_writes_a_complete_report_whose_counts_add_up() {
         "processed + dead-lettered + duplicates = produced"
     );
     assert!(n("/reliability/duplicates") > 0 && n("/reliability/late/recomputed") > 0);
+    // The store's footprint is per entity record, and the run wrote one
+    // per entity it touched.
+    let entities = n("/store/entities");
+    assert!(entities > 0 && entities <= 300, "{entities} entity records");
+    assert_eq!(entities, n("/store/usage/e/keys"));
+    assert!(
+        (r["store"]["bytes_per_entity"].as_f64().unwrap()
+            - n("/store/bytes_on_disk") as f64 / entities as f64)
+            .abs()
+            < 1e-6
+    );
     // Each ratio is computed from this run's own ceilings.
     let f = |p: &str| r.pointer(p).and_then(|v| v.as_f64()).unwrap();
     let drain = f("/orderly/drain_eps");

@@ -514,6 +514,7 @@ pub fn run(
     }
     let produced = produced.load(Relaxed);
     println!("orderly: {:.0} events/s end to end", e2e.drain_eps);
+    let store = store_footprint(dir.path())?;
 
     if s.ceilings {
         if open {
@@ -553,6 +554,7 @@ pub fn run(
         &e2e,
         ceilings,
     );
+    report["store"] = store;
     if s.restore {
         let r = restore(config)?;
         println!(
@@ -571,6 +573,44 @@ pub fn run(
         out.join("report.svg").display()
     );
     Ok(Report { json: report })
+}
+
+/// What the store in `dir` (closed) holds: its size on disk, its entity
+/// records and the bytes on disk per record, and the live bytes by kind of
+/// key (`e` for entity records, and so on: the layout table in `store`).
+/// Printed, and returned for the report.
+fn store_footprint(dir: &Path) -> anyhow::Result<serde_json::Value> {
+    let store = SledStore::open(dir, 64)?;
+    let bytes = store.size_on_disk()?;
+    let usage = store.usage()?;
+    let entities = usage.get(&'e').map_or(0, |u| u.0);
+    println!(
+        "store: {:.0} MiB on disk, {entities} entity records, {:.0} B per entity",
+        bytes as f64 / (1024.0 * 1024.0),
+        bytes as f64 / entities.max(1) as f64,
+    );
+    for (prefix, (keys, live)) in &usage {
+        println!(
+            "  store key prefix {prefix:?}: {keys} keys, {:.1} MiB, {:.0} B per key",
+            *live as f64 / (1024.0 * 1024.0),
+            *live as f64 / (*keys).max(1) as f64
+        );
+    }
+    let usage: BTreeMap<String, serde_json::Value> = usage
+        .into_iter()
+        .map(|(p, (keys, live))| {
+            (
+                p.to_string(),
+                serde_json::json!({ "keys": keys, "bytes": live }),
+            )
+        })
+        .collect();
+    Ok(serde_json::json!({
+        "bytes_on_disk": bytes,
+        "entities": entities,
+        "bytes_per_entity": bytes as f64 / entities.max(1) as f64,
+        "usage": usage,
+    }))
 }
 
 /// Measures the engine ceiling alone: `s`'s events (at most
@@ -616,27 +656,12 @@ pub fn engine_only(s: &Scenario, out: &Path) -> anyhow::Result<f64> {
         mean(&run.windows[..quarter.min(run.windows.len())]),
         mean(&run.windows[run.windows.len().saturating_sub(quarter)..]),
     );
-    // What the store holds, by kind of key: the live bytes, next to the
-    // bytes on disk.
-    let store = SledStore::open(dir.path(), 64)?;
-    let store_bytes = store.size_on_disk()?;
-    let usage = store.usage()?;
     println!(
         "per-second windows: first quarter {first:.0}, last quarter {last:.0} events/s; \
-         max RSS {:.0} MiB; store {:.0} MiB on disk, {:.0} B per entity",
+         max RSS {:.0} MiB",
         run.max_rss_mib,
-        store_bytes as f64 / (1024.0 * 1024.0),
-        store_bytes as f64 / distinct.max(1) as f64,
     );
-    for (prefix, (keys, bytes)) in &usage {
-        println!(
-            "  store key prefix {prefix:?}: {keys} keys, {:.1} MiB, {:.0} B per key",
-            *bytes as f64 / (1024.0 * 1024.0),
-            *bytes as f64 / (*keys).max(1) as f64
-        );
-    }
-    let usage: BTreeMap<String, (u64, u64)> =
-        usage.into_iter().map(|(p, u)| (p.to_string(), u)).collect();
+    let store = store_footprint(dir.path())?;
     let report = serde_json::json!({
         "schema": "orderly.bench.engine.v1",
         "scenario": s,
@@ -646,9 +671,8 @@ pub fn engine_only(s: &Scenario, out: &Path) -> anyhow::Result<f64> {
         "max_rss_mib": run.max_rss_mib,
         "cpu_user_s": run.cpu_user_s,
         "cpu_system_s": run.cpu_system_s,
-        "store_bytes": store_bytes,
         "entities_touched": distinct,
-        "store_usage": usage,
+        "store": store,
     });
     std::fs::write(
         out.join("report.json"),

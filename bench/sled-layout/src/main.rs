@@ -1,7 +1,8 @@
 // Random-key inserts (alone, after a get of each key, or with the epoch
 // collector driven after each batch: `random-collect`, COLLECT pins) against
-// sequential appends (one record per key, or
-// packed into 6 KB chunks) plus a small random index, in sled 0.34.7:
+// sequential appends (one record per key, or packed into 6 KB chunks, with
+// or without a get of the index key first: `read-chunked`) plus a small
+// random index, in sled 0.34.7:
 // batches of 4096, a flush after each, 500-byte values, 256 MiB of cache.
 use std::time::Instant;
 
@@ -86,12 +87,16 @@ fn main() {
                     ik.extend_from_slice(id.as_bytes());
                     b.insert(ik, &seq.to_be_bytes()[..]);
                 }
-                "chunked" => {
+                "chunked" | "read-chunked" => {
                     // records packed 12 to a 6 KB chunk under a sequential key;
                     // the index maps the id to the chunk
                     chunk.extend_from_slice(&value);
                     let mut ik = b"i\0".to_vec();
                     ik.extend_from_slice(id.as_bytes());
+                    if mode == "read-chunked" {
+                        // the actor's lookup of a new key, in the index
+                        let _ = t.get(&ik).unwrap();
+                    }
                     b.insert(ik, &(seq + 1).to_be_bytes()[..]);
                     if chunk.len() >= 6000 {
                         seq += 1;

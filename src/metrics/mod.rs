@@ -422,7 +422,9 @@ impl Stats {
 
     /// Reads a counter.
     pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Relaxed)
+        // Acquire: what a component did before it counted (the writer tells
+        // the actors an event is durable before it counts it) is seen too.
+        counter.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Every counter and gauge now. Each is read on its own, so a snapshot

@@ -382,10 +382,13 @@ impl Writer {
             })
             .collect();
         // The actors first: once the stats count an event durable, its
-        // actor counts it too (and may be passivated).
+        // actor counts it too (and may be passivated). The fence orders the
+        // actors' counts before the stats' for a reader that loads a stat
+        // with `Stats::get` (an acquire load).
         for d in intents.iter().filter_map(|i| i.durable.as_ref()) {
             d.fetch_add(1, Relaxed);
         }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
         emit(
             EventsDurable {
                 latencies: &latencies,

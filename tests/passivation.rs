@@ -11,9 +11,12 @@ use orderly::tools::broker::EmbeddedBroker;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-/// One shard that keeps `max_actors`, on `broker`, in `dir`.
-fn one_shard(broker: &EmbeddedBroker, dir: &tempfile::TempDir, max_actors: usize) -> Config {
-    Config {
+/// One shard that keeps `max_actors`, on an embedded broker, in a temp
+/// dir; both are returned to be kept for the test's length.
+fn one_shard(max_actors: usize) -> (EmbeddedBroker, tempfile::TempDir, Config) {
+    let broker = EmbeddedBroker::start(1).expect("embedded broker");
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
         brokers: broker.bootstrap_servers(),
         topic: "passivation".into(),
         data_dir: dir.path().join("data"),
@@ -25,14 +28,13 @@ fn one_shard(broker: &EmbeddedBroker, dir: &tempfile::TempDir, max_actors: usize
         // Only the cap passivates here, not the idle timeout.
         idle_timeout_ms: 600_000,
         ..Config::default()
-    }
+    };
+    (broker, dir, config)
 }
 
 #[test]
 fn live_actors_come_down_to_max_actors_after_a_burst_of_new_keys() {
-    let broker = EmbeddedBroker::start(1).expect("embedded broker");
-    let dir = tempfile::tempdir().unwrap();
-    let config = one_shard(&broker, &dir, 100);
+    let (_broker, _dir, config) = one_shard(100);
     let handlers = config.handlers();
     // 3,000 new keys, all of them in flight at once (the in-flight mark is
     // 50,000): thirty times the cap in actors with writes not yet durable.
@@ -90,9 +92,7 @@ fn live_actors_come_down_to_max_actors_after_a_burst_of_new_keys() {
 /// oldest one: an actor that had a delivery since is kept.
 #[test]
 fn the_least_recently_used_actor_is_the_one_passivated() {
-    let broker = EmbeddedBroker::start(1).expect("embedded broker");
-    let dir = tempfile::tempdir().unwrap();
-    let config = one_shard(&broker, &dir, 2);
+    let (_broker, _dir, config) = one_shard(2);
     let handlers = config.handlers();
     actix::System::new().block_on(async move {
         let (pipeline, mut injector) = Pipeline::start_engine(config, handlers).unwrap();

@@ -422,8 +422,9 @@ impl Stats {
 
     /// Reads a counter.
     pub fn get(counter: &AtomicU64) -> u64 {
-        // Acquire: what a component did before it counted (the writer tells
-        // the actors an event is durable before it counts it) is seen too.
+        // Acquire, for the writer's release fence before it counts events
+        // durable: a reader that sees an event counted durable sees its
+        // actor's durable count too. Other counters carry no such promise.
         counter.load(std::sync::atomic::Ordering::Acquire)
     }
 

@@ -360,8 +360,10 @@ pub(super) fn engine_ceiling(
         let secs = started.elapsed().as_secs_f64();
         let cpu_after = super::cpu_seconds();
         let _ = feeder.join();
+        let store = pipeline.store();
         pipeline.shutdown()?;
         Ok(EngineRun {
+            store,
             eps: n as f64 / secs.max(1e-9),
             windows,
             max_rss_mib,
@@ -374,6 +376,9 @@ pub(super) fn engine_ceiling(
 
 /// One engine-ceiling run.
 pub(super) struct EngineRun {
+    /// The run's store, still open: what it holds is measured without
+    /// opening it again (which replays sled's whole log).
+    pub(super) store: Arc<crate::store::SledStore>,
     /// Events per second over the whole run.
     pub(super) eps: f64,
     /// Durable events per second, per one-second window.
@@ -508,8 +513,10 @@ pub(super) fn end_to_end(
             .unwrap_or_else(|| started.elapsed())
             .as_secs_f64();
         let durable = Stats::get(&stats.writer.durable);
+        let store = pipeline.store();
         pipeline.shutdown()?;
         Ok(E2e {
+            store: Some(store),
             steady: steady
                 .as_ref()
                 .map(|w| crate::metrics::percentiles(&w.append))

@@ -273,6 +273,8 @@ pub struct Window {
 
 /// What one end-to-end orderly run measured.
 struct E2e {
+    /// The run's store, still open, until its footprint is taken.
+    store: Option<Arc<SledStore>>,
     /// append → durable after the first window.
     steady: Percentiles,
     /// received → durable after the first window: orderly's own share.
@@ -504,7 +506,7 @@ pub fn run(
         let (produced, finished) = (produced.clone(), finished.clone());
         move || finished.load(Relaxed).then(|| produced.load(Relaxed))
     };
-    let e2e = end_to_end(s, config.clone(), h, expected, consuming.clone(), &bar)?;
+    let mut e2e = end_to_end(s, config.clone(), h, expected, consuming.clone(), &bar)?;
     bar.finish_and_clear();
     if let Some(p) = producer {
         produced_rate = p
@@ -514,7 +516,11 @@ pub fn run(
     }
     let produced = produced.load(Relaxed);
     println!("orderly: {:.0} events/s end to end", e2e.drain_eps);
-    let store = store_footprint(dir.path())?;
+    // Taken (and the store closed) before the ceilings run.
+    let store = match e2e.store.take() {
+        Some(store) => store_footprint(&store)?,
+        None => serde_json::Value::Null,
+    };
 
     if s.ceilings {
         if open {
@@ -575,12 +581,11 @@ pub fn run(
     Ok(Report { json: report })
 }
 
-/// What the store in `dir` (closed) holds: its size on disk, its entity
+/// What a run's `store` holds after it: its size on disk, its entity
 /// records and the bytes on disk per record, and the live bytes by kind of
 /// key (`e` for entity records, and so on: the layout table in `store`).
 /// Printed, and returned for the report.
-fn store_footprint(dir: &Path) -> anyhow::Result<serde_json::Value> {
-    let store = SledStore::open(dir, 64)?;
+fn store_footprint(store: &SledStore) -> anyhow::Result<serde_json::Value> {
     let bytes = store.size_on_disk()?;
     let usage = store.usage()?;
     let entities = usage.get(&'e').map_or(0, |u| u.0);
@@ -661,7 +666,7 @@ pub fn engine_only(s: &Scenario, out: &Path) -> anyhow::Result<f64> {
          max RSS {:.0} MiB",
         run.max_rss_mib,
     );
-    let store = store_footprint(dir.path())?;
+    let store = store_footprint(&run.store)?;
     let report = serde_json::json!({
         "schema": "orderly.bench.engine.v1",
         "scenario": s,

@@ -19,6 +19,7 @@
 //! - [`change`], [`anomaly`], [`dead_letter`], [`history`]: what the fold's
 //!   outcomes become for the outside world.
 //! - [`observers`]: the built-in observers.
+//! - [`json`]: the change record's JSON, written by hand on the hot path.
 
 pub mod anomaly;
 pub mod change;
@@ -27,6 +28,7 @@ pub mod envelope;
 pub mod fold;
 pub mod handler;
 pub mod history;
+pub mod json;
 pub mod observers;
 pub mod ordering;
 pub mod position;

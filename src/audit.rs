@@ -136,7 +136,6 @@ pub fn repair(
             provenance: None,
             lateness: None,
         };
-        batch.outbox_id = store.next_id()?;
         batch.outbox.push(OutboxRecord {
             topic: changes_topic.to_owned(),
             key: Some(replayed.entity_id.clone().into_bytes()),
@@ -144,6 +143,7 @@ pub fn repair(
             headers: vec![("content-type".into(), b"application/json".to_vec())],
             partition: None,
         });
+        batch.assign_outbox_ids(|| store.next_id())?;
     }
     store.commit(&batch)?;
     futures::executor::block_on(store.flush())

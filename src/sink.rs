@@ -6,6 +6,13 @@
 //! the rest are published on the next start. Delivery is at least once, and
 //! every record carries an id that makes duplicates recognisable.
 //!
+//! The writer hands each durable batch's bundles to the publisher in
+//! memory too ([`Handoff`]), so that the publisher need not read back and
+//! decode what was just written. The store stays the truth: the publisher
+//! reads it at start, and again whenever the handoff dropped bundles
+//! because the publisher fell behind, until it has caught up with what the
+//! handoff holds.
+//!
 //! A record the broker refuses for good (larger than `message.max.bytes`,
 //! its topic gone, not authorised) is never retried: it moves aside in the
 //! store (`Store::undeliverable`), with the reason in an
@@ -14,13 +21,109 @@
 //! the others again.
 
 use crate::internal_events::{emit, OutboxUndeliverable};
-use crate::store::Store;
+use crate::store::{OutboxRecord, Store};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+/// The most bytes of records the handoff holds; past it, the writer's
+/// bundles are left to be read from the store.
+pub const HANDOFF_BYTES: usize = 16 * 1024 * 1024;
+
+/// Outbox bundles made durable by the writer, waiting for the publisher,
+/// oldest first; and the publisher's wake-up.
+pub struct Handoff {
+    inner: Mutex<Handed>,
+    cap: usize,
+    /// Woken by the writer when it adds records.
+    ready: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct Handed {
+    bundles: VecDeque<(u64, Vec<OutboxRecord>)>,
+    bytes: usize,
+    /// Bundles were dropped (or were written before the handoff existed,
+    /// as after a restart): the store must be read until the publisher
+    /// has caught up with `bundles`.
+    gap: bool,
+}
+
+impl Handoff {
+    /// An empty handoff holding at most `cap` bytes of records. It starts
+    /// with a gap: the store may hold bundles from before.
+    pub fn new(cap: usize) -> Self {
+        Handoff {
+            inner: Mutex::new(Handed {
+                gap: true,
+                ..Default::default()
+            }),
+            cap,
+            ready: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn handed(&self) -> std::sync::MutexGuard<'_, Handed> {
+        // The lock guards plain data that no panic leaves half-changed.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds durable bundles, in id order, and wakes the publisher. If they
+    /// do not fit, the handoff drops everything it holds and marks a gap:
+    /// the publisher reads the store instead.
+    pub fn offer(&self, bundles: Vec<(u64, Vec<OutboxRecord>)>) {
+        {
+            let mut h = self.handed();
+            for (id, records) in bundles {
+                let bytes: usize = records.iter().map(OutboxRecord::byte_size).sum();
+                if h.gap || h.bytes + bytes > self.cap {
+                    *h = Handed {
+                        gap: true,
+                        ..Default::default()
+                    };
+                    continue;
+                }
+                h.bytes += bytes;
+                h.bundles.push_back((id, records));
+            }
+        }
+        self.ready.notify_one();
+    }
+
+    /// Up to `limit` bundles, oldest first, taken out; `None` when there is
+    /// a gap, which this call closes (empties): the caller reads the store
+    /// until it reaches what is handed from now on.
+    fn take(&self, limit: usize) -> Option<Vec<(u64, Vec<OutboxRecord>)>> {
+        let mut h = self.handed();
+        if std::mem::take(&mut h.gap) {
+            *h = Handed::default();
+            return None;
+        }
+        let n = limit.min(h.bundles.len());
+        let taken: Vec<_> = h.bundles.drain(..n).collect();
+        h.bytes -= taken
+            .iter()
+            .flat_map(|(_, records)| records)
+            .map(OutboxRecord::byte_size)
+            .sum::<usize>();
+        Some(taken)
+    }
+
+    /// The id of the oldest bundle handed, if any.
+    fn oldest(&self) -> Option<u64> {
+        self.handed().bundles.front().map(|(id, _)| *id)
+    }
+
+    /// Marks a gap: the store must be read again (a bundle failed in part
+    /// and was settled there).
+    fn mark_gap(&self) {
+        self.handed().gap = true;
+    }
+}
 
 /// Publishes the outbox until stopped.
 pub struct Publisher {
@@ -28,8 +131,8 @@ pub struct Publisher {
     pub store: Arc<dyn Store>,
     /// The producer.
     pub producer: FutureProducer,
-    /// Woken by the writer when it adds records.
-    pub ready: Arc<tokio::sync::Notify>,
+    /// The writer's durable bundles, and the wake-up.
+    pub handoff: Arc<Handoff>,
     /// Set to stop after one last pass.
     pub stop: Arc<AtomicBool>,
     /// Counters.
@@ -39,28 +142,63 @@ pub struct Publisher {
 impl Publisher {
     /// Runs until `stop`; a final pass publishes what the last batches added.
     pub async fn run(self) {
+        // Whether the store must be read (at start, and after a gap), and
+        // the highest bundle id published: a bundle read from the store and
+        // also handed is published once.
+        let mut from_store = false;
+        let mut published = 0u64;
         loop {
             let stopping = self.stop.load(Relaxed);
-            while self.publish_some().await > 0 {}
+            while self.publish_some(&mut from_store, &mut published).await > 0 {}
             if stopping {
                 return;
             }
-            let _ = tokio::time::timeout(Duration::from_millis(500), self.ready.notified()).await;
+            let _ = tokio::time::timeout(
+                Duration::from_millis(500),
+                self.handoff.ready.notified(),
+            )
+            .await;
         }
     }
 
-    /// Publishes up to one page of the outbox; returns how many were published.
-    async fn publish_some(&self) -> usize {
-        let page = match self.store.outbox(1000) {
+    /// The next page of bundles to publish: from the store while catching
+    /// up with the handoff, else from the handoff.
+    fn next_page(&self, from_store: &mut bool, published: u64) -> Vec<(u64, Vec<OutboxRecord>)> {
+        const PAGE: usize = 1000;
+        if !*from_store {
+            match self.handoff.take(PAGE) {
+                Some(page) => return page.into_iter().filter(|(id, _)| *id > published).collect(),
+                None => *from_store = true,
+            }
+        }
+        let page = match self.store.outbox(PAGE) {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the outbox");
-                return 0;
+                return Vec::new();
             }
         };
-        if page.is_empty() {
-            return 0;
+        // Caught up once the store holds nothing older than the handoff's
+        // oldest bundle (or nothing at all): the rest comes from memory.
+        let older: Vec<_> = match self.handoff.oldest() {
+            Some(oldest) => page.into_iter().filter(|(id, _)| *id < oldest).collect(),
+            None => page,
+        };
+        if older.is_empty() {
+            *from_store = false;
         }
+        older
+    }
+
+    /// Publishes up to one page of the outbox; returns how many bundles
+    /// were published.
+    async fn publish_some(&self, from_store: &mut bool, published: &mut u64) -> usize {
+        let page = self.next_page(from_store, *published);
+        if page.is_empty() {
+            // Caught up with the store: the handoff may hold more.
+            return usize::from(!*from_store && self.handoff.oldest().is_some());
+        }
+        *published = page.iter().map(|(id, _)| *id).max().unwrap_or(0).max(*published);
         let sends = page.iter().flat_map(|(_, recs)| recs).map(|rec| {
             let mut headers = OwnedHeaders::new();
             for (k, v) in &rec.headers {
@@ -112,6 +250,8 @@ impl Publisher {
             tracing::error!(error = %e, "cannot remove published outbox records; they will be published again");
         }
         if partial {
+            // What was settled in the store is published from there.
+            self.handoff.mark_gap();
             tokio::time::sleep(Duration::from_millis(500)).await;
             return 0;
         }
@@ -130,4 +270,219 @@ fn refused_for_good(e: &KafkaError) -> Option<&'static str> {
         C::InvalidRecord => "invalid_record",
         _ => return None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    //! The publisher on a real broker (librdkafka's mock cluster) and a
+    //! real sled store: bundles handed over in memory and bundles only the
+    //! store holds (from before a start, or dropped by a full handoff) are
+    //! each published once, oldest first, and removed.
+
+    use super::*;
+    use crate::store::{CommitBatch, SledStore};
+    use crate::tools::broker::EmbeddedBroker;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::Message;
+
+    fn records(topic: &str, from: u32, n: u32) -> Vec<OutboxRecord> {
+        (from..from + n)
+            .map(|i| OutboxRecord {
+                topic: topic.to_owned(),
+                key: Some(b"k".to_vec()),
+                // Large enough that a few fill a bundle.
+                value: format!("{i:06}{}", "x".repeat(2_000)).into_bytes(),
+                headers: vec![],
+                partition: Some(0),
+            })
+            .collect()
+    }
+
+    /// Commits `outbox` durably, as the writer does; returns its bundles.
+    fn commit(store: &SledStore, outbox: Vec<OutboxRecord>) -> Vec<(u64, Vec<OutboxRecord>)> {
+        let mut batch = CommitBatch {
+            outbox,
+            ..Default::default()
+        };
+        batch.assign_outbox_ids(|| store.next_id()).unwrap();
+        store.commit(&batch).unwrap();
+        futures::executor::block_on(store.flush()).unwrap();
+        batch.take_outbox_bundles()
+    }
+
+    /// The numbers of the records on `topic`, read until none comes for a
+    /// second.
+    fn published(brokers: &str, topic: &str) -> Vec<u32> {
+        let c: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", "reader")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .unwrap();
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition_offset(topic, 0, rdkafka::Offset::Beginning)
+            .unwrap();
+        c.assign(&tpl).unwrap();
+        let (mut out, mut quiet) = (Vec::new(), std::time::Instant::now());
+        while quiet.elapsed() < Duration::from_secs(3) {
+            if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+                let v = m.payload().unwrap();
+                out.push(std::str::from_utf8(&v[..6]).unwrap().parse().unwrap());
+                quiet = std::time::Instant::now();
+            }
+        }
+        out
+    }
+
+    fn wait_until(mut done: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "timed out");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn bundles_handed_over_or_only_stored_are_each_published_once_in_order() {
+        let broker = EmbeddedBroker::start(1).unwrap();
+        broker.create_topic("changes", 1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SledStore::open(dir.path(), 16).unwrap());
+        // Room for about one batch of ten: the third batch overflows it.
+        let handoff = Arc::new(Handoff::new(40_000));
+
+        // Written before the publisher started: only in the store.
+        commit(&store, records("changes", 0, 10));
+        // Handed over too (but the handoff starts with a gap).
+        handoff.offer(commit(&store, records("changes", 10, 10)));
+        // Too large for the handoff: dropped there.
+        handoff.offer(commit(&store, records("changes", 20, 30)));
+        // Handed over after the gap.
+        handoff.offer(commit(&store, records("changes", 50, 10)));
+
+        let config = crate::config::Config {
+            brokers: broker.bootstrap_servers(),
+            ..Default::default()
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let publisher = Publisher {
+            store: store.clone(),
+            producer: crate::kafka::producer(&config, &[]).unwrap(),
+            handoff: handoff.clone(),
+            stop: stop.clone(),
+            stats: Arc::new(crate::metrics::Stats::default()),
+        };
+        let run = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(publisher.run())
+        });
+        // Handed over while it runs: published from memory.
+        for from in [60, 70] {
+            wait_until(|| {
+                store.outbox(1).unwrap().is_empty()
+            });
+            assert!(!handoff.handed().gap, "caught up with the store");
+            handoff.offer(commit(&store, records("changes", from, 10)));
+        }
+        wait_until(|| {
+            store.outbox(1).unwrap().is_empty()
+        });
+        stop.store(true, Relaxed);
+        handoff.offer(Vec::new());
+        run.join().unwrap();
+
+        assert_eq!(
+            published(&config.brokers, "changes"),
+            (0..80).collect::<Vec<_>>(),
+            "each once, oldest first"
+        );
+    }
+
+    /// Which bundles `next_page` gives, step by step, as the writer and the
+    /// publisher interleave.
+    #[test]
+    fn the_store_is_read_until_it_holds_nothing_older_than_the_handoff() {
+        let broker = EmbeddedBroker::start(1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SledStore::open(dir.path(), 16).unwrap());
+        let handoff = Arc::new(Handoff::new(1 << 20));
+        let publisher = Publisher {
+            store: store.clone(),
+            producer: crate::kafka::producer(
+                &crate::config::Config {
+                    brokers: broker.bootstrap_servers(),
+                    ..Default::default()
+                },
+                &[],
+            )
+            .unwrap(),
+            handoff: handoff.clone(),
+            stop: Arc::new(AtomicBool::new(false)),
+            stats: Arc::new(crate::metrics::Stats::default()),
+        };
+        let ids = |page: &[(u64, Vec<OutboxRecord>)]| page.iter().map(|(id, _)| *id).collect::<Vec<_>>();
+        let (mut from_store, mut published) = (false, 0);
+        let next = |from_store: &mut bool, published: &mut u64| {
+            let page = publisher.next_page(from_store, *published);
+            *published = ids(&page).into_iter().fold(*published, u64::max);
+            store.remove_outbox(&ids(&page)).unwrap();
+            ids(&page)
+        };
+
+        // From before the start: the initial gap sends the publisher to the store.
+        let a = ids(&commit(&store, records("t", 0, 1)));
+        assert_eq!(next(&mut from_store, &mut published), a);
+        assert!(from_store);
+        // Committed, read from the store, and only then handed over: it is
+        // not published again.
+        let b = commit(&store, records("t", 1, 1));
+        assert_eq!(next(&mut from_store, &mut published), ids(&b));
+        handoff.offer(b);
+        let c = commit(&store, records("t", 2, 1));
+        handoff.offer(c.clone());
+        // The store holds nothing older than the handoff's oldest (b): done with it.
+        assert_eq!(next(&mut from_store, &mut published), Vec::<u64>::new());
+        assert!(!from_store);
+        // From memory: b skipped, c published.
+        assert_eq!(next(&mut from_store, &mut published), ids(&c));
+        // A gap: what is handed meanwhile is dropped, and the store read.
+        let d = commit(&store, records("t", 3, 1));
+        handoff.mark_gap();
+        handoff.offer(d.clone());
+        let e = commit(&store, records("t", 4, 1));
+        handoff.offer(e.clone());
+        assert_eq!(next(&mut from_store, &mut published), [ids(&d), ids(&e)].concat());
+        assert!(from_store);
+        assert_eq!(next(&mut from_store, &mut published), Vec::<u64>::new());
+        assert!(!from_store);
+        assert_eq!(next(&mut from_store, &mut published), Vec::<u64>::new(), "nothing twice");
+    }
+
+    #[test]
+    fn a_full_handoff_drops_what_it_holds_and_says_so_once() {
+        let handoff = Handoff::new(150);
+        let rec = |n| OutboxRecord {
+            topic: String::new(),
+            key: None,
+            value: vec![0; n],
+            headers: vec![],
+            partition: None,
+        };
+        // It starts with a gap, which the first take reports and closes.
+        assert!(handoff.take(10).is_none());
+        handoff.offer(vec![(1, vec![rec(40)]), (2, vec![rec(40)])]);
+        assert_eq!(handoff.oldest(), Some(1));
+        let taken = handoff.take(1).unwrap();
+        assert_eq!(taken[0].0, 1);
+        // 2 and 3 (56 bytes each) fit; 4 does not: all dropped, a gap.
+        handoff.offer(vec![(3, vec![rec(40)]), (4, vec![rec(40)])]);
+        assert_eq!(handoff.oldest(), None);
+        assert!(handoff.take(10).is_none());
+        handoff.offer(vec![(5, vec![rec(40)])]);
+        assert_eq!(handoff.take(10).unwrap()[0].0, 5);
+        assert_eq!(handoff.handed().bytes, 0);
+    }
 }

@@ -219,7 +219,7 @@ impl Pipeline {
         let fatal = Arc::new(Fatal::default());
         let checkpointer = Arc::new(Checkpointer::new());
         let (writer_tx, writer_rx) = tokio::sync::mpsc::unbounded_channel();
-        let outbox_ready = Arc::new(tokio::sync::Notify::new());
+        let outbox = Arc::new(crate::sink::Handoff::new(crate::sink::HANDOFF_BYTES));
         let store_ok = Arc::new(AtomicBool::new(true));
         let brokers_ok = Arc::new(AtomicBool::new(true));
 
@@ -241,7 +241,7 @@ impl Pipeline {
             stats: stats.clone(),
             dead_letter_topic: config.dead_letter_topic.clone(),
             batch_max: config.batch_max,
-            outbox_ready: outbox_ready.clone(),
+            outbox: outbox.clone(),
             anomalies_topic: config.anomalies_topic.clone(),
             anomalies_retained: config.anomalies_retained,
             store_ok: store_ok.clone(),
@@ -260,7 +260,7 @@ impl Pipeline {
             store: dyn_store.clone(),
             producer: crate::kafka::producer(&config, &[])
             .map_err(PipelineError::Producer)?,
-            ready: outbox_ready,
+            handoff: outbox,
             stop: stop_publisher.clone(),
             stats: stats.clone(),
         };

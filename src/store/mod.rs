@@ -83,6 +83,9 @@ pub enum StoreError {
         /// The version found.
         found: u8,
     },
+    /// A batch that cannot be written as it is: a bug in its caller.
+    #[error("the batch cannot be written: {0}")]
+    InvalidBatch(String),
     /// A fail point fired (tests only).
     #[error("fail point {0} fired")]
     FailPoint(&'static str),
@@ -126,10 +129,12 @@ pub struct CommitBatch {
     pub entities: Vec<(String, Vec<u8>)>,
     /// New dead letters (their ids already assigned).
     pub dead_letters: Vec<DeadLetter>,
-    /// Messages to publish once durable, in order, stored as one bundle.
+    /// Messages to publish once durable, in order, stored in bundles of
+    /// about [`OUTBOX_CHUNK_BYTES`] ([`CommitBatch::outbox_bundles`]).
     pub outbox: Vec<OutboxRecord>,
-    /// The id of this batch's outbox bundle (needed when `outbox` is not empty).
-    pub outbox_id: u64,
+    /// The id of each bundle of `outbox`, ascending
+    /// ([`CommitBatch::assign_outbox_ids`]).
+    pub outbox_ids: Vec<u64>,
     /// Partition checkpoints.
     pub checkpoints: Vec<Checkpoint>,
     /// New anomaly records (their sequence numbers assigned).
@@ -156,6 +161,82 @@ pub struct CommitBatch {
     pub changelog_pending: Vec<(Home, String)>,
     /// Pending changelog records the broker has acknowledged: marks removed.
     pub changelog_done: Vec<(Home, String)>,
+}
+
+impl CommitBatch {
+    /// Gives each bundle of the outbox its id, drawn from `next_id` in
+    /// order, so that bundles read back oldest first.
+    pub fn assign_outbox_ids(&mut self, mut next_id: impl FnMut() -> Result<u64>) -> Result<()> {
+        self.outbox_ids = outbox_chunks(&self.outbox)
+            .map(|_| next_id())
+            .collect::<Result<_>>()?;
+        Ok(())
+    }
+
+    /// The outbox's bundles, each with its id; an error if the ids were
+    /// not assigned (a bundle without an id would be lost).
+    pub fn outbox_bundles(&self) -> Result<Vec<(u64, &[OutboxRecord])>> {
+        let bundles: Vec<_> = outbox_chunks(&self.outbox).collect();
+        if bundles.len() != self.outbox_ids.len() {
+            return Err(StoreError::InvalidBatch(format!(
+                "{} outbox bundles with {} ids: CommitBatch::assign_outbox_ids was not called",
+                bundles.len(),
+                self.outbox_ids.len()
+            )));
+        }
+        Ok(self.outbox_ids.iter().copied().zip(bundles).collect())
+    }
+
+    /// Takes the outbox out of a committed batch, as the bundles it was
+    /// stored in, for the publisher to have without reading them back.
+    pub fn take_outbox_bundles(&mut self) -> Vec<(u64, Vec<OutboxRecord>)> {
+        let sizes: Vec<usize> = outbox_chunks(&self.outbox).map(<[_]>::len).collect();
+        let mut records = std::mem::take(&mut self.outbox).into_iter();
+        std::mem::take(&mut self.outbox_ids)
+            .into_iter()
+            .zip(sizes)
+            .map(|(id, n)| (id, records.by_ref().take(n).collect()))
+            .collect()
+    }
+}
+
+/// Outbox bundles stay below this many bytes (about). sled writes a node
+/// larger than a quarter of its 512 KiB segment to a blob file of its own,
+/// and a leaf holds up to 16 keys, so 16 bundles must fit in 128 KiB.
+pub const OUTBOX_CHUNK_BYTES: usize = 6 * 1024;
+
+/// `outbox` in order, in chunks of about [`OUTBOX_CHUNK_BYTES`] (a record
+/// larger than that is a chunk alone).
+pub fn outbox_chunks(outbox: &[OutboxRecord]) -> impl Iterator<Item = &[OutboxRecord]> {
+    let mut rest = outbox;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 0;
+        let n = rest
+            .iter()
+            .take_while(|r| {
+                let first = bytes == 0;
+                bytes += r.byte_size();
+                first || bytes <= OUTBOX_CHUNK_BYTES
+            })
+            .count();
+        let (chunk, tail) = rest.split_at(n);
+        rest = tail;
+        Some(chunk)
+    })
+}
+
+impl OutboxRecord {
+    /// About the bytes it holds: topic, key, value and headers.
+    pub fn byte_size(&self) -> usize {
+        self.topic.len()
+            + self.key.as_ref().map_or(0, Vec::len)
+            + self.value.len()
+            + self.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+            + 16
+    }
 }
 
 /// What [`Store::restore`] found besides the records it wrote.

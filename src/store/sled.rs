@@ -208,17 +208,13 @@ impl Store for SledStore {
         // per event (a third of the store's work in the bench), and one key
         // per batch grows past sled's inline limit, so that every batch
         // wrote (and later deleted) a blob file. Each chunk after the first
-        // takes the next id, so bundles still read oldest first. Chunks are
+        // has its own id, ascending, so bundles read oldest first. Chunks are
         // compressed although they live only until published: sled rewrites
         // the leaves that hold them (their inserts and their removals), and
         // plain JSON change records made the store three times larger on
         // disk and its writes the largest system cost (BENCHMARKS.md).
-        let mut id = batch.outbox_id;
-        for (i, chunk) in outbox_chunks(&batch.outbox).enumerate() {
-            if i > 0 {
-                id = self.next_id()?;
-            }
-            b.insert(key(OUTBOX_BUNDLE, &id.to_be_bytes()), encode(&chunk));
+        for (id, bundle) in batch.outbox_bundles()? {
+            b.insert(key(OUTBOX_BUNDLE, &id.to_be_bytes()), encode(&bundle));
         }
         for a in &batch.anomalies {
             b.insert(key(ANOMALY, &a.seq.to_be_bytes()), encode(a));
@@ -659,38 +655,6 @@ pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 fn is_lock_conflict(e: &::sled::Error) -> bool {
     matches!(e, ::sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock
         || io.to_string().contains("could not acquire lock"))
-}
-
-/// Outbox bundles stay below this many bytes (about). sled writes a node
-/// larger than a quarter of its 512 KiB segment to a blob file of its own,
-/// and a leaf holds up to 16 keys, so 16 chunks must fit in 128 KiB.
-const OUTBOX_CHUNK_BYTES: usize = 6 * 1024;
-
-/// `outbox` in order, in chunks of about [`OUTBOX_CHUNK_BYTES`] (a record
-/// larger than that is a chunk alone).
-fn outbox_chunks(outbox: &[OutboxRecord]) -> impl Iterator<Item = &[OutboxRecord]> {
-    let mut rest = outbox;
-    std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
-        }
-        let mut bytes = 0;
-        let n = rest
-            .iter()
-            .take_while(|r| {
-                let first = bytes == 0;
-                bytes += r.topic.len()
-                    + r.key.as_ref().map_or(0, Vec::len)
-                    + r.value.len()
-                    + r.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
-                    + 16;
-                first || bytes <= OUTBOX_CHUNK_BYTES
-            })
-            .count();
-        let (chunk, tail) = rest.split_at(n);
-        rest = tail;
-        Some(chunk)
-    })
 }
 
 mod spill;

@@ -139,8 +139,8 @@ pub struct Writer {
     pub dead_letter_topic: String,
     /// Most intents per batch.
     pub batch_max: usize,
-    /// Wakes the outbox publisher.
-    pub outbox_ready: Arc<tokio::sync::Notify>,
+    /// Hands durable outbox bundles to the publisher, and wakes it.
+    pub outbox: Arc<crate::sink::Handoff>,
     /// Where anomalies are published; empty: not published.
     pub anomalies_topic: String,
     /// Anomaly records kept in the store.
@@ -221,6 +221,7 @@ impl Writer {
             ..
         } = builder;
         batch.homes = BatchBuilder::home_changes(&homes);
+        batch.assign_outbox_ids(|| self.store.next_id())?;
         // The changelog after the store (see `changelog::producer`): its
         // records are marked pending in the batch, written once the batch is
         // durable, and acknowledged (checkpointed) only after that, so the
@@ -234,9 +235,6 @@ impl Writer {
             .iter()
             .map(|p| (p.home.clone(), p.id.to_owned()))
             .collect();
-        if !batch.outbox.is_empty() {
-            batch.outbox_id = self.store.next_id()?;
-        }
         if !batch.anomalies.is_empty() {
             batch.anomaly_seq = Some(*anomaly_seq);
             batch.prune_anomalies_below = anomaly_seq.checked_sub(self.anomalies_retained);
@@ -306,7 +304,7 @@ impl Writer {
         );
         self.publish_view(view);
         if !batch.outbox.is_empty() {
-            self.outbox_ready.notify_one();
+            self.outbox.offer(batch.take_outbox_bundles());
         }
         for b in barriers {
             let _ = b.send(());

@@ -371,11 +371,13 @@ fn a_large_outbox_is_written_in_chunks_read_in_order() {
     }
     let dir = tempfile::tempdir().unwrap();
     let store = SledStore::open(dir.path(), 16).unwrap();
-    let batch = CommitBatch {
+    let mut batch = CommitBatch {
         outbox: outbox.clone(),
-        outbox_id: store.next_id().unwrap(),
         ..Default::default()
     };
+    // Without ids, the bundles would be lost: the commit refuses.
+    assert!(matches!(store.commit(&batch), Err(StoreError::InvalidBatch(_))));
+    batch.assign_outbox_ids(|| store.next_id()).unwrap();
     store.commit(&batch).unwrap();
     // Bundles are compressed like every other value: sled writes them
     // twice or more before they are deleted (BENCHMARKS.md).
@@ -386,6 +388,9 @@ fn a_large_outbox_is_written_in_chunks_read_in_order() {
     }
     let bundles = store.outbox(1_000).unwrap();
     assert_eq!(bundles.len(), chunks.len());
+    // What the writer hands the publisher is what the store holds.
+    assert_eq!(batch.take_outbox_bundles(), bundles);
+    assert!(batch.outbox.is_empty() && batch.outbox_ids.is_empty());
     let read: Vec<OutboxRecord> = bundles.into_iter().flat_map(|(_, b)| b).collect();
     assert_eq!(read, outbox);
 }

@@ -94,7 +94,7 @@ impl EntityActor {
                 tenant_id: event.tenant_id.clone(),
                 event_id: event.event_id.clone(),
                 event_type: event.event_type.clone(),
-                topic: origin.tp.topic.to_string(),
+                topic: String::from(&*origin.tp.topic),
                 partition: origin.tp.partition,
                 offset: origin.offset,
                 lateness: outcome.lateness().cloned(),

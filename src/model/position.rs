@@ -67,9 +67,17 @@ impl Origin {
         Origin { tp, offset }
     }
 
-    /// The `topic/partition` key used in the record's applied offsets.
+    /// The `topic/partition` key used in the record's applied offsets
+    /// (what `Display` writes, built without the formatting machinery:
+    /// once or twice per event).
     pub fn topic_partition(&self) -> String {
-        self.tp.to_string()
+        let mut partition = itoa::Buffer::new();
+        let partition = partition.format(self.tp.partition);
+        let mut key = String::with_capacity(self.tp.topic.len() + 1 + partition.len());
+        key.push_str(&self.tp.topic);
+        key.push('/');
+        key.push_str(partition);
+        key
     }
 }
 
@@ -78,6 +86,19 @@ mod tests {
     use super::*;
 
     /// The new types are stored byte for byte as the old flat ones were.
+    /// The applied-offsets key is what `Display` writes, and parses back.
+    #[test]
+    fn the_partition_key_is_the_displayed_one() {
+        for (topic, partition) in [("in", 0), ("a/b", 17), ("", -1), ("é", i32::MAX)] {
+            let origin = Origin::new(TopicPartition::new(topic, partition), 5);
+            assert_eq!(origin.topic_partition(), origin.tp.to_string());
+            assert_eq!(
+                TopicPartition::parse_key(&origin.topic_partition()),
+                Some((topic, partition))
+            );
+        }
+    }
+
     #[test]
     fn the_stored_layout_is_the_old_one() {
         #[derive(Serialize)]

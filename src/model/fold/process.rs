@@ -289,7 +289,7 @@ impl EntityRecord {
             provenance: Provenance {
                 event_id: event.event_id.clone(),
                 event_type: event.event_type.clone(),
-                topic: origin.tp.topic.to_string(),
+                topic: String::from(&*origin.tp.topic),
                 partition: origin.tp.partition,
                 offset: origin.offset,
                 occurred_at: event.occurred_at,

@@ -21,7 +21,7 @@
 //! before its drain finished commits what was flushed, never what was only
 //! written, so a batch that then fails cannot leave Kafka ahead of the store.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 use std::time::SystemTime;
 
@@ -76,7 +76,7 @@ impl PartitionProgress {
 /// Cheap to share: one lock, held only for map updates.
 #[derive(Debug, Default)]
 pub struct Checkpointer {
-    parts: Mutex<HashMap<TopicPartition, PartitionProgress>>,
+    parts: Mutex<foldhash::HashMap<TopicPartition, PartitionProgress>>,
 }
 
 impl Checkpointer {
@@ -85,7 +85,7 @@ impl Checkpointer {
         Self::default()
     }
 
-    fn parts(&self) -> MutexGuard<'_, HashMap<TopicPartition, PartitionProgress>> {
+    fn parts(&self) -> MutexGuard<'_, foldhash::HashMap<TopicPartition, PartitionProgress>> {
         self.parts.lock().unwrap_or_else(|p| p.into_inner())
     }
 

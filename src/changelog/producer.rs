@@ -60,7 +60,7 @@ impl Producer {
     /// entity's stragglers instead of holding a stale copy.
     pub(crate) fn plan<'a>(
         entities: &'a [(String, Vec<u8>)],
-        homes: &HashMap<String, (Option<Home>, Option<Home>)>,
+        homes: &foldhash::HashMap<String, (Option<Home>, Option<Home>)>,
     ) -> Vec<Planned<'a>> {
         let mut planned = Vec::with_capacity(entities.len());
         for (id, bytes) in entities {

@@ -6,7 +6,9 @@ use super::{DeadLetterRef, EntityWrite, OperatorView, WriteIntent, Writer, Write
 use crate::checkpoint::TopicPartition;
 use crate::model::fold::Home;
 use crate::store::{CommitBatch, HomeChange, OutboxRecord};
-use std::collections::{HashMap, HashSet};
+// foldhash (seeded per process) instead of SipHash: these maps are hashed
+// for every event of a batch.
+use foldhash::{HashMap, HashSet};
 
 /// One batch under construction.
 pub(super) struct BatchBuilder<'w> {
@@ -35,9 +37,9 @@ impl<'w> BatchBuilder<'w> {
             view,
             anomaly_seq,
             batch: CommitBatch::default(),
-            index: HashMap::new(),
-            homes: HashMap::new(),
-            touched: HashSet::new(),
+            index: HashMap::default(),
+            homes: HashMap::default(),
+            touched: HashSet::default(),
         }
     }
 

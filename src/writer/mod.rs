@@ -18,7 +18,6 @@ use crate::model::dead_letter::DeadLetter;
 
 use crate::store::{Checkpoint, CommitBatch, OutboxRecord, Store, StoreError};
 use crate::telemetry::{self, SpanInfo};
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -101,7 +100,7 @@ pub struct EntityWrite {
 /// What the writer keeps across batches for operators: parked entities and
 /// the open dead-letter count, both persisted with each batch.
 struct OperatorView {
-    parked: HashSet<String>,
+    parked: foldhash::HashSet<String>,
     open_dead_letters: u64,
 }
 

@@ -106,21 +106,20 @@ impl EntityActor {
         if let Some(changes) = outcome.changes() {
             let entry = record.log.iter().find(|e| e.key.event_id == event.event_id);
             if !shared.changes_topic.is_empty() {
-                let change = ChangeRecord {
+                let change = ChangeRecordRef {
                     kind: if outcome.is_correction() {
                         "correction"
                     } else {
                         "change"
-                    }
-                    .into(),
-                    entity_id: event.entity_id.clone(),
-                    tenant_id: event.tenant_id.clone(),
-                    event_id: event.event_id.clone(),
-                    event_type: event.event_type.clone(),
+                    },
+                    entity_id: &event.entity_id,
+                    tenant_id: &event.tenant_id,
+                    event_id: &event.event_id,
+                    event_type: &event.event_type,
                     occurred_at: event.occurred_at,
-                    changes: changes.iter().map(JsonChange::from).collect(),
-                    provenance: entry.map(|e| e.provenance.clone()),
-                    lateness: outcome.lateness().cloned(),
+                    changes,
+                    provenance: entry.map(|e| &e.provenance),
+                    lateness: outcome.lateness(),
                 };
                 fx.outbox.push(OutboxRecord {
                     topic: shared.changes_topic.clone(),

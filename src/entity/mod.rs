@@ -19,7 +19,7 @@ use crate::internal_events::{
 };
 use crate::metrics::Stats;
 use crate::model::anomaly::Anomaly;
-use crate::model::change::{ChangeRecord, JsonChange};
+use crate::model::change::{ChangeRecord, ChangeRecordRef, JsonChange};
 use crate::model::dead_letter::DeadLetter;
 use crate::model::envelope::Event;
 use crate::model::fold::{EntityRecord, Origin, Outcome};

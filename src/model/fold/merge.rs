@@ -160,10 +160,11 @@ impl EntityRecord {
             let before = self.base.state.fields.clone();
             let mut state = std::mem::take(&mut self.base.state);
             if apply_entry(&mut state, &entry, self, handlers, settings).is_ok() {
+                let provenance = Arc::new(entry.provenance.clone());
                 for c in diff(&before, &state.fields) {
                     self.base
                         .provenance
-                        .insert(c.field, entry.provenance.clone());
+                        .insert(c.field, Arc::clone(&provenance));
                 }
             }
             self.base.state = state;

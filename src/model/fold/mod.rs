@@ -23,6 +23,7 @@ mod tests;
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// Which event last wrote a field, and when.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,6 +46,25 @@ pub struct Provenance {
     pub settings_version: u64,
 }
 
+/// Each field's provenance, shared: the fields one event wrote hold one
+/// copy (formats before 5 stored one per field).
+pub fn share_provenance(map: BTreeMap<String, Provenance>) -> BTreeMap<String, Arc<Provenance>> {
+    let mut shared: Vec<Arc<Provenance>> = Vec::new();
+    map.into_iter()
+        .map(|(field, p)| {
+            let p = match shared.iter().find(|q| ***q == p) {
+                Some(q) => Arc::clone(q),
+                None => {
+                    let q = Arc::new(p);
+                    shared.push(Arc::clone(&q));
+                    q
+                }
+            };
+            (field, p)
+        })
+        .collect()
+}
+
 /// One retained event in an entity's log, enough to re-fold it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LogEntry {
@@ -65,7 +85,7 @@ pub struct Base {
     pub state: EntityState,
     /// Provenance per field after the trimmed events.
     #[serde(with = "provenance_table")]
-    pub provenance: BTreeMap<String, Provenance>,
+    pub provenance: BTreeMap<String, Arc<Provenance>>,
     /// The order key of the newest trimmed event. Events at or below it are too late.
     pub key: Option<OrderKey>,
 }
@@ -82,7 +102,7 @@ pub struct EntityRecord {
     pub state: EntityState,
     /// Which event last wrote each field.
     #[serde(with = "provenance_table")]
-    pub provenance: BTreeMap<String, Provenance>,
+    pub provenance: BTreeMap<String, Arc<Provenance>>,
     /// The highest order key applied.
     pub high_water: Option<OrderKey>,
     /// Retained recent events in order-key order, for re-folds and audits.
@@ -430,7 +450,7 @@ pub fn diff(old: &Fields, new: &Fields) -> Vec<FieldChange> {
 impl EntityRecord {
     /// The record as JSON, for `orderly state get` and `state dump`.
     pub fn to_json(&self) -> serde_json::Value {
-        let prov = |p: &BTreeMap<String, Provenance>| {
+        let prov = |p: &BTreeMap<String, Arc<Provenance>>| {
             serde_json::Value::Object(
                 p.iter()
                     .map(|(k, v)| (k.clone(), serde_json::to_value(v).unwrap_or_default()))

@@ -407,8 +407,10 @@ impl EntityRecord {
         let mut next = self.state.clone();
         handler.apply(&mut next, event, settings)?;
         let changes = diff(&self.state.fields, &next.fields);
+        // One copy, shared by the fields this event wrote.
+        let shared = Arc::new(provenance.clone());
         for c in &changes {
-            self.provenance.insert(c.field.clone(), provenance.clone());
+            self.provenance.insert(c.field.clone(), Arc::clone(&shared));
         }
         self.state = next;
         Ok(changes)
@@ -441,8 +443,9 @@ impl EntityRecord {
         for entry in &self.log {
             let before = state.fields.clone();
             if apply_entry(&mut state, entry, self, handlers, settings).is_ok() {
+                let shared = Arc::new(entry.provenance.clone());
                 for c in diff(&before, &state.fields) {
-                    provenance.insert(c.field, entry.provenance.clone());
+                    provenance.insert(c.field, Arc::clone(&shared));
                 }
             }
         }

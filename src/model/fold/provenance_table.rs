@@ -7,18 +7,19 @@ use super::Provenance;
 use serde::ser::SerializeSeq;
 use serde::{Deserialize, Deserializer, Serializer};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// Writes `map` as a sequence of (provenance, fields it wrote).
 pub fn serialize<S: Serializer>(
-    map: &BTreeMap<String, Provenance>,
+    map: &BTreeMap<String, Arc<Provenance>>,
     s: S,
 ) -> Result<S::Ok, S::Error> {
     // Few distinct writers per record: a linear scan groups them.
     let mut groups: Vec<(&Provenance, Vec<&str>)> = Vec::new();
     for (field, p) in map {
-        match groups.iter_mut().find(|(q, _)| *q == p) {
+        match groups.iter_mut().find(|(q, _)| *q == &**p) {
             Some((_, fields)) => fields.push(field),
-            None => groups.push((p, vec![field])),
+            None => groups.push((&**p, vec![field])),
         }
     }
     let mut seq = s.serialize_seq(Some(groups.len()))?;
@@ -31,12 +32,14 @@ pub fn serialize<S: Serializer>(
 /// Reads what [`serialize`] wrote.
 pub fn deserialize<'de, D: Deserializer<'de>>(
     d: D,
-) -> Result<BTreeMap<String, Provenance>, D::Error> {
+) -> Result<BTreeMap<String, Arc<Provenance>>, D::Error> {
     let groups = Vec::<(Provenance, Vec<String>)>::deserialize(d)?;
     let mut map = BTreeMap::new();
     for (p, fields) in groups {
+        // One copy per writing event, shared by the fields it wrote.
+        let p = Arc::new(p);
         for field in fields {
-            map.insert(field, p.clone());
+            map.insert(field, Arc::clone(&p));
         }
     }
     Ok(map)

@@ -14,10 +14,15 @@ pub fn serialize<S: Serializer>(
     map: &BTreeMap<String, Arc<Provenance>>,
     s: S,
 ) -> Result<S::Ok, S::Error> {
-    // Few distinct writers per record: a linear scan groups them.
+    // Few distinct writers per record: a linear scan groups them. The
+    // fields one event wrote share one copy, so the pointer usually
+    // answers before the values are compared.
     let mut groups: Vec<(&Provenance, Vec<&str>)> = Vec::new();
     for (field, p) in map {
-        match groups.iter_mut().find(|(q, _)| *q == &**p) {
+        match groups
+            .iter_mut()
+            .find(|(q, _)| std::ptr::eq(*q, &**p) || *q == &**p)
+        {
             Some((_, fields)) => fields.push(field),
             None => groups.push((&**p, vec![field])),
         }

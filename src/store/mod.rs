@@ -132,9 +132,9 @@ pub struct CommitBatch {
     /// Messages to publish once durable, in order, stored in bundles of
     /// about [`OUTBOX_CHUNK_BYTES`] ([`CommitBatch::outbox_bundles`]).
     pub outbox: Vec<OutboxRecord>,
-    /// The id of each bundle of `outbox`, ascending
-    /// ([`CommitBatch::assign_outbox_ids`]).
-    pub outbox_ids: Vec<u64>,
+    /// Each bundle of `outbox`, in order: its id (ascending) and how many
+    /// records it holds ([`CommitBatch::assign_outbox_ids`]).
+    pub outbox_ids: Vec<(u64, usize)>,
     /// Partition checkpoints.
     pub checkpoints: Vec<Checkpoint>,
     /// New anomaly records (their sequence numbers assigned).
@@ -166,35 +166,45 @@ pub struct CommitBatch {
 impl CommitBatch {
     /// Gives each bundle of the outbox its id, drawn from `next_id` in
     /// order, so that bundles read back oldest first.
+    /// Cuts the outbox into bundles ([`outbox_chunks`]), once, and gives
+    /// each its id, drawn from `next_id` in order, so that bundles read
+    /// back oldest first.
     pub fn assign_outbox_ids(&mut self, mut next_id: impl FnMut() -> Result<u64>) -> Result<()> {
         self.outbox_ids = outbox_chunks(&self.outbox)
-            .map(|_| next_id())
+            .map(|chunk| Ok((next_id()?, chunk.len())))
             .collect::<Result<_>>()?;
         Ok(())
     }
 
-    /// The outbox's bundles, each with its id; an error if the ids were
-    /// not assigned (a bundle without an id would be lost).
+    /// The outbox's bundles, each with its id; an error if the bundles do
+    /// not cover the outbox (ids not assigned, or records added since): a
+    /// record outside every bundle would be lost.
     pub fn outbox_bundles(&self) -> Result<Vec<(u64, &[OutboxRecord])>> {
-        let bundles: Vec<_> = outbox_chunks(&self.outbox).collect();
-        if bundles.len() != self.outbox_ids.len() {
+        let covered: usize = self.outbox_ids.iter().map(|(_, n)| n).sum();
+        if covered != self.outbox.len() {
             return Err(StoreError::InvalidBatch(format!(
-                "{} outbox bundles with {} ids: CommitBatch::assign_outbox_ids was not called",
-                bundles.len(),
-                self.outbox_ids.len()
+                "the outbox bundles cover {covered} of {} records: call CommitBatch::assign_outbox_ids last",
+                self.outbox.len()
             )));
         }
-        Ok(self.outbox_ids.iter().copied().zip(bundles).collect())
+        let mut rest = &self.outbox[..];
+        Ok(self
+            .outbox_ids
+            .iter()
+            .map(|&(id, n)| {
+                let (bundle, tail) = rest.split_at(n);
+                rest = tail;
+                (id, bundle)
+            })
+            .collect())
     }
 
     /// Takes the outbox out of a committed batch, as the bundles it was
     /// stored in, for the publisher to have without reading them back.
     pub fn take_outbox_bundles(&mut self) -> Vec<(u64, Vec<OutboxRecord>)> {
-        let sizes: Vec<usize> = outbox_chunks(&self.outbox).map(<[_]>::len).collect();
         let mut records = std::mem::take(&mut self.outbox).into_iter();
         std::mem::take(&mut self.outbox_ids)
             .into_iter()
-            .zip(sizes)
             .map(|(id, n)| (id, records.by_ref().take(n).collect()))
             .collect()
     }

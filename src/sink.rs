@@ -45,7 +45,8 @@ pub struct Handoff {
 
 #[derive(Default)]
 struct Handed {
-    bundles: VecDeque<(u64, Vec<OutboxRecord>)>,
+    /// Each bundle: its id, its records, and their bytes.
+    bundles: VecDeque<(u64, Vec<OutboxRecord>, usize)>,
     bytes: usize,
     /// Bundles were dropped (or were written before the handoff existed,
     /// as after a restart): the store must be read until the publisher
@@ -88,7 +89,7 @@ impl Handoff {
                     continue;
                 }
                 h.bytes += bytes;
-                h.bundles.push_back((id, records));
+                h.bundles.push_back((id, records, bytes));
             }
         }
         self.ready.notify_one();
@@ -105,17 +106,13 @@ impl Handoff {
         }
         let n = limit.min(h.bundles.len());
         let taken: Vec<_> = h.bundles.drain(..n).collect();
-        h.bytes -= taken
-            .iter()
-            .flat_map(|(_, records)| records)
-            .map(OutboxRecord::byte_size)
-            .sum::<usize>();
-        Some(taken)
+        h.bytes -= taken.iter().map(|(_, _, bytes)| bytes).sum::<usize>();
+        Some(taken.into_iter().map(|(id, records, _)| (id, records)).collect())
     }
 
     /// The id of the oldest bundle handed, if any.
     fn oldest(&self) -> Option<u64> {
-        self.handed().bundles.front().map(|(id, _)| *id)
+        self.handed().bundles.front().map(|(id, _, _)| *id)
     }
 
     /// Marks a gap: the store must be read again (a bundle failed in part
@@ -123,6 +120,17 @@ impl Handoff {
     fn mark_gap(&self) {
         self.handed().gap = true;
     }
+}
+
+/// Where the publisher reads next.
+#[derive(Debug, Default)]
+struct Cursor {
+    /// Whether the store must be read: at start, and after a gap, until it
+    /// holds nothing older than the handoff.
+    from_store: bool,
+    /// The highest bundle id taken to publish: a bundle read from the
+    /// store and also handed over is published once (ids only grow).
+    published: u64,
 }
 
 /// Publishes the outbox until stopped.
@@ -142,14 +150,10 @@ pub struct Publisher {
 impl Publisher {
     /// Runs until `stop`; a final pass publishes what the last batches added.
     pub async fn run(self) {
-        // Whether the store must be read (at start, and after a gap), and
-        // the highest bundle id published: a bundle read from the store and
-        // also handed is published once.
-        let mut from_store = false;
-        let mut published = 0u64;
+        let mut cursor = Cursor::default();
         loop {
             let stopping = self.stop.load(Relaxed);
-            while self.publish_some(&mut from_store, &mut published).await > 0 {}
+            while self.publish_some(&mut cursor).await {}
             if stopping {
                 return;
             }
@@ -163,12 +167,23 @@ impl Publisher {
 
     /// The next page of bundles to publish: from the store while catching
     /// up with the handoff, else from the handoff.
-    fn next_page(&self, from_store: &mut bool, published: u64) -> Vec<(u64, Vec<OutboxRecord>)> {
+    fn next_page(&self, cursor: &mut Cursor) -> Vec<(u64, Vec<OutboxRecord>)> {
+        let page = self.read_page(cursor);
+        cursor.published = page.iter().map(|(id, _)| *id).fold(cursor.published, u64::max);
+        page
+    }
+
+    fn read_page(&self, cursor: &mut Cursor) -> Vec<(u64, Vec<OutboxRecord>)> {
         const PAGE: usize = 1000;
-        if !*from_store {
+        if !cursor.from_store {
             match self.handoff.take(PAGE) {
-                Some(page) => return page.into_iter().filter(|(id, _)| *id > published).collect(),
-                None => *from_store = true,
+                Some(page) => {
+                    return page
+                        .into_iter()
+                        .filter(|(id, _)| *id > cursor.published)
+                        .collect()
+                }
+                None => cursor.from_store = true,
             }
         }
         let page = match self.store.outbox(PAGE) {
@@ -185,20 +200,19 @@ impl Publisher {
             None => page,
         };
         if older.is_empty() {
-            *from_store = false;
+            cursor.from_store = false;
         }
         older
     }
 
-    /// Publishes up to one page of the outbox; returns how many bundles
-    /// were published.
-    async fn publish_some(&self, from_store: &mut bool, published: &mut u64) -> usize {
-        let page = self.next_page(from_store, *published);
+    /// Publishes up to one page of the outbox; returns whether to go on at
+    /// once (it published, or the handoff holds more).
+    async fn publish_some(&self, cursor: &mut Cursor) -> bool {
+        let page = self.next_page(cursor);
         if page.is_empty() {
             // Caught up with the store: the handoff may hold more.
-            return usize::from(!*from_store && self.handoff.oldest().is_some());
+            return !cursor.from_store && self.handoff.oldest().is_some();
         }
-        *published = page.iter().map(|(id, _)| *id).max().unwrap_or(0).max(*published);
         let sends = page.iter().flat_map(|(_, recs)| recs).map(|rec| {
             let mut headers = OwnedHeaders::new();
             for (k, v) in &rec.headers {
@@ -253,9 +267,9 @@ impl Publisher {
             // What was settled in the store is published from there.
             self.handoff.mark_gap();
             tokio::time::sleep(Duration::from_millis(500)).await;
-            return 0;
+            return false;
         }
-        page.len()
+        true
     }
 }
 
@@ -424,41 +438,40 @@ mod tests {
             stats: Arc::new(crate::metrics::Stats::default()),
         };
         let ids = |page: &[(u64, Vec<OutboxRecord>)]| page.iter().map(|(id, _)| *id).collect::<Vec<_>>();
-        let (mut from_store, mut published) = (false, 0);
-        let next = |from_store: &mut bool, published: &mut u64| {
-            let page = publisher.next_page(from_store, *published);
-            *published = ids(&page).into_iter().fold(*published, u64::max);
+        let mut cursor = Cursor::default();
+        let next = |cursor: &mut Cursor| {
+            let page = publisher.next_page(cursor);
             store.remove_outbox(&ids(&page)).unwrap();
             ids(&page)
         };
 
         // From before the start: the initial gap sends the publisher to the store.
         let a = ids(&commit(&store, records("t", 0, 1)));
-        assert_eq!(next(&mut from_store, &mut published), a);
-        assert!(from_store);
+        assert_eq!(next(&mut cursor), a);
+        assert!(cursor.from_store);
         // Committed, read from the store, and only then handed over: it is
         // not published again.
         let b = commit(&store, records("t", 1, 1));
-        assert_eq!(next(&mut from_store, &mut published), ids(&b));
+        assert_eq!(next(&mut cursor), ids(&b));
         handoff.offer(b);
         let c = commit(&store, records("t", 2, 1));
         handoff.offer(c.clone());
         // The store holds nothing older than the handoff's oldest (b): done with it.
-        assert_eq!(next(&mut from_store, &mut published), Vec::<u64>::new());
-        assert!(!from_store);
+        assert_eq!(next(&mut cursor), Vec::<u64>::new());
+        assert!(!cursor.from_store);
         // From memory: b skipped, c published.
-        assert_eq!(next(&mut from_store, &mut published), ids(&c));
+        assert_eq!(next(&mut cursor), ids(&c));
         // A gap: what is handed meanwhile is dropped, and the store read.
         let d = commit(&store, records("t", 3, 1));
         handoff.mark_gap();
         handoff.offer(d.clone());
         let e = commit(&store, records("t", 4, 1));
         handoff.offer(e.clone());
-        assert_eq!(next(&mut from_store, &mut published), [ids(&d), ids(&e)].concat());
-        assert!(from_store);
-        assert_eq!(next(&mut from_store, &mut published), Vec::<u64>::new());
-        assert!(!from_store);
-        assert_eq!(next(&mut from_store, &mut published), Vec::<u64>::new(), "nothing twice");
+        assert_eq!(next(&mut cursor), [ids(&d), ids(&e)].concat());
+        assert!(cursor.from_store);
+        assert_eq!(next(&mut cursor), Vec::<u64>::new());
+        assert!(!cursor.from_store);
+        assert_eq!(next(&mut cursor), Vec::<u64>::new(), "nothing twice");
     }
 
     #[test]

@@ -85,7 +85,6 @@ impl Origin {
 mod tests {
     use super::*;
 
-    /// The new types are stored byte for byte as the old flat ones were.
     /// The applied-offsets key is what `Display` writes, and parses back.
     #[test]
     fn the_partition_key_is_the_displayed_one() {
@@ -99,6 +98,7 @@ mod tests {
         }
     }
 
+    /// The new types are stored byte for byte as the old flat ones were.
     #[test]
     fn the_stored_layout_is_the_old_one() {
         #[derive(Serialize)]

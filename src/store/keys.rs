@@ -20,10 +20,6 @@ pub(super) const PARTITION_INDEX: u8 = b'i';
 pub(super) const CHANGELOG: u8 = b'l';
 /// Outbox records the broker refused for good, kept for operators.
 pub(super) const UNDELIVERABLE: u8 = b'u';
-/// Packs of entity records, by pack id.
-pub(super) const PACK: u8 = b'k';
-/// Each pack's record count and dead records, by pack id.
-pub(super) const PACK_COUNT: u8 = b'g';
 /// Pieces of spilled entity records.
 pub(super) const SPILL: u8 = b's';
 /// Changelog records committed to the store but not yet acknowledged by the

@@ -7,9 +7,7 @@
 //!
 //! | key | value |
 //! |---|---|
-//! | `e\0<entity id>` | [`EntityRecord`], or where it is: a marker (codec 3) naming its pack and place, or (codec 2) its spilled pieces |
-//! | `k\0<pack id, u64 BE>` | a pack: entity records written in one batch, each with its entity id ([`PACK_BYTES`] at most) |
-//! | `g\0<pack id, u64 BE>` | a pack's count of records and how many of them are dead (rewritten elsewhere or removed) |
+//! | `e\0<entity id>` | [`EntityRecord`] |
 //! | `c\0<topic>\0<partition, i32 BE>` | checkpoint: the next offset to consume, i64 BE |
 //! | `d\0<id, u64 BE>` | [`DeadLetter`] |
 //! | `o\0<id, u64 BE>` | [`OutboxRecord`] not yet published |
@@ -32,14 +30,8 @@
 //! 1: an LZ4 block) and compresses bodies of 128 bytes or more; version 7
 //! added the spill marker (codec 2), so that sled never holds a value or a
 //! leaf large enough for a blob file (sled keeps those in memory, whatever
-//! its cache size: BENCHMARKS.md, "sled keeps large values resident"); version 8
-//! packs the records of entities new to the store into sequential `k` keys
-//! and leaves a 14-byte marker (codec 3) under the random `e` key, so that
-//! the tree that random entity ids walk stays small enough for sled's cache
-//! (BENCHMARKS.md, "Packed entity records"); a record written again is
-//! stored whole under its `e` key, in place. Values of every older version
-//! are still read (see [`Stored`]), and a record an older version stored
-//! under its `e` key stays there. This module
+//! its cache size: BENCHMARKS.md, "sled keeps large values resident"). Values of
+//! every older version are still read (see [`Stored`]). This module
 //! does not decide what goes into a batch; the writer does.
 //!
 //! - `keys`: the key prefixes and how each key is built.
@@ -435,18 +427,6 @@ const LZ4: u8 = 1;
 /// encoded length (each u32, little endian).
 pub(crate) const SPILLED: u8 = 2;
 
-/// The codec byte of a format-8 entity value whose record is packed: the
-/// pack's id (u64) and the place of the record's entry in it (u32) follow,
-/// each little endian.
-pub(crate) const PACKED: u8 = 3;
-
-/// The most bytes a pack holds. An entity record whose entry (its id, its
-/// length and the record) fits is packed; a larger one is stored under its
-/// `e` key, or spilled. Packs are written under ascending ids, so sled
-/// appends them at the right edge of the tree instead of rewriting a leaf
-/// in a random place for every record.
-pub const PACK_BYTES: usize = 6 * 1024;
-
 /// Encoded entity records larger than this are spilled into pieces of this
 /// size. sled writes a node larger than a quarter of its 512 KiB segment to
 /// a blob file of its own and keeps it in memory for as long as it lives,
@@ -526,7 +506,6 @@ fn unframe(framed: &[u8]) -> std::result::Result<std::borrow::Cow<'_, [u8]>, Str
             Ok(std::borrow::Cow::Owned(body))
         }
         Some((&SPILLED, _)) => Err("a spilled record's marker was read without its pieces".into()),
-        Some((&PACKED, _)) => Err("a packed record's marker was read without its pack".into()),
         Some((&codec, _)) => Err(format!("unknown codec {codec}")),
         None => Err("the codec byte is missing".into()),
     }
@@ -545,9 +524,8 @@ pub fn decode<T: Stored>(key: &[u8], bytes: &[u8]) -> Result<T> {
             .map_err(corrupt)
     };
     match bytes.first() {
-        // Format 7 added the spill marker to format 6, format 8 the pack
-        // marker, nothing else.
-        Some(&FORMAT_VERSION) | Some(7) | Some(6) => {
+        // Format 7 added the spill marker to format 6, nothing else.
+        Some(&FORMAT_VERSION) | Some(6) => {
             let body = unframe(&bytes[1..]).map_err(|reason| StoreError::Corrupt {
                 key: key_text(),
                 reason,

@@ -17,9 +17,6 @@ pub struct SledStore {
     /// open, then kept with every write), so that a write removes the
     /// pieces a record no longer needs without reading it first.
     spilled: Arc<Mutex<HashMap<String, u32>>>,
-    /// Held by every batch that writes entity records, from its first read
-    /// of a record's old place to its apply ([`pack`]).
-    writing: Arc<Mutex<()>>,
 }
 
 impl SledStore {
@@ -60,7 +57,8 @@ impl SledStore {
         }
         b.batch.insert(index_key(input, id), &[][..]);
         b.batch.insert(key(PARKED, id.as_bytes()), &[][..]);
-        self.put_entity_value(b, id, &encode(&record))
+        self.put_entity_value(b, id, &encode(&record));
+        Ok(())
     }
 
     /// Opens (or creates) the store in `dir`. `cache_mb` bounds sled's page cache.
@@ -115,7 +113,6 @@ impl SledStore {
             db,
             tree,
             spilled: Arc::new(Mutex::new(spilled)),
-            writing: Arc::new(Mutex::new(())),
         };
         store.build_operator_index()?;
         Ok(store)
@@ -157,8 +154,8 @@ impl SledStore {
     /// Overwrites one entity record directly, outside the pipeline. For
     /// repairs and for tests that corrupt state on purpose.
     pub fn put_entity(&self, record: &EntityRecord) -> Result<()> {
-        let mut b = self.entity_puts();
-        self.put_entity_value(&mut b, &record.entity_id, &encode(record))?;
+        let mut b = EntityPuts::default();
+        self.put_entity_value(&mut b, &record.entity_id, &encode(record));
         self.apply(b)?;
         self.tree.flush()?;
         Ok(())
@@ -195,9 +192,9 @@ impl Store for SledStore {
     }
 
     fn commit(&self, batch: &CommitBatch) -> Result<()> {
-        let mut puts = self.entity_puts();
+        let mut puts = EntityPuts::default();
         for (id, bytes) in &batch.entities {
-            self.put_entity_value(&mut puts, id, bytes)?;
+            self.put_entity_value(&mut puts, id, bytes);
         }
         let b = &mut puts.batch;
         for dl in &batch.dead_letters {
@@ -327,7 +324,7 @@ impl Store for SledStore {
         records: &[(String, Vec<u8>)],
         changelog: &Checkpoint,
     ) -> Result<Restored> {
-        let mut b = self.entity_puts();
+        let mut b = EntityPuts::default();
         let mut conflicts = Vec::new();
         let mut corrupt = Vec::new();
         for (i, (id, bytes)) in records.iter().enumerate() {
@@ -369,7 +366,7 @@ impl Store for SledStore {
             } else {
                 b.batch.remove(key(PARKED, id.as_bytes()));
             }
-            self.put_entity_value(&mut b, id, bytes)?;
+            self.put_entity_value(&mut b, id, bytes);
         }
         b.batch.insert(
             changelog_key(&changelog.tp.topic, changelog.tp.partition),
@@ -402,10 +399,10 @@ impl Store for SledStore {
             if keys.is_empty() {
                 break;
             }
-            let mut b = self.entity_puts();
+            let mut b = EntityPuts::default();
             for k in &keys {
                 let id = &k[prefix.len()..];
-                self.remove_entity_value(&mut b, id)?;
+                self.remove_entity_value(&mut b, id);
                 b.batch.remove(key(PARKED, id));
                 let entity = String::from_utf8_lossy(id);
                 for h in self.tree.scan_prefix(history_prefix(&entity)).keys() {
@@ -505,23 +502,10 @@ impl Store for SledStore {
     }
 
     fn entities(&self) -> Box<dyn Iterator<Item = Result<EntityRecord>> + '_> {
-        Box::new(
-            self.tree
-                .scan_prefix(key(ENTITY, b""))
-                .filter_map(|kv| {
-                    let record = (|| {
-                        let (k, v) = kv?;
-                        // A record moved by a batch since the scan read its
-                        // marker is read again; one removed meanwhile is gone.
-                        let record = match self.resolve(&k, v)? {
-                            Some(r) => Some(r),
-                            None => self.entity_value(&k)?,
-                        };
-                        record.map(|r| decode(&k, &r)).transpose()
-                    })();
-                    record.transpose()
-                }),
-        )
+        Box::new(self.tree.scan_prefix(key(ENTITY, b"")).map(|kv| {
+            let (k, v) = kv?;
+            decode(&k, &self.unspill(&k, v)?)
+        }))
     }
 
     fn dead_letter_at(&self, topic: &str, partition: i32, offset: i64) -> Result<Option<u64>> {
@@ -673,7 +657,6 @@ fn is_lock_conflict(e: &::sled::Error) -> bool {
         || io.to_string().contains("could not acquire lock"))
 }
 
-mod pack;
 mod spill;
 #[cfg(test)]
 mod tests;

@@ -1,12 +1,11 @@
 //! Spilled entity records: an encoded record larger than [`SPILL_BYTES`] is
 //! stored in pieces under `s` keys, with a marker under its `e` key, so that
 //! sled never holds a node large enough for a blob file (which it keeps in
-//! memory whatever its cache size). Records small enough are packed instead
-//! (`pack`). Every entity write and read of the store goes through here.
+//! memory whatever its cache size). Every entity write and read of the
+//! store goes through here.
 
 use super::super::keys::*;
 use super::super::*;
-use super::pack::{fits, Packing, Place, Was};
 use super::SledStore;
 use crate::lifecycle::lock;
 
@@ -26,7 +25,7 @@ fn piece_key(id: &[u8], n: u32) -> Vec<u8> {
 /// The piece count and total length a spill marker holds, if `v` is one.
 fn spill_marker(v: &[u8]) -> Option<(u32, u32)> {
     match v {
-        [7 | FORMAT_VERSION, SPILLED, rest @ ..] if rest.len() == 8 => Some((
+        [FORMAT_VERSION, SPILLED, rest @ ..] if rest.len() == 8 => Some((
             u32::from_le_bytes(rest[..4].try_into().ok()?),
             u32::from_le_bytes(rest[4..].try_into().ok()?),
         )),
@@ -34,52 +33,23 @@ fn spill_marker(v: &[u8]) -> Option<(u32, u32)> {
     }
 }
 
-/// Entity writes of one sled batch: what to put in the batch, its packing,
-/// and the piece counts to remember once it is applied. It holds the
-/// store's write lock until it is applied or dropped.
-pub(super) struct EntityPuts<'a> {
+/// Entity writes of one sled batch: what to put in the batch, and the
+/// piece counts to remember once it is applied.
+#[derive(Default)]
+pub(super) struct EntityPuts {
     pub(super) batch: ::sled::Batch,
     spilled: Vec<(String, u32)>,
-    packing: Packing,
-    _writing: std::sync::MutexGuard<'a, ()>,
 }
 
-/// How often a reader reads a record's marker again when the pack it names
-/// went between the two reads (a batch moved the record meanwhile).
-const MOVED_RETRIES: usize = 8;
-
 impl SledStore {
-    /// Starts the entity writes of one batch, taking the write lock.
-    pub(super) fn entity_puts(&self) -> EntityPuts<'_> {
-        EntityPuts {
-            batch: ::sled::Batch::default(),
-            spilled: Vec::new(),
-            packing: Packing::default(),
-            _writing: lock(&self.writing),
-        }
-    }
-
-    /// Adds entity `id`'s encoded record to `b`: packed (`pack`), or under
-    /// its `e` key, or, when larger than [`SPILL_BYTES`], in pieces under `s`
-    /// keys with a marker under the `e` key. Its old pack entry becomes
-    /// dead, and pieces an earlier, larger record left are removed.
-    pub(super) fn put_entity_value(&self, b: &mut EntityPuts, id: &str, value: &[u8]) -> Result<()> {
+    /// Adds entity `id`'s encoded record to `b`: under its `e` key, or,
+    /// when larger than [`SPILL_BYTES`], in pieces under `s` keys with a
+    /// marker under the `e` key. Pieces an earlier, larger record left are
+    /// removed.
+    pub(super) fn put_entity_value(&self, b: &mut EntityPuts, id: &str, value: &[u8]) {
         let old = lock(&self.spilled).get(id).copied().unwrap_or(0);
         let k = key(ENTITY, id.as_bytes());
-        // Only a record new to the store is packed: one written again is
-        // likely written again soon, and is rewritten in place under its `e`
-        // key instead of leaving a dead entry in a pack every time.
-        let was = self.was(&b.packing, &k, id)?;
-        let packed = if was == Was::Absent && fits(id, value) {
-            Some(self.pack(&mut b.packing, id, value)?)
-        } else {
-            None
-        };
-        Self::moved(&mut b.packing, id, was, packed);
-        let pieces = if let Some(place) = packed {
-            b.batch.insert(k, &place.marker()[..]);
-            0
-        } else if value.len() > SPILL_BYTES {
+        let pieces = if value.len() > SPILL_BYTES {
             let mut n = 0u32;
             for piece in value.chunks(SPILL_BYTES) {
                 b.batch.insert(piece_key(id.as_bytes(), n), piece);
@@ -100,29 +70,23 @@ impl SledStore {
         if pieces != old {
             b.spilled.push((id.to_owned(), pieces));
         }
-        Ok(())
     }
 
-    /// Removes entity `id`'s record, its pack entry and its pieces.
-    pub(super) fn remove_entity_value(&self, b: &mut EntityPuts, id: &[u8]) -> Result<()> {
+    /// Removes entity `id`'s record and its pieces.
+    pub(super) fn remove_entity_value(&self, b: &mut EntityPuts, id: &[u8]) {
         let id_text = String::from_utf8_lossy(id);
         let old = lock(&self.spilled).get(id_text.as_ref()).copied().unwrap_or(0);
-        let k = key(ENTITY, id);
-        let was = self.was(&b.packing, &k, &id_text)?;
-        Self::moved(&mut b.packing, &id_text, was, None);
-        b.batch.remove(k);
+        b.batch.remove(key(ENTITY, id));
         for n in 0..old {
             b.batch.remove(piece_key(id, n));
         }
         if old > 0 {
             b.spilled.push((id_text.into_owned(), 0));
         }
-        Ok(())
     }
 
-    /// Completes `b`'s packing, applies it, then remembers its piece counts.
-    pub(super) fn apply(&self, mut b: EntityPuts) -> Result<()> {
-        self.finish_packing(&mut b.packing, &mut b.batch)?;
+    /// Applies `b`, then remembers its piece counts.
+    pub(super) fn apply(&self, b: EntityPuts) -> Result<()> {
         self.tree.apply_batch(b.batch)?;
         let mut spilled = lock(&self.spilled);
         for (id, n) in b.spilled {
@@ -135,36 +99,18 @@ impl SledStore {
         Ok(())
     }
 
-    /// The encoded record under entity key `k`: from its pack, or its
-    /// pieces put together when it was spilled.
+    /// The encoded record under entity key `k`, its pieces put together
+    /// when it was spilled.
     pub(super) fn entity_value(&self, k: &[u8]) -> Result<Option<::sled::IVec>> {
-        for _ in 0..MOVED_RETRIES {
-            let Some(v) = self.tree.get(k)? else {
-                return Ok(None);
-            };
-            if let Some(record) = self.resolve(k, v)? {
-                return Ok(Some(record));
-            }
+        match self.tree.get(k)? {
+            Some(v) => self.unspill(k, v).map(Some),
+            None => Ok(None),
         }
-        Err(StoreError::Corrupt {
-            key: String::from_utf8_lossy(k).into_owned(),
-            reason: format!("the pack its marker names was gone {MOVED_RETRIES} times in a row"),
-        })
-    }
-
-    /// The record that `v`, read under entity key `k`, stands for: `v`
-    /// itself, the record in its pack, or the record its pieces hold. `None`
-    /// when its pack went since `v` was read: read `k` again.
-    pub(super) fn resolve(&self, k: &[u8], v: ::sled::IVec) -> Result<Option<::sled::IVec>> {
-        if let Some(place) = Place::of_marker(&v) {
-            return self.unpack(k, place);
-        }
-        self.unspill(k, v).map(Some)
     }
 
     /// `v`, read under entity key `k`, or the record its pieces hold when
     /// it is a spill marker.
-    fn unspill(&self, k: &[u8], v: ::sled::IVec) -> Result<::sled::IVec> {
+    pub(super) fn unspill(&self, k: &[u8], v: ::sled::IVec) -> Result<::sled::IVec> {
         let Some((n, len)) = spill_marker(&v) else {
             // Stored whole: read as it is, no copy.
             return Ok(v);

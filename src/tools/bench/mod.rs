@@ -582,24 +582,17 @@ pub fn run(
 }
 
 /// What a run's `store` holds after it: its size on disk, its entity
-/// records and the bytes on disk per record, the live bytes of the records
-/// (under the `e`, `k`, `g` and `s` keys: markers, packs, their counts and
-/// spilled pieces), and the live bytes by kind of key (the layout table in
-/// `store`). Printed, and returned for the report.
+/// records and the bytes on disk per record, and the live bytes by kind of
+/// key (`e` for entity records, and so on: the layout table in `store`).
+/// Printed, and returned for the report.
 fn store_footprint(store: &SledStore) -> anyhow::Result<serde_json::Value> {
     let bytes = store.size_on_disk()?;
     let usage = store.usage()?;
     let entities = usage.get(&'e').map_or(0, |u| u.0);
-    let record_bytes: u64 = ['e', 'k', 'g', 's']
-        .iter()
-        .filter_map(|p| usage.get(p))
-        .map(|u| u.1)
-        .sum();
     println!(
-        "store: {:.0} MiB on disk, {entities} entity records, {:.0} B per entity on disk, {:.0} B live",
+        "store: {:.0} MiB on disk, {entities} entity records, {:.0} B per entity",
         bytes as f64 / (1024.0 * 1024.0),
         bytes as f64 / entities.max(1) as f64,
-        record_bytes as f64 / entities.max(1) as f64,
     );
     for (prefix, (keys, live)) in &usage {
         println!(
@@ -621,7 +614,6 @@ fn store_footprint(store: &SledStore) -> anyhow::Result<serde_json::Value> {
         "bytes_on_disk": bytes,
         "entities": entities,
         "bytes_per_entity": bytes as f64 / entities.max(1) as f64,
-        "record_bytes": record_bytes,
         "usage": usage,
     }))
 }

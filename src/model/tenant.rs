@@ -266,9 +266,25 @@ impl TenantSettings {
         if self.mappings.is_empty() && !self.drop_unmapped {
             return Some(Cow::Borrowed(event));
         }
+        // Field by field: `..event.clone()` would clone the payload too,
+        // only to drop it.
+        let Event {
+            entity_id,
+            tenant_id,
+            event_id,
+            event_type,
+            occurred_at,
+            version,
+            payload,
+        } = event;
         Some(Cow::Owned(Event {
-            payload: self.map_payload(&event.payload),
-            ..event.clone()
+            entity_id: entity_id.clone(),
+            tenant_id: tenant_id.clone(),
+            event_id: event_id.clone(),
+            event_type: event_type.clone(),
+            occurred_at: *occurred_at,
+            version: *version,
+            payload: self.map_payload(payload),
         }))
     }
 

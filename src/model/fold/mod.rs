@@ -343,11 +343,11 @@ pub struct HeldEvent {
 }
 
 /// An event as it arrived, and as its handler sees it (the tenant's field
-/// mappings applied).
-#[derive(Clone, Copy)]
+/// mappings applied). The log entry takes the prepared payload when it was
+/// built for this event, instead of a copy.
 struct Prepared<'a> {
     raw: &'a Event,
-    event: &'a Event,
+    event: std::borrow::Cow<'a, Event>,
 }
 
 #[derive(Clone, Copy, PartialEq)]

@@ -2,6 +2,7 @@
 //! retried, released; and the re-fold from the base snapshot.
 
 use super::*;
+use std::borrow::Cow;
 
 impl EntityRecord {
     /// A new, empty record for `entity_id`.
@@ -121,7 +122,7 @@ impl EntityRecord {
         self.apply_event(
             Prepared {
                 raw: event,
-                event: &prepared,
+                event: prepared,
             },
             origin,
             processed_at,
@@ -246,7 +247,7 @@ impl EntityRecord {
                     Some(prepared) => self.apply_event(
                         Prepared {
                             raw: &h.event,
-                            event: &prepared,
+                            event: prepared,
                         },
                         &h.origin,
                         processed_at,
@@ -272,30 +273,29 @@ impl EntityRecord {
 
     pub(super) fn apply_event(
         &mut self,
-        Prepared { raw, event }: Prepared<'_>,
+        Prepared {
+            raw,
+            event: prepared,
+        }: Prepared<'_>,
         origin: &Origin,
         processed_at: i64,
         handlers: &Handlers,
         settings: &TenantView,
         mode: Mode,
     ) -> Result<Outcome, Rejected> {
+        let event: &Event = &prepared;
         let in_force = settings.current();
         let policies = in_force.policies();
         let key = OrderKey::of(event);
-        let entry = LogEntry {
-            key: key.clone(),
+        let provenance = Provenance {
+            event_id: event.event_id.clone(),
             event_type: event.event_type.clone(),
-            payload: event.payload.clone(),
-            provenance: Provenance {
-                event_id: event.event_id.clone(),
-                event_type: event.event_type.clone(),
-                topic: String::from(&*origin.tp.topic),
-                partition: origin.tp.partition,
-                offset: origin.offset,
-                occurred_at: event.occurred_at,
-                processed_at,
-                settings_version: in_force.version(),
-            },
+            topic: String::from(&*origin.tp.topic),
+            partition: origin.tp.partition,
+            offset: origin.offset,
+            occurred_at: event.occurred_at,
+            processed_at,
+            settings_version: in_force.version(),
         };
         let reject = |error| Rejected {
             event_type: event.event_type.clone(),
@@ -352,10 +352,10 @@ impl EntityRecord {
                     }
                     LatePolicy::Apply => {
                         let changes = self
-                            .apply_on_top(handler, event, in_force, &entry.provenance)
+                            .apply_on_top(handler, event, in_force, &provenance)
                             .map_err(reject)?;
                         let pos = self.log.partition_point(|e| e.key < key);
-                        self.log.insert(pos, entry);
+                        self.log.insert(pos, log_entry(prepared, key, provenance));
                         self.counters.late_applied += 1;
                         Outcome::LateApplied {
                             lateness,
@@ -370,7 +370,7 @@ impl EntityRecord {
                         if let Err(error) = handler.apply(&mut before, event, in_force) {
                             return Err(reject(error));
                         }
-                        self.log.insert(pos, entry);
+                        self.log.insert(pos, log_entry(prepared, key, provenance));
                         let old = std::mem::take(&mut self.state);
                         self.refold(handlers, settings);
                         self.counters.late_events += 1;
@@ -383,10 +383,10 @@ impl EntityRecord {
             }
             _ => {
                 let changes = self
-                    .apply_on_top(handler, event, in_force, &entry.provenance)
+                    .apply_on_top(handler, event, in_force, &provenance)
                     .map_err(reject)?;
-                self.high_water = Some(key);
-                self.log.push(entry);
+                self.high_water = Some(key.clone());
+                self.log.push(log_entry(prepared, key, provenance));
                 Outcome::Applied { changes }
             }
         };
@@ -488,3 +488,19 @@ fn held_limit(event: &Event, max: usize) -> Rejected {
 
 /// The dead-letter code of an event a parked entity could not hold.
 pub const HELD_LIMIT: &str = "held_limit";
+
+/// The log entry of a prepared event: its payload moved when it was built
+/// for this event (the tenant maps fields), copied when it is the event as
+/// it arrived.
+fn log_entry(prepared: Cow<'_, Event>, key: OrderKey, provenance: Provenance) -> LogEntry {
+    let (event_type, payload) = match prepared {
+        Cow::Owned(e) => (e.event_type, e.payload),
+        Cow::Borrowed(e) => (e.event_type.clone(), e.payload.clone()),
+    };
+    LogEntry {
+        key,
+        event_type,
+        payload,
+        provenance,
+    }
+}

@@ -105,9 +105,17 @@ impl Handoff {
             return None;
         }
         let n = limit.min(h.bundles.len());
-        let taken: Vec<_> = h.bundles.drain(..n).collect();
-        h.bytes -= taken.iter().map(|(_, _, bytes)| bytes).sum::<usize>();
-        Some(taken.into_iter().map(|(id, records, _)| (id, records)).collect())
+        let mut freed = 0;
+        let taken = h
+            .bundles
+            .drain(..n)
+            .map(|(id, records, bytes)| {
+                freed += bytes;
+                (id, records)
+            })
+            .collect();
+        h.bytes -= freed;
+        Some(taken)
     }
 
     /// The id of the oldest bundle handed, if any.

@@ -164,8 +164,6 @@ pub struct CommitBatch {
 }
 
 impl CommitBatch {
-    /// Gives each bundle of the outbox its id, drawn from `next_id` in
-    /// order, so that bundles read back oldest first.
     /// Cuts the outbox into bundles ([`outbox_chunks`]), once, and gives
     /// each its id, drawn from `next_id` in order, so that bundles read
     /// back oldest first.

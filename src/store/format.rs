@@ -368,7 +368,7 @@ pub(super) mod format_v4 {
         fn from(b: Base) -> Self {
             fold::Base {
                 state: b.state,
-                provenance: fold::share_provenance(b.provenance),
+                provenance: fold::share_provenance(&b.provenance),
                 key: b.key,
             }
         }
@@ -395,7 +395,7 @@ pub(super) mod format_v4 {
                 entity_id: r.entity_id,
                 tenant_id: r.tenant_id,
                 state: r.state,
-                provenance: fold::share_provenance(r.provenance),
+                provenance: fold::share_provenance(&r.provenance),
                 high_water: r.high_water,
                 log: r.log,
                 base: r.base.into(),

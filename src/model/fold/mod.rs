@@ -18,6 +18,7 @@ mod merge;
 mod process;
 pub use process::HELD_LIMIT;
 pub(crate) mod provenance_table;
+pub use provenance_table::share as share_provenance;
 #[cfg(test)]
 mod tests;
 
@@ -44,25 +45,6 @@ pub struct Provenance {
     pub processed_at: i64,
     /// The version of the tenant's settings it was handled under; 0 for the defaults.
     pub settings_version: u64,
-}
-
-/// Each field's provenance, shared: the fields one event wrote hold one
-/// copy (formats before 5 stored one per field).
-pub fn share_provenance(map: BTreeMap<String, Provenance>) -> BTreeMap<String, Arc<Provenance>> {
-    let mut shared: Vec<Arc<Provenance>> = Vec::new();
-    map.into_iter()
-        .map(|(field, p)| {
-            let p = match shared.iter().find(|q| ***q == p) {
-                Some(q) => Arc::clone(q),
-                None => {
-                    let q = Arc::new(p);
-                    shared.push(Arc::clone(&q));
-                    q
-                }
-            };
-            (field, p)
-        })
-        .collect()
 }
 
 /// One retained event in an entity's log, enough to re-fold it.

@@ -341,7 +341,7 @@ fn format_4_records_are_read_and_format_5_is_smaller() {
     };
     let v4 = encode_as(4, &old);
     let r: EntityRecord = decode(b"k", &v4).unwrap();
-    assert_eq!(r.provenance, crate::model::fold::share_provenance(fields));
+    assert_eq!(r.provenance, crate::model::fold::share_provenance(&fields));
     // The fields one event wrote share one copy.
     assert!(std::sync::Arc::ptr_eq(&r.provenance["email"], &r.provenance["stage"]));
     assert_eq!(r.base.provenance["email"].event_id, "e0");

@@ -1,30 +1,42 @@
 //! `orderly bench` end to end at tiny sizes: it writes the table, the JSON
 //! report with every documented field, and the chart, and its counts add up.
 
+use std::path::Path;
 use std::process::Command;
+
+/// Runs `orderly bench` with `args`, writing into `out`; returns its console
+/// output and its report. Fails the test if the bench fails.
+fn bench(args: &[&str], out: &Path) -> (String, serde_json::Value) {
+    let run = Command::new(env!("CARGO_BIN_EXE_orderly"))
+        .arg("bench")
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+    assert!(
+        run.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    (stdout, report)
+}
 
 #[test]
 fn smoke_scenario_writes_a_complete_report_whose_counts_add_up() {
     let out = tempfile::tempdir().unwrap();
-    let run = Command::new(env!("CARGO_BIN_EXE_orderly"))
-        .args([
-            "bench",
+    let (stdout, r) = bench(
+        &[
             "--scenario",
             "smoke",
             "--events",
             "3000",
             "--entities",
             "300",
-            "--out",
-        ])
-        .arg(out.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(
-        run.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&run.stderr)
+        ],
+        out.path(),
     );
     for row in [
         "orderly end to end (events/s)",
@@ -36,8 +48,6 @@ fn smoke_scenario_writes_a_complete_report_whose_counts_add_up() {
         assert!(stdout.contains(row), "the table has no {row:?}:\n{stdout}");
     }
 
-    let r: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.path().join("report.json")).unwrap()).unwrap();
     // Every documented field (BENCHMARKS.md, "The report") is present.
     for path in [
         "/schema",
@@ -155,4 +165,50 @@ fn smoke_scenario_writes_a_complete_report_whose_counts_add_up() {
         svg.starts_with("<svg") && svg.contains("<polyline"),
         "a chart"
     );
+}
+
+/// A scenario with tenant settings: every tenant's document is read by
+/// orderly's topic source before processing starts, renames the workload's
+/// fields in every record, and the versions published while orderly runs
+/// are compiled and swapped in.
+#[test]
+fn tenant_settings_scenario_renames_fields_and_swaps_versions_in() {
+    let out = tempfile::tempdir().unwrap();
+    let scenario = out.path().join("tenants.toml");
+    std::fs::write(
+        &scenario,
+        "name = \"tenants-test\"\nevents = 3000\nentities = 300\npartitions = 4\n\
+         tenants = 4\nsettings_bytes = 1024\nsettings_updates_per_s = 20\n",
+    )
+    .unwrap();
+    let (_, r) = bench(&["--scenario", scenario.to_str().unwrap()], out.path());
+    let n = |p: &str| {
+        r.pointer(&format!("/settings/{p}"))
+            .and_then(|v| v.as_u64())
+            .unwrap_or_else(|| panic!("settings/{p} missing: {}", r["settings"]))
+    };
+    assert_eq!(n("tenants"), 4);
+    assert_eq!(n("tenants_in_force"), 4);
+    assert!(
+        (1024..1100).contains(&n("document_bytes")),
+        "{}",
+        r["settings"]
+    );
+    // Versions published while orderly ran were compiled: more than the
+    // four first versions, and no more than were published.
+    let updates = n("updates_published");
+    assert!(updates > 0, "{}", r["settings"]);
+    assert!(
+        n("versions_compiled") > 4 && n("versions_compiled") <= 4 + updates,
+        "{}",
+        r["settings"]
+    );
+    // Every record was handled under its tenant's settings.
+    assert_eq!(
+        n("records_checked"),
+        r["store"]["entities"].as_u64().unwrap()
+    );
+    assert!(n("records_renamed") > 0, "{}", r["settings"]);
+    assert_eq!(n("records_not_renamed"), 0, "{}", r["settings"]);
+    assert!(r["ceilings"]["engine_eps"].as_f64().unwrap() > 0.0);
 }

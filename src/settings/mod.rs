@@ -212,8 +212,18 @@ pub fn produce_document(
     doc: &SettingsDocument,
     timeout: std::time::Duration,
 ) -> Result<(i32, i64), String> {
-    let topic = &config.settings.topic;
     let producer = crate::kafka::producer(config, &[]).map_err(|e| e.to_string())?;
+    send_document(&producer, &config.settings.topic, doc, timeout)
+}
+
+/// As [`produce_document`], with a producer of the caller's (one that
+/// publishes many documents).
+pub fn send_document(
+    producer: &rdkafka::producer::FutureProducer,
+    topic: &str,
+    doc: &SettingsDocument,
+    timeout: std::time::Duration,
+) -> Result<(i32, i64), String> {
     let value = doc.to_json_bytes();
     let record = rdkafka::producer::FutureRecord::to(topic)
         .key(&doc.tenant_id)

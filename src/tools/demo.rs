@@ -6,7 +6,9 @@ use crate::metrics::{Percentiles, Stats};
 use crate::pipeline::Pipeline;
 use crate::store::Store;
 use crate::tools::broker::EmbeddedBroker;
-use crate::tools::workload::{self, Format, ProduceOptions, Workload, WorkloadSpec};
+use crate::tools::workload::{
+    self, field_mappings, Format, ProduceOptions, Workload, WorkloadSpec,
+};
 use anyhow::Context as _;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -398,13 +400,6 @@ fn print_summary(s: &Summary) {
     println!("The embedded broker serves fetches slowly: do not judge orderly's speed on it.");
 }
 
-fn mappings(pairs: &[(&str, &str)]) -> std::collections::BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(a, b)| (a.to_string(), b.to_string()))
-        .collect()
-}
-
 /// The demo's tenant settings: each tenant names the workload's fields its own way.
 fn demo_settings() -> Vec<crate::settings::SettingsDocument> {
     use crate::settings::SettingsDocument;
@@ -412,20 +407,20 @@ fn demo_settings() -> Vec<crate::settings::SettingsDocument> {
         SettingsDocument {
             tenant_id: "tenant-0".into(),
             version: 1,
-            field_mappings: mappings(&[("stage", "lifecycle_stage"), ("owner", "account_owner")]),
+            field_mappings: field_mappings(0),
             ..Default::default()
         },
         SettingsDocument {
             tenant_id: "tenant-1".into(),
             version: 1,
-            field_mappings: mappings(&[("score", "lead_score"), ("source", "channel")]),
+            field_mappings: field_mappings(1),
             integration_flags: [("crm_sync".to_owned(), true)].into(),
             ..Default::default()
         },
         SettingsDocument {
             tenant_id: "tenant-2".into(),
             version: 1,
-            field_mappings: mappings(&[("status", "appointment_status")]),
+            field_mappings: field_mappings(2),
             // tenant-2 never deletes leads: lead.deleted is not enabled.
             enabled_types: Config::crm_types()
                 .into_keys()
@@ -440,7 +435,9 @@ fn demo_settings() -> Vec<crate::settings::SettingsDocument> {
 fn tenant_1_v2() -> crate::settings::SettingsDocument {
     crate::settings::SettingsDocument {
         version: 2,
-        field_mappings: mappings(&[("score", "rating"), ("source", "channel")]),
+        field_mappings: [("score", "rating"), ("source", "channel")]
+            .map(|(a, b)| (a.to_owned(), b.to_owned()))
+            .into(),
         ..demo_settings().swap_remove(1)
     }
 }

@@ -205,6 +205,45 @@ pub fn entity_id(i: u64) -> String {
     }
 }
 
+/// Three ways a tenant names the workload's fields: tenant `t` maps them
+/// by `FIELD_MAPPINGS[t % 3]` (external name, internal name).
+pub const FIELD_MAPPINGS: [&[(&str, &str)]; 3] = [
+    &[("stage", "lifecycle_stage"), ("owner", "account_owner")],
+    &[("score", "lead_score"), ("source", "channel")],
+    &[("status", "appointment_status")],
+];
+
+/// `FIELD_MAPPINGS[set]` as a document's `field_mappings`.
+pub fn field_mappings(set: usize) -> std::collections::BTreeMap<String, String> {
+    FIELD_MAPPINGS[set % FIELD_MAPPINGS.len()]
+        .iter()
+        .map(|(from, to)| (from.to_string(), to.to_string()))
+        .collect()
+}
+
+/// The settings document of `tenant-{tenant}` at `version` (at least 1):
+/// its fields mapped by [`FIELD_MAPPINGS`], padded with integration flags
+/// to about `bytes` of JSON. Versions differ in one flag, so each is a
+/// change the registry compiles and swaps in.
+pub fn tenant_settings(
+    tenant: u64,
+    version: u64,
+    bytes: usize,
+) -> crate::settings::SettingsDocument {
+    let mut doc = crate::settings::SettingsDocument {
+        tenant_id: format!("tenant-{tenant}"),
+        version: version.max(1),
+        field_mappings: field_mappings(tenant as usize),
+        integration_flags: [("even_version".to_owned(), version % 2 == 0)].into(),
+        ..Default::default()
+    };
+    // Each flag adds `"pad-000000":false,` (19 bytes).
+    let missing = bytes.saturating_sub(doc.to_json_bytes().len());
+    doc.integration_flags
+        .extend((0..missing.div_ceil(19)).map(|i| (format!("pad-{i:06}"), false)));
+    doc
+}
+
 fn obj(pairs: Vec<(&str, Value)>) -> Fields {
     pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
 }
@@ -445,6 +484,29 @@ pub fn message_of(e: &Event, format: Format) -> Outgoing {
 mod tests {
     use super::*;
     use std::collections::{HashMap, HashSet};
+
+    #[test]
+    fn tenant_settings_are_valid_padded_and_differ_by_version() {
+        let registry = crate::settings::Settings::new(crate::config::Config::default().policies());
+        // Unpadded, a document takes what its fields take.
+        let least = tenant_settings(4, 1, 0).to_json_bytes().len();
+        for bytes in [0, 500, 4096] {
+            let doc = tenant_settings(4, 1, bytes);
+            let len = doc.to_json_bytes().len();
+            assert!(
+                len >= bytes && len < bytes.max(least) + 20,
+                "{bytes}: {len} bytes"
+            );
+            assert_eq!(doc.field_mappings, field_mappings(1));
+        }
+        registry.apply_document(tenant_settings(4, 1, 500)).unwrap();
+        let again = registry.apply_document(tenant_settings(4, 2, 500)).unwrap();
+        assert!(
+            !matches!(again, crate::settings::Applied::Unchanged),
+            "{again:?}"
+        );
+        assert_eq!(registry.compiled(), 2);
+    }
 
     #[test]
     fn deterministic_with_late_and_duplicate_events() {

@@ -258,13 +258,16 @@ pub(super) fn store_ceiling(
 ) -> anyhow::Result<(f64, u64)> {
     let dir = tempfile::tempdir()?;
     let store = SledStore::open(dir.path(), 256)?;
-    let policies = crate::settings::TenantView::defaults(
-        &Config {
+    let settings = crate::settings::Settings::new(
+        Config {
             types: Config::crm_types(),
             ..Config::default()
         }
         .policies(),
     );
+    for doc in TenantDocs::of(s).map(|d| d.initial()).unwrap_or_default() {
+        settings.apply_document(doc)?;
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -286,7 +289,7 @@ pub(super) fn store_ceiling(
                 crate::model::position::TopicPartition::new("bench", 0),
                 offset,
             );
-            let _ = r.process(&e, &origin, 0, handlers, &policies);
+            let _ = r.process(&e, &origin, 0, handlers, &settings.view(&e.tenant_id));
             let bytes = crate::store::encode(&*r);
             match index.get(&e.entity_id) {
                 Some(&i) => batch.entities[i].1 = bytes,
@@ -310,15 +313,35 @@ pub(super) fn store_ceiling(
 
 /// The engine ceiling: the events fed from memory to the router, through
 /// actors, fold and store, with no Kafka.
+///
+/// With tenant settings (`docs`), the documents go straight into the
+/// pipeline's registry, as its source would put them (no Kafka here), and
+/// so do the updates, at the scenario's rate.
 pub(super) fn engine_ceiling(
-    config: Config,
+    mut config: Config,
     handlers: Handlers,
     events: Vec<Event>,
     partitions: i32,
+    docs: Option<&TenantDocs>,
 ) -> anyhow::Result<EngineRun> {
     let n = events.len() as u64;
+    config.settings.source = crate::settings::SettingsSource::None;
+    let docs = docs.cloned();
     actix::System::new().block_on(async move {
         let (pipeline, mut injector) = Pipeline::start_engine(config, handlers)?;
+        let stop_updates = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let updates = match &docs {
+            Some(docs) => {
+                let registry = pipeline.settings();
+                for doc in docs.initial() {
+                    registry.apply_document(doc)?;
+                }
+                Some(docs.spawn_updates(stop_updates.clone(), move |doc| {
+                    registry.apply_document(doc).map(drop).map_err(Into::into)
+                }))
+            }
+            None => None,
+        };
         let stats = pipeline.stats();
         let started = Instant::now();
         let cpu_before = super::cpu_seconds();
@@ -360,6 +383,12 @@ pub(super) fn engine_ceiling(
         let secs = started.elapsed().as_secs_f64();
         let cpu_after = super::cpu_seconds();
         let _ = feeder.join();
+        stop_updates.store(true, Relaxed);
+        if let Some(u) = updates {
+            u.join()
+                .map_err(|_| anyhow::anyhow!("the settings updater panicked"))?
+                .context("applying settings updates")?;
+        }
         let store = pipeline.store();
         pipeline.shutdown()?;
         Ok(EngineRun {
@@ -424,12 +453,46 @@ pub(super) fn end_to_end(
 ) -> anyhow::Result<E2e> {
     let window = Duration::from_millis(s.window_ms);
     let bar = bar.clone();
+    // The tenants' settings are on their topic before orderly starts: its
+    // source reads them before processing begins.
+    let docs = TenantDocs::of(s);
+    let settings_producer = match &docs {
+        Some(docs) => {
+            let producer =
+                crate::kafka::producer(&config, &[]).context("creating the settings producer")?;
+            for doc in docs.initial() {
+                crate::settings::send_document(
+                    &producer,
+                    &config.settings.topic,
+                    &doc,
+                    Duration::from_secs(30),
+                )
+                .map_err(anyhow::Error::msg)?;
+            }
+            Some(producer)
+        }
+        None => None,
+    };
+    let settings_topic = config.settings.topic.clone();
+    let stop_updates = Arc::new(std::sync::atomic::AtomicBool::new(false));
     actix::System::new().block_on(async move {
         let pipeline = Pipeline::start(config, handlers)?;
         let stats = pipeline.stats();
         let fatal = pipeline.fatal();
         wait_for(&pipeline, "partitions", || pipeline.is_ready()).await?;
         consuming.store(true, Relaxed);
+        let updates = docs.as_ref().zip(settings_producer).map(|(docs, producer)| {
+            docs.spawn_updates(stop_updates.clone(), move |doc| {
+                crate::settings::send_document(
+                    &producer,
+                    &settings_topic,
+                    &doc,
+                    Duration::from_secs(30),
+                )
+                .map(drop)
+                .map_err(anyhow::Error::msg)
+            })
+        });
         // Time starts at the first message received: group formation is not orderly's speed.
         wait_for(&pipeline, "a first message", || {
             Stats::get(&stats.source.received) > 0
@@ -513,9 +576,27 @@ pub(super) fn end_to_end(
             .unwrap_or_else(|| started.elapsed())
             .as_secs_f64();
         let durable = Stats::get(&stats.writer.durable);
+        stop_updates.store(true, Relaxed);
+        let settings_updates = match updates {
+            Some(u) => u
+                .join()
+                .map_err(|_| anyhow::anyhow!("the settings updater panicked"))?
+                .context("publishing settings updates")?,
+            None => 0,
+        };
+        // What the registry took in, once the updates are published: the
+        // source may still be reading the last of them.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let registry = pipeline.settings();
+        let settings = TenantSettingsSeen {
+            tenants: registry.tenant_count(),
+            compiled: registry.compiled(),
+            updates: settings_updates,
+        };
         let store = pipeline.store();
         pipeline.shutdown()?;
         Ok(E2e {
+            settings,
             store: Some(store),
             steady: steady
                 .as_ref()

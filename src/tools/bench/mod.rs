@@ -47,9 +47,16 @@ pub struct Scenario {
     pub name: String,
     /// Tenants.
     pub tenants: u64,
-    /// Per-tenant settings size, bytes. Recorded in the report; the
-    /// benchmark runs without a settings source (every lookup a miss).
+    /// Per-tenant settings document size, bytes (about). 0: no settings
+    /// source, every tenant runs on the defaults. Otherwise every tenant
+    /// has a document on a settings topic, read by orderly's topic source
+    /// before processing starts, that renames some of the workload's
+    /// fields (`workload::FIELD_MAPPINGS`), padded to this size.
     pub settings_bytes: usize,
+    /// New settings versions published per second while orderly runs,
+    /// round robin over the tenants: each one is compiled and swapped in,
+    /// which invalidates the tenant's cached settings. Needs `settings_bytes`.
+    pub settings_updates_per_s: f64,
     /// Distinct entities.
     pub entities: u64,
     /// Zipf exponent of the key choice: 0 is uniform, ≥ 1 makes hot keys.
@@ -104,6 +111,7 @@ impl Default for Scenario {
             name: "custom".into(),
             tenants: 3,
             settings_bytes: 0,
+            settings_updates_per_s: 0.0,
             entities: 10_000,
             zipf: 0.0,
             events: 50_000,
@@ -138,6 +146,7 @@ pub const BUILT_IN: &[(&str, &str)] = &[
     ("late-heavy", include_str!("../../../bench/late-heavy.toml")),
     ("failures", include_str!("../../../bench/failures.toml")),
     ("restore", include_str!("../../../bench/restore.toml")),
+    ("tenants", include_str!("../../../bench/tenants.toml")),
 ];
 
 impl Scenario {
@@ -177,6 +186,14 @@ impl Scenario {
         anyhow::ensure!(self.entities >= 1, "entities must be at least 1");
         anyhow::ensure!(self.window_ms >= 100, "window_ms must be at least 100");
         anyhow::ensure!(self.zipf >= 0.0, "zipf must not be negative");
+        anyhow::ensure!(
+            self.settings_updates_per_s >= 0.0,
+            "settings_updates_per_s must not be negative"
+        );
+        anyhow::ensure!(
+            self.settings_updates_per_s == 0.0 || self.settings_bytes > 0,
+            "settings_updates_per_s needs settings_bytes above 0 (tenants without settings have none to update)"
+        );
         anyhow::ensure!(
             self.rate >= 0.0 && self.duration_s >= 0.0,
             "rate and duration_s must not be negative"
@@ -271,8 +288,20 @@ pub struct Window {
     pub in_flight: i64,
 }
 
+/// What the settings registry of an end-to-end run took in.
+struct TenantSettingsSeen {
+    /// Tenants with settings in force at the end.
+    tenants: usize,
+    /// Documents compiled: one per tenant and version.
+    compiled: u64,
+    /// Updates published while orderly ran.
+    updates: u64,
+}
+
 /// What one end-to-end orderly run measured.
 struct E2e {
+    /// Its tenant settings.
+    settings: TenantSettingsSeen,
     /// The run's store, still open, until its footprint is taken.
     store: Option<Arc<SledStore>>,
     /// append → durable after the first window.
@@ -336,6 +365,14 @@ fn config_for(s: &Scenario, broker: &Broker, topics: &Topics, data_dir: &Path) -
         retry_max_ms: 100,
         // Passivate idle actors, so memory follows the hot set, not every key seen.
         idle_timeout_ms: 10_000,
+        settings: match &topics.settings {
+            Some(topic) => crate::settings::SettingsConfig {
+                source: crate::settings::SettingsSource::Topic,
+                topic: topic.clone(),
+                ..Default::default()
+            },
+            None => Default::default(),
+        },
         store_cache_mb: match s.store_cache_mb {
             0 => Config::default().store_cache_mb,
             mb => mb,
@@ -349,6 +386,8 @@ struct Topics {
     dead_letters: String,
     changes: String,
     anomalies: String,
+    /// The tenants' settings documents, if the scenario has any.
+    settings: Option<String>,
 }
 
 impl Topics {
@@ -359,15 +398,76 @@ impl Topics {
             dead_letters: format!("bench-dlq-{suffix}"),
             changes: format!("bench-changes-{suffix}"),
             anomalies: format!("bench-anomalies-{suffix}"),
+            settings: (s.settings_bytes > 0).then(|| format!("bench-settings-{suffix}")),
         };
         broker.create_topic(&t.input, s.partitions)?;
         broker.create_topic(&t.dead_letters, 1)?;
         broker.create_topic(&t.changes, s.partitions)?;
         broker.create_topic(&t.anomalies, 1)?;
+        if let Some(settings) = &t.settings {
+            broker.create_topic(settings, 1)?;
+        }
         if s.restore {
             broker.create_topic(&format!("{}{CHANGELOG}", t.input), s.partitions)?;
         }
         Ok(t)
+    }
+}
+
+/// The tenant settings a scenario runs with (`settings_bytes`).
+#[derive(Clone, Debug)]
+struct TenantDocs {
+    tenants: u64,
+    bytes: usize,
+    updates_per_s: f64,
+}
+
+impl TenantDocs {
+    fn of(s: &Scenario) -> Option<TenantDocs> {
+        (s.settings_bytes > 0).then(|| TenantDocs {
+            tenants: s.tenants.max(1),
+            bytes: s.settings_bytes,
+            updates_per_s: s.settings_updates_per_s,
+        })
+    }
+
+    /// Every tenant's first version.
+    fn initial(&self) -> Vec<crate::settings::SettingsDocument> {
+        (0..self.tenants)
+            .map(|t| workload::tenant_settings(t, 1, self.bytes))
+            .collect()
+    }
+
+    /// On a thread of its own: publishes a new version every
+    /// `1 / updates_per_s` seconds, round robin over the tenants, until
+    /// `stop`; returns how many it published.
+    fn spawn_updates(
+        &self,
+        stop: Arc<std::sync::atomic::AtomicBool>,
+        mut publish: impl FnMut(crate::settings::SettingsDocument) -> anyhow::Result<()>
+            + Send
+            + 'static,
+    ) -> std::thread::JoinHandle<anyhow::Result<u64>> {
+        let docs = self.clone();
+        std::thread::spawn(move || {
+            if docs.updates_per_s <= 0.0 {
+                return Ok(0);
+            }
+            let started = Instant::now();
+            let mut n = 0u64;
+            while !stop.load(Relaxed) {
+                let due = started + Duration::from_secs_f64((n + 1) as f64 / docs.updates_per_s);
+                let now = Instant::now();
+                if now < due {
+                    std::thread::sleep((due - now).min(Duration::from_millis(20)));
+                    continue;
+                }
+                let (tenant, version) = (n % docs.tenants, 2 + n / docs.tenants);
+                publish(workload::tenant_settings(tenant, version, docs.bytes))?;
+                n += 1;
+            }
+            Ok(n)
+        })
     }
 }
 
@@ -517,9 +617,12 @@ pub fn run(
     let produced = produced.load(Relaxed);
     println!("orderly: {:.0} events/s end to end", e2e.drain_eps);
     // Taken (and the store closed) before the ceilings run.
-    let store = match e2e.store.take() {
-        Some(store) => store_footprint(&store)?,
-        None => serde_json::Value::Null,
+    let (store, settings) = match e2e.store.take() {
+        Some(store) => (
+            store_footprint(&store)?,
+            settings_report(s, &e2e.settings, &store)?,
+        ),
+        None => (serde_json::Value::Null, serde_json::Value::Null),
     };
 
     if s.ceilings {
@@ -544,6 +647,7 @@ pub fn run(
                 .take(s.ceiling_events as usize)
                 .collect(),
             s.partitions,
+            TenantDocs::of(s).as_ref(),
         )?
         .eps;
         println!("engine ceiling: {eps:.0} events/s");
@@ -561,6 +665,7 @@ pub fn run(
         ceilings,
     );
     report["store"] = store;
+    report["settings"] = settings;
     if s.restore {
         let r = restore(config)?;
         println!(
@@ -618,6 +723,60 @@ fn store_footprint(store: &SledStore) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
+/// The tenant settings of a run, for the report (null without any), and
+/// whether they took effect: every record in `store` is checked against its
+/// tenant's field mappings. A record holding a name its tenant renames was
+/// handled without its settings; none should, since the settings topic is
+/// read before processing starts and no version changes the mappings.
+fn settings_report(
+    s: &Scenario,
+    seen: &TenantSettingsSeen,
+    store: &SledStore,
+) -> anyhow::Result<serde_json::Value> {
+    let Some(docs) = TenantDocs::of(s) else {
+        return Ok(serde_json::Value::Null);
+    };
+    let initial = docs.initial();
+    let document_bytes = initial
+        .iter()
+        .map(|d| d.to_json_bytes().len())
+        .sum::<usize>()
+        / initial.len().max(1);
+    let (mut checked, mut renamed, mut not_renamed) = (0u64, 0u64, 0u64);
+    for record in store.entities() {
+        let r = record?;
+        let Some(tenant) = r
+            .tenant_id
+            .strip_prefix("tenant-")
+            .and_then(|t| t.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        let pairs = workload::FIELD_MAPPINGS[tenant % workload::FIELD_MAPPINGS.len()];
+        let holds = |name: &str| r.state.fields.contains_key(name);
+        checked += 1;
+        renamed += u64::from(pairs.iter().any(|(_, to)| holds(to)));
+        not_renamed += u64::from(pairs.iter().any(|(from, _)| holds(from)));
+    }
+    println!(
+        "settings: {} tenants, {document_bytes} B each, {} updates published, {} versions \
+         compiled; {renamed} of {checked} records hold renamed fields, {not_renamed} a name \
+         their tenant renames",
+        docs.tenants, seen.updates, seen.compiled
+    );
+    Ok(serde_json::json!({
+        "tenants": docs.tenants,
+        "document_bytes": document_bytes,
+        "updates_per_s": docs.updates_per_s,
+        "updates_published": seen.updates,
+        "tenants_in_force": seen.tenants,
+        "versions_compiled": seen.compiled,
+        "records_checked": checked,
+        "records_renamed": renamed,
+        "records_not_renamed": not_renamed,
+    }))
+}
+
 /// Measures the engine ceiling alone: `s`'s events (at most
 /// `ceiling_events`) fed from memory through actors, fold, writer and store.
 /// For profiling the engine path (`valgrind --tool=callgrind orderly bench
@@ -644,7 +803,7 @@ pub fn engine_only(s: &Scenario, out: &Path) -> anyhow::Result<f64> {
         .map(|e| e.entity_id.as_str())
         .collect::<HashSet<_>>()
         .len();
-    let run = engine_ceiling(config, h, events, s.partitions)?;
+    let run = engine_ceiling(config, h, events, s.partitions, TenantDocs::of(s).as_ref())?;
     let eps = run.eps;
     println!("engine ceiling: {eps:.0} events/s ({n} events)");
     // Callgrind sees only user space; the kernel's share (page faults,

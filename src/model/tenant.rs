@@ -23,7 +23,7 @@ use crate::model::value::Fields;
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 /// A tenant's settings document, as written to the topic or served over HTTP.
@@ -207,9 +207,11 @@ impl SettingsDocument {
 #[derive(Debug)]
 pub struct TenantSettings {
     version: u64,
-    mappings: HashMap<String, String>,
+    /// Looked up once per payload field of every event: foldhash, not
+    /// SipHash (callgrind, BENCHMARKS.md "The tenant settings path").
+    mappings: foldhash::HashMap<String, String>,
     drop_unmapped: bool,
-    enabled: Option<HashSet<String>>,
+    enabled: Option<foldhash::HashSet<String>>,
     policies: Policies,
     document: Option<SettingsDocument>,
 }
@@ -220,7 +222,7 @@ impl TenantSettings {
     pub fn defaults(base: &Policies) -> Self {
         TenantSettings {
             version: 0,
-            mappings: HashMap::new(),
+            mappings: foldhash::HashMap::default(),
             drop_unmapped: false,
             enabled: None,
             policies: base.clone(),
@@ -288,18 +290,20 @@ impl TenantSettings {
         }))
     }
 
+    /// One lookup per field. A mapped field replaces an unmapped one of the
+    /// same name whichever comes first; no two mappings share a target
+    /// (checked when the document is compiled).
     fn map_payload(&self, payload: &Fields) -> Fields {
         let mut out = Fields::new();
-        if !self.drop_unmapped {
-            for (k, v) in payload {
-                if !self.mappings.contains_key(k) {
-                    out.insert(k.clone(), v.clone());
-                }
-            }
-        }
         for (k, v) in payload {
-            if let Some(to) = self.mappings.get(k) {
-                out.insert(to.clone(), v.clone());
+            match self.mappings.get(k) {
+                Some(to) => {
+                    out.insert(to.clone(), v.clone());
+                }
+                None if !self.drop_unmapped => {
+                    out.entry(k.clone()).or_insert_with(|| v.clone());
+                }
+                None => {}
             }
         }
         out
@@ -395,6 +399,19 @@ mod tests {
         assert_eq!(p.payload["stage"], Value::String("new".into()));
         assert_eq!(p.payload["x"], Value::Int(1));
         assert!(!p.payload.contains_key("Email"));
+        // Also when the unmapped field comes first in the payload's order.
+        let mut later = doc(1);
+        later.field_mappings.insert("zstage".into(), "stage".into());
+        let later = later.compile(&Policies::default()).unwrap();
+        let e2 = Event::test(
+            "1",
+            0,
+            "lead.updated",
+            serde_json::json!({"stage": "old", "zstage": "new"}),
+        );
+        let p2 = later.prepare(&e2).unwrap();
+        assert_eq!(p2.payload["stage"], Value::String("new".into()));
+        assert!(!p2.payload.contains_key("zstage"));
         assert!(s
             .prepare(&Event::test("1", 0, "lead.deleted", serde_json::json!({})))
             .is_none());

@@ -7,7 +7,6 @@
 
 use crate::model::ordering::Policies;
 use crate::model::tenant::{SettingsDocument, SettingsError, TenantSettings, TenantView};
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
 
@@ -34,7 +33,8 @@ pub enum Applied {
 pub struct Settings {
     base: Policies,
     defaults: Arc<TenantView>,
-    tenants: RwLock<HashMap<String, Arc<TenantView>>>,
+    /// Looked up once per event: foldhash, not SipHash.
+    tenants: RwLock<foldhash::HashMap<String, Arc<TenantView>>>,
     caught_up: AtomicBool,
     compiled: AtomicU64,
     hits: ::metrics::Counter,
@@ -64,7 +64,7 @@ impl Settings {
         Settings {
             base,
             defaults,
-            tenants: RwLock::new(HashMap::new()),
+            tenants: RwLock::new(foldhash::HashMap::default()),
             caught_up: AtomicBool::new(false),
             compiled: AtomicU64::new(0),
             hits: ::metrics::counter!("orderly_settings_lookups_total", "result" => "hit"),

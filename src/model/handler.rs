@@ -39,6 +39,7 @@
 //! ```
 
 use crate::model::envelope::Event;
+use crate::model::fold::{diff, FieldChange};
 use crate::model::tenant::TenantSettings;
 use crate::model::value::{Fields, Value};
 use serde::{Deserialize, Serialize};
@@ -79,7 +80,8 @@ impl HandlerError {
 ///
 /// Must be deterministic and must not perform I/O whose result changes the
 /// state: orderly calls it again when it re-folds after a late event. A failed
-/// call must leave no partial effect visible; orderly applies it to a copy.
+/// call must leave no partial effect visible; orderly applies it to a copy
+/// ([`Handler::apply_changes`]).
 ///
 /// `settings` are the compiled settings of the event's tenant: the version in
 /// force when the event was handled (on a re-fold, that same version while
@@ -94,6 +96,27 @@ pub trait Handler: Send + Sync + 'static {
         event: &Event,
         settings: &TenantSettings,
     ) -> Result<(), HandlerError>;
+
+    /// Applies `event` to `state` as [`Handler::apply`] does, and returns
+    /// the fields it changed (in field order, with their values before and
+    /// after); on `Err`, `state` is as it was.
+    ///
+    /// The default applies [`Handler::apply`] to a copy of the state and
+    /// compares the two. A handler that knows which fields it writes may
+    /// write in place instead, as the built-in [`FieldReducer`] does; it
+    /// must return what the default would.
+    fn apply_changes(
+        &self,
+        state: &mut EntityState,
+        event: &Event,
+        settings: &TenantSettings,
+    ) -> Result<Vec<FieldChange>, HandlerError> {
+        let mut next = state.clone();
+        self.apply(&mut next, event, settings)?;
+        let changes = diff(&state.fields, &next.fields);
+        *state = next;
+        Ok(changes)
+    }
 }
 
 /// An event derived by an [`Observer`], to be published keyed by `entity_id`.
@@ -180,6 +203,89 @@ impl Handler for FieldReducer {
             }
         }
         Ok(())
+    }
+
+    /// In place, without copying the state: the fields an event writes are
+    /// its payload's (or, for `delete`, all of them). `inc` computes every
+    /// sum before it writes one, so a failure leaves the state as it was.
+    fn apply_changes(
+        &self,
+        state: &mut EntityState,
+        event: &Event,
+        _settings: &TenantSettings,
+    ) -> Result<Vec<FieldChange>, HandlerError> {
+        match self.0 {
+            ReduceOp::Set => {
+                state.deleted = false;
+                Ok(event
+                    .payload
+                    .iter()
+                    .filter_map(|(k, v)| write(&mut state.fields, k, v.clone()))
+                    .collect())
+            }
+            ReduceOp::Inc => {
+                let sums = event
+                    .payload
+                    .iter()
+                    .map(|(k, delta)| {
+                        let held = state.fields.get(k).unwrap_or(&Value::Int(0));
+                        add(held, delta).map(|sum| (k, sum)).ok_or_else(|| {
+                            HandlerError::Permanent(format!(
+                                "cannot add {} to field {k:?} holding {}: inc needs numbers",
+                                delta.to_json(),
+                                held.to_json()
+                            ))
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                if !event.payload.is_empty() {
+                    state.deleted = false;
+                }
+                Ok(sums
+                    .into_iter()
+                    .filter_map(|(k, sum)| write(&mut state.fields, k, sum))
+                    .collect())
+            }
+            ReduceOp::Delete => {
+                state.deleted = true;
+                Ok(std::mem::take(&mut state.fields)
+                    .into_iter()
+                    .map(|(field, old)| FieldChange {
+                        field,
+                        old: Some(old),
+                        new: None,
+                    })
+                    .collect())
+            }
+        }
+    }
+}
+
+/// Writes `value` to field `k`; the change, unless the field held an equal
+/// value (the comparison [`diff`] makes: a NaN is never equal, and -0.0
+/// equals 0.0, so the value is written all the same).
+fn write(fields: &mut Fields, k: &str, value: Value) -> Option<FieldChange> {
+    match fields.get_mut(k) {
+        Some(held) if *held == value => {
+            *held = value;
+            None
+        }
+        Some(held) => {
+            let new = Some(value.clone());
+            Some(FieldChange {
+                field: k.to_owned(),
+                old: Some(std::mem::replace(held, value)),
+                new,
+            })
+        }
+        None => {
+            fields.insert(k.to_owned(), value.clone());
+            Some(FieldChange {
+                field: k.to_owned(),
+                old: None,
+                new: Some(value),
+            })
+        }
     }
 }
 
@@ -313,6 +419,65 @@ mod tests {
             .apply(&mut s, &ev("x", serde_json::json!({})), &d())
             .unwrap();
         assert!(s.deleted && s.fields.is_empty());
+    }
+
+    /// The reducer with the default `apply_changes`: a copy, then a diff.
+    struct Copying(FieldReducer);
+
+    impl Handler for Copying {
+        fn apply(
+            &self,
+            state: &mut EntityState,
+            event: &Event,
+            settings: &TenantSettings,
+        ) -> Result<(), HandlerError> {
+            self.0.apply(state, event, settings)
+        }
+    }
+
+    fn fields() -> impl proptest::strategy::Strategy<Value = Fields> {
+        use proptest::prelude::*;
+        let value = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            (-3i64..3).prop_map(Value::Int),
+            Just(Value::Int(i64::MAX)),
+            prop_oneof![
+                Just(f64::NAN),
+                Just(0.0),
+                Just(-0.0),
+                Just(1.5),
+                Just(f64::INFINITY)
+            ]
+            .prop_map(Value::Float),
+            "[xy]{0,2}".prop_map(Value::String),
+        ];
+        proptest::collection::btree_map("[abcd]", value, 0..4)
+    }
+
+    proptest::proptest! {
+        /// In place, the reducer gives what a copy and a diff give: the
+        /// same changes, the same state, and on an error the same message
+        /// and the state untouched. Compared by `Debug`, so that a NaN
+        /// equals itself and -0.0 differs from 0.0.
+        #[test]
+        fn in_place_changes_equal_a_copy_and_a_diff(
+            held in fields(),
+            deleted: bool,
+            payload in fields(),
+            op in proptest::sample::select(vec![ReduceOp::Set, ReduceOp::Inc, ReduceOp::Delete]),
+        ) {
+            let start = EntityState { fields: held, deleted };
+            let event = Event { payload, ..ev("x", serde_json::json!({})) };
+            let (mut copied, mut in_place) = (start.clone(), start.clone());
+            let want = Copying(FieldReducer(op)).apply_changes(&mut copied, &event, &d());
+            let got = FieldReducer(op).apply_changes(&mut in_place, &event, &d());
+            proptest::prop_assert_eq!(format!("{got:?}"), format!("{want:?}"));
+            proptest::prop_assert_eq!(format!("{in_place:?}"), format!("{copied:?}"));
+            if got.is_err() {
+                proptest::prop_assert_eq!(format!("{in_place:?}"), format!("{start:?}"));
+            }
+        }
     }
 
     #[test]

@@ -395,8 +395,9 @@ impl EntityRecord {
         Ok(outcome)
     }
 
-    /// Applies `event` on top of the current state (on a copy, so a failure
-    /// leaves no partial effect) and credits the fields it changed to it.
+    /// Applies `event` on top of the current state (a failure leaves no
+    /// partial effect: [`crate::model::handler::Handler::apply_changes`]) and credits the fields it
+    /// changed to it.
     pub(super) fn apply_on_top(
         &mut self,
         handler: &dyn crate::model::handler::Handler,
@@ -404,15 +405,12 @@ impl EntityRecord {
         settings: &TenantSettings,
         provenance: &Provenance,
     ) -> Result<Vec<FieldChange>, HandlerError> {
-        let mut next = self.state.clone();
-        handler.apply(&mut next, event, settings)?;
-        let changes = diff(&self.state.fields, &next.fields);
+        let changes = handler.apply_changes(&mut self.state, event, settings)?;
         // One copy, shared by the fields this event wrote.
         let shared = Arc::new(provenance.clone());
         for c in &changes {
             self.provenance.insert(c.field.clone(), Arc::clone(&shared));
         }
-        self.state = next;
         Ok(changes)
     }
 

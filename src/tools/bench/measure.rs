@@ -22,13 +22,9 @@ pub(super) fn unit_hash(s: &str) -> f64 {
     (h >> 11) as f64 / (1u64 << 53) as f64
 }
 
-impl Handler for Flaky {
-    fn apply(
-        &self,
-        state: &mut EntityState,
-        event: &Event,
-        settings: &crate::settings::TenantSettings,
-    ) -> Result<(), HandlerError> {
+impl Flaky {
+    /// The failure chosen for `event`, if any.
+    fn fails(&self, event: &Event) -> Result<(), HandlerError> {
         if self.permanent + self.transient > 0.0 {
             let h = unit_hash(&event.event_id);
             if h < self.permanent {
@@ -50,7 +46,31 @@ impl Handler for Flaky {
                 }
             }
         }
+        Ok(())
+    }
+}
+
+impl Handler for Flaky {
+    fn apply(
+        &self,
+        state: &mut EntityState,
+        event: &Event,
+        settings: &crate::settings::TenantSettings,
+    ) -> Result<(), HandlerError> {
+        self.fails(event)?;
         self.inner.apply(state, event, settings)
+    }
+
+    /// The reducer's own, in place: the bench measures the path orderly's
+    /// configured handlers take.
+    fn apply_changes(
+        &self,
+        state: &mut EntityState,
+        event: &Event,
+        settings: &crate::settings::TenantSettings,
+    ) -> Result<Vec<crate::model::fold::FieldChange>, HandlerError> {
+        self.fails(event)?;
+        self.inner.apply_changes(state, event, settings)
     }
 }
 

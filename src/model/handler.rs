@@ -261,12 +261,12 @@ impl Handler for FieldReducer {
     }
 }
 
-/// Writes `value` to field `k`; the change, unless the field held an equal
-/// value (the comparison [`diff`] makes: a NaN is never equal, and -0.0
-/// equals 0.0, so the value is written all the same).
+/// Writes `value` to field `k`; the change, unless the field held the same
+/// value ([`Value::same`], the comparison [`diff`] makes; -0.0 is the same
+/// as 0.0, so the value is written all the same).
 fn write(fields: &mut Fields, k: &str, value: Value) -> Option<FieldChange> {
     match fields.get_mut(k) {
-        Some(held) if *held == value => {
+        Some(held) if held.same(&value) => {
             *held = value;
             None
         }

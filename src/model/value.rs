@@ -70,6 +70,25 @@ impl<'de> Deserialize<'de> for Value {
 }
 
 impl Value {
+    /// The same value, as a field's change sees it: `==`, except that a NaN
+    /// is the same as a NaN (so a field holding one is not changed by an
+    /// event that does not write it). -0.0 and 0.0 are the same, as for `==`.
+    pub fn same(&self, other: &Value) -> bool {
+        match (self, other) {
+            (Value::Float(a), Value::Float(b)) => a == b || (a.is_nan() && b.is_nan()),
+            (Value::Array(a), Value::Array(b)) => {
+                a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.same(y))
+            }
+            (Value::Object(a), Value::Object(b)) => {
+                a.len() == b.len()
+                    && a.iter()
+                        .zip(b)
+                        .all(|((ka, va), (kb, vb))| ka == kb && va.same(vb))
+            }
+            _ => self == other,
+        }
+    }
+
     /// The value as a number, if it is one.
     pub fn as_f64(&self) -> Option<f64> {
         match self {

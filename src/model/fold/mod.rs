@@ -404,11 +404,12 @@ fn apply_entry(
     Ok(())
 }
 
-/// The fields that differ between `old` and `new`, in name order.
+/// The fields that differ between `old` and `new` (not [`Value::same`]), in
+/// name order.
 pub fn diff(old: &Fields, new: &Fields) -> Vec<FieldChange> {
     let mut changes = Vec::new();
     for (k, v) in new {
-        if old.get(k) != Some(v) {
+        if !old.get(k).is_some_and(|o| o.same(v)) {
             changes.push(FieldChange {
                 field: k.clone(),
                 old: old.get(k).cloned(),

@@ -14,10 +14,13 @@
 
 //!
 //! - `measure`: the ceilings and the end-to-end run, each on the same topic;
-//! - `report`: `report.json`, the console table and the SVG chart.
+//! - `report`: `report.json`, the console table and the SVG chart;
+//! - `tenants`: the tenant settings of a scenario, and the check that they
+//!   took effect.
 
 mod measure;
 mod report;
+mod tenants;
 
 use crate::config::{Config, FailurePolicy};
 use crate::metrics::{Percentiles, Stats};
@@ -38,6 +41,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
+use tenants::*;
 
 /// One benchmark scenario. Every field has a default; a TOML file sets some.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -288,16 +292,6 @@ pub struct Window {
     pub in_flight: i64,
 }
 
-/// What the settings registry of an end-to-end run took in.
-struct TenantSettingsSeen {
-    /// Tenants with settings in force at the end.
-    tenants: usize,
-    /// Documents compiled: one per tenant and version.
-    compiled: u64,
-    /// Updates published while orderly ran.
-    updates: u64,
-}
-
 /// What one end-to-end orderly run measured.
 struct E2e {
     /// Its tenant settings.
@@ -411,63 +405,6 @@ impl Topics {
             broker.create_topic(&format!("{}{CHANGELOG}", t.input), s.partitions)?;
         }
         Ok(t)
-    }
-}
-
-/// The tenant settings a scenario runs with (`settings_bytes`).
-#[derive(Clone, Debug)]
-struct TenantDocs {
-    tenants: u64,
-    bytes: usize,
-    updates_per_s: f64,
-}
-
-impl TenantDocs {
-    fn of(s: &Scenario) -> Option<TenantDocs> {
-        (s.settings_bytes > 0).then(|| TenantDocs {
-            tenants: s.tenants.max(1),
-            bytes: s.settings_bytes,
-            updates_per_s: s.settings_updates_per_s,
-        })
-    }
-
-    /// Every tenant's first version.
-    fn initial(&self) -> Vec<crate::settings::SettingsDocument> {
-        (0..self.tenants)
-            .map(|t| workload::tenant_settings(t, 1, self.bytes))
-            .collect()
-    }
-
-    /// On a thread of its own: publishes a new version every
-    /// `1 / updates_per_s` seconds, round robin over the tenants, until
-    /// `stop`; returns how many it published.
-    fn spawn_updates(
-        &self,
-        stop: Arc<std::sync::atomic::AtomicBool>,
-        mut publish: impl FnMut(crate::settings::SettingsDocument) -> anyhow::Result<()>
-            + Send
-            + 'static,
-    ) -> std::thread::JoinHandle<anyhow::Result<u64>> {
-        let docs = self.clone();
-        std::thread::spawn(move || {
-            if docs.updates_per_s <= 0.0 {
-                return Ok(0);
-            }
-            let started = Instant::now();
-            let mut n = 0u64;
-            while !stop.load(Relaxed) {
-                let due = started + Duration::from_secs_f64((n + 1) as f64 / docs.updates_per_s);
-                let now = Instant::now();
-                if now < due {
-                    std::thread::sleep((due - now).min(Duration::from_millis(20)));
-                    continue;
-                }
-                let (tenant, version) = (n % docs.tenants, 2 + n / docs.tenants);
-                publish(workload::tenant_settings(tenant, version, docs.bytes))?;
-                n += 1;
-            }
-            Ok(n)
-        })
     }
 }
 
@@ -720,60 +657,6 @@ fn store_footprint(store: &SledStore) -> anyhow::Result<serde_json::Value> {
         "entities": entities,
         "bytes_per_entity": bytes as f64 / entities.max(1) as f64,
         "usage": usage,
-    }))
-}
-
-/// The tenant settings of a run, for the report (null without any), and
-/// whether they took effect: every record in `store` is checked against its
-/// tenant's field mappings. A record holding a name its tenant renames was
-/// handled without its settings; none should, since the settings topic is
-/// read before processing starts and no version changes the mappings.
-fn settings_report(
-    s: &Scenario,
-    seen: &TenantSettingsSeen,
-    store: &SledStore,
-) -> anyhow::Result<serde_json::Value> {
-    let Some(docs) = TenantDocs::of(s) else {
-        return Ok(serde_json::Value::Null);
-    };
-    let initial = docs.initial();
-    let document_bytes = initial
-        .iter()
-        .map(|d| d.to_json_bytes().len())
-        .sum::<usize>()
-        / initial.len().max(1);
-    let (mut checked, mut renamed, mut not_renamed) = (0u64, 0u64, 0u64);
-    for record in store.entities() {
-        let r = record?;
-        let Some(tenant) = r
-            .tenant_id
-            .strip_prefix("tenant-")
-            .and_then(|t| t.parse::<usize>().ok())
-        else {
-            continue;
-        };
-        let pairs = workload::FIELD_MAPPINGS[tenant % workload::FIELD_MAPPINGS.len()];
-        let holds = |name: &str| r.state.fields.contains_key(name);
-        checked += 1;
-        renamed += u64::from(pairs.iter().any(|(_, to)| holds(to)));
-        not_renamed += u64::from(pairs.iter().any(|(from, _)| holds(from)));
-    }
-    println!(
-        "settings: {} tenants, {document_bytes} B each, {} updates published, {} versions \
-         compiled; {renamed} of {checked} records hold renamed fields, {not_renamed} a name \
-         their tenant renames",
-        docs.tenants, seen.updates, seen.compiled
-    );
-    Ok(serde_json::json!({
-        "tenants": docs.tenants,
-        "document_bytes": document_bytes,
-        "updates_per_s": docs.updates_per_s,
-        "updates_published": seen.updates,
-        "tenants_in_force": seen.tenants,
-        "versions_compiled": seen.compiled,
-        "records_checked": checked,
-        "records_renamed": renamed,
-        "records_not_renamed": not_renamed,
     }))
 }
 

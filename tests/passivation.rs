@@ -1,6 +1,7 @@
 //! `max_actors` bounds the live entity actors, also when more events are in
 //! flight than it allows actors: the actors whose writes are still in
-//! flight are kept, and passivated once durable.
+//! flight are kept, and passivated once durable. `actors_mb` bounds them
+//! by the size of their records, below `max_actors`.
 
 mod common;
 
@@ -137,6 +138,72 @@ fn the_least_recently_used_actor_is_the_one_passivated() {
         // is still live; b starts again.
         assert_eq!(starts, vec![1, 2, 2, 3, 3, 4]);
         assert_eq!(stats.entities.active_actors.load(Relaxed), 2);
+        pipeline.shutdown().unwrap();
+    });
+}
+
+/// `actors_mb` bounds the live actors by the size of their records, below
+/// `max_actors`: 200 entities of about 20 KB each (20 KB of payload in the
+/// state, and again in the log) do not fit in 1 MiB, so once their writes
+/// are durable most are passivated, although `max_actors` would keep all.
+#[test]
+fn actors_mb_bounds_live_actors_with_large_records_below_max_actors() {
+    let (_broker, _dir, mut config) = one_shard(10_000);
+    config.actors_mb = 1;
+    let handlers = config.handlers();
+    // Text that LZ4 cannot shrink much; the bound counts the record before
+    // compression anyway.
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut text = |n: usize| -> String {
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                char::from(b'a' + (x % 26) as u8)
+            })
+            .collect()
+    };
+    let events: Vec<_> = (0..200)
+        .map(|i| {
+            common::event(
+                &format!("big-{i}"),
+                &format!("e{i}"),
+                "lead.created",
+                1_000 + i,
+                serde_json::json!({ "notes": text(20_000) }),
+            )
+        })
+        .collect();
+    let n = events.len() as u64;
+    actix::System::new().block_on(async move {
+        let (pipeline, mut injector) = Pipeline::start_engine(config, handlers).unwrap();
+        let stats = pipeline.stats();
+        let fatal = pipeline.fatal();
+        for e in events {
+            injector.inject(e, 0);
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Stats::get(&stats.writer.durable) < n {
+            assert!(fatal.reason().is_none(), "{:?}", fatal.reason());
+            assert!(Instant::now() < deadline, "events not durable within 60 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // At least 40 KB of record each: at most 26 fit in 1 MiB. The
+        // shard's timer (every 5 s here) passivates the rest once durable.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let live = stats.entities.active_actors.load(Relaxed);
+            if live <= 26 {
+                assert!(live > 0, "every actor passivated: the bound is 1 MiB, not 0");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{live} actors of 40 KB records still live 30 s after every write was durable (actors_mb = 1)"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         pipeline.shutdown().unwrap();
     });
 }

@@ -349,14 +349,13 @@ pub(super) fn engine_ceiling(
     let docs = docs.cloned();
     actix::System::new().block_on(async move {
         let (pipeline, mut injector) = Pipeline::start_engine(config, handlers)?;
-        let stop_updates = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let updates = match &docs {
             Some(docs) => {
                 let registry = pipeline.settings();
                 for doc in docs.initial() {
                     registry.apply_document(doc)?;
                 }
-                Some(docs.spawn_updates(stop_updates.clone(), move |doc| {
+                Some(docs.spawn_updates(move |doc| {
                     registry.apply_document(doc).map(drop).map_err(Into::into)
                 }))
             }
@@ -403,11 +402,8 @@ pub(super) fn engine_ceiling(
         let secs = started.elapsed().as_secs_f64();
         let cpu_after = super::cpu_seconds();
         let _ = feeder.join();
-        stop_updates.store(true, Relaxed);
         if let Some(u) = updates {
-            u.join()
-                .map_err(|_| anyhow::anyhow!("the settings updater panicked"))?
-                .context("applying settings updates")?;
+            u.finish()?;
         }
         let store = pipeline.store();
         pipeline.shutdown()?;
@@ -494,7 +490,6 @@ pub(super) fn end_to_end(
         None => None,
     };
     let settings_topic = config.settings.topic.clone();
-    let stop_updates = Arc::new(std::sync::atomic::AtomicBool::new(false));
     actix::System::new().block_on(async move {
         let pipeline = Pipeline::start(config, handlers)?;
         let stats = pipeline.stats();
@@ -502,7 +497,7 @@ pub(super) fn end_to_end(
         wait_for(&pipeline, "partitions", || pipeline.is_ready()).await?;
         consuming.store(true, Relaxed);
         let updates = docs.as_ref().zip(settings_producer).map(|(docs, producer)| {
-            docs.spawn_updates(stop_updates.clone(), move |doc| {
+            docs.spawn_updates(move |doc| {
                 crate::settings::send_document(
                     &producer,
                     &settings_topic,
@@ -596,12 +591,8 @@ pub(super) fn end_to_end(
             .unwrap_or_else(|| started.elapsed())
             .as_secs_f64();
         let durable = Stats::get(&stats.writer.durable);
-        stop_updates.store(true, Relaxed);
         let settings_updates = match updates {
-            Some(u) => u
-                .join()
-                .map_err(|_| anyhow::anyhow!("the settings updater panicked"))?
-                .context("publishing settings updates")?,
+            Some(u) => u.finish()?,
             None => 0,
         };
         // What the registry took in, once the updates are published: the

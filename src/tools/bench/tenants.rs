@@ -29,23 +29,24 @@ impl TenantDocs {
     }
 
     /// On a thread of its own: publishes a new version every
-    /// `1 / updates_per_s` seconds, round robin over the tenants, until
-    /// `stop`; returns how many it published.
+    /// `1 / updates_per_s` seconds, round robin over the tenants, until the
+    /// returned [`Updates`] is finished or dropped.
     pub(super) fn spawn_updates(
         &self,
-        stop: Arc<std::sync::atomic::AtomicBool>,
         mut publish: impl FnMut(crate::settings::SettingsDocument) -> anyhow::Result<()>
             + Send
             + 'static,
-    ) -> std::thread::JoinHandle<anyhow::Result<u64>> {
+    ) -> Updates {
         let docs = self.clone();
-        std::thread::spawn(move || {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
             if docs.updates_per_s <= 0.0 {
                 return Ok(0);
             }
             let started = Instant::now();
             let mut n = 0u64;
-            while !stop.load(Relaxed) {
+            while !stopped.load(Relaxed) {
                 let due = started + Duration::from_secs_f64((n + 1) as f64 / docs.updates_per_s);
                 let now = Instant::now();
                 if now < due {
@@ -57,7 +58,38 @@ impl TenantDocs {
                 n += 1;
             }
             Ok(n)
-        })
+        });
+        Updates {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+/// The thread publishing settings updates. Dropping it stops the thread
+/// (a run that fails does not leave it publishing).
+pub(super) struct Updates {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<u64>>>,
+}
+
+impl Updates {
+    /// Stops publishing; how many updates were published.
+    pub(super) fn finish(mut self) -> anyhow::Result<u64> {
+        self.stop.store(true, Relaxed);
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .map_err(|_| anyhow::anyhow!("the settings updater panicked"))?
+                .context("publishing settings updates"),
+            None => Ok(0),
+        }
+    }
+}
+
+impl Drop for Updates {
+    fn drop(&mut self) {
+        self.stop.store(true, Relaxed);
     }
 }
 

@@ -17,9 +17,21 @@ pub struct SledStore {
     /// open, then kept with every write), so that a write removes the
     /// pieces a record no longer needs without reading it first.
     spilled: Arc<Mutex<HashMap<String, u32>>>,
+    /// The store holds single outbox records under `o` keys, written before
+    /// bundles existed: set at open, cleared once `outbox` finds none (no
+    /// `o` key is written any more). Until then, `outbox` reads them and a
+    /// removal removes an id's `o` key with its bundle. After, neither
+    /// happens: sled walks the tree for a key it does not hold, and that
+    /// was about 1% of an event's instructions.
+    legacy_outbox: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl SledStore {
+    fn has_legacy_outbox(&self) -> bool {
+        self.legacy_outbox
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Adds to `b` what quarantines `id`, whose restored record is corrupt:
     /// the record this store holds (or a new one) at `input`, parked with
     /// the reason, so its events wait for an operator instead of being
@@ -109,10 +121,12 @@ impl SledStore {
                 *e = (*e).max(n);
             }
         }
+        let legacy_outbox = tree.scan_prefix(key(OUTBOX, b"")).next().is_some();
         let store = SledStore {
             db,
             tree,
             spilled: Arc::new(Mutex::new(spilled)),
+            legacy_outbox: Arc::new(legacy_outbox.into()),
         };
         store.build_operator_index()?;
         Ok(store)
@@ -545,15 +559,21 @@ impl Store for SledStore {
             Ok(u64::from_be_bytes(id))
         };
         // Single records written before bundles existed come first.
-        let mut out: Vec<(u64, Vec<OutboxRecord>)> = self
-            .tree
-            .scan_prefix(key(OUTBOX, b""))
-            .take(limit)
-            .map(|kv| {
-                let (k, v) = kv?;
-                Ok((id_of(&k)?, vec![decode(&k, &v)?]))
-            })
-            .collect::<Result<_>>()?;
+        let mut out: Vec<(u64, Vec<OutboxRecord>)> = Vec::new();
+        if self.has_legacy_outbox() {
+            out = self
+                .tree
+                .scan_prefix(key(OUTBOX, b""))
+                .take(limit)
+                .map(|kv| {
+                    let (k, v) = kv?;
+                    Ok((id_of(&k)?, vec![decode(&k, &v)?]))
+                })
+                .collect::<Result<_>>()?;
+            if out.is_empty() {
+                self.legacy_outbox.store(false, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
         for kv in self
             .tree
             .scan_prefix(key(OUTBOX_BUNDLE, b""))
@@ -567,8 +587,11 @@ impl Store for SledStore {
 
     fn remove_outbox(&self, ids: &[u64]) -> Result<()> {
         let mut b = ::sled::Batch::default();
+        let legacy = self.has_legacy_outbox();
         for id in ids {
-            b.remove(key(OUTBOX, &id.to_be_bytes()));
+            if legacy {
+                b.remove(key(OUTBOX, &id.to_be_bytes()));
+            }
             b.remove(key(OUTBOX_BUNDLE, &id.to_be_bytes()));
         }
         self.tree.apply_batch(b)?;
@@ -582,7 +605,9 @@ impl Store for SledStore {
         undeliverable: &[OutboxRecord],
     ) -> Result<()> {
         let mut b = ::sled::Batch::default();
-        b.remove(key(OUTBOX, &id.to_be_bytes()));
+        if self.has_legacy_outbox() {
+            b.remove(key(OUTBOX, &id.to_be_bytes()));
+        }
         if unpublished.is_empty() {
             b.remove(key(OUTBOX_BUNDLE, &id.to_be_bytes()));
         } else {

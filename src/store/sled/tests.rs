@@ -681,3 +681,47 @@ fn an_lz4_claim_past_the_expansion_limit_is_corrupt() {
     let err = decode::<EntityRecord>(b"e\0x", &value).unwrap_err();
     assert!(err.to_string().contains("more than LZ4 can expand to"), "{err}");
 }
+
+/// Single outbox records written before bundles existed (`o` keys) are read
+/// after a restart, before the bundles, and removed with them; once none
+/// are left, the store stops looking for them.
+#[test]
+fn single_outbox_records_from_before_bundles_are_read_and_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = |value: &str| OutboxRecord {
+        topic: "t".into(),
+        key: None,
+        value: value.as_bytes().to_vec(),
+        headers: vec![],
+        partition: None,
+    };
+    let ids = |read: Vec<(u64, Vec<OutboxRecord>)>| -> Vec<u64> {
+        read.into_iter().map(|(id, _)| id).collect()
+    };
+    {
+        let store = SledStore::open(dir.path(), 16).unwrap();
+        assert!(!store.has_legacy_outbox(), "a new store has none");
+        for id in [3u64, 4] {
+            store
+                .tree
+                .insert(key(OUTBOX, &id.to_be_bytes()), encode(&record("old")))
+                .unwrap();
+        }
+        store.db.flush().unwrap();
+    }
+    let store = SledStore::open(dir.path(), 16).unwrap();
+    store
+        .tree
+        .insert(
+            key(OUTBOX_BUNDLE, &7u64.to_be_bytes()),
+            encode(&vec![record("new")]),
+        )
+        .unwrap();
+    assert_eq!(ids(store.outbox(10).unwrap()), [3, 4, 7]);
+    store.remove_outbox(&[3, 4]).unwrap();
+    assert_eq!(ids(store.outbox(10).unwrap()), [7]);
+    assert!(!store.has_legacy_outbox(), "none left: no more looking");
+    store.remove_outbox(&[7]).unwrap();
+    assert!(store.outbox(10).unwrap().is_empty());
+    assert_eq!(store.tree.scan_prefix(key(OUTBOX, b"")).count(), 0);
+}

@@ -595,10 +595,18 @@ pub(super) fn end_to_end(
             Some(u) => u.finish()?,
             None => 0,
         };
-        // What the registry took in, once the updates are published: the
-        // source may still be reading the last of them.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // What the registry took in: every version published (the first
+        // ones and the updates) once the source has read the last of them,
+        // which it may still be doing; a version it never reads shows as
+        // fewer compiled.
         let registry = pipeline.settings();
+        if let Some(docs) = &docs {
+            let published = docs.tenant_count() + settings_updates;
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while registry.compiled() < published && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
         let settings = TenantSettingsSeen {
             tenants: registry.tenant_count(),
             compiled: registry.compiled(),

@@ -21,6 +21,11 @@ impl TenantDocs {
         })
     }
 
+    /// The tenants, each with a document.
+    pub(super) fn tenant_count(&self) -> u64 {
+        self.tenants
+    }
+
     /// Every tenant's first version.
     pub(super) fn initial(&self) -> Vec<crate::settings::SettingsDocument> {
         (0..self.tenants)

@@ -173,46 +173,30 @@ impl Handler for FieldReducer {
         event: &Event,
         _settings: &TenantSettings,
     ) -> Result<(), HandlerError> {
-        match self.0 {
-            ReduceOp::Set => {
-                state.deleted = false;
-                for (k, v) in &event.payload {
-                    state.fields.insert(k.clone(), v.clone());
-                }
-            }
-            ReduceOp::Inc => {
-                // Writing fields after a tombstone revives the entity, as
-                // `set` does; its counters start again from 0.
-                if !event.payload.is_empty() {
-                    state.deleted = false;
-                }
-                for (k, delta) in &event.payload {
-                    let slot = state.fields.entry(k.clone()).or_insert(Value::Int(0));
-                    *slot = add(slot, delta).ok_or_else(|| {
-                        HandlerError::Permanent(format!(
-                            "cannot add {} to field {k:?} holding {}: inc needs numbers",
-                            delta.to_json(),
-                            slot.to_json()
-                        ))
-                    })?;
-                }
-            }
-            ReduceOp::Delete => {
-                state.fields.clear();
-                state.deleted = true;
-            }
-        }
-        Ok(())
+        self.reduce(state, event, false).map(drop)
     }
 
-    /// In place, without copying the state: the fields an event writes are
-    /// its payload's (or, for `delete`, all of them). `inc` computes every
-    /// sum before it writes one, so a failure leaves the state as it was.
+    /// In place, without copying the state.
     fn apply_changes(
         &self,
         state: &mut EntityState,
         event: &Event,
         _settings: &TenantSettings,
+    ) -> Result<Vec<FieldChange>, HandlerError> {
+        self.reduce(state, event, true)
+    }
+}
+
+impl FieldReducer {
+    /// Applies `event` to `state` in place; with `record`, returns the
+    /// fields it changed. The fields an event writes are its payload's (or,
+    /// for `delete`, all of them). `inc` computes every sum before it writes
+    /// one, so a failure leaves the state as it was.
+    fn reduce(
+        &self,
+        state: &mut EntityState,
+        event: &Event,
+        record: bool,
     ) -> Result<Vec<FieldChange>, HandlerError> {
         match self.0 {
             ReduceOp::Set => {
@@ -220,7 +204,7 @@ impl Handler for FieldReducer {
                 Ok(event
                     .payload
                     .iter()
-                    .filter_map(|(k, v)| write(&mut state.fields, k, v.clone()))
+                    .filter_map(|(k, v)| write(&mut state.fields, k, v.clone(), record))
                     .collect())
             }
             ReduceOp::Inc => {
@@ -238,33 +222,43 @@ impl Handler for FieldReducer {
                         })
                     })
                     .collect::<Result<Vec<_>, _>>()?;
+                // Writing fields after a tombstone revives the entity, as
+                // `set` does; its counters start again from 0.
                 if !event.payload.is_empty() {
                     state.deleted = false;
                 }
                 Ok(sums
                     .into_iter()
-                    .filter_map(|(k, sum)| write(&mut state.fields, k, sum))
+                    .filter_map(|(k, sum)| write(&mut state.fields, k, sum, record))
                     .collect())
             }
             ReduceOp::Delete => {
                 state.deleted = true;
-                Ok(std::mem::take(&mut state.fields)
-                    .into_iter()
-                    .map(|(field, old)| FieldChange {
-                        field,
-                        old: Some(old),
-                        new: None,
-                    })
-                    .collect())
+                let cleared = std::mem::take(&mut state.fields);
+                Ok(match record {
+                    true => cleared
+                        .into_iter()
+                        .map(|(field, old)| FieldChange {
+                            field,
+                            old: Some(old),
+                            new: None,
+                        })
+                        .collect(),
+                    false => Vec::new(),
+                })
             }
         }
     }
 }
 
-/// Writes `value` to field `k`; the change, unless the field held the same
-/// value ([`Value::same`], the comparison [`diff`] makes; -0.0 is the same
-/// as 0.0, so the value is written all the same).
-fn write(fields: &mut Fields, k: &str, value: Value) -> Option<FieldChange> {
+/// Writes `value` to field `k`; with `record`, the change, unless the field
+/// held the same value ([`Value::same`], the comparison [`diff`] makes;
+/// -0.0 is the same as 0.0, so the value is written all the same).
+fn write(fields: &mut Fields, k: &str, value: Value, record: bool) -> Option<FieldChange> {
+    if !record {
+        fields.insert(k.to_owned(), value);
+        return None;
+    }
     match fields.get_mut(k) {
         Some(held) if held.same(&value) => {
             *held = value;

@@ -559,9 +559,8 @@ impl Store for SledStore {
             Ok(u64::from_be_bytes(id))
         };
         // Single records written before bundles existed come first.
-        let mut out: Vec<(u64, Vec<OutboxRecord>)> = Vec::new();
-        if self.has_legacy_outbox() {
-            out = self
+        let mut out: Vec<(u64, Vec<OutboxRecord>)> = match self.has_legacy_outbox() {
+            true => self
                 .tree
                 .scan_prefix(key(OUTBOX, b""))
                 .take(limit)
@@ -569,10 +568,12 @@ impl Store for SledStore {
                     let (k, v) = kv?;
                     Ok((id_of(&k)?, vec![decode(&k, &v)?]))
                 })
-                .collect::<Result<_>>()?;
-            if out.is_empty() {
-                self.legacy_outbox.store(false, std::sync::atomic::Ordering::Relaxed);
-            }
+                .collect::<Result<_>>()?,
+            false => Vec::new(),
+        };
+        if out.is_empty() {
+            self.legacy_outbox
+                .store(false, std::sync::atomic::Ordering::Relaxed);
         }
         for kv in self
             .tree

@@ -33,6 +33,40 @@ fn one_shard(max_actors: usize) -> (EmbeddedBroker, tempfile::TempDir, Config) {
     (broker, dir, config)
 }
 
+/// Waits up to 60 s until `n` events are durable.
+async fn until_durable(pipeline: &Pipeline, n: u64) {
+    let (stats, fatal) = (pipeline.stats(), pipeline.fatal());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Stats::get(&stats.writer.durable) < n {
+        assert!(
+            fatal.reason().is_none(),
+            "the pipeline stopped: {:?}",
+            fatal.reason()
+        );
+        assert!(Instant::now() < deadline, "events not durable within 60 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits up to 30 s, once every write is durable, until at most `cap`
+/// actors are live (the shard's timer passivates every 5 s here); returns
+/// how many are. `bound` names the bound, for the failure.
+async fn until_live_at_most(pipeline: &Pipeline, cap: i64, bound: &str) -> i64 {
+    let stats = pipeline.stats();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let live = stats.entities.active_actors.load(Relaxed);
+        if live <= cap {
+            return live;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{live} actors still live 30 s after every write was durable ({bound})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[test]
 fn live_actors_come_down_to_max_actors_after_a_burst_of_new_keys() {
     let (_broker, _dir, config) = one_shard(100);
@@ -53,38 +87,16 @@ fn live_actors_come_down_to_max_actors_after_a_burst_of_new_keys() {
     let n = events.len() as u64;
     actix::System::new().block_on(async move {
         let (pipeline, mut injector) = Pipeline::start_engine(config, handlers).unwrap();
-        let stats = pipeline.stats();
         let feeder = std::thread::spawn(move || {
             for e in events {
                 injector.inject(e, 0);
             }
         });
-        let fatal = pipeline.fatal();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Stats::get(&stats.writer.durable) < n {
-            assert!(
-                fatal.reason().is_none(),
-                "the pipeline stopped: {:?}",
-                fatal.reason()
-            );
-            assert!(Instant::now() < deadline, "events not durable within 60 s");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        until_durable(&pipeline, n).await;
         feeder.join().unwrap();
-        // Every actor is quiescent now; the shard's timer (every 5 s here)
-        // passivates down to the cap.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let live = stats.entities.active_actors.load(Relaxed);
-            if live <= 100 {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{live} actors still live 30 s after every write was durable (max_actors = 100)"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        // Every actor is quiescent now; the shard's timer passivates down
+        // to the cap.
+        until_live_at_most(&pipeline, 100, "max_actors = 100").await;
         pipeline.shutdown().unwrap();
     });
 }
@@ -178,32 +190,16 @@ fn actors_mb_bounds_live_actors_with_large_records_below_max_actors() {
     let n = events.len() as u64;
     actix::System::new().block_on(async move {
         let (pipeline, mut injector) = Pipeline::start_engine(config, handlers).unwrap();
-        let stats = pipeline.stats();
-        let fatal = pipeline.fatal();
         for e in events {
             injector.inject(e, 0);
         }
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Stats::get(&stats.writer.durable) < n {
-            assert!(fatal.reason().is_none(), "{:?}", fatal.reason());
-            assert!(Instant::now() < deadline, "events not durable within 60 s");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        // At least 40 KB of record each: at most 26 fit in 1 MiB. The
-        // shard's timer (every 5 s here) passivates the rest once durable.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let live = stats.entities.active_actors.load(Relaxed);
-            if live <= 26 {
-                assert!(live > 0, "every actor passivated: the bound is 1 MiB, not 0");
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{live} actors of 40 KB records still live 30 s after every write was durable (actors_mb = 1)"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        until_durable(&pipeline, n).await;
+        // At least 40 KB of record each: at most 26 fit in 1 MiB.
+        let live = until_live_at_most(&pipeline, 26, "actors_mb = 1, records of 40 KB").await;
+        assert!(
+            live > 0,
+            "every actor passivated: the bound is 1 MiB, not 0"
+        );
         pipeline.shutdown().unwrap();
     });
 }

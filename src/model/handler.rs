@@ -104,7 +104,8 @@ pub trait Handler: Send + Sync + 'static {
     /// The default applies [`Handler::apply`] to a copy of the state and
     /// compares the two. A handler that knows which fields it writes may
     /// write in place instead, as the built-in [`FieldReducer`] does; it
-    /// must return what the default would.
+    /// must return what the default would. A handler that wraps another
+    /// should pass this call on too, or it gets the copy.
     fn apply_changes(
         &self,
         state: &mut EntityState,

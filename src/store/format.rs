@@ -8,9 +8,6 @@ use crate::model::dead_letter::DeadLetter;
 use crate::model::fold::{EntityRecord, LogEntry};
 use serde::de::DeserializeOwned;
 
-#[cfg(test)]
-mod tests;
-
 /// The most bytes decoding one stored value may allocate: a corrupt length
 /// prefix (in any format) is an error, not an allocation of exabytes. An
 /// LZ4 body may decompress to as much and no more.
@@ -25,7 +22,7 @@ pub(crate) const DECODE: bincode::config::Configuration<
 > = bincode::config::standard().with_limit::<MAX_DECODED>();
 
 /// The format version written at the start of every stored value.
-pub const FORMAT_VERSION: u8 = 8;
+pub const FORMAT_VERSION: u8 = 7;
 
 /// A value the store keeps, and how it is read from an older format.
 pub trait Stored: DeserializeOwned {
@@ -50,12 +47,6 @@ pub trait Stored: DeserializeOwned {
     /// Decodes the bincode body of a format-4 value. The default suits the
     /// types whose layout did not change.
     fn from_v4(body: &[u8]) -> std::result::Result<Self, bincode::error::DecodeError> {
-        bincode::serde::decode_from_slice(body, DECODE).map(|(v, _)| v)
-    }
-
-    /// Decodes the bincode body of a format-5, 6 or 7 value (6 and 7 after
-    /// unframing). The default suits the types whose layout did not change.
-    fn from_v7(body: &[u8]) -> std::result::Result<Self, bincode::error::DecodeError> {
         bincode::serde::decode_from_slice(body, DECODE).map(|(v, _)| v)
     }
 }
@@ -114,14 +105,6 @@ impl Stored for EntityRecord {
 
     fn from_v4(body: &[u8]) -> std::result::Result<Self, bincode::error::DecodeError> {
         bincode::serde::decode_from_slice::<format_v4::EntityRecord, _>(
-            body,
-            DECODE,
-        )
-        .map(|(v, _)| v.into())
-    }
-
-    fn from_v7(body: &[u8]) -> std::result::Result<Self, bincode::error::DecodeError> {
-        bincode::serde::decode_from_slice::<format_v7::EntityRecord, _>(
             body,
             DECODE,
         )
@@ -416,74 +399,6 @@ pub(super) mod format_v4 {
                 high_water: r.high_water,
                 log: r.log,
                 base: r.base.into(),
-                applied_offsets: r.applied_offsets,
-                counters: r.counters,
-                parking: r.parking,
-                placement: r.placement,
-            }
-        }
-    }
-}
-
-/// The entity record of formats 5 to 7: every log entry whole, the
-/// provenance table of format 5. Format 8 stores it without the copies its
-/// log repeats (`model::fold::codec`).
-pub(super) mod format_v7 {
-    use crate::model::fold::{
-        self, Base, Counters, LogEntry, Parking, Placement, Provenance,
-    };
-    use crate::model::handler::EntityState;
-    use crate::model::ordering::OrderKey;
-    use serde::{Deserialize, Serialize};
-    use std::collections::BTreeMap;
-    use std::sync::Arc;
-
-    #[derive(Serialize, Deserialize)]
-    pub struct EntityRecord {
-        pub entity_id: String,
-        pub tenant_id: String,
-        pub state: EntityState,
-        #[serde(with = "fold::provenance_table")]
-        pub provenance: BTreeMap<String, Arc<Provenance>>,
-        pub high_water: Option<OrderKey>,
-        pub log: Vec<LogEntry>,
-        pub base: Base,
-        pub applied_offsets: BTreeMap<String, i64>,
-        pub counters: Counters,
-        pub parking: Parking,
-        pub placement: Placement,
-    }
-
-    impl From<EntityRecord> for fold::EntityRecord {
-        fn from(r: EntityRecord) -> Self {
-            fold::EntityRecord {
-                entity_id: r.entity_id,
-                tenant_id: r.tenant_id,
-                state: r.state,
-                provenance: r.provenance,
-                high_water: r.high_water,
-                log: r.log,
-                base: r.base,
-                applied_offsets: r.applied_offsets,
-                counters: r.counters,
-                parking: r.parking,
-                placement: r.placement,
-            }
-        }
-    }
-
-    /// The record in format 7's layout, for tests of the migration.
-    #[cfg(test)]
-    impl From<fold::EntityRecord> for EntityRecord {
-        fn from(r: fold::EntityRecord) -> Self {
-            EntityRecord {
-                entity_id: r.entity_id,
-                tenant_id: r.tenant_id,
-                state: r.state,
-                provenance: r.provenance,
-                high_water: r.high_water,
-                log: r.log,
-                base: r.base,
                 applied_offsets: r.applied_offsets,
                 counters: r.counters,
                 parking: r.parking,

@@ -521,18 +521,17 @@ pub fn decode<T: Stored>(key: &[u8], bytes: &[u8]) -> Result<T> {
             .map(|(v, _)| v)
             .map_err(corrupt)
     };
-    let unframed = || {
-        unframe(&bytes[1..]).map_err(|reason| StoreError::Corrupt {
-            key: key_text(),
-            reason,
-        })
-    };
     match bytes.first() {
-        Some(&FORMAT_VERSION) => current(&unframed()?),
-        // Format 7 added the spill marker to format 6, nothing else; format
-        // 6 framed format 5's body, whose layout is the same.
-        Some(7) | Some(6) => T::from_v7(&unframed()?).map_err(corrupt),
-        Some(5) => T::from_v7(&bytes[1..]).map_err(corrupt),
+        // Format 7 added the spill marker to format 6, nothing else.
+        Some(&FORMAT_VERSION) | Some(6) => {
+            let body = unframe(&bytes[1..]).map_err(|reason| StoreError::Corrupt {
+                key: key_text(),
+                reason,
+            })?;
+            current(&body)
+        }
+        // Format 6 framed format 5's body; the body's layout is the same.
+        Some(5) => current(&bytes[1..]),
         Some(1) => T::from_v1(&bytes[1..]).map_err(corrupt),
         Some(2) => T::from_v2(&bytes[1..]).map_err(corrupt),
         Some(3) => T::from_v3(&bytes[1..]).map_err(corrupt),

@@ -14,7 +14,6 @@ use crate::model::position::TopicPartition;
 pub use crate::model::position::{Home, Origin};
 use crate::model::tenant::{TenantSettings, TenantView};
 use crate::model::value::{Fields, Value};
-pub(crate) mod codec;
 mod merge;
 mod process;
 pub use process::HELD_LIMIT;
@@ -74,8 +73,8 @@ pub struct Base {
 }
 
 /// Everything orderly keeps about one entity: one store record, written at
-/// most once per batch. Stored in the layout of [`codec`] (format 8).
-#[derive(Clone, Debug, Default, PartialEq)]
+/// most once per batch.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct EntityRecord {
     /// The entity id.
     pub entity_id: String,
@@ -84,6 +83,7 @@ pub struct EntityRecord {
     /// The current state: the fold of `base` and `log`.
     pub state: EntityState,
     /// Which event last wrote each field.
+    #[serde(with = "provenance_table")]
     pub provenance: BTreeMap<String, Arc<Provenance>>,
     /// The highest order key applied.
     pub high_water: Option<OrderKey>,
@@ -99,18 +99,6 @@ pub struct EntityRecord {
     pub parking: Parking,
     /// Where its state lives, and whether it has moved.
     pub placement: Placement,
-}
-
-impl Serialize for EntityRecord {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        codec::serialize(self, s)
-    }
-}
-
-impl<'de> Deserialize<'de> for EntityRecord {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        codec::deserialize(d)
-    }
 }
 
 /// How many of an entity's events met each fate. Counted in the record, so

@@ -1,7 +1,7 @@
 //! The store's tests: batches, restores, every stored format and its
 //! migration.
 
-use super::super::format::{format_v1, format_v2, format_v3, format_v4, format_v7};
+use super::super::format::{format_v1, format_v2, format_v3, format_v4};
 use super::*;
 
 /// `value` as a store value of an older format `version`.
@@ -455,7 +455,7 @@ fn format_6_values_are_compressed_when_that_is_smaller() {
 #[test]
 fn format_5_values_are_read() {
     let record = record_with_notes("a note".into());
-    let v5 = encode_as(5, &format_v7::EntityRecord::from(record.clone()));
+    let v5 = encode_as(5, &record);
     assert_eq!(decode::<EntityRecord>(b"e", &v5).unwrap(), record);
 }
 

@@ -436,7 +436,7 @@ pub(crate) const SPILLED: u8 = 2;
 /// file of its own and keeps it in memory for as long as it lives, whatever
 /// the cache size; a leaf holds up to 16 keys, so 16 pieces stay below that
 /// in the smallest segments a store has (sled's default of 512 KiB, which
-/// stores created before 8 MiB segments keep: `store::sled::segment`).
+/// stores created before 8 MiB segments keep: [`sled::segment`]).
 pub const SPILL_BYTES: usize = 6 * 1024;
 
 /// The largest body a stored value may decompress to: the bound decoding

@@ -143,7 +143,7 @@ pub fn repair(
             headers: vec![("content-type".into(), b"application/json".to_vec())],
             partition: None,
         });
-        batch.assign_outbox_ids(store.outbox_chunk_bytes(), || store.next_id())?;
+        batch.assign_outbox_ids(|| store.next_id())?;
     }
     store.commit(&batch)?;
     futures::executor::block_on(store.flush())

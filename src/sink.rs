@@ -326,7 +326,7 @@ mod tests {
             outbox,
             ..Default::default()
         };
-        batch.assign_outbox_ids(store.outbox_chunk_bytes(), || store.next_id()).unwrap();
+        batch.assign_outbox_ids(|| store.next_id()).unwrap();
         store.commit(&batch).unwrap();
         futures::executor::block_on(store.flush()).unwrap();
         batch.take_outbox_bundles()

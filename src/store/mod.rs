@@ -130,8 +130,7 @@ pub struct CommitBatch {
     /// New dead letters (their ids already assigned).
     pub dead_letters: Vec<DeadLetter>,
     /// Messages to publish once durable, in order, stored in bundles of
-    /// about the store's [`Store::outbox_chunk_bytes`]
-    /// ([`CommitBatch::outbox_bundles`]).
+    /// about [`OUTBOX_CHUNK_BYTES`] ([`CommitBatch::outbox_bundles`]).
     pub outbox: Vec<OutboxRecord>,
     /// Each bundle of `outbox`, in order: its id (ascending) and how many
     /// records it holds ([`CommitBatch::assign_outbox_ids`]).
@@ -165,15 +164,11 @@ pub struct CommitBatch {
 }
 
 impl CommitBatch {
-    /// Cuts the outbox into bundles of about `chunk_bytes`
-    /// ([`outbox_chunks`]), once, and gives each its id, drawn from
-    /// `next_id` in order, so that bundles read back oldest first.
-    pub fn assign_outbox_ids(
-        &mut self,
-        chunk_bytes: usize,
-        mut next_id: impl FnMut() -> Result<u64>,
-    ) -> Result<()> {
-        self.outbox_ids = outbox_chunks(&self.outbox, chunk_bytes)
+    /// Cuts the outbox into bundles ([`outbox_chunks`]), once, and gives
+    /// each its id, drawn from `next_id` in order, so that bundles read
+    /// back oldest first.
+    pub fn assign_outbox_ids(&mut self, mut next_id: impl FnMut() -> Result<u64>) -> Result<()> {
+        self.outbox_ids = outbox_chunks(&self.outbox)
             .map(|chunk| Ok((next_id()?, chunk.len())))
             .collect::<Result<_>>()?;
         Ok(())
@@ -213,12 +208,14 @@ impl CommitBatch {
     }
 }
 
-/// `outbox` in order, in chunks of about `max_bytes` (a record larger than
-/// that is a chunk alone).
-pub fn outbox_chunks(
-    outbox: &[OutboxRecord],
-    max_bytes: usize,
-) -> impl Iterator<Item = &[OutboxRecord]> {
+/// Outbox bundles stay below this many bytes (about). sled writes a node
+/// larger than a quarter of its 512 KiB segment to a blob file of its own,
+/// and a leaf holds up to 16 keys, so 16 bundles must fit in 128 KiB.
+pub const OUTBOX_CHUNK_BYTES: usize = 6 * 1024;
+
+/// `outbox` in order, in chunks of about [`OUTBOX_CHUNK_BYTES`] (a record
+/// larger than that is a chunk alone).
+pub fn outbox_chunks(outbox: &[OutboxRecord]) -> impl Iterator<Item = &[OutboxRecord]> {
     let mut rest = outbox;
     std::iter::from_fn(move || {
         if rest.is_empty() {
@@ -230,7 +227,7 @@ pub fn outbox_chunks(
             .take_while(|r| {
                 let first = bytes == 0;
                 bytes += r.byte_size();
-                first || bytes <= max_bytes
+                first || bytes <= OUTBOX_CHUNK_BYTES
             })
             .count();
         let (chunk, tail) = rest.split_at(n);
@@ -286,9 +283,6 @@ pub trait Store: Send + Sync + 'static {
     fn flush(&self) -> BoxFuture<'_, Result<()>>;
     /// A fresh unique id, at least 1 (for dead letters and outbox records).
     fn next_id(&self) -> Result<u64>;
-    /// The most bytes of outbox records to store in one bundle
-    /// ([`CommitBatch::assign_outbox_ids`]).
-    fn outbox_chunk_bytes(&self) -> usize;
     /// The stored checkpoints of `topic`, by partition.
     fn checkpoints(&self, topic: &str) -> Result<BTreeMap<i32, i64>>;
     /// Anomaly records with seq > `after`, at most `limit`, oldest first.
@@ -432,11 +426,10 @@ const LZ4: u8 = 1;
 pub(crate) const SPILLED: u8 = 2;
 
 /// Encoded entity records larger than this are spilled into pieces of this
-/// size. sled writes a node larger than a quarter of its segment to a blob
-/// file of its own and keeps it in memory for as long as it lives, whatever
-/// the cache size; a leaf holds up to 16 keys, so 16 pieces stay below that
-/// in the smallest segments a store has (sled's default of 512 KiB, which
-/// stores created before 8 MiB segments keep: [`sled::segment`]).
+/// size. sled writes a node larger than a quarter of its 512 KiB segment to
+/// a blob file of its own and keeps it in memory for as long as it lives,
+/// whatever the cache size; a leaf holds up to 16 keys, so 16 pieces stay
+/// below that.
 pub const SPILL_BYTES: usize = 6 * 1024;
 
 /// The largest body a stored value may decompress to: the bound decoding

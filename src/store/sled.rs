@@ -24,9 +24,6 @@ pub struct SledStore {
     /// happens: sled walks the tree for a key it does not hold, and that
     /// was about 1% of an event's instructions.
     legacy_outbox: Arc<std::sync::atomic::AtomicBool>,
-    /// The most bytes of outbox records per bundle, for this store's
-    /// segment size ([`segment::outbox_chunk_bytes`]).
-    outbox_chunk_bytes: usize,
 }
 
 impl SledStore {
@@ -88,11 +85,9 @@ impl SledStore {
 
     /// [`SledStore::open`], waiting up to `lock_wait` for a locked directory.
     pub fn open_waiting(dir: &Path, cache_mb: u64, lock_wait: std::time::Duration) -> Result<Self> {
-        let segment = segment::segment_size(dir);
         let config = ::sled::Config::new()
             .path(dir)
             .cache_capacity(cache_mb.saturating_mul(1024 * 1024))
-            .segment_size(segment)
             // orderly flushes after every batch; a timer flush would only add fsyncs.
             .flush_every_ms(None);
         let deadline = std::time::Instant::now() + lock_wait;
@@ -132,7 +127,6 @@ impl SledStore {
             tree,
             spilled: Arc::new(Mutex::new(spilled)),
             legacy_outbox: Arc::new(legacy_outbox.into()),
-            outbox_chunk_bytes: segment::outbox_chunk_bytes(segment),
         };
         store.build_operator_index()?;
         Ok(store)
@@ -449,10 +443,6 @@ impl Store for SledStore {
         Ok(self.db.generate_id()? + 1)
     }
 
-    fn outbox_chunk_bytes(&self) -> usize {
-        self.outbox_chunk_bytes
-    }
-
     fn checkpoints(&self, topic: &str) -> Result<BTreeMap<i32, i64>> {
         let mut prefix = key(CHECKPOINT, topic.as_bytes());
         prefix.push(0);
@@ -693,7 +683,6 @@ fn is_lock_conflict(e: &::sled::Error) -> bool {
         || io.to_string().contains("could not acquire lock"))
 }
 
-pub mod segment;
 mod spill;
 #[cfg(test)]
 mod tests;

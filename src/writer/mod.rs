@@ -220,7 +220,7 @@ impl Writer {
             ..
         } = builder;
         batch.homes = BatchBuilder::home_changes(&homes);
-        batch.assign_outbox_ids(self.store.outbox_chunk_bytes(), || self.store.next_id())?;
+        batch.assign_outbox_ids(|| self.store.next_id())?;
         // The changelog after the store (see `changelog::producer`): its
         // records are marked pending in the batch, written once the batch is
         // durable, and acknowledged (checkpointed) only after that, so the

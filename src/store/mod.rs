@@ -208,10 +208,20 @@ impl CommitBatch {
     }
 }
 
-/// Outbox bundles stay below this many bytes (about). sled writes a node
-/// larger than a quarter of its 512 KiB segment to a blob file of its own,
-/// and a leaf holds up to 16 keys, so 16 bundles must fit in 128 KiB.
-pub const OUTBOX_CHUNK_BYTES: usize = 6 * 1024;
+/// Outbox bundles hold about this many bytes of records, before LZ4.
+///
+/// sled writes the bundles' leaf whole every 10 fragments and when it
+/// splits, whatever the keys' sizes, so fewer, larger bundles are fewer
+/// bytes written: 12 KiB wrote 11% fewer bytes per event than 6 KiB
+/// (BENCHMARKS.md, "Larger outbox bundles"). The bound is sled's: it
+/// writes a node larger than a quarter of its 512 KiB segment to a blob
+/// file of its own, and a leaf holds up to 17 keys before it splits.
+/// Change records' JSON compresses to about 44%, so 17 bundles of 12 KiB
+/// take about 90 KiB; records that do not compress make such a leaf a blob
+/// until its bundles are published and removed, which is slower, not
+/// wrong. (Larger segments would raise the bound, but they halved sled's
+/// rate on large batches.)
+pub const OUTBOX_CHUNK_BYTES: usize = 12 * 1024;
 
 /// `outbox` in order, in chunks of about [`OUTBOX_CHUNK_BYTES`] (a record
 /// larger than that is a chunk alone).

@@ -571,7 +571,8 @@ impl Store for SledStore {
                 .collect::<Result<_>>()?,
             false => Vec::new(),
         };
-        if out.is_empty() {
+        // A page of none says nothing about what is left.
+        if out.is_empty() && limit > 0 {
             self.legacy_outbox
                 .store(false, std::sync::atomic::Ordering::Relaxed);
         }

@@ -216,8 +216,8 @@ impl CommitBatch {
 /// (BENCHMARKS.md, "Larger outbox bundles"). The bound is sled's: it
 /// writes a node larger than a quarter of its 512 KiB segment to a blob
 /// file of its own, and a leaf holds up to 17 keys before it splits.
-/// Change records' JSON compresses to about 44%, so 17 bundles of 12 KiB
-/// take about 90 KiB; records that do not compress make such a leaf a blob
+/// Change records' JSON compressed to 44% in the benchmark's workload, so
+/// 17 bundles of 12 KiB take about 90 KiB (not enforced); records that do not compress make such a leaf a blob
 /// until its bundles are published and removed, which is slower, not
 /// wrong. (Larger segments would raise the bound, but they halved sled's
 /// rate on large batches.)

@@ -602,6 +602,7 @@ fn a_retry_on_an_instance_that_does_not_own_the_partition_is_refused() {
     config.admin_token = Some("t".into());
     let port = common::free_port();
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel::<()>();
     let server = std::thread::spawn(move || {
         actix::System::new().block_on(async move {
             let pipeline = Pipeline::start(config, Default::default()).unwrap();
@@ -612,6 +613,8 @@ fn a_retry_on_an_instance_that_does_not_own_the_partition_is_refused() {
                 Some("t".into()),
             )
             .unwrap();
+            // The listener is bound once `start` returns: requests queue.
+            bound_tx.send(()).unwrap();
             while stop_rx.try_recv().is_err() {
                 actix_rt::time::sleep(Duration::from_millis(20)).await;
             }
@@ -620,6 +623,11 @@ fn a_retry_on_an_instance_that_does_not_own_the_partition_is_refused() {
             store
         })
     });
+    // Under load, starting the pipeline can take longer than a client's
+    // first request: wait for the bound listener, not for luck.
+    bound_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("admin server bound");
     let base = format!("http://127.0.0.1:{port}");
     let retry = |id: u64| {
         let resp = reqwest::blocking::Client::new()

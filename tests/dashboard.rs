@@ -306,6 +306,11 @@ fn dashboard_shows_live_work_provenance_and_retries_a_dead_letter() {
         )
     });
 
+    // The server binds after the pipeline starts, which under load takes a
+    // while: a page opened before then would be the browser's error page.
+    common::wait_until("the admin server", Duration::from_secs(60), || {
+        reqwest::blocking::get(format!("{base}/health")).is_ok()
+    });
     browser.goto(&format!("{base}/"));
 
     // Throughput is live: the number changes while events flow.

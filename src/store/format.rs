@@ -22,7 +22,7 @@ pub(crate) const DECODE: bincode::config::Configuration<
 > = bincode::config::standard().with_limit::<MAX_DECODED>();
 
 /// The format version written at the start of every stored value.
-pub const FORMAT_VERSION: u8 = 7;
+pub const FORMAT_VERSION: u8 = 8;
 
 /// A value the store keeps, and how it is read from an older format.
 pub trait Stored: DeserializeOwned {

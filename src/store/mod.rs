@@ -30,7 +30,11 @@
 //! 1: an LZ4 block) and compresses bodies of 128 bytes or more; version 7
 //! added the spill marker (codec 2), so that sled never holds a value or a
 //! leaf large enough for a blob file (sled keeps those in memory, whatever
-//! its cache size: BENCHMARKS.md, "sled keeps large values resident"). Values of
+//! its cache size: BENCHMARKS.md, "sled keeps large values resident");
+//! version 8 added the zstd codec (3), which outbox bundles use: their
+//! change records are JSON, which zstd takes to about half of what LZ4
+//! leaves, and sled writes each bundle about four times before it is
+//! deleted (BENCHMARKS.md, "zstd for outbox bundles"). Values of
 //! every older version are still read (see [`Stored`]). This module
 //! does not decide what goes into a batch; the writer does.
 //!
@@ -379,20 +383,36 @@ pub trait Store: Send + Sync + 'static {
 /// the `max` benchmark a record took 492 bytes instead of 944, and the
 /// store half the disk.
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    SCRATCH.with_borrow_mut(|(body, block, table)| {
-        body.clear();
-        append_body(value, body);
-        frame(body, block, table)
+    SCRATCH.with_borrow_mut(|scratch| {
+        scratch.body.clear();
+        append_body(value, &mut scratch.body);
+        scratch.frame(Codec::Lz4)
+    })
+}
+
+/// Encodes an outbox bundle as [`encode`] does, compressed with zstd
+/// instead of LZ4 when that is smaller (format 8). A bundle holds about
+/// [`OUTBOX_CHUNK_BYTES`] of change records, JSON that repeats its field
+/// names record after record: zstd's entropy coding stores them in about
+/// half the bytes LZ4 does, at about the same CPU per event, and sled
+/// writes a bundle several times before it is deleted (BENCHMARKS.md).
+/// Entity records stay LZ4: at a few hundred bytes each, zstd saved little
+/// on them and the run was slower.
+pub fn encode_bundle<T: Serialize>(value: &T) -> Vec<u8> {
+    SCRATCH.with_borrow_mut(|scratch| {
+        scratch.body.clear();
+        append_body(value, &mut scratch.body);
+        scratch.frame(Codec::Zstd)
     })
 }
 
 /// As [`encode`], and also the length of the body before compression: the
 /// encoded value is at most 2 bytes longer than that.
 pub fn encode_measured<T: Serialize>(value: &T) -> (Vec<u8>, usize) {
-    SCRATCH.with_borrow_mut(|(body, block, table)| {
-        body.clear();
-        append_body(value, body);
-        (frame(body, block, table), body.len())
+    SCRATCH.with_borrow_mut(|scratch| {
+        scratch.body.clear();
+        append_body(value, &mut scratch.body);
+        (scratch.frame(Codec::Lz4), scratch.body.len())
     })
 }
 
@@ -435,6 +455,14 @@ const LZ4: u8 = 1;
 /// encoded length (each u32, little endian).
 pub(crate) const SPILLED: u8 = 2;
 
+/// The codec byte of a format-8 value: a zstd frame follows, prefixed with
+/// its decompressed size (u32, little endian). Outbox bundles use it.
+const ZSTD: u8 = 3;
+
+/// zstd's level for outbox bundles: its fastest standard level. Level 3
+/// (zstd's default) stored the `max` benchmark's bundles in no fewer bytes.
+const BUNDLE_ZSTD_LEVEL: i32 = 1;
+
 /// Encoded entity records larger than this are spilled into pieces of this
 /// size. sled writes a node larger than a quarter of its 512 KiB segment to
 /// a blob file of its own and keeps it in memory for as long as it lives,
@@ -447,38 +475,135 @@ pub const SPILL_BYTES: usize = 6 * 1024;
 /// gigabytes.
 const MAX_BODY: usize = format::MAX_DECODED;
 
-thread_local! {
-    /// The bincode body, its LZ4 block before framing and the compressor's
-    /// hash table, reused from value to value, so that the value written is
-    /// allocated once, at its size.
-    static SCRATCH: std::cell::RefCell<(Vec<u8>, Vec<u8>, lz4::Table)> =
-        std::cell::RefCell::new((Vec::new(), Vec::new(), lz4::Table::default()));
+/// How a body is compressed, when that makes it smaller.
+#[derive(Clone, Copy)]
+enum Codec {
+    Lz4,
+    Zstd,
 }
 
-/// `[FORMAT_VERSION, codec, payload]`: the LZ4 block of `body` (in `block`'s
-/// space) when that is smaller, else `body` itself.
-fn frame(body: &[u8], block: &mut Vec<u8>, table: &mut lz4::Table) -> Vec<u8> {
-    let compressed = (body.len() >= COMPRESS_FROM)
-        .then(|| {
-            block.clear();
-            lz4::compress(body, table, block);
-            block.len()
-        })
-        .filter(|&n| 4 + n < body.len());
-    let payload_len = compressed.map_or(body.len(), |n| 4 + n);
-    let mut out = Vec::with_capacity(2 + payload_len);
-    match compressed {
-        Some(n) => {
-            out.extend_from_slice(&[FORMAT_VERSION, LZ4]);
-            out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-            out.extend_from_slice(&block[..n]);
+/// What encoding reuses from value to value, so that the value written is
+/// allocated once, at its size.
+#[derive(Default)]
+struct Scratch {
+    /// The bincode body.
+    body: Vec<u8>,
+    /// The compressed block before framing.
+    block: Vec<u8>,
+    /// The LZ4 compressor's hash table.
+    table: lz4::Table,
+    /// The zstd context, made on first use; `None` after zstd could not
+    /// make one (out of memory), and LZ4 is used instead.
+    zstd: Option<Option<zstd::bulk::Compressor<'static>>>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+    /// The zstd decompression context, made on first use.
+    static UNZSTD: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+impl Scratch {
+    /// `[FORMAT_VERSION, codec, payload]`: the body compressed with `codec`
+    /// (in `block`'s space) when that is smaller, else the body itself.
+    fn frame(&mut self, codec: Codec) -> Vec<u8> {
+        let len = self.body.len();
+        let compressed = if len < COMPRESS_FROM {
+            None
+        } else {
+            self.block.clear();
+            Some(match codec {
+                Codec::Zstd => self.zstd(),
+                Codec::Lz4 => {
+                    lz4::compress(&self.body, &mut self.table, &mut self.block);
+                    LZ4
+                }
+            })
         }
-        None => {
-            out.extend_from_slice(&[FORMAT_VERSION, PLAIN]);
-            out.extend_from_slice(body);
+        .filter(|_| 4 + self.block.len() < len);
+        let payload_len = compressed.map_or(len, |_| 4 + self.block.len());
+        let mut out = Vec::with_capacity(2 + payload_len);
+        match compressed {
+            Some(codec) => {
+                out.extend_from_slice(&[FORMAT_VERSION, codec]);
+                out.extend_from_slice(&(len as u32).to_le_bytes());
+                out.extend_from_slice(&self.block);
+            }
+            None => {
+                out.extend_from_slice(&[FORMAT_VERSION, PLAIN]);
+                out.extend_from_slice(&self.body);
+            }
         }
+        out
     }
-    out
+
+    /// Compresses the body into `block` with zstd and returns its codec, or
+    /// with LZ4 when zstd cannot run (it could not allocate its context).
+    fn zstd(&mut self) -> u8 {
+        let context = self
+            .zstd
+            .get_or_insert_with(|| zstd::bulk::Compressor::new(BUNDLE_ZSTD_LEVEL).ok());
+        if let Some(context) = context {
+            self.block
+                .reserve(zstd::zstd_safe::compress_bound(self.body.len()));
+            // With room for the bound, compressing cannot run out of space.
+            if context
+                .compress_to_buffer(&self.body, &mut self.block)
+                .is_ok()
+            {
+                return ZSTD;
+            }
+            self.block.clear();
+        }
+        lz4::compress(&self.body, &mut self.table, &mut self.block);
+        LZ4
+    }
+}
+
+/// Decompresses a zstd frame of `size` bytes (already checked against
+/// [`MAX_BODY`]).
+fn unzstd(frame: &[u8], size: usize) -> std::result::Result<Vec<u8>, String> {
+    // The frame says its own size: a prefix that disagrees is refused
+    // before its buffer is allocated.
+    match zstd::zstd_safe::get_frame_content_size(frame) {
+        Ok(Some(n)) if n == size as u64 => {}
+        Ok(Some(n)) => {
+            return Err(format!(
+                "the zstd frame holds {n} bytes, its prefix says {size}"
+            ))
+        }
+        Ok(None) | Err(_) => return Err("the zstd frame's header is corrupt".into()),
+    }
+    UNZSTD.with_borrow_mut(|context| {
+        if context.is_none() {
+            *context = Some(zstd::bulk::Decompressor::new().map_err(|e| e.to_string())?);
+        }
+        let context = context.as_mut().expect("made above");
+        let mut body = Vec::with_capacity(size);
+        let n = context
+            .decompress_to_buffer(frame, &mut body)
+            .map_err(|e| format!("the zstd frame is corrupt: {e}"))?;
+        if n != size {
+            return Err(format!("the zstd frame holds {n} bytes, its prefix says {size}"));
+        }
+        Ok(body)
+    })
+}
+
+/// A compressed body's size prefix (u32, little endian) and what follows
+/// it, refused when it claims more than [`MAX_BODY`].
+fn size_prefixed<'a>(rest: &'a [u8], what: &str) -> std::result::Result<(usize, &'a [u8]), String> {
+    let (size, payload) = rest
+        .split_first_chunk::<4>()
+        .ok_or_else(|| format!("the {what}'s size prefix is cut short"))?;
+    let size = u32::from_le_bytes(*size) as usize;
+    if size > MAX_BODY {
+        return Err(format!(
+            "the {what} claims {size} bytes, more than the {MAX_BODY} a value may hold"
+        ));
+    }
+    Ok((size, payload))
 }
 
 /// The body of a format-6 value (after its version byte), decompressed.
@@ -486,15 +611,7 @@ fn unframe(framed: &[u8]) -> std::result::Result<std::borrow::Cow<'_, [u8]>, Str
     match framed.split_first() {
         Some((&PLAIN, body)) => Ok(std::borrow::Cow::Borrowed(body)),
         Some((&LZ4, rest)) => {
-            let (size, block) = rest
-                .split_first_chunk::<4>()
-                .ok_or("the LZ4 size prefix is cut short")?;
-            let size = u32::from_le_bytes(*size) as usize;
-            if size > MAX_BODY {
-                return Err(format!(
-                    "the LZ4 block claims {size} bytes, more than the {MAX_BODY} a value may hold"
-                ));
-            }
+            let (size, block) = size_prefixed(rest, "LZ4 block")?;
             // An LZ4 block expands at most about 255 times: a larger claim
             // is corrupt, and is refused before its buffer is allocated.
             if size > block.len().saturating_mul(255).saturating_add(16) {
@@ -512,6 +629,10 @@ fn unframe(framed: &[u8]) -> std::result::Result<std::borrow::Cow<'_, [u8]>, Str
                 ));
             }
             Ok(std::borrow::Cow::Owned(body))
+        }
+        Some((&ZSTD, rest)) => {
+            let (size, frame) = size_prefixed(rest, "zstd frame")?;
+            unzstd(frame, size).map(std::borrow::Cow::Owned)
         }
         Some((&SPILLED, _)) => Err("a spilled record's marker was read without its pieces".into()),
         Some((&codec, _)) => Err(format!("unknown codec {codec}")),
@@ -532,8 +653,9 @@ pub fn decode<T: Stored>(key: &[u8], bytes: &[u8]) -> Result<T> {
             .map_err(corrupt)
     };
     match bytes.first() {
-        // Format 7 added the spill marker to format 6, nothing else.
-        Some(&FORMAT_VERSION) | Some(6) => {
+        // Format 7 added the spill marker to format 6, and format 8 the
+        // zstd codec, nothing else.
+        Some(&FORMAT_VERSION) | Some(7) | Some(6) => {
             let body = unframe(&bytes[1..]).map_err(|reason| StoreError::Corrupt {
                 key: key_text(),
                 reason,
@@ -554,5 +676,91 @@ pub fn decode<T: Stored>(key: &[u8], bytes: &[u8]) -> Result<T> {
             key: key_text(),
             reason: "empty value".into(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Change records as the outbox holds them: JSON that repeats its
+    /// field names, with values that differ.
+    fn bundle(n: usize) -> Vec<OutboxRecord> {
+        (0..n)
+            .map(|i| OutboxRecord {
+                topic: "changes".into(),
+                key: Some(format!("lead-{i}").into_bytes()),
+                value: format!(
+                    r#"{{"kind":"change","entity_id":"lead-{i}","event_id":"e{}","changes":[{{"field":"stage","old":null,"new":"s{}"}}]}}"#,
+                    i * 7919 % 100_003,
+                    i % 13
+                )
+                .into_bytes(),
+                headers: vec![("traceparent".into(), format!("00-{i:032x}-{i:016x}-01").into_bytes())],
+                partition: None,
+            })
+            .collect()
+    }
+
+    /// A bundle is a zstd frame, smaller than LZ4 makes it, and reads back
+    /// as written; a bundle too short to compress is stored plain.
+    #[test]
+    fn bundles_are_zstd_frames_smaller_than_lz4() {
+        let records = bundle(100);
+        let zstd = encode_bundle(&records);
+        assert_eq!(zstd[..2], [FORMAT_VERSION, ZSTD]);
+        let lz4 = encode(&records);
+        assert_eq!(lz4[..2], [FORMAT_VERSION, LZ4]);
+        assert!(zstd.len() < lz4.len(), "{} against {}", zstd.len(), lz4.len());
+        assert_eq!(decode::<Vec<OutboxRecord>>(b"o", &zstd).unwrap(), records);
+        assert_eq!(decode::<Vec<OutboxRecord>>(b"o", &lz4).unwrap(), records);
+        let none: Vec<OutboxRecord> = Vec::new();
+        assert_eq!(encode_bundle(&none)[..2], [FORMAT_VERSION, PLAIN]);
+    }
+
+    /// A damaged zstd frame is a `Corrupt` error, and a size prefix the
+    /// frame does not agree with allocates nothing of its size.
+    #[test]
+    fn a_damaged_zstd_frame_is_corrupt() {
+        let good = encode_bundle(&bundle(50));
+        let size = u32::from_le_bytes(good[2..6].try_into().unwrap());
+        let with_size = |n: u32| {
+            let mut b = good.clone();
+            b[2..6].copy_from_slice(&n.to_le_bytes());
+            b
+        };
+        let mut flipped = good.clone();
+        let middle = flipped.len() / 2;
+        flipped[middle] ^= 0xff;
+        let mut header = good.clone();
+        header[6..10].copy_from_slice(&[0; 4]);
+        for (what, bytes) in [
+            ("cut short", good[..good.len() - 10].to_vec()),
+            ("no size prefix", good[..4].to_vec()),
+            ("huge size", with_size(u32::MAX)),
+            ("size one more", with_size(size + 1)),
+            ("size one less", with_size(size - 1)),
+            ("bad magic", header),
+            ("a flipped byte", flipped),
+        ] {
+            match decode::<Vec<OutboxRecord>>(b"o", &bytes) {
+                Err(StoreError::Corrupt { .. }) => {}
+                // A flipped byte inside a literal can still decode: zstd's
+                // checksum is off in bulk frames. It must not panic.
+                Ok(_) if what == "a flipped byte" => {}
+                other => panic!("{what}: {other:?}"),
+            }
+        }
+    }
+
+    /// A format-7 value (LZ4) still reads, now that values are written as
+    /// format 8.
+    #[test]
+    fn format_7_values_still_read() {
+        let records = bundle(20);
+        let mut seven = encode(&records);
+        assert_eq!(seven[0], 8);
+        seven[0] = 7;
+        assert_eq!(decode::<Vec<OutboxRecord>>(b"o", &seven).unwrap(), records);
     }
 }

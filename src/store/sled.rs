@@ -228,7 +228,7 @@ impl Store for SledStore {
         // plain JSON change records made the store three times larger on
         // disk and its writes the largest system cost (BENCHMARKS.md).
         for (id, bundle) in batch.outbox_bundles()? {
-            b.insert(key(OUTBOX_BUNDLE, &id.to_be_bytes()), encode(&bundle));
+            b.insert(key(OUTBOX_BUNDLE, &id.to_be_bytes()), encode_bundle(&bundle));
         }
         for a in &batch.anomalies {
             b.insert(key(ANOMALY, &a.seq.to_be_bytes()), encode(a));
@@ -613,7 +613,7 @@ impl Store for SledStore {
         if unpublished.is_empty() {
             b.remove(key(OUTBOX_BUNDLE, &id.to_be_bytes()));
         } else {
-            b.insert(key(OUTBOX_BUNDLE, &id.to_be_bytes()), encode(&unpublished));
+            b.insert(key(OUTBOX_BUNDLE, &id.to_be_bytes()), encode_bundle(&unpublished));
         }
         for rec in undeliverable {
             let aside = self.next_id()?;

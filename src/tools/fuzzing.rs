@@ -75,7 +75,18 @@ pub fn stored_record(data: &[u8]) {
             }
         }
         1 => drop(decode::<DeadLetter>(b"d\0fuzz", value)),
-        2 => drop(decode::<Vec<OutboxRecord>>(b"b\0fuzz", value)),
+        2 => {
+            if let Ok(bundle) = decode::<Vec<OutboxRecord>>(b"b\0fuzz", value) {
+                // A bundle read (a zstd frame since format 8) is written
+                // and read back as it was.
+                let again =
+                    decode::<Vec<OutboxRecord>>(b"b\0fuzz", &crate::store::encode_bundle(&bundle));
+                assert!(
+                    again.as_ref().is_ok_and(|b| *b == bundle),
+                    "a decoded bundle does not read back: {again:?}"
+                );
+            }
+        }
         3 => drop(decode::<Anomaly>(b"a\0fuzz", value)),
         _ => drop(decode::<LogEntry>(b"h\0fuzz", value)),
     }

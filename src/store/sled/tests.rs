@@ -381,11 +381,11 @@ fn a_large_outbox_is_written_in_chunks_read_in_order() {
     assert!(matches!(store.commit(&batch), Err(StoreError::InvalidBatch(_))));
     batch.assign_outbox_ids(|| store.next_id()).unwrap();
     store.commit(&batch).unwrap();
-    // Bundles are compressed like every other value: sled writes them
-    // twice or more before they are deleted (BENCHMARKS.md).
+    // Bundles are zstd frames: sled writes them twice or more before they
+    // are deleted (BENCHMARKS.md).
     for value in store.tree.scan_prefix(key(OUTBOX_BUNDLE, b"")).values() {
         let value = value.unwrap();
-        assert_eq!(value[..2], [FORMAT_VERSION, LZ4]);
+        assert_eq!(value[..2], [FORMAT_VERSION, ZSTD]);
         assert!(value.len() < OUTBOX_CHUNK_BYTES / 4, "{}", value.len());
     }
     let bundles = store.outbox(1_000).unwrap();
@@ -570,6 +570,12 @@ fn large_records_spill_into_pieces_and_leave_none_behind() {
     assert_eq!(store.purge_partition(&home, "in.changelog").unwrap(), 1);
     assert_eq!(pieces(&store), 0);
     assert_eq!(store.load_entity("lead-1").unwrap(), None);
+    // A marker format 7 wrote is still one: the record reads whole.
+    let seven = commit(&store, &record_with_notes(noise(40_000, 5)));
+    let mut marker = store.tree.get(key(ENTITY, b"lead-1")).unwrap().unwrap().to_vec();
+    marker[0] = 7;
+    store.tree.insert(key(ENTITY, b"lead-1"), marker).unwrap();
+    assert_eq!(store.load_entity("lead-1").unwrap().as_ref(), Some(&seven));
     // Format 6 stored every record inline: it still reads.
     let old = record_with_notes(noise(20_000, 4));
     let mut inline = encode(&old);

@@ -32,9 +32,10 @@
 //! leaf large enough for a blob file (sled keeps those in memory, whatever
 //! its cache size: BENCHMARKS.md, "sled keeps large values resident");
 //! version 8 added the zstd codec (3), which outbox bundles use: their
-//! change records are JSON, which zstd takes to about half of what LZ4
-//! leaves, and sled writes each bundle about four times before it is
-//! deleted (BENCHMARKS.md, "zstd for outbox bundles"). Values of
+//! change records are JSON, which zstd's entropy coding stores in fewer
+//! bytes than LZ4, and sled writes each bundle about four times before it
+//! is deleted (BENCHMARKS.md, "zstd for outbox bundles": 13% fewer bytes
+//! written per event). Values of
 //! every older version are still read (see [`Stored`]). This module
 //! does not decide what goes into a batch; the writer does.
 //!
@@ -212,7 +213,7 @@ impl CommitBatch {
     }
 }
 
-/// Outbox bundles hold about this many bytes of records, before LZ4.
+/// Outbox bundles hold about this many bytes of records, before compression.
 ///
 /// sled writes the bundles' leaf whole every 10 fragments and when it
 /// splits, whatever the keys' sizes, so fewer, larger bundles are fewer
@@ -220,8 +221,9 @@ impl CommitBatch {
 /// (BENCHMARKS.md, "Larger outbox bundles"). The bound is sled's: it
 /// writes a node larger than a quarter of its 512 KiB segment to a blob
 /// file of its own, and a leaf holds up to 17 keys before it splits.
-/// Change records' JSON compressed to 44% in the benchmark's workload, so
-/// 17 bundles of 12 KiB take about 90 KiB (not enforced); records that do not compress make such a leaf a blob
+/// Change records' JSON compressed to 44% with LZ4 in the benchmark's
+/// workload, and zstd (format 8) takes it further, so 17 bundles of 12 KiB
+/// take under 90 KiB (not enforced); records that do not compress make such a leaf a blob
 /// until its bundles are published and removed, which is slower, not
 /// wrong. (Larger segments would raise the bound, but they halved sled's
 /// rate on large batches.)
@@ -393,11 +395,13 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 /// Encodes an outbox bundle as [`encode`] does, compressed with zstd
 /// instead of LZ4 when that is smaller (format 8). A bundle holds about
 /// [`OUTBOX_CHUNK_BYTES`] of change records, JSON that repeats its field
-/// names record after record: zstd's entropy coding stores them in about
-/// half the bytes LZ4 does, at about the same CPU per event, and sled
-/// writes a bundle several times before it is deleted (BENCHMARKS.md).
-/// Entity records stay LZ4: at a few hundred bytes each, zstd saved little
-/// on them and the run was slower.
+/// names record after record, and sled writes a bundle several times
+/// before it is deleted. In the `max` benchmark zstd wrote 13% fewer bytes
+/// per event and left 16% less on disk; its compression takes about twice
+/// LZ4's instructions (7k more per event), which the run's CPU time did not
+/// show (BENCHMARKS.md, "zstd for outbox bundles"). Entity records stay
+/// LZ4: at a few hundred bytes each, zstd saved little on them and the run
+/// was slower.
 pub fn encode_bundle<T: Serialize>(value: &T) -> Vec<u8> {
     SCRATCH.with_borrow_mut(|scratch| {
         scratch.body.clear();

@@ -24,6 +24,13 @@ pub(crate) const DECODE: bincode::config::Configuration<
 /// The format version written at the start of every stored value.
 pub const FORMAT_VERSION: u8 = 8;
 
+/// The formats whose values are framed: a codec byte after the version,
+/// then the body as that codec stores it. Format 6 added the frame, 7 the
+/// spill marker (codec 2), 8 the zstd codec (3); each reads the frames of
+/// the ones before, so a frame reader (decoding a value, recognising a
+/// spill marker) accepts all of them, and a new version joins by itself.
+pub(crate) const FRAMED: std::ops::RangeInclusive<u8> = 6..=FORMAT_VERSION;
+
 /// A value the store keeps, and how it is read from an older format.
 pub trait Stored: DeserializeOwned {
     /// Decodes the bincode body of a format-1 value. The default suits the

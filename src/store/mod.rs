@@ -385,11 +385,7 @@ pub trait Store: Send + Sync + 'static {
 /// the `max` benchmark a record took 492 bytes instead of 944, and the
 /// store half the disk.
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    SCRATCH.with_borrow_mut(|scratch| {
-        scratch.body.clear();
-        append_body(value, &mut scratch.body);
-        scratch.frame(Codec::Lz4)
-    })
+    encode_with(value, Codec::Lz4).0
 }
 
 /// Encodes an outbox bundle as [`encode`] does, compressed with zstd
@@ -398,25 +394,27 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 /// names record after record, and sled writes a bundle several times
 /// before it is deleted. In the `max` benchmark zstd wrote 13% fewer bytes
 /// per event and left 16% less on disk; its compression takes about twice
-/// LZ4's instructions (7k more per event), which the run's CPU time did not
+/// LZ4's instructions (8k more per event), which the run's CPU time did not
 /// show (BENCHMARKS.md, "zstd for outbox bundles"). Entity records stay
 /// LZ4: at a few hundred bytes each, zstd saved little on them and the run
 /// was slower.
 pub fn encode_bundle<T: Serialize>(value: &T) -> Vec<u8> {
-    SCRATCH.with_borrow_mut(|scratch| {
-        scratch.body.clear();
-        append_body(value, &mut scratch.body);
-        scratch.frame(Codec::Zstd)
-    })
+    encode_with(value, Codec::Zstd).0
 }
 
 /// As [`encode`], and also the length of the body before compression: the
 /// encoded value is at most 2 bytes longer than that.
 pub fn encode_measured<T: Serialize>(value: &T) -> (Vec<u8>, usize) {
+    encode_with(value, Codec::Lz4)
+}
+
+/// `value` framed with `codec`, and the length of its body before
+/// compression.
+fn encode_with<T: Serialize>(value: &T, codec: Codec) -> (Vec<u8>, usize) {
     SCRATCH.with_borrow_mut(|scratch| {
         scratch.body.clear();
         append_body(value, &mut scratch.body);
-        (scratch.frame(Codec::Lz4), scratch.body.len())
+        (scratch.frame(codec), scratch.body.len())
     })
 }
 
@@ -579,11 +577,11 @@ fn unzstd(frame: &[u8], size: usize) -> std::result::Result<Vec<u8>, String> {
         }
         Ok(None) | Err(_) => return Err("the zstd frame's header is corrupt".into()),
     }
-    UNZSTD.with_borrow_mut(|context| {
-        if context.is_none() {
-            *context = Some(zstd::bulk::Decompressor::new().map_err(|e| e.to_string())?);
-        }
-        let context = context.as_mut().expect("made above");
+    UNZSTD.with_borrow_mut(|slot| {
+        let context = match slot {
+            Some(context) => context,
+            None => slot.insert(zstd::bulk::Decompressor::new().map_err(|e| e.to_string())?),
+        };
         let mut body = Vec::with_capacity(size);
         let n = context
             .decompress_to_buffer(frame, &mut body)
@@ -657,9 +655,7 @@ pub fn decode<T: Stored>(key: &[u8], bytes: &[u8]) -> Result<T> {
             .map_err(corrupt)
     };
     match bytes.first() {
-        // Format 7 added the spill marker to format 6, and format 8 the
-        // zstd codec, nothing else.
-        Some(&FORMAT_VERSION) | Some(7) | Some(6) => {
+        Some(version) if format::FRAMED.contains(version) => {
             let body = unframe(&bytes[1..]).map_err(|reason| StoreError::Corrupt {
                 key: key_text(),
                 reason,

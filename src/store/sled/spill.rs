@@ -25,8 +25,8 @@ fn piece_key(id: &[u8], n: u32) -> Vec<u8> {
 /// The piece count and total length a spill marker holds, if `v` is one.
 fn spill_marker(v: &[u8]) -> Option<(u32, u32)> {
     match v {
-        // Written by format 7 or by this one (format 8 changed no marker).
-        [7 | FORMAT_VERSION, SPILLED, rest @ ..] if rest.len() == 8 => Some((
+        // Any framed format's marker: format 7 wrote the first.
+        [version, SPILLED, rest @ ..] if super::super::format::FRAMED.contains(version) && rest.len() == 8 => Some((
             u32::from_le_bytes(rest[..4].try_into().ok()?),
             u32::from_le_bytes(rest[4..].try_into().ok()?),
         )),

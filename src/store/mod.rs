@@ -393,11 +393,11 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 /// [`OUTBOX_CHUNK_BYTES`] of change records, JSON that repeats its field
 /// names record after record, and sled writes a bundle several times
 /// before it is deleted. In the `max` benchmark zstd wrote 13% fewer bytes
-/// per event and left 16% less on disk; its compression takes about twice
+/// per event and left 15% less on disk; its compression takes about twice
 /// LZ4's instructions (8k more per event), which the run's CPU time did not
 /// show (BENCHMARKS.md, "zstd for outbox bundles"). Entity records stay
-/// LZ4: at a few hundred bytes each, zstd saved little on them and the run
-/// was slower.
+/// LZ4: at a few hundred bytes each, zstd saved little on them and the runs
+/// were no faster.
 pub fn encode_bundle<T: Serialize>(value: &T) -> Vec<u8> {
     encode_with(value, Codec::Zstd).0
 }

@@ -43,6 +43,7 @@
 //! - `format`: the format versions and the migration from each older one.
 //! - `sled`: [`SledStore`], the implementation over one sled tree.
 
+mod filter;
 mod format;
 mod keys;
 mod lz4;

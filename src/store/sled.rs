@@ -2,6 +2,7 @@
 //! atomically with `apply_batch` and is made durable with `flush_async`.
 
 use self::spill::EntityPuts;
+use super::filter::KeyFilter;
 use super::keys::*;
 use super::*;
 use std::collections::HashMap;
@@ -24,6 +25,9 @@ pub struct SledStore {
     /// happens: sled walks the tree for a key it does not hold, and that
     /// was about 1% of an event's instructions.
     legacy_outbox: Arc<std::sync::atomic::AtomicBool>,
+    /// The entity ids the store may hold, so that a lookup of one it never
+    /// held does not walk the tree ([`KeyFilter`]).
+    keys: Arc<KeyFilter>,
 }
 
 impl SledStore {
@@ -127,8 +131,10 @@ impl SledStore {
             tree,
             spilled: Arc::new(Mutex::new(spilled)),
             legacy_outbox: Arc::new(legacy_outbox.into()),
+            keys: Arc::default(),
         };
         store.build_operator_index()?;
+        known::fill(store.tree.clone(), &store.keys);
         Ok(store)
     }
 
@@ -188,6 +194,23 @@ impl SledStore {
             e.1 += (k.len() + v.len()) as u64;
         }
         Ok(usage)
+    }
+
+    /// The filter of stored entity ids: whether its scan at open has
+    /// finished, and how many lookups it answered "absent".
+    pub fn key_filter(&self) -> (bool, u64) {
+        (self.keys.is_complete(), self.keys.skipped())
+    }
+
+    /// Writes `value` under `k` as it is, bypassing the record's encoding
+    /// (tests of damaged and old values), and keeps the key filter true.
+    #[cfg(test)]
+    fn insert_raw(&self, k: Vec<u8>, value: Vec<u8>) -> Result<()> {
+        if let [ENTITY, 0, id @ ..] = &k[..] {
+            self.keys.insert(id);
+        }
+        self.tree.insert(k, value)?;
+        Ok(())
     }
 
     /// The size of the data dir on disk, in bytes.
@@ -684,6 +707,7 @@ fn is_lock_conflict(e: &::sled::Error) -> bool {
         || io.to_string().contains("could not acquire lock"))
 }
 
+mod known;
 mod spill;
 #[cfg(test)]
 mod tests;

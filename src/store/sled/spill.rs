@@ -49,6 +49,9 @@ impl SledStore {
     /// removed.
     pub(super) fn put_entity_value(&self, b: &mut EntityPuts, id: &str, value: &[u8]) {
         let old = lock(&self.spilled).get(id).copied().unwrap_or(0);
+        // Before the batch is applied: a lookup after it must not be
+        // answered "absent".
+        self.keys.insert(id.as_bytes());
         let k = key(ENTITY, id.as_bytes());
         let pieces = if value.len() > SPILL_BYTES {
             let mut n = 0u32;
@@ -103,6 +106,9 @@ impl SledStore {
     /// The encoded record under entity key `k`, its pieces put together
     /// when it was spilled.
     pub(super) fn entity_value(&self, k: &[u8]) -> Result<Option<::sled::IVec>> {
+        if !self.keys.may_contain(&k[2..]) {
+            return Ok(None);
+        }
         match self.tree.get(k)? {
             Some(v) => self.unspill(k, v).map(Some),
             None => Ok(None),

@@ -574,13 +574,13 @@ fn large_records_spill_into_pieces_and_leave_none_behind() {
     let seven = commit(&store, &record_with_notes(noise(40_000, 5)));
     let mut marker = store.tree.get(key(ENTITY, b"lead-1")).unwrap().unwrap().to_vec();
     marker[0] = 7;
-    store.tree.insert(key(ENTITY, b"lead-1"), marker).unwrap();
+    store.insert_raw(key(ENTITY, b"lead-1"), marker).unwrap();
     assert_eq!(store.load_entity("lead-1").unwrap().as_ref(), Some(&seven));
     // Format 6 stored every record inline: it still reads.
     let old = record_with_notes(noise(20_000, 4));
     let mut inline = encode(&old);
     inline[0] = 6;
-    store.tree.insert(key(ENTITY, b"lead-1"), inline).unwrap();
+    store.insert_raw(key(ENTITY, b"lead-1"), inline).unwrap();
     assert_eq!(store.load_entity("lead-1").unwrap().as_ref(), Some(&old));
 }
 
@@ -593,12 +593,12 @@ fn a_spill_marker_without_its_pieces_is_corrupt() {
     let mut marker = vec![FORMAT_VERSION, SPILLED];
     marker.extend_from_slice(&3u32.to_le_bytes());
     marker.extend_from_slice(&10_000u32.to_le_bytes());
-    store.tree.insert(key(ENTITY, b"lead-9"), marker.clone()).unwrap();
+    store.insert_raw(key(ENTITY, b"lead-9"), marker.clone()).unwrap();
     let err = store.load_entity("lead-9").unwrap_err();
     assert!(matches!(&err, StoreError::Corrupt { key, .. } if key.contains("lead-9")), "{err}");
     // A marker that claims more than its pieces can hold.
     marker[6..].copy_from_slice(&u32::MAX.to_le_bytes());
-    store.tree.insert(key(ENTITY, b"lead-9"), marker).unwrap();
+    store.insert_raw(key(ENTITY, b"lead-9"), marker).unwrap();
     assert!(matches!(store.load_entity("lead-9"), Err(StoreError::Corrupt { .. })));
     // decode alone refuses a marker.
     let mut m = vec![FORMAT_VERSION, SPILLED];

@@ -1,0 +1,259 @@
+//! The entity ids a store may hold: a Bloom filter, so that an event of an
+//! entity the store has never held does not walk sled's tree to learn that.
+//!
+//! With a large, cold keyspace, most events start an actor whose record is
+//! not in the store, and sled answers "absent" only after it has found (and
+//! often paged in and deserialised) the leaf where the key would be. In the
+//! `max` benchmark at a million keys, `Tree::get` was 11% of all CPU
+//! samples, about as much as the writer's `apply_batch` (BENCHMARKS.md,
+//! "The negative lookup").
+//!
+//! The filter answers "absent" only when it knows every id the store holds:
+//! it is *complete* once the scan of the stored ids at open has finished,
+//! and every id written since was added before its batch was applied. Until
+//! then every lookup goes to sled. A "maybe" goes to sled too, so a false
+//! positive costs one lookup, never a wrong answer; ids are never removed
+//! (an entity that moves away leaves a stale "maybe", which is safe).
+//!
+//! The filter grows in layers, each twice the capacity of the one before:
+//! its size follows the keyspace without knowing it in advance, and a layer
+//! is never rebuilt. Each layer is a blocked Bloom filter: an id's bits all
+//! lie in one 64-byte block, so a probe touches one cache line per layer.
+
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
+use std::sync::OnceLock;
+
+/// Bits per id in a layer: about 0.5% false positives per full layer
+/// (measured by the test below).
+const BITS_PER_ID: usize = 12;
+/// Bits set per id, all within one block.
+const PROBES: u32 = 7;
+/// Words (of 64 bits) per block: one cache line.
+const BLOCK_WORDS: usize = 8;
+/// Layers at most: the last holds `base << 39` ids, far beyond any store.
+const LAYERS: usize = 40;
+/// The first layer's capacity in ids (about 190 KiB).
+pub const BASE_CAPACITY: usize = 1 << 17;
+
+/// The filter; see the module documentation.
+pub struct KeyFilter {
+    layers: [OnceLock<Layer>; LAYERS],
+    /// The layer new ids go to.
+    current: AtomicUsize,
+    base: usize,
+    /// Every stored id is in the filter: "absent" answers can be trusted.
+    complete: AtomicBool,
+    /// Lookups answered "absent".
+    skipped: AtomicU64,
+}
+
+struct Layer {
+    words: Box<[AtomicU64]>,
+    blocks: u64,
+    capacity: usize,
+    len: AtomicUsize,
+}
+
+impl Layer {
+    fn new(capacity: usize) -> Layer {
+        let blocks = (capacity * BITS_PER_ID).div_ceil(BLOCK_WORDS * 64).max(1);
+        Layer {
+            words: (0..blocks * BLOCK_WORDS).map(|_| AtomicU64::new(0)).collect(),
+            blocks: blocks as u64,
+            capacity,
+            len: AtomicUsize::new(0),
+        }
+    }
+
+    /// The block's first word and the `PROBES` bits of hash `h`.
+    fn bits(&self, h: u64) -> (usize, impl Iterator<Item = (usize, u64)>) {
+        // The block from the hash's high bits (a multiply, not a modulo);
+        // the bit positions from a remix of it, 9 bits each.
+        let block = ((u128::from(h) * u128::from(self.blocks)) >> 64) as usize;
+        let mut rest = h.rotate_left(32).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let bits = (0..PROBES).map(move |_| {
+            let bit = (rest & 511) as usize;
+            rest >>= 9;
+            (bit / 64, 1u64 << (bit % 64))
+        });
+        (block * BLOCK_WORDS, bits)
+    }
+
+    fn contains(&self, h: u64) -> bool {
+        let (first, mut bits) = self.bits(h);
+        bits.all(|(w, mask)| self.words[first + w].load(Relaxed) & mask != 0)
+    }
+
+    fn insert(&self, h: u64) {
+        let (first, bits) = self.bits(h);
+        for (w, mask) in bits {
+            self.words[first + w].fetch_or(mask, Relaxed);
+        }
+        self.len.fetch_add(1, Relaxed);
+    }
+}
+
+impl Default for KeyFilter {
+    fn default() -> Self {
+        KeyFilter::with_base(BASE_CAPACITY)
+    }
+}
+
+impl KeyFilter {
+    /// An empty, incomplete filter whose first layer holds `base` ids.
+    pub fn with_base(base: usize) -> KeyFilter {
+        KeyFilter {
+            layers: std::array::from_fn(|_| OnceLock::new()),
+            current: AtomicUsize::new(0),
+            base: base.max(1),
+            complete: AtomicBool::new(false),
+            skipped: AtomicU64::new(0),
+        }
+    }
+
+    fn hash(id: &[u8]) -> u64 {
+        // Fixed, not per process: the filter lives only in memory, and a
+        // fixed seed makes its false positives the same from run to run.
+        foldhash::fast::FixedState::with_seed(0x6f72_6465_726c_7921).hash_one(id)
+    }
+
+    fn layer(&self, i: usize) -> &Layer {
+        self.layers[i].get_or_init(|| Layer::new(self.base << i))
+    }
+
+    fn in_layers(&self, h: u64) -> bool {
+        let current = self.current.load(Acquire);
+        (0..=current).any(|i| self.layers[i].get().is_some_and(|l| l.contains(h)))
+    }
+
+    /// Adds `id`: call before the write that stores it is applied. An id
+    /// already (or seemingly) present is not added again, so that rewriting
+    /// one entity does not fill the filter.
+    pub fn insert(&self, id: &[u8]) {
+        let h = Self::hash(id);
+        if self.in_layers(h) {
+            return;
+        }
+        let i = self.current.load(Acquire);
+        let layer = self.layer(i);
+        layer.insert(h);
+        if layer.len.load(Relaxed) >= layer.capacity && i + 1 < LAYERS {
+            // The next layer exists before ids are sent to it.
+            self.layer(i + 1);
+            let _ = self.current.compare_exchange(i, i + 1, AcqRel, Relaxed);
+        }
+    }
+
+    /// Whether the store may hold `id`: `false` only when the filter is
+    /// complete and `id` was never added.
+    pub fn may_contain(&self, id: &[u8]) -> bool {
+        if !self.complete.load(Acquire) || self.in_layers(Self::hash(id)) {
+            return true;
+        }
+        self.skipped.fetch_add(1, Relaxed);
+        false
+    }
+
+    /// Every stored id has been added: "absent" can be trusted from now on.
+    pub fn mark_complete(&self) {
+        self.complete.store(true, Release);
+    }
+
+    /// Whether [`KeyFilter::mark_complete`] was called.
+    pub fn is_complete(&self) -> bool {
+        self.complete.load(Acquire)
+    }
+
+    /// Ids added (an id whose bits were all set already is not counted).
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.layers
+            .iter()
+            .filter_map(OnceLock::get)
+            .map(|l| l.len.load(Relaxed))
+            .sum()
+    }
+
+    /// Lookups answered "absent" so far.
+    pub fn skipped(&self) -> u64 {
+        self.skipped.load(Relaxed)
+    }
+
+    /// The filter's memory, bytes.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .filter_map(OnceLock::get)
+            .map(|l| l.words.len() * 8)
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(prefix: &str, i: usize) -> Vec<u8> {
+        format!("{prefix}-{i}").into_bytes()
+    }
+
+    #[test]
+    fn an_incomplete_filter_answers_maybe() {
+        let f = KeyFilter::with_base(16);
+        assert!(f.may_contain(b"never-added"));
+        f.insert(b"a");
+        assert!(f.may_contain(b"a"));
+        assert!(f.may_contain(b"b"));
+        f.mark_complete();
+        assert!(f.may_contain(b"a"));
+        assert!(!f.may_contain(b"b"));
+        assert_eq!(f.skipped(), 1);
+    }
+
+    /// No added id is ever reported absent, across many layers, and few
+    /// absent ids are reported present.
+    #[test]
+    fn no_false_negatives_and_few_false_positives_as_it_grows() {
+        let f = KeyFilter::with_base(1_000);
+        f.mark_complete();
+        let n = 200_000;
+        for i in 0..n {
+            f.insert(&id("lead", i));
+        }
+        // 1,000 · (2^8 − 1) ≥ 200,000: at least eight layers.
+        assert!(f.current.load(Relaxed) >= 7, "{} layers", f.current.load(Relaxed) + 1);
+        assert!((0..n).all(|i| f.may_contain(&id("lead", i))));
+        let absent = (0..n).filter(|&i| !f.may_contain(&id("appt", i))).count();
+        let false_positives = n - absent;
+        // About 0.5% per full layer, over eight or so layers.
+        assert!(false_positives < n / 20, "{false_positives} false positives of {n}");
+        assert_eq!(f.skipped(), absent as u64);
+        assert!(f.len() <= n && f.len() > n * 9 / 10, "{}", f.len());
+    }
+
+    /// One full layer: about 0.5% false positives.
+    #[test]
+    fn one_layer_at_capacity_has_under_one_percent_false_positives() {
+        let n = 100_000;
+        let f = KeyFilter::with_base(n + 1);
+        f.mark_complete();
+        for i in 0..n {
+            f.insert(&id("lead", i));
+        }
+        assert_eq!(f.current.load(Relaxed), 0);
+        let fp = (0..n).filter(|&i| f.may_contain(&id("appt", i))).count();
+        assert!(fp < n / 100, "{fp} false positives of {n}");
+    }
+
+    /// Rewriting one entity many times does not fill the filter.
+    #[test]
+    fn adding_an_id_again_does_not_count() {
+        let f = KeyFilter::with_base(4);
+        for _ in 0..1_000 {
+            f.insert(b"lead-1");
+        }
+        assert_eq!(f.len(), 1);
+        assert_eq!(f.current.load(Relaxed), 0);
+    }
+}

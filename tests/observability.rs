@@ -217,6 +217,10 @@ fn metrics_agree_with_the_run() {
     );
     assert!(get("orderly_store_batch_size_count", &[]) > 0);
     assert!(get("orderly_store_size_bytes", &[]) > 0);
+    // The filter of stored ids is complete (the store started empty), and
+    // the first event of each new entity did not read the store.
+    assert_eq!(get("orderly_entity_filter_state", &[]), 1);
+    assert!(get("orderly_entity_lookups_skipped_total", &[]) > 0);
     assert!(get("orderly_active_actors", &[]) > 0);
 
     // Checkpoints cover the topic, per partition.

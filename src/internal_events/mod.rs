@@ -69,6 +69,9 @@ pub struct GaugesSampled<'a> {
     pub stalled_now: usize,
     /// The store's size on disk, if it could be read.
     pub store_size_bytes: Option<u64>,
+    /// The filter of stored entity ids: its state and the lookups it
+    /// answered without the store ([`crate::store::SledStore::key_filter`]).
+    pub entity_filter: (u8, u64),
     /// Each partition's durable checkpoint and when it last advanced.
     pub checkpoints: &'a std::collections::BTreeMap<
         crate::model::position::TopicPartition,
@@ -94,6 +97,9 @@ impl InternalEvent for GaugesSampled<'_> {
         if let Some(bytes) = self.store_size_bytes {
             gauge!("orderly_store_size_bytes").set(bytes as f64);
         }
+        let (filter_state, skipped) = self.entity_filter;
+        gauge!("orderly_entity_filter_state").set(f64::from(filter_state));
+        ::metrics::counter!("orderly_entity_lookups_skipped_total").absolute(skipped);
         if let Ok(lag) = stats.source.lag.lock() {
             for (tp, lag) in lag.iter() {
                 gauge!("orderly_consumer_lag", "topic" => tp.topic.to_string(), "partition" => tp.partition.to_string())

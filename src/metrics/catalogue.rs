@@ -164,6 +164,16 @@ pub const CATALOGUE: &[(&str, Kind, &str)] = &[
         "Size of the sled data dir on disk.",
     ),
     (
+        "orderly_entity_filter_state",
+        Kind::Gauge,
+        "The filter of stored entity ids: 0 filling (its scan at start runs; every lookup reads the store), 1 complete, 2 switched off after a wrong answer (a bug; every lookup reads the store).",
+    ),
+    (
+        "orderly_entity_lookups_skipped_total",
+        Kind::Counter,
+        "Entity lookups the filter of stored ids answered without reading the store (entities it never held).",
+    ),
+    (
         "orderly_record_e2e_latency_seconds",
         Kind::Histogram,
         "From Kafka append (from=append), occurred_at (from=occurred) or orderly receiving the message (from=received, orderly's own share) to durable.",

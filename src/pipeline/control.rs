@@ -174,6 +174,7 @@ impl Control {
                 mailbox_depths: &self.router.mailbox_depths(),
                 stalled_now,
                 store_size_bytes: self.store.size_on_disk().ok(),
+                entity_filter: self.store.key_filter(),
                 checkpoints: &self.checkpointer.durable_checkpoints(),
             },
             &self.stats,

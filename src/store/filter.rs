@@ -15,13 +15,21 @@
 //! positive costs one lookup, never a wrong answer; ids are never removed
 //! (an entity that moves away leaves a stale "maybe", which is safe).
 //!
+//! A wrong "absent" would be the one dangerous answer: the entity would
+//! start again from nothing and its next write would overwrite its record.
+//! Nothing should cause one (every entity write goes through the store's
+//! one function that adds its id), but one "absent" answer in
+//! [`CHECK_EVERY`] is checked against the store anyway; if the store holds
+//! the entity after all, the filter is switched off for good, every lookup
+//! goes to the store, and the error is logged.
+//!
 //! The filter grows in layers, each twice the capacity of the one before:
 //! its size follows the keyspace without knowing it in advance, and a layer
 //! is never rebuilt. Each layer is a blocked Bloom filter: an id's bits all
 //! lie in one 64-byte block, so a probe touches one cache line per layer.
 
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering::*};
 use std::sync::OnceLock;
 
 /// Bits per id in a layer: about 0.5% false positives per full layer
@@ -35,6 +43,30 @@ const BLOCK_WORDS: usize = 8;
 const LAYERS: usize = 40;
 /// The first layer's capacity in ids (about 190 KiB).
 pub const BASE_CAPACITY: usize = 1 << 17;
+/// One "absent" answer in this many (the first among them) is checked
+/// against the store.
+pub const CHECK_EVERY: u64 = 1024;
+
+/// The filter's states, as [`KeyFilter::state`] gives them (and the
+/// `orderly_entity_filter_state` gauge shows them): filling, its "absent"
+/// answers not yet given; complete; switched off after a wrong answer.
+pub const FILLING: u8 = 0;
+/// See [`FILLING`].
+pub const COMPLETE: u8 = 1;
+/// See [`FILLING`].
+pub const OFF: u8 = 2;
+
+/// What the filter says of an id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// The store may hold it: look.
+    Maybe,
+    /// The store does not hold it.
+    Absent,
+    /// The store does not hold it, and this answer is one to check: look,
+    /// and call [`KeyFilter::switch_off`] if the store holds it after all.
+    AbsentCheck,
+}
 
 /// The filter; see the module documentation.
 pub struct KeyFilter {
@@ -42,8 +74,10 @@ pub struct KeyFilter {
     /// The layer new ids go to.
     current: AtomicUsize,
     base: usize,
-    /// Every stored id is in the filter: "absent" answers can be trusted.
-    complete: AtomicBool,
+    /// [`FILLING`] until every stored id is in the filter, then
+    /// [`COMPLETE`]: "absent" answers can be trusted; [`OFF`] for good once
+    /// a check found one wrong.
+    state: AtomicU8,
     /// Lookups answered "absent".
     skipped: AtomicU64,
 }
@@ -107,7 +141,7 @@ impl KeyFilter {
             layers: std::array::from_fn(|_| OnceLock::new()),
             current: AtomicUsize::new(0),
             base: base.max(1),
-            complete: AtomicBool::new(false),
+            state: AtomicU8::new(FILLING),
             skipped: AtomicU64::new(0),
         }
     }
@@ -124,7 +158,8 @@ impl KeyFilter {
 
     fn in_layers(&self, h: u64) -> bool {
         let current = self.current.load(Acquire);
-        (0..=current).any(|i| self.layers[i].get().is_some_and(|l| l.contains(h)))
+        // Newest first: the newest layer holds about half the ids.
+        (0..=current).rev().any(|i| self.layers[i].get().is_some_and(|l| l.contains(h)))
     }
 
     /// Adds `id`: call before the write that stores it is applied. An id
@@ -145,24 +180,36 @@ impl KeyFilter {
         }
     }
 
-    /// Whether the store may hold `id`: `false` only when the filter is
-    /// complete and `id` was never added.
-    pub fn may_contain(&self, id: &[u8]) -> bool {
-        if !self.complete.load(Acquire) || self.in_layers(Self::hash(id)) {
-            return true;
+    /// Whether the store may hold `id`: [`Lookup::Maybe`] unless the
+    /// filter is complete and `id` was never added.
+    pub fn lookup(&self, id: &[u8]) -> Lookup {
+        if self.state.load(Acquire) != COMPLETE || self.in_layers(Self::hash(id)) {
+            return Lookup::Maybe;
         }
-        self.skipped.fetch_add(1, Relaxed);
-        false
+        if self.skipped.fetch_add(1, Relaxed) % CHECK_EVERY == 0 {
+            Lookup::AbsentCheck
+        } else {
+            Lookup::Absent
+        }
     }
 
-    /// Every stored id has been added: "absent" can be trusted from now on.
+    /// Every stored id has been added: "absent" can be trusted from now on
+    /// (unless the filter was switched off).
     pub fn mark_complete(&self) {
-        self.complete.store(true, Release);
+        let _ = self
+            .state
+            .compare_exchange(FILLING, COMPLETE, AcqRel, Acquire);
     }
 
-    /// Whether [`KeyFilter::mark_complete`] was called.
-    pub fn is_complete(&self) -> bool {
-        self.complete.load(Acquire)
+    /// A check found the store holding an id the filter did not have: every
+    /// lookup goes to the store from now on.
+    pub fn switch_off(&self) {
+        self.state.store(OFF, Release);
+    }
+
+    /// [`FILLING`], [`COMPLETE`] or [`OFF`].
+    pub fn state(&self) -> u8 {
+        self.state.load(Acquire)
     }
 
     /// Ids added (an id whose bits were all set already is not counted).
@@ -198,6 +245,12 @@ mod tests {
         format!("{prefix}-{i}").into_bytes()
     }
 
+    impl KeyFilter {
+        fn may_contain(&self, id: &[u8]) -> bool {
+            self.lookup(id) == Lookup::Maybe
+        }
+    }
+
     #[test]
     fn an_incomplete_filter_answers_maybe() {
         let f = KeyFilter::with_base(16);
@@ -209,6 +262,28 @@ mod tests {
         assert!(f.may_contain(b"a"));
         assert!(!f.may_contain(b"b"));
         assert_eq!(f.skipped(), 1);
+    }
+
+    /// The first "absent" answer, and one in every `CHECK_EVERY` after it,
+    /// is to be checked; a filter switched off answers "maybe" for good,
+    /// even if its scan marks it complete afterwards.
+    #[test]
+    fn absent_answers_are_checked_now_and_then_and_a_wrong_one_switches_it_off() {
+        let f = KeyFilter::with_base(16);
+        f.mark_complete();
+        let answers: Vec<Lookup> = (0..2 * CHECK_EVERY + 1)
+            .map(|i| f.lookup(format!("absent-{i}").as_bytes()))
+            .collect();
+        let checked: Vec<usize> = (0..answers.len())
+            .filter(|&i| answers[i] == Lookup::AbsentCheck)
+            .collect();
+        let every = CHECK_EVERY as usize;
+        assert_eq!(checked, [0, every, 2 * every]);
+        assert!(answers.iter().all(|a| *a != Lookup::Maybe));
+        f.switch_off();
+        f.mark_complete();
+        assert_eq!(f.state(), OFF);
+        assert_eq!(f.lookup(b"absent-0"), Lookup::Maybe);
     }
 
     /// No added id is ever reported absent, across many layers, and few

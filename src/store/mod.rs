@@ -43,7 +43,7 @@
 //! - `format`: the format versions and the migration from each older one.
 //! - `sled`: [`SledStore`], the implementation over one sled tree.
 
-mod filter;
+pub mod filter;
 mod format;
 mod keys;
 mod lz4;

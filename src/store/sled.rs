@@ -196,10 +196,12 @@ impl SledStore {
         Ok(usage)
     }
 
-    /// The filter of stored entity ids: whether its scan at open has
-    /// finished, and how many lookups it answered "absent".
-    pub fn key_filter(&self) -> (bool, u64) {
-        (self.keys.is_complete(), self.keys.skipped())
+    /// The filter of stored entity ids: its state (filling until its scan
+    /// at open has finished, then complete, or off after a wrong answer:
+    /// [`filter::FILLING`] and after), and how many lookups it answered
+    /// "absent".
+    pub fn key_filter(&self) -> (u8, u64) {
+        (self.keys.state(), self.keys.skipped())
     }
 
     /// Writes `value` under `k` as it is, bypassing the record's encoding

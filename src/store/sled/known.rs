@@ -49,6 +49,7 @@ fn scan(tree: &::sled::Tree, weak: &Weak<KeyFilter>) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::super::filter::{COMPLETE, OFF};
     use super::super::super::{encode, CommitBatch, Store};
     use super::super::SledStore;
     use crate::model::fold::EntityRecord;
@@ -70,7 +71,7 @@ mod tests {
 
     fn wait_complete(store: &SledStore) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while !store.key_filter().0 {
+        while store.key_filter().0 != COMPLETE {
             assert!(std::time::Instant::now() < deadline, "the key scan never finished");
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
@@ -104,9 +105,38 @@ mod tests {
         for i in 0..1_000 {
             assert_eq!(store.load_entity(&format!("lead-x{i}")).unwrap(), None);
         }
-        let (complete, skipped) = store.key_filter();
-        assert!(complete);
+        let (state, skipped) = store.key_filter();
+        assert_eq!(state, COMPLETE);
         // A few false positives went to the store; most did not.
         assert!(skipped >= 950, "{skipped} of 1,000 absent lookups skipped the store");
+    }
+
+    /// An entity written past the filter (what a bug would do) is answered
+    /// "absent" at most `CHECK_EVERY` times: the check finds it, the filter
+    /// is switched off, and every lookup goes to the store after.
+    #[test]
+    fn a_wrong_absent_answer_is_caught_and_switches_the_filter_off() {
+        use super::super::super::filter::CHECK_EVERY;
+        use super::super::super::keys::{key, ENTITY};
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 16).unwrap();
+        wait_complete(&store);
+        commit(&store, std::iter::once("lead-1".to_owned()));
+        for i in 0..10 {
+            assert_eq!(store.load_entity(&format!("absent-{i}")).unwrap(), None);
+        }
+        store
+            .tree
+            .insert(key(ENTITY, b"ghost"), encode(&EntityRecord::new("ghost", "t")))
+            .unwrap();
+        let misses = (0..=CHECK_EVERY)
+            .take_while(|_| store.load_entity("ghost").unwrap().is_none())
+            .count() as u64;
+        assert!(misses < CHECK_EVERY, "{misses} wrong answers before the check");
+        assert_eq!(store.key_filter().0, OFF);
+        let skipped = store.key_filter().1;
+        assert!(store.load_entity("ghost").unwrap().is_some());
+        assert_eq!(store.load_entity("absent-0").unwrap(), None);
+        assert_eq!(store.key_filter(), (OFF, skipped));
     }
 }

@@ -6,6 +6,7 @@
 
 use super::super::keys::*;
 use super::super::*;
+use super::super::filter::Lookup;
 use super::SledStore;
 use crate::lifecycle::lock;
 
@@ -106,11 +107,21 @@ impl SledStore {
     /// The encoded record under entity key `k`, its pieces put together
     /// when it was spilled.
     pub(super) fn entity_value(&self, k: &[u8]) -> Result<Option<::sled::IVec>> {
-        if !self.keys.may_contain(&k[2..]) {
+        let lookup = self.keys.lookup(&k[2..]);
+        if lookup == Lookup::Absent {
             return Ok(None);
         }
         match self.tree.get(k)? {
-            Some(v) => self.unspill(k, v).map(Some),
+            Some(v) => {
+                if lookup == Lookup::AbsentCheck {
+                    self.keys.switch_off();
+                    tracing::error!(
+                        key = %String::from_utf8_lossy(k),
+                        "the filter of stored entity ids answered \"absent\" for an entity the store holds; it is switched off, and every entity lookup goes to the store from now on (a bug: please report it)"
+                    );
+                }
+                self.unspill(k, v).map(Some)
+            }
             None => Ok(None),
         }
     }

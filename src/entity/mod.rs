@@ -108,7 +108,9 @@ impl EntityStatus {
     /// True when everything sent to the actor is handled and durable.
     pub fn quiescent(&self, delivered: u64) -> bool {
         self.handled.load(Relaxed) == delivered
-            && self.writes_sent.load(Relaxed) == self.durable.load(Relaxed)
+            // Acquire: pairs with the writer's release of the count, so
+            // that the next actor's read sees what the writes stored.
+            && self.writes_sent.load(Relaxed) == self.durable.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 

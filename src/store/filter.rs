@@ -32,8 +32,8 @@ use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering::*};
 use std::sync::OnceLock;
 
-/// Bits per id in a layer: about 0.5% false positives per full layer
-/// (measured by the test below).
+/// Bits per id in a layer: under 1% false positives in a full layer (the
+/// tests below check it).
 const BITS_PER_ID: usize = 12;
 /// Bits set per id, all within one block.
 const PROBES: u32 = 7;
@@ -41,7 +41,7 @@ const PROBES: u32 = 7;
 const BLOCK_WORDS: usize = 8;
 /// Layers at most: the last holds `base << 39` ids, far beyond any store.
 const LAYERS: usize = 40;
-/// The first layer's capacity in ids (about 190 KiB).
+/// The first layer's capacity in ids (192 KiB).
 pub const BASE_CAPACITY: usize = 1 << 17;
 /// One "absent" answer in this many (the first among them) is checked
 /// against the store.

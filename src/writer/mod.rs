@@ -381,9 +381,12 @@ impl Writer {
         // The actors first: once the stats count an event durable, its
         // actor counts it too (and may be passivated). The fence orders the
         // actors' counts before the stats' for a reader that loads a stat
-        // with `Stats::get` (an acquire load).
+        // with `Stats::get` (an acquire load). Each count is a release, and
+        // the router reads it with an acquire before it passivates an
+        // actor, so that what this batch wrote (the store's filter of
+        // entity ids included) is seen by the next actor of that entity.
         for d in intents.iter().filter_map(|i| i.durable.as_ref()) {
-            d.fetch_add(1, Relaxed);
+            d.fetch_add(1, std::sync::atomic::Ordering::Release);
         }
         std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
         emit(

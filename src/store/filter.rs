@@ -78,13 +78,24 @@ pub struct KeyFilter {
     /// [`COMPLETE`]: "absent" answers can be trusted; [`OFF`] for good once
     /// a check found one wrong.
     state: AtomicU8,
-    /// Lookups answered "absent".
-    skipped: AtomicU64,
+    /// Lookups answered "absent": written by every such lookup, so on a
+    /// cache line of its own, apart from `state` and `current`, which every
+    /// lookup reads.
+    skipped: Padded,
 }
 
+/// An atomic alone on its cache line.
+#[repr(align(64))]
+struct Padded(AtomicU64);
+
+/// One block: an id's bits all lie in one, and it is aligned to a cache
+/// line, so a probe touches one line (a `Box<[AtomicU64]>` is only aligned
+/// to 8 bytes, and its blocks would straddle two).
+#[repr(align(64))]
+struct Block([AtomicU64; BLOCK_WORDS]);
+
 struct Layer {
-    words: Box<[AtomicU64]>,
-    blocks: u64,
+    blocks: Box<[Block]>,
     capacity: usize,
     len: AtomicUsize,
 }
@@ -93,36 +104,38 @@ impl Layer {
     fn new(capacity: usize) -> Layer {
         let blocks = (capacity * BITS_PER_ID).div_ceil(BLOCK_WORDS * 64).max(1);
         Layer {
-            words: (0..blocks * BLOCK_WORDS).map(|_| AtomicU64::new(0)).collect(),
-            blocks: blocks as u64,
+            blocks: (0..blocks)
+                .map(|_| Block(std::array::from_fn(|_| AtomicU64::new(0))))
+                .collect(),
             capacity,
             len: AtomicUsize::new(0),
         }
     }
 
-    /// The block's first word and the `PROBES` bits of hash `h`.
-    fn bits(&self, h: u64) -> (usize, impl Iterator<Item = (usize, u64)>) {
+    /// The block of hash `h`, and its `PROBES` bits: (word, mask).
+    fn bits(&self, h: u64) -> (&Block, impl Iterator<Item = (usize, u64)>) {
         // The block from the hash's high bits (a multiply, not a modulo);
         // the bit positions from a remix of it, 9 bits each.
-        let block = ((u128::from(h) * u128::from(self.blocks)) >> 64) as usize;
+        let n = self.blocks.len() as u64;
+        let block = ((u128::from(h) * u128::from(n)) >> 64) as usize;
         let mut rest = h.rotate_left(32).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         let bits = (0..PROBES).map(move |_| {
             let bit = (rest & 511) as usize;
             rest >>= 9;
             (bit / 64, 1u64 << (bit % 64))
         });
-        (block * BLOCK_WORDS, bits)
+        (&self.blocks[block], bits)
     }
 
     fn contains(&self, h: u64) -> bool {
-        let (first, mut bits) = self.bits(h);
-        bits.all(|(w, mask)| self.words[first + w].load(Relaxed) & mask != 0)
+        let (block, mut bits) = self.bits(h);
+        bits.all(|(w, mask)| block.0[w].load(Relaxed) & mask != 0)
     }
 
     fn insert(&self, h: u64) {
-        let (first, bits) = self.bits(h);
+        let (block, bits) = self.bits(h);
         for (w, mask) in bits {
-            self.words[first + w].fetch_or(mask, Relaxed);
+            block.0[w].fetch_or(mask, Relaxed);
         }
         self.len.fetch_add(1, Relaxed);
     }
@@ -142,7 +155,7 @@ impl KeyFilter {
             current: AtomicUsize::new(0),
             base: base.max(1),
             state: AtomicU8::new(FILLING),
-            skipped: AtomicU64::new(0),
+            skipped: Padded(AtomicU64::new(0)),
         }
     }
 
@@ -186,7 +199,7 @@ impl KeyFilter {
         if self.state.load(Acquire) != COMPLETE || self.in_layers(Self::hash(id)) {
             return Lookup::Maybe;
         }
-        if self.skipped.fetch_add(1, Relaxed) % CHECK_EVERY == 0 {
+        if self.skipped.0.fetch_add(1, Relaxed) % CHECK_EVERY == 0 {
             Lookup::AbsentCheck
         } else {
             Lookup::Absent
@@ -224,7 +237,7 @@ impl KeyFilter {
 
     /// Lookups answered "absent" so far.
     pub fn skipped(&self) -> u64 {
-        self.skipped.load(Relaxed)
+        self.skipped.0.load(Relaxed)
     }
 
     /// The filter's memory, bytes.
@@ -232,7 +245,7 @@ impl KeyFilter {
         self.layers
             .iter()
             .filter_map(OnceLock::get)
-            .map(|l| l.words.len() * 8)
+            .map(|l| std::mem::size_of_val(&*l.blocks))
             .sum()
     }
 }

@@ -309,6 +309,7 @@ impl Store for SledStore {
         for (home, id) in &batch.changelog_done {
             b.remove(pending_key(home, id));
         }
+        self.warm(batch.entities.iter().map(|(id, _)| id.as_bytes()));
         self.apply(puts)
     }
 

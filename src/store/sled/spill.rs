@@ -90,6 +90,30 @@ impl SledStore {
         }
     }
 
+    /// Reads the `e` key of every entity in `ids`, so that the leaves a
+    /// batch writes are in sled's cache before [`Self::apply`].
+    ///
+    /// sled 0.34 guards every tree operation with one process-wide
+    /// read-write lock once any batch has been applied, and
+    /// `apply_batch` holds it exclusively for the whole batch. A leaf the
+    /// batch writes that is not in the cache is read from the log and
+    /// decoded while the lock is held, and every reader waits meanwhile:
+    /// the entity actors' reads of stored records above all. Read first,
+    /// under the shared lock, the page-ins happen while the actors go on,
+    /// and the exclusive hold is shorter: in `max --engine-only` at a
+    /// million keys, about 40% of the run without this and about a
+    /// quarter with it (BENCHMARKS.md, "sled's global lock"). The read of
+    /// a key whose leaf is cached costs a walk of the tree.
+    pub(super) fn warm<'a>(&self, ids: impl Iterator<Item = &'a [u8]>) {
+        let mut k = Vec::new();
+        for id in ids {
+            key_into(&mut k, ENTITY, id);
+            // Only the page-in matters; an error here is met again, and
+            // reported, by the batch.
+            let _ = self.tree.get(&k);
+        }
+    }
+
     /// Applies `b`, then remembers its piece counts.
     pub(super) fn apply(&self, b: EntityPuts) -> Result<()> {
         self.tree.apply_batch(b.batch)?;

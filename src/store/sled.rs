@@ -614,15 +614,18 @@ impl Store for SledStore {
     }
 
     fn remove_outbox(&self, ids: &[u64]) -> Result<()> {
-        let mut b = ::sled::Batch::default();
+        // One removal at a time, under sled's shared lock: as one batch
+        // they would take its process-wide exclusive lock, and every
+        // actor's read would wait (see `warm`). They need not be atomic: a
+        // bundle a crash leaves behind is published again, as is any
+        // bundle published and not yet removed.
         let legacy = self.has_legacy_outbox();
         for id in ids {
             if legacy {
-                b.remove(key(OUTBOX, &id.to_be_bytes()));
+                self.tree.remove(key(OUTBOX, &id.to_be_bytes()))?;
             }
-            b.remove(key(OUTBOX_BUNDLE, &id.to_be_bytes()));
+            self.tree.remove(key(OUTBOX_BUNDLE, &id.to_be_bytes()))?;
         }
-        self.tree.apply_batch(b)?;
         Ok(())
     }
 

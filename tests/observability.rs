@@ -216,6 +216,11 @@ fn metrics_agree_with_the_run() {
         produced
     );
     assert!(get("orderly_store_batch_size_count", &[]) > 0);
+    // Every batch reports how long it held the store's lock exclusively.
+    assert_eq!(
+        get("orderly_store_exclusive_seconds_count", &[]),
+        get("orderly_store_batch_size_count", &[])
+    );
     assert!(get("orderly_store_size_bytes", &[]) > 0);
     // The filter of stored ids is complete (the store started empty), and
     // the first event of each new entity did not read the store.

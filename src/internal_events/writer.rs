@@ -11,6 +11,9 @@ pub struct BatchCommitted {
     pub entity_writes: usize,
     /// Commit plus flush time.
     pub took: Duration,
+    /// How long the commit kept the store's readers waiting
+    /// ([`crate::store::Committed::exclusive`]).
+    pub exclusive: Duration,
 }
 
 impl InternalEvent for BatchCommitted {
@@ -21,6 +24,7 @@ impl InternalEvent for BatchCommitted {
             .fetch_add(self.entity_writes as u64, Relaxed);
         ::metrics::histogram!("orderly_store_batch_size").record(self.entity_writes as f64);
         ::metrics::histogram!("orderly_store_flush_seconds").record(self.took.as_secs_f64());
+        ::metrics::histogram!("orderly_store_exclusive_seconds").record(self.exclusive.as_secs_f64());
     }
 }
 

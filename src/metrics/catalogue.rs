@@ -159,6 +159,11 @@ pub const CATALOGUE: &[(&str, Kind, &str)] = &[
         "Time to commit and flush one store batch.",
     ),
     (
+        "orderly_store_exclusive_seconds",
+        Kind::Histogram,
+        "Time one store batch held sled's process-wide lock exclusively (apply_batch); no entity record can be read meanwhile. The rate of its sum is the share of time reads wait.",
+    ),
+    (
         "orderly_store_size_bytes",
         Kind::Gauge,
         "Size of the sled data dir on disk.",
@@ -367,6 +372,7 @@ pub fn register_catalogue() {
     let _ = histogram!("orderly_record_lateness_seconds");
     let _ = histogram!("orderly_store_batch_size");
     let _ = histogram!("orderly_store_flush_seconds");
+    let _ = histogram!("orderly_store_exclusive_seconds");
     let _ = histogram!("orderly_restore_seconds");
     ::metrics::gauge!("orderly_restoring_partitions").set(0.0);
     ::metrics::gauge!("orderly_restore_rate").set(0.0);

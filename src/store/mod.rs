@@ -290,12 +290,21 @@ pub struct HomeChange {
 /// A boxed future, for the async parts of the trait.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// What a commit reports about itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Committed {
+    /// How long the commit kept every other operation on the store
+    /// waiting: for sled, the time `apply_batch` held its process-wide
+    /// lock exclusively, while no entity record could be read.
+    pub exclusive: std::time::Duration,
+}
+
 /// Durable storage for entity records, checkpoints, dead letters and the outbox.
 pub trait Store: Send + Sync + 'static {
     /// Loads one entity's record.
     fn load_entity(&self, entity_id: &str) -> Result<Option<EntityRecord>>;
     /// Applies one batch atomically. It is durable only after [`Store::flush`].
-    fn commit(&self, batch: &CommitBatch) -> Result<()>;
+    fn commit(&self, batch: &CommitBatch) -> Result<Committed>;
     /// Makes every committed batch durable.
     fn flush(&self) -> BoxFuture<'_, Result<()>>;
     /// A fresh unique id, at least 1 (for dead letters and outbox records).

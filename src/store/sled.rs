@@ -230,7 +230,7 @@ impl Store for SledStore {
         }
     }
 
-    fn commit(&self, batch: &CommitBatch) -> Result<()> {
+    fn commit(&self, batch: &CommitBatch) -> Result<Committed> {
         let mut puts = EntityPuts::default();
         for (id, bytes) in &batch.entities {
             self.put_entity_value(&mut puts, id, bytes);

@@ -16,7 +16,7 @@ use crate::internal_events::{emit, BatchCommitted, ComponentError, EventsDurable
 use crate::metrics::{DurableLatency, Stats};
 use crate::model::dead_letter::DeadLetter;
 
-use crate::store::{Checkpoint, CommitBatch, OutboxRecord, Store, StoreError};
+use crate::store::{Checkpoint, CommitBatch, Committed, OutboxRecord, Store, StoreError};
 use crate::telemetry::{self, SpanInfo};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -257,7 +257,11 @@ impl Writer {
         // and the source pauses; the pipeline reports not ready meanwhile.
         let mut attempt = 0u32;
         let started = std::time::Instant::now();
-        while let Err(e) = self.commit_and_flush(&batch).await {
+        let committed = loop {
+            let e = match self.commit_and_flush(&batch).await {
+                Ok(committed) => break committed,
+                Err(e) => e,
+            };
             attempt += 1;
             self.store_ok.store(false, Relaxed);
             emit(
@@ -271,7 +275,7 @@ impl Writer {
             let delay = Duration::from_millis(100u64.saturating_mul(1 << attempt.min(6)));
             tracing::error!(error = %e, attempt, ?delay, "store write failed; retrying the batch (nothing is acknowledged meanwhile)");
             tokio::time::sleep(delay).await;
-        }
+        };
         if attempt > 0 {
             tracing::info!(
                 attempts = attempt + 1,
@@ -298,6 +302,7 @@ impl Writer {
             BatchCommitted {
                 entity_writes: batch.entities.len(),
                 took,
+                exclusive: committed.exclusive,
             },
             &self.stats,
         );
@@ -349,12 +354,13 @@ impl Writer {
             .store(view.open_dead_letters as i64, Relaxed);
     }
 
-    async fn commit_and_flush(&self, batch: &CommitBatch) -> Result<(), StoreError> {
+    async fn commit_and_flush(&self, batch: &CommitBatch) -> Result<Committed, StoreError> {
         crate::failpoint::hit("writer.before_commit")?;
-        self.store.commit(batch)?;
+        let committed = self.store.commit(batch)?;
         crate::failpoint::hit("writer.before_flush")?;
         self.store.flush().await?;
-        crate::failpoint::hit("writer.after_flush")
+        crate::failpoint::hit("writer.after_flush")?;
+        Ok(committed)
     }
 
     fn acknowledge(&self, intents: &[Box<WriteIntent>], durable_at: SystemTime) {

@@ -114,9 +114,12 @@ impl SledStore {
         }
     }
 
-    /// Applies `b`, then remembers its piece counts.
-    pub(super) fn apply(&self, b: EntityPuts) -> Result<()> {
+    /// Applies `b`, then remembers its piece counts; reports how long sled
+    /// held its lock exclusively for it.
+    pub(super) fn apply(&self, b: EntityPuts) -> Result<Committed> {
+        let started = std::time::Instant::now();
         self.tree.apply_batch(b.batch)?;
+        let exclusive = started.elapsed();
         let mut spilled = lock(&self.spilled);
         for (id, n) in b.spilled {
             if n == 0 {
@@ -125,7 +128,7 @@ impl SledStore {
                 spilled.insert(id, n);
             }
         }
-        Ok(())
+        Ok(Committed { exclusive })
     }
 
     /// The encoded record under entity key `k`, its pieces put together

@@ -303,7 +303,9 @@ pub struct Committed {
 pub trait Store: Send + Sync + 'static {
     /// Loads one entity's record.
     fn load_entity(&self, entity_id: &str) -> Result<Option<EntityRecord>>;
-    /// Applies one batch atomically. It is durable only after [`Store::flush`].
+    /// Applies one batch atomically, and reports how long it kept the
+    /// store's other operations waiting ([`Committed`]). It is durable only
+    /// after [`Store::flush`].
     fn commit(&self, batch: &CommitBatch) -> Result<Committed>;
     /// Makes every committed batch durable.
     fn flush(&self) -> BoxFuture<'_, Result<()>>;

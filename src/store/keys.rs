@@ -59,16 +59,10 @@ pub(super) fn changelog_key(topic: &str, partition: i32) -> Vec<u8> {
 }
 pub(super) fn key(prefix: u8, rest: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(2 + rest.len());
-    key_into(&mut k, prefix, rest);
-    k
-}
-
-/// [`key`], written into `k` (cleared first), to reuse its allocation.
-pub(super) fn key_into(k: &mut Vec<u8>, prefix: u8, rest: &[u8]) {
-    k.clear();
     k.push(prefix);
     k.push(0);
     k.extend_from_slice(rest);
+    k
 }
 
 pub(super) fn dead_letter_index_key(topic: &str, partition: i32, offset: i64) -> Vec<u8> {

@@ -309,7 +309,6 @@ impl Store for SledStore {
         for (home, id) in &batch.changelog_done {
             b.remove(pending_key(home, id));
         }
-        self.warm(batch.entities.iter().map(|(id, _)| id.as_bytes()));
         self.apply(puts)
     }
 
@@ -616,7 +615,7 @@ impl Store for SledStore {
     fn remove_outbox(&self, ids: &[u64]) -> Result<()> {
         // One removal at a time, under sled's shared lock: as one batch
         // they would take its process-wide exclusive lock, and every
-        // actor's read would wait (see `warm`). They need not be atomic: a
+        // actor's read would wait (see `put_entity_value`). They need not be atomic: a
         // bundle a crash leaves behind is published again, as is any
         // bundle published and not yet removed.
         let legacy = self.has_legacy_outbox();

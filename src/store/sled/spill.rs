@@ -54,6 +54,18 @@ impl SledStore {
         // answered "absent".
         self.keys.insert(id.as_bytes());
         let k = key(ENTITY, id.as_bytes());
+        // Page the leaf in now, under sled's shared lock. sled 0.34 guards
+        // every tree operation with one process-wide read-write lock once
+        // any batch has been applied, and `apply_batch` holds it
+        // exclusively for the whole batch: a leaf it writes that is not
+        // cached would be read from the log and decoded while every reader
+        // (the actors' reads of stored records above all) waits. Read
+        // first, the exclusive hold is shorter: in `max --engine-only` at
+        // a million keys, about 40% of the run without this and about a
+        // quarter with it (BENCHMARKS.md, "sled's global lock"). Where the
+        // leaf is cached, it costs a walk of the tree. An error here is
+        // met again, and reported, by the batch.
+        let _ = self.tree.get(&k);
         let pieces = if value.len() > SPILL_BYTES {
             let mut n = 0u32;
             for piece in value.chunks(SPILL_BYTES) {
@@ -87,30 +99,6 @@ impl SledStore {
         }
         if old > 0 {
             b.spilled.push((id_text.into_owned(), 0));
-        }
-    }
-
-    /// Reads the `e` key of every entity in `ids`, so that the leaves a
-    /// batch writes are in sled's cache before [`Self::apply`].
-    ///
-    /// sled 0.34 guards every tree operation with one process-wide
-    /// read-write lock once any batch has been applied, and
-    /// `apply_batch` holds it exclusively for the whole batch. A leaf the
-    /// batch writes that is not in the cache is read from the log and
-    /// decoded while the lock is held, and every reader waits meanwhile:
-    /// the entity actors' reads of stored records above all. Read first,
-    /// under the shared lock, the page-ins happen while the actors go on,
-    /// and the exclusive hold is shorter: in `max --engine-only` at a
-    /// million keys, about 40% of the run without this and about a
-    /// quarter with it (BENCHMARKS.md, "sled's global lock"). The read of
-    /// a key whose leaf is cached costs a walk of the tree.
-    pub(super) fn warm<'a>(&self, ids: impl Iterator<Item = &'a [u8]>) {
-        let mut k = Vec::new();
-        for id in ids {
-            key_into(&mut k, ENTITY, id);
-            // Only the page-in matters; an error here is met again, and
-            // reported, by the batch.
-            let _ = self.tree.get(&k);
         }
     }
 

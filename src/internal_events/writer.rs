@@ -22,6 +22,9 @@ impl InternalEvent for BatchCommitted {
         stats
             .writer.entity_writes
             .fetch_add(self.entity_writes as u64, Relaxed);
+        stats
+            .writer.exclusive_us
+            .fetch_add(self.exclusive.as_micros() as u64, Relaxed);
         ::metrics::histogram!("orderly_store_batch_size").record(self.entity_writes as f64);
         ::metrics::histogram!("orderly_store_flush_seconds").record(self.took.as_secs_f64());
         ::metrics::histogram!("orderly_store_exclusive_seconds").record(self.exclusive.as_secs_f64());

@@ -116,6 +116,9 @@ pub struct WriterStats {
     pub batches: AtomicU64,
     /// Entity writes, after coalescing.
     pub entity_writes: AtomicU64,
+    /// Microseconds store batches held the store's lock exclusively
+    /// ([`crate::store::Committed::exclusive`]).
+    pub exclusive_us: AtomicU64,
     /// Dead letters with status open, as of the last store batch.
     pub open_dead_letters: AtomicI64,
     /// Parked entities, as of the last store batch.

@@ -364,6 +364,7 @@ pub(super) fn engine_ceiling(
         let stats = pipeline.stats();
         let started = Instant::now();
         let cpu_before = super::cpu_seconds();
+        let exclusive_before = Stats::get(&stats.writer.exclusive_us);
         let feeder = std::thread::spawn(move || {
             for e in events {
                 let p = crate::router::shard_of(&e.entity_id, partitions as usize) as i32;
@@ -401,6 +402,7 @@ pub(super) fn engine_ceiling(
         }
         let secs = started.elapsed().as_secs_f64();
         let cpu_after = super::cpu_seconds();
+        let exclusive_us = Stats::get(&stats.writer.exclusive_us) - exclusive_before;
         let _ = feeder.join();
         if let Some(u) = updates {
             u.finish()?;
@@ -415,6 +417,7 @@ pub(super) fn engine_ceiling(
             secs,
             cpu_user_s: cpu_after.0 - cpu_before.0,
             cpu_system_s: cpu_after.1 - cpu_before.1,
+            exclusive_s: exclusive_us as f64 / 1e6,
         })
     })
 }
@@ -436,6 +439,9 @@ pub(super) struct EngineRun {
     pub(super) cpu_user_s: f64,
     /// The process's CPU time in the kernel meanwhile, s.
     pub(super) cpu_system_s: f64,
+    /// How long store batches held the store's lock exclusively
+    /// meanwhile, s: no entity record could be read.
+    pub(super) exclusive_s: f64,
 }
 
 /// Waits up to 120 s for `done`, failing early if the pipeline stops.

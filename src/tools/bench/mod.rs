@@ -697,6 +697,11 @@ pub fn engine_only(s: &Scenario, out: &Path) -> anyhow::Result<f64> {
         run.cpu_system_s,
         (run.cpu_user_s + run.cpu_system_s) / run.secs.max(1e-9)
     );
+    println!(
+        "store lock held exclusively by batches: {:.2} s, {:.0}% of the run",
+        run.exclusive_s,
+        100.0 * run.exclusive_s / run.secs.max(1e-9)
+    );
     let quarter = (run.windows.len() / 4).max(1);
     let mean = |w: &[f64]| w.iter().sum::<f64>() / w.len().max(1) as f64;
     let (first, last) = (
@@ -718,6 +723,7 @@ pub fn engine_only(s: &Scenario, out: &Path) -> anyhow::Result<f64> {
         "max_rss_mib": run.max_rss_mib,
         "cpu_user_s": run.cpu_user_s,
         "cpu_system_s": run.cpu_system_s,
+        "store_exclusive_s": run.exclusive_s,
         "entities_touched": distinct,
         "store": store,
     });

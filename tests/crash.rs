@@ -175,7 +175,7 @@ fn crash_between_flush_and_kafka_commit_still_commits_after_restart() {
     if let Err(e) = topic.wait_all_committed(Duration::from_secs(60)) {
         panic!("{e}\nlog:\n{}", second.log_tail());
     }
-    assert!(second.terminate(Duration::from_secs(30)).success());
+    second.terminate_ok(Duration::from_secs(30));
     let store = orderly::store::SledStore::open(&data, 16).unwrap();
     assert!(Oracle::of(&events).diff(&store).is_empty());
 }
@@ -192,7 +192,7 @@ fn crash_at(point: &str) {
     topic.produce_events(&events);
 
     let mut second = crash_and_restart(&topic, &config, &log, point);
-    assert!(second.terminate(Duration::from_secs(30)).success());
+    second.terminate_ok(Duration::from_secs(30));
     assert_oracle(&Oracle::of(&events), &data, point);
 }
 
@@ -269,7 +269,7 @@ fn store_failures_are_retried_and_nothing_is_acknowledged_until_durable() {
     if let Err(e) = topic.wait_all_committed(Duration::from_secs(90)) {
         panic!("{e}\nlog:\n{}", orderly.log_tail());
     }
-    assert!(orderly.terminate(Duration::from_secs(30)).success());
+    orderly.terminate_ok(Duration::from_secs(30));
     let text = std::fs::read_to_string(&log).unwrap();
     assert_eq!(
         text.matches("store write failed; retrying the batch")
@@ -329,7 +329,7 @@ fn crash_with_the_changelog_at(point: &str) {
         .map(|e| (e.entity_id.clone(), e.event_id.clone()))
         .collect();
     assert_change_records(&topic, &config.changes_topic, &expected, point);
-    assert!(second.terminate(Duration::from_secs(30)).success());
+    second.terminate_ok(Duration::from_secs(30));
     assert_oracle(&oracle, &config.data_dir, point);
 
     // A fresh instance restores everything from the changelog.
@@ -347,7 +347,7 @@ fn crash_with_the_changelog_at(point: &str) {
                 >= 4
         },
     );
-    assert!(third.terminate(Duration::from_secs(30)).success());
+    third.terminate_ok(Duration::from_secs(30));
     assert_oracle(
         &oracle,
         &fresh.data_dir,

@@ -223,8 +223,8 @@ fn an_instance_with_an_empty_data_dir_restores_and_continues() {
     t.produce_events(before);
     t.wait_all_committed(Duration::from_secs(120))
         .unwrap_or_else(|e| panic!("{e}\n{}", pa.log_tail()));
-    assert!(pa.terminate(Duration::from_secs(40)).success());
-    assert!(pb.terminate(Duration::from_secs(40)).success());
+    pa.terminate_ok(Duration::from_secs(40));
+    pb.terminate_ok(Duration::from_secs(40));
     // A new instance, empty data dir, owns every partition now.
     let c = instance_config(&t, dir.path(), "c");
     let mut pc = start(dir.path(), &c, "c");
@@ -235,7 +235,7 @@ fn an_instance_with_an_empty_data_dir_restores_and_continues() {
     let addr = pc.admin_addr(Duration::from_secs(10));
     let restored = common::metric(&addr, "orderly_restore_records_total");
     assert!(restored >= 300.0, "restored {restored} records");
-    assert!(pc.terminate(Duration::from_secs(40)).success());
+    pc.terminate_ok(Duration::from_secs(40));
     let dump_c = dump(&dir.path().join("data-c"));
     check(&Oracle::of(&events), vec![dump_c]);
 }

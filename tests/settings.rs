@@ -309,7 +309,7 @@ fn no_event_is_processed_before_the_settings_topic_is_caught_up() {
     );
     t.wait_all_committed(Duration::from_secs(120))
         .unwrap_or_else(|e| panic!("{e}\n{}", p.log_tail()));
-    assert!(p.terminate(Duration::from_secs(30)).success());
+    p.terminate_ok(Duration::from_secs(30));
     let log = p.log_tail();
     // Threads write their lines in whatever order they get the lock, so the
     // order is read from each line's timestamp, not from its place in the log.

@@ -19,7 +19,7 @@ fn run_to_end(topic: &TestTopic, config: &std::path::Path, log: &std::path::Path
     topic
         .wait_all_committed(Duration::from_secs(120))
         .unwrap_or_else(|e| panic!("{e}; log:\n{}", orderly.log_tail()));
-    assert!(orderly.terminate(Duration::from_secs(60)).success());
+    orderly.terminate_ok(Duration::from_secs(60));
 }
 
 #[test]

@@ -535,6 +535,17 @@ impl OrderlyProcess {
         }
     }
 
+    /// [`Self::terminate`], and asserts that orderly exited successfully,
+    /// showing its log when it did not.
+    pub fn terminate_ok(&mut self, timeout: Duration) {
+        let status = self.terminate(timeout);
+        assert!(
+            status.success(),
+            "orderly exited with {status}; log: {}",
+            self.log_tail()
+        );
+    }
+
     /// What this process has written to its log so far (not what an
     /// earlier process appended to the same file).
     pub fn own_log(&self) -> String {

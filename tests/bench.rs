@@ -104,6 +104,24 @@ fn smoke_scenario_writes_a_complete_report_whose_counts_add_up() {
         );
     }
     assert_eq!(r["load"]["produced"], 3000);
+    // Each window says how far apart the input partitions were, once
+    // librdkafka has reported their lag (null before its first statistics).
+    assert!(stdout.contains("partition lag, widest spread"), "{stdout}");
+    let partitions = r["scenario"]["partitions"].as_u64().unwrap();
+    for w in r["windows"].as_array().unwrap() {
+        let lag = w
+            .get("partition_lag")
+            .expect("partition_lag in every window");
+        if !lag.is_null() {
+            let (min, max, n) = (
+                lag["min"].as_i64().unwrap(),
+                lag["max"].as_i64().unwrap(),
+                lag["partitions"].as_u64().unwrap(),
+            );
+            assert!(0 <= min && min <= max, "{lag}");
+            assert!((1..=partitions).contains(&n), "{lag}");
+        }
+    }
     assert_eq!(r["load"]["mode"], "closed");
     let n = |p: &str| r.pointer(p).and_then(|v| v.as_u64()).unwrap();
     assert_eq!(

@@ -290,6 +290,11 @@ pub struct Window {
     pub active_actors: i64,
     /// Events received and not yet durable.
     pub in_flight: i64,
+    /// The least and the most messages any one input partition was behind
+    /// (log end minus committed offset, from librdkafka's statistics every
+    /// `stats_interval_ms`); `None` until the first statistics. A wide
+    /// spread means some partitions wait far longer than others.
+    pub partition_lag: Option<PartitionLag>,
 }
 
 /// What one end-to-end orderly run measured.

@@ -261,6 +261,7 @@ pub(super) fn print_table(r: &serde_json::Value) {
                 f(&r["degradation"]["p99"])
             ),
         ),
+        ("partition lag, widest spread", widest_lag(r)),
         ("max RSS MiB", f(&r["orderly"]["max_rss_mib"])),
     ];
     println!();
@@ -282,6 +283,64 @@ pub(super) fn print_table(r: &serde_json::Value) {
             f(&t["missed_by"])
         );
     }
+}
+
+/// How far behind the input partitions were, in messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct PartitionLag {
+    /// The partition least behind.
+    pub min: i64,
+    /// The partition most behind.
+    pub max: i64,
+    /// How many partitions reported a lag.
+    pub partitions: usize,
+}
+
+impl PartitionLag {
+    /// The spread of `lags`; `None` if there is none.
+    pub fn of(lags: impl IntoIterator<Item = i64>) -> Option<Self> {
+        lags.into_iter().fold(None, |acc, lag| {
+            Some(match acc {
+                None => PartitionLag {
+                    min: lag,
+                    max: lag,
+                    partitions: 1,
+                },
+                Some(a) => PartitionLag {
+                    min: a.min.min(lag),
+                    max: a.max.max(lag),
+                    partitions: a.partitions + 1,
+                },
+            })
+        })
+    }
+}
+
+/// The window whose input partitions were furthest apart in lag, as
+/// "least..most messages behind at t s"; "–" without librdkafka's
+/// statistics.
+fn widest_lag(r: &serde_json::Value) -> String {
+    fn spread(w: &serde_json::Value) -> Option<(i64, &serde_json::Value)> {
+        let lag = &w["partition_lag"];
+        Some((lag["max"].as_i64()? - lag["min"].as_i64()?, w))
+    }
+    r["windows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(spread)
+        .max_by_key(|(d, _)| *d)
+        .map_or_else(
+            || "–".to_owned(),
+            |(_, w)| {
+                format!(
+                    "{}..{} at {:.0} s",
+                    w["partition_lag"]["min"],
+                    w["partition_lag"]["max"],
+                    w["t_s"].as_f64().unwrap_or(0.0)
+                )
+            },
+        )
 }
 
 /// Throughput and p99 over time, as an SVG line chart.
@@ -332,4 +391,38 @@ pub(super) fn chart(s: &Scenario, windows: &[Window]) -> String {
         xr = w - right,
         mid = left + pw / 2.0,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_lag_is_the_spread_of_the_partitions() {
+        assert_eq!(PartitionLag::of([]), None);
+        assert_eq!(
+            PartitionLag::of([40, 7, 900, 12]),
+            Some(PartitionLag {
+                min: 7,
+                max: 900,
+                partitions: 4
+            })
+        );
+        let windows = |lags: &[Option<(i64, i64)>]| {
+            serde_json::json!({ "windows": lags.iter().enumerate().map(|(i, l)| serde_json::json!({
+                "t_s": i as f64 * 10.0,
+                "partition_lag": l.map(|(min, max)| serde_json::json!({ "min": min, "max": max })),
+            })).collect::<Vec<_>>() })
+        };
+        assert_eq!(widest_lag(&windows(&[None, None])), "–");
+        assert_eq!(
+            widest_lag(&windows(&[
+                Some((0, 5)),
+                None,
+                Some((100, 900)),
+                Some((800, 900))
+            ])),
+            "100..900 at 20 s"
+        );
+    }
 }

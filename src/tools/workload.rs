@@ -133,9 +133,11 @@ impl Workload {
     /// to nothing and flatter the store).
     ///
     /// Each letter takes 5 bits of one 64-bit draw (12 letters a draw): a
-    /// draw per letter made the generator about a sixth of the
-    /// instructions of an `--engine-only` run, which shares the cores with
-    /// the engine it measures (BENCHMARKS.md, "The generator's share").
+    /// draw per letter took about a ninth of the instructions callgrind
+    /// counts in an `--engine-only` run. There the events are generated
+    /// before the clock starts, but in the open-loop scenarios the
+    /// producer generates them on the cores orderly runs on
+    /// (BENCHMARKS.md, "The generator's share").
     fn notes(&mut self) -> String {
         use rand::RngCore;
         const ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz      ";

@@ -291,9 +291,10 @@ pub struct Window {
     /// Events received and not yet durable.
     pub in_flight: i64,
     /// The least and the most messages any one input partition was behind
-    /// (log end minus committed offset, from librdkafka's statistics every
-    /// `stats_interval_ms`); `None` until the first statistics. A wide
-    /// spread means some partitions wait far longer than others.
+    /// (log end minus committed offset, from librdkafka's statistics, which
+    /// the bench asks for at least once per window); `None` until the first
+    /// statistics. A wide spread means some partitions wait far longer
+    /// than others.
     pub partition_lag: Option<PartitionLag>,
 }
 
@@ -372,6 +373,10 @@ fn config_for(s: &Scenario, broker: &Broker, topics: &Topics, data_dir: &Path) -
             },
             None => Default::default(),
         },
+        // librdkafka's statistics, which carry each partition's lag, at
+        // least once per window, so that every window's `partition_lag`
+        // is current.
+        stats_interval_ms: Config::default().stats_interval_ms.min(s.window_ms),
         store_cache_mb: match s.store_cache_mb {
             0 => Config::default().store_cache_mb,
             mb => mb,

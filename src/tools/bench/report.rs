@@ -298,20 +298,14 @@ pub struct PartitionLag {
 
 impl PartitionLag {
     /// The spread of `lags`; `None` if there is none.
-    pub fn of(lags: impl IntoIterator<Item = i64>) -> Option<Self> {
-        lags.into_iter().fold(None, |acc, lag| {
-            Some(match acc {
-                None => PartitionLag {
-                    min: lag,
-                    max: lag,
-                    partitions: 1,
-                },
-                Some(a) => PartitionLag {
-                    min: a.min.min(lag),
-                    max: a.max.max(lag),
-                    partitions: a.partitions + 1,
-                },
-            })
+    pub fn of<I>(lags: I) -> Option<Self>
+    where
+        I: ExactSizeIterator<Item = i64> + Clone,
+    {
+        Some(PartitionLag {
+            min: lags.clone().min()?,
+            max: lags.clone().max()?,
+            partitions: lags.len(),
         })
     }
 }
@@ -399,9 +393,9 @@ mod tests {
 
     #[test]
     fn partition_lag_is_the_spread_of_the_partitions() {
-        assert_eq!(PartitionLag::of([]), None);
+        assert_eq!(PartitionLag::of([0i64; 0].into_iter()), None);
         assert_eq!(
-            PartitionLag::of([40, 7, 900, 12]),
+            PartitionLag::of([40, 7, 900, 12].into_iter()),
             Some(PartitionLag {
                 min: 7,
                 max: 900,

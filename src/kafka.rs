@@ -145,9 +145,54 @@ pub fn with_user(
     cc
 }
 
-/// The source's client config.
-pub fn group_consumer(config: &Config) -> ClientConfig {
-    client(config, Role::Consumer)
+/// The source's client config, for topics of `partitions` partitions in all,
+/// and whether the source reads each partition from a queue of its own.
+///
+/// librdkafka applies its prefetch limits, `queued.min.messages` and
+/// `queued.max.messages.kbytes`, to the queue a partition's messages go to.
+/// For the user they keep their documented meaning, a total. With a queue
+/// per partition ([`crate::source`]) each limit is divided by `partitions`,
+/// so that an instance holding every partition prefetches no more than the
+/// total; but a partition always fetches at least one record batch, up to
+/// [`MAX_BATCH_BYTES`], whatever its share. So the queues are split only
+/// when each partition's share of the bytes holds such a batch; otherwise
+/// every partition shares one queue, as librdkafka does by default, whose
+/// limits then hold in total but which, under a backlog, can leave some
+/// partitions unfetched for minutes (README, "Every partition drains
+/// alike").
+pub fn group_consumer(config: &Config, partitions: usize) -> SourceClient {
+    let mut cc = client(config, Role::Consumer);
+    let n = partitions.max(1) as u64;
+    let total = |k: &str, default: u64| {
+        cc.get(k)
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(default)
+    };
+    // librdkafka's defaults, the totals when the user sets none.
+    let messages = total("queued.min.messages", 100_000);
+    let kbytes = total("queued.max.messages.kbytes", 65_536);
+    let queue_per_partition = kbytes * 1024 / n >= MAX_BATCH_BYTES;
+    if queue_per_partition {
+        cc.set("queued.min.messages", (messages / n).max(1).to_string())
+            .set("queued.max.messages.kbytes", (kbytes / n).to_string());
+    }
+    SourceClient {
+        config: cc,
+        queue_per_partition,
+    }
+}
+
+/// The largest record batch a Kafka broker takes by default
+/// (`message.max.bytes`, about 1 MiB): the least a partition may prefetch.
+pub const MAX_BATCH_BYTES: u64 = 1024 * 1024;
+
+/// What [`group_consumer`] decides.
+pub struct SourceClient {
+    /// The client config.
+    pub config: ClientConfig,
+    /// Whether each partition has a queue of its own, with its share of
+    /// the prefetch limits.
+    pub queue_per_partition: bool,
 }
 
 /// A reader's client config (see [`Role::Reader`]).
@@ -210,4 +255,44 @@ pub fn headers_of(m: &rdkafka::message::BorrowedMessage<'_>) -> Vec<(String, Vec
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prefetch(props: &[(&str, &str)], partitions: usize) -> (bool, [Option<String>; 2]) {
+        let config = Config {
+            kafka: crate::config::KafkaConfig::for_consumers(props),
+            ..Default::default()
+        };
+        let c = group_consumer(&config, partitions);
+        let get = |k| c.config.get(k).map(str::to_owned);
+        (
+            c.queue_per_partition,
+            [get("queued.min.messages"), get("queued.max.messages.kbytes")],
+        )
+    }
+
+    #[test]
+    fn the_prefetch_totals_are_shared_among_the_partitions() {
+        let some = |m: &str, k: &str| [Some(m.to_owned()), Some(k.to_owned())];
+        // librdkafka's defaults over eight partitions.
+        assert_eq!(prefetch(&[], 8), (true, some("12500", "8192")));
+        // Up to 64 partitions each share holds a 1 MiB batch.
+        assert_eq!(prefetch(&[], 64), (true, some("1562", "1024")));
+        assert_eq!(prefetch(&[], 65), (false, [None, None]));
+        // The user's totals; left as they are when the queue is shared.
+        let user = [("queued.min.messages", "1000"), ("queued.max.messages.kbytes", "16384")];
+        assert_eq!(prefetch(&user, 4), (true, some("250", "4096")));
+        assert_eq!(
+            prefetch(&user, 1_250),
+            (false, some("1000", "16384"))
+        );
+        // Nothing goes below one message.
+        let few = [("queued.min.messages", "3"), ("queued.max.messages.kbytes", "1048576")];
+        assert_eq!(prefetch(&few, 8), (true, some("1", "131072")));
+        // No partition count known: the totals as they are.
+        assert_eq!(prefetch(&[], 0), (true, some("100000", "65536")));
+    }
 }

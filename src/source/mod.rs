@@ -6,12 +6,26 @@
 //! to Kafka only after they are flushed. A revoked partition is drained (every
 //! received event made durable) and checkpointed before it is released. Above
 //! the in-flight high mark the source stops taking messages from librdkafka,
-//! whose own prefetch queue then fills (`queued.max.messages.kbytes`) and
-//! stops fetching; below the low mark it takes them again. Nothing is purged
+//! whose prefetch queues then fill and stop fetching; below the low mark it
+//! takes them again. Nothing is purged
 //! and re-fetched, so no fetch lands in the middle of a record batch (some
 //! Kafka-compatible brokers, tansu 0.6 among them, answer such a fetch from
 //! the next batch and so skip records). Messages leave as [`Delivery`]s to the router, or as
 //! dead-letter intents straight to the writer when they cannot be decoded.
+//!
+//! Each assigned partition is read from a queue of its own
+//! (`split_partition_queue`), split off before the partition is assigned,
+//! and the queues are read in turn, a burst from each. librdkafka decides
+//! whether to fetch a partition by the length of the queue its messages go
+//! to: with one queue for all partitions, that queue is full whenever
+//! orderly has a backlog, and which partitions get fetched then depends on
+//! when each is looked at, so some went unfetched for minutes while the
+//! others were served (BENCHMARKS.md, "The soak's p99 is partitions that
+//! are not fetched"). With a queue each, every partition prefetches up to
+//! its own limit (its share of librdkafka's, see
+//! [`crate::kafka::group_consumer`]) and is read at the same pace as the
+//! others. The consumer's own queue still carries
+//! rebalances, errors, commits and statistics, and is polled every turn.
 
 use crate::changelog::Restorer;
 use crate::checkpoint::{Checkpointer, TopicPartition};
@@ -28,306 +42,23 @@ use crate::router::Router;
 use crate::store::Store;
 use crate::telemetry::{self, unix_ms, SpanInfo};
 use crate::writer::{Ack, WriteIntent, WriterMsg};
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::types::RDKafkaRespErr;
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
-/// What the source shares with its rebalance callbacks.
-pub struct SourceContext {
-    store: Arc<dyn Store>,
-    checkpointer: Arc<Checkpointer>,
-    router: Router,
-    drain_timeout: Duration,
-    assigned: Mutex<HashSet<TopicPartition>>,
-    ready: Arc<AtomicBool>,
-    /// False after librdkafka reported every broker down, until a message arrives.
-    brokers_ok: Arc<AtomicBool>,
-    /// Counters; consumer lag is written here from librdkafka's statistics.
-    stats: Arc<Stats>,
-    /// Restores assigned partitions from their changelog, when it is on.
-    restorer: Option<Restorer>,
-    /// The store writer, for the dead letters of corrupt changelog records.
-    writer: tokio::sync::mpsc::UnboundedSender<WriterMsg>,
-    /// Input partitions whose state the store holds.
-    local: Mutex<HashSet<TopicPartition>>,
-    /// When the assignment last changed; `None` before the first assignment.
-    last_rebalance: Mutex<Option<Instant>>,
-    /// Raised when a partition cannot be restored.
-    fatal: Arc<crate::lifecycle::Fatal>,
-    /// When an offset commit last failed.
-    commit_failed_at: Mutex<Option<Instant>>,
-    /// The partitioner and partition counts, for entities whose partition changes.
-    layout: Arc<crate::partitioner::Layout>,
-}
+mod context;
 
-impl ClientContext for SourceContext {
-    fn error(&self, error: KafkaError, reason: &str) {
-        if error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown) {
-            self.brokers_ok.store(false, Relaxed);
-            tracing::error!(%reason, "all brokers are down; not ready until they answer again");
-        } else {
-            tracing::warn!(%error, %reason, "Kafka client error; librdkafka retries");
-        }
-    }
-
-    /// librdkafka's periodic statistics (`statistics.interval.ms`): keeps the
-    /// consumer lag of the partitions this instance consumes.
-    fn stats(&self, statistics: rdkafka::Statistics) {
-        let assigned = lock(&self.assigned).clone();
-        let mut lag = BTreeMap::new();
-        for (topic, t) in &statistics.topics {
-            for (partition, p) in &t.partitions {
-                let tp = TopicPartition::new(topic.as_str(), *partition);
-                if *partition >= 0 && p.consumer_lag >= 0 && assigned.contains(&tp) {
-                    lag.insert(tp, p.consumer_lag);
-                }
-            }
-        }
-        *lock(&self.stats.source.lag) = lag;
-    }
-}
-
-impl SourceContext {
-    /// Reads `topic`'s partition count from the brokers into the layout. An
-    /// assignment follows every change of the count, so the layout is
-    /// current whenever events of new partitions arrive.
-    fn learn_partition_count(&self, consumer: &BaseConsumer<Self>, topic: &str) {
-        match consumer.fetch_metadata(Some(topic), Duration::from_secs(10)) {
-            Ok(md) => {
-                let Some(n) = md
-                    .topics()
-                    .iter()
-                    .find(|t| t.name() == topic)
-                    .map(|t| t.partitions().len() as i32)
-                    .filter(|n| *n > 0)
-                else {
-                    return;
-                };
-                if let Some(old) = self.layout.set_count(topic, n) {
-                    tracing::warn!(%topic, from = old, to = n, partitioner = self.layout.partitioner.name(), "the topic's partition count changed: entities whose key now maps to another partition move there as their events arrive");
-                }
-            }
-            Err(e) => {
-                tracing::warn!(%topic, error = %e, "cannot read the topic's partition count; entities that change partition are not moved until it is known")
-            }
-        }
-    }
-
-    /// Waits until every received event of `tps` is durable, or the drain timeout.
-    fn drain(&self, tps: &HashSet<TopicPartition>) -> bool {
-        let deadline = Instant::now() + self.drain_timeout;
-        loop {
-            let drained = tps.iter().all(|tp| self.checkpointer.drained(tp));
-            if drained {
-                return true;
-            }
-            if Instant::now() > deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// What a revoked partition commits: its durable checkpoint, never
-    /// offsets only written into a batch that might still fail.
-    fn checkpoints_of(&self, tps: &HashSet<TopicPartition>) -> TopicPartitionList {
-        let mut tpl = TopicPartitionList::new();
-        for tp in tps {
-            if let Some(next) = self.checkpointer.durable(tp) {
-                let _ = tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(next));
-            }
-        }
-        tpl
-    }
-}
-
-impl ConsumerContext for SourceContext {
-    fn rebalance(
-        &self,
-        consumer: &BaseConsumer<Self>,
-        err: RDKafkaRespErr,
-        tpl: &mut TopicPartitionList,
-    ) {
-        let cooperative = matches!(
-            consumer.rebalance_protocol(),
-            RebalanceProtocol::Cooperative
-        );
-        match err {
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                *lock(&self.last_rebalance) = Some(Instant::now());
-                let mut restored: HashSet<TopicPartition> = HashSet::new();
-                if let Some(r) = &self.restorer {
-                    // Not ready while state is restored.
-                    self.ready.store(false, Relaxed);
-                    for e in tpl.elements() {
-                        let (topic, partition) = (e.topic().to_owned(), e.partition());
-                        match r.restore(self.store.as_ref(), &self.stats, &topic, partition) {
-                            Ok(done) if done.read => {
-                                restored.insert(TopicPartition::new(topic.as_str(), partition));
-                                for record in done.conflicts {
-                                    // The entity moved: its actor merges this copy.
-                                    self.router.merge(record, partition);
-                                }
-                                if !done.quarantined.is_empty() {
-                                    for dl in done.quarantined {
-                                        // Recorded like any dead letter (deduplicated by position).
-                                        let _ = self.writer.send(WriterMsg::Write(Box::new(
-                                            WriteIntent::dead_letter(dl),
-                                        )));
-                                    }
-                                    // The quarantined entities are parked now.
-                                    let _ = self.writer.send(WriterMsg::Reload);
-                                }
-                            }
-                            Ok(_) => {}
-                            Err(reason) => {
-                                // Processing without the state would apply events to empty records.
-                                tracing::error!(%reason, "cannot restore a partition from its changelog; stopping");
-                                self.fatal.raise(reason);
-                                return;
-                            }
-                        }
-                        lock(&self.local).insert(TopicPartition::new(topic, partition));
-                    }
-                }
-                let mut stored: HashMap<String, std::collections::BTreeMap<i32, i64>> =
-                    HashMap::new();
-                let elems: Vec<TopicPartition> = tpl
-                    .elements()
-                    .iter()
-                    .map(|e| TopicPartition::new(e.topic(), e.partition()))
-                    .collect();
-                let topics: HashSet<&str> = elems.iter().map(|tp| &*tp.topic).collect();
-                for topic in topics {
-                    self.learn_partition_count(consumer, topic);
-                }
-                for tp in &elems {
-                    let (topic, partition) = (&*tp.topic, &tp.partition);
-                    let cps = match stored.get(topic) {
-                        Some(c) => c,
-                        None => {
-                            let c = self.store.checkpoints(topic).unwrap_or_else(|e| {
-                                tracing::error!(%topic, error = %e, "cannot read stored checkpoints; starting from the group's committed offsets");
-                                Default::default()
-                            });
-                            stored.entry(topic.to_owned()).or_insert(c)
-                        }
-                    };
-                    let offset = match cps.get(partition) {
-                        // Restored: resume where Kafka's committed offset says; the changelog covers it.
-                        _ if restored.contains(tp) => Offset::Stored,
-                        Some(&o) => {
-                            // Durable already; make sure Kafka learns it even if nothing new arrives.
-                            self.checkpointer.stored(tp, o);
-                            Offset::Offset(o)
-                        }
-                        None => Offset::Stored,
-                    };
-                    let _ = tpl.set_partition_offset(topic, *partition, offset);
-                    tracing::info!(%topic, partition, ?offset, "partition assigned");
-                }
-                let r = if cooperative {
-                    consumer.incremental_assign(tpl)
-                } else {
-                    consumer.assign(tpl)
-                };
-                if let Err(e) = r {
-                    tracing::error!(error = %e, "assigning partitions failed");
-                }
-                let mut a = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
-                if !cooperative {
-                    a.clear();
-                }
-                a.extend(elems);
-                *lock(&self.stats.source.assigned) = a.iter().cloned().collect();
-                self.ready.store(!a.is_empty(), Relaxed);
-            }
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                *lock(&self.last_rebalance) = Some(Instant::now());
-                let tps: HashSet<TopicPartition> = tpl
-                    .elements()
-                    .iter()
-                    .map(|e| TopicPartition::new(e.topic(), e.partition()))
-                    .collect();
-                let drained = self.drain(&tps);
-                if !drained {
-                    tracing::warn!(partitions = tps.len(), "revoked partitions did not drain in time; their undurable events will be redelivered to the next owner");
-                }
-                let commit = self.checkpoints_of(&tps);
-                if commit.count() > 0 && !consumer.assignment_lost() {
-                    if let Err(e) = consumer.commit(&commit, CommitMode::Sync) {
-                        tracing::warn!(error = %e, "committing revoked partitions failed; the stored checkpoint stays authoritative");
-                    }
-                }
-                let released = self.router.release(&tps);
-                for tp in &tps {
-                    self.checkpointer.forget(tp);
-                }
-                let r = if cooperative {
-                    consumer.incremental_unassign(tpl)
-                } else {
-                    consumer.unassign()
-                };
-                if let Err(e) = r {
-                    tracing::error!(error = %e, "unassigning partitions failed");
-                }
-                let mut a = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
-                for tp in &tps {
-                    a.remove(tp);
-                }
-                *lock(&self.stats.source.assigned) = a.iter().cloned().collect();
-                {
-                    let mut lag = lock(&self.stats.source.lag);
-                    for tp in &tps {
-                        lag.remove(tp);
-                    }
-                }
-                self.ready.store(!a.is_empty(), Relaxed);
-                tracing::info!(
-                    partitions = tps.len(),
-                    released,
-                    drained,
-                    "partitions revoked"
-                );
-            }
-            other => {
-                tracing::error!(error = ?other, "rebalance failed");
-                let _ = consumer.unassign();
-            }
-        }
-    }
-
-    fn commit_callback(
-        &self,
-        result: rdkafka::error::KafkaResult<()>,
-        offsets: &TopicPartitionList,
-    ) {
-        match result {
-            Ok(()) => {
-                for e in offsets.elements() {
-                    if let Offset::Offset(o) = e.offset() {
-                        self.checkpointer
-                            .committed(&TopicPartition::new(e.topic(), e.partition()), o);
-                    }
-                }
-            }
-            Err(e) => {
-                *lock(&self.commit_failed_at) = Some(Instant::now());
-                tracing::warn!(error = %e, "committing offsets to Kafka failed; retrying")
-            }
-        }
-    }
-}
+pub use context::SourceContext;
+use context::Waker;
 
 /// The running source.
 pub struct Source {
-    consumer: BaseConsumer<SourceContext>,
+    consumer: Arc<BaseConsumer<SourceContext>>,
     topics: Vec<String>,
     content_type: ContentType,
     writer: tokio::sync::mpsc::UnboundedSender<WriterMsg>,
@@ -393,7 +124,14 @@ impl Source {
             context: format!("brokers {:?}, group {:?}", config.brokers, config.group),
             source,
         };
-        let cc = crate::kafka::group_consumer(config);
+        let partitions = partitions_of(config, &parts.topics);
+        let client = crate::kafka::group_consumer(config, partitions);
+        if client.queue_per_partition {
+            tracing::info!(partitions, "each partition has a queue of its own, with its share of the prefetch limits");
+        } else {
+            tracing::warn!(partitions, "the partitions share one prefetch queue: a share of queued.max.messages.kbytes would not hold a record batch. Under a backlog some partitions may go unfetched for minutes; raise queued.max.messages.kbytes to 1 MiB per partition to give each a queue of its own");
+        }
+        let cc = client.config;
         let restorer = match (config.changelog(), parts.changelog) {
             (Some(changelog), Some(producer)) => {
                 Some(Restorer::new(config, changelog, producer).map_err(err)?)
@@ -407,6 +145,7 @@ impl Source {
             .into_keys()
             .filter(|h| parts.topics.iter().any(|t| **t == *h.topic))
             .collect();
+        let waker = Arc::new(Waker::default());
         let context = SourceContext {
             layout: parts.layout,
             restorer,
@@ -423,8 +162,16 @@ impl Source {
             ready: parts.ready,
             brokers_ok: parts.brokers_ok,
             stats: parts.stats.clone(),
+            consumer: OnceLock::new(),
+            queues: Mutex::new(BTreeMap::new()),
+            queue_per_partition: client.queue_per_partition,
+            waker: waker.clone(),
         };
-        let consumer: BaseConsumer<SourceContext> = cc.create_with_context(context).map_err(err)?;
+        let mut consumer: BaseConsumer<SourceContext> =
+            cc.create_with_context(context).map_err(err)?;
+        consumer.set_nonempty_callback(move || waker.wake());
+        let consumer = Arc::new(consumer);
+        let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
         let topics: Vec<&str> = parts.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics).map_err(err)?;
         Ok(Source {
@@ -459,7 +206,18 @@ impl Source {
             }
         }
         tracing::info!(topics = ?self.topics, "source started");
+        // Rebalances happen on this thread (in `poll`), and so the queues'
+        // callbacks wake it.
+        let _ = self
+            .consumer
+            .context()
+            .waker
+            .0
+            .set(std::thread::current());
         let mut paused = false;
+        // The queue read first, a different one each turn: where the high
+        // mark ends a turn, no partition is always the one left out.
+        let mut first = 0;
         let mut last_commit = Instant::now();
         let mut last_purge_check = Instant::now();
         while !stop.load(Relaxed) {
@@ -473,7 +231,7 @@ impl Source {
             }
             let in_flight = self.stats.source.in_flight.load(Relaxed);
             let bytes = self.stats.source.in_flight_bytes.load(Relaxed);
-            if !paused && (in_flight >= self.high || bytes >= self.bytes_high) {
+            if !paused && self.above_high() {
                 paused = true;
                 let partitions = lock(&self.consumer.context().assigned).len();
                 emit(PartitionsPaused { paused: partitions }, &self.stats);
@@ -489,17 +247,35 @@ impl Source {
                 std::thread::sleep(Duration::from_millis(5));
                 continue;
             }
-            match self.consumer.poll(Duration::from_millis(100)) {
-                None => {}
-                Some(Ok(m)) => self.on_message(&m),
-                Some(Err(e)) => emit(
-                    ComponentError {
-                        stage: "source",
-                        error_code: "consumer_error",
-                        error: &e,
-                    },
-                    &self.stats,
-                ),
+            // Rebalances, errors, commits and statistics; and the messages
+            // of a partition that could not have a queue of its own. A poll
+            // that serves a rebalance or a commit returns nothing, like one
+            // of an empty queue, so a few each turn: the callback wakes
+            // this thread once for several events that arrive together.
+            let mut taken = false;
+            for _ in 0..MAIN_POLLS {
+                taken |= self.take(self.consumer.poll(Duration::ZERO));
+            }
+            {
+                let queues = lock(&self.consumer.context().queues);
+                first = (first + 1) % queues.len().max(1);
+                for q in queues.values().cycle().skip(first).take(queues.len()) {
+                    for _ in 0..BURST {
+                        if self.above_high() {
+                            break;
+                        }
+                        match q.poll(Duration::ZERO) {
+                            None => break,
+                            r => taken |= self.take(r),
+                        }
+                    }
+                }
+            }
+            if !taken {
+                // Every queue was empty: until librdkafka puts something
+                // in one (its callbacks unpark this thread), or the next
+                // commit is due.
+                std::thread::park_timeout(Duration::from_millis(100));
             }
         }
         // Shutdown: nothing new is polled; wait for what is in flight.
@@ -513,6 +289,29 @@ impl Source {
             "source stopped"
         );
         // Dropping the consumer leaves the group; the revoke callback drains (already done) and commits.
+    }
+
+    /// Whether the events or bytes in flight are at the high mark.
+    fn above_high(&self) -> bool {
+        self.stats.source.in_flight.load(Relaxed) >= self.high
+            || self.stats.source.in_flight_bytes.load(Relaxed) >= self.bytes_high
+    }
+
+    /// Handles what a poll returned; true if it returned anything.
+    fn take(&self, polled: Option<rdkafka::error::KafkaResult<BorrowedMessage<'_>>>) -> bool {
+        match polled {
+            None => return false,
+            Some(Ok(m)) => self.on_message(&m),
+            Some(Err(e)) => emit(
+                ComponentError {
+                    stage: "source",
+                    error_code: "consumer_error",
+                    error: &e,
+                },
+                &self.stats,
+            ),
+        }
+        true
     }
 
     /// With the changelog on, removes the state of partitions this instance
@@ -707,6 +506,44 @@ impl Source {
         }
     }
 }
+
+/// How many partitions `topics` have in all, which the source's prefetch
+/// limits are shared among ([`crate::kafka::group_consumer`]). When the
+/// brokers do not say, [`UNKNOWN_PARTITIONS`]: a smaller prefetch per
+/// partition costs throughput, a larger one could cost memory.
+fn partitions_of(config: &Config, topics: &[String]) -> usize {
+    let counted = crate::kafka::admin(config).ok().and_then(|admin| {
+        topics.iter().try_fold(0, |sum, topic| {
+            let md = admin
+                .fetch_metadata(Some(topic), Duration::from_secs(5))
+                .ok()?;
+            let n = md.topics().iter().find(|t| t.name() == topic)?.partitions().len();
+            (n > 0).then_some(sum + n)
+        })
+    });
+    counted.unwrap_or_else(|| {
+        tracing::warn!(topics = ?topics, assumed = UNKNOWN_PARTITIONS, "cannot read the topics' partition counts; sharing the prefetch limits as if they had this many partitions");
+        UNKNOWN_PARTITIONS
+    })
+}
+
+/// The partition count [`partitions_of`] assumes when the brokers do not say.
+const UNKNOWN_PARTITIONS: usize = 64;
+
+impl Drop for Source {
+    /// The partition queues hold the consumer; they go first, so that
+    /// dropping the source drops the consumer, which leaves the group.
+    fn drop(&mut self) {
+        lock(&self.consumer.context().queues).clear();
+    }
+}
+
+/// How many messages the source takes from one partition's queue before it
+/// turns to the next.
+const BURST: usize = 64;
+
+/// How many times the source polls the consumer's own queue each turn.
+const MAIN_POLLS: usize = 4;
 
 /// A message's size as the in-flight byte count sees it: key, value and
 /// headers.

@@ -524,6 +524,13 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     let telemetry = crate::telemetry::init(&config.instance_name(), "info")?;
     let handlers = config.handlers();
     let result = actix::System::new().block_on(async move {
+        // The handlers first: a SIGTERM or SIGINT while the pipeline starts
+        // (restoring partitions can take a while) waits for the start to
+        // finish, then drains like any other, instead of killing the
+        // process with the signal's default action.
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         let admin_addr = config.admin_addr.clone();
         let admin_token = config.resolved_admin_token()?;
         let pipeline = Pipeline::start(config, handlers)?;
@@ -537,10 +544,8 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             )
         };
         let fatal = pipeline.fatal();
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("installing the SIGTERM handler")?;
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining and checkpointing"),
+            _ = int.recv() => tracing::info!("SIGINT: draining and checkpointing"),
             _ = term.recv() => tracing::info!("SIGTERM: draining and checkpointing"),
             reason = fatal.raised() => tracing::error!(%reason, "stopping"),
         }

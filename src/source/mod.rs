@@ -254,6 +254,9 @@ impl Source {
             // this thread once for several events that arrive together.
             let mut taken = false;
             for _ in 0..MAIN_POLLS {
+                if self.above_high() {
+                    break;
+                }
                 taken |= self.take(self.consumer.poll(Duration::ZERO));
             }
             {

@@ -33,7 +33,10 @@ const LARGE_RSS_BOUND_MIB: u64 =
 ///
 /// librdkafka's mock broker keeps at most 5 MiB per partition (older
 /// records are deleted), so the backlog is spread evenly over 1,250
-/// partitions: 16 messages, 4.2 MB, each.
+/// partitions: 16 messages, 4.2 MB, each. So many partitions, with a
+/// 16 MiB prefetch limit in all, share one prefetch queue
+/// (`orderly::kafka::group_consumer`): a queue each would hold at least a
+/// record batch per partition, over a gigabyte here.
 #[test]
 fn large_messages_and_a_slow_handler_keep_memory_under_the_byte_marks() {
     const PARTITIONS: i32 = 1_250;

@@ -159,7 +159,8 @@ pub fn with_user(
 /// every partition shares one queue, as librdkafka does by default, whose
 /// limits then hold in total but which, under a backlog, can leave some
 /// partitions unfetched for minutes (README, "Every partition drains
-/// alike").
+/// alike"). The count is taken when the source starts: partitions added
+/// later each prefetch a share of the old count's.
 pub fn group_consumer(config: &Config, partitions: usize) -> SourceClient {
     let mut cc = client(config, Role::Consumer);
     let n = partitions.max(1) as u64;
@@ -292,7 +293,7 @@ mod tests {
         // Nothing goes below one message.
         let few = [("queued.min.messages", "3"), ("queued.max.messages.kbytes", "1048576")];
         assert_eq!(prefetch(&few, 8), (true, some("1", "131072")));
-        // No partition count known: the totals as they are.
+        // No partitions count as one: the totals as they are.
         assert_eq!(prefetch(&[], 0), (true, some("100000", "65536")));
     }
 }

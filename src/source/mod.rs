@@ -1,17 +1,18 @@
 //! The source: an rdkafka consumer in a consumer group, on its own thread.
 //!
 //! Owns the consumer. Offsets are never auto-committed: on assignment each
-//! partition starts at the checkpoint stored in sled (or the group's committed
-//! offset when the store has none), and the writer's checkpoints are committed
-//! to Kafka only after they are flushed. A revoked partition is drained (every
-//! received event made durable) and checkpointed before it is released. Above
-//! the in-flight high mark the source stops taking messages from librdkafka,
-//! whose prefetch queues then fill and stop fetching; below the low mark it
-//! takes them again. Nothing is purged
-//! and re-fetched, so no fetch lands in the middle of a record batch (some
+//! partition starts at the checkpoint stored in sled (or the group's
+//! committed offset when the store has none), and the writer's checkpoints
+//! are committed to Kafka only after they are flushed. A revoked partition
+//! is drained (every received event made durable) and checkpointed before
+//! it is released. Above the in-flight high mark the source stops taking
+//! messages from librdkafka, whose prefetch queues then fill and stop
+//! fetching; below the low mark it takes them again. Nothing is purged and
+//! re-fetched, so no fetch lands in the middle of a record batch (some
 //! Kafka-compatible brokers, tansu 0.6 among them, answer such a fetch from
-//! the next batch and so skip records). Messages leave as [`Delivery`]s to the router, or as
-//! dead-letter intents straight to the writer when they cannot be decoded.
+//! the next batch and so skip records). Messages leave as [`Delivery`]s to
+//! the router, or as dead-letter intents straight to the writer when they
+//! cannot be decoded.
 //!
 //! Each assigned partition is read from a queue of its own
 //! (`split_partition_queue`), split off before the partition is assigned,
@@ -22,10 +23,11 @@
 //! when each is looked at, so some went unfetched for minutes while the
 //! others were served (BENCHMARKS.md, "The soak's p99 is partitions that
 //! are not fetched"). With a queue each, every partition prefetches up to
-//! its own limit (its share of librdkafka's, see
-//! [`crate::kafka::group_consumer`]) and is read at the same pace as the
-//! others. The consumer's own queue still carries
-//! rebalances, errors, commits and statistics, and is polled every turn.
+//! its share of librdkafka's limits and is read at the same pace as the
+//! others. Where a share would not hold a record batch (many partitions,
+//! small limits: [`crate::kafka::group_consumer`]) the partitions share
+//! one queue instead. The consumer's own queue still carries rebalances,
+//! errors, commits and statistics, and is polled every turn.
 
 use crate::changelog::Restorer;
 use crate::checkpoint::{Checkpointer, TopicPartition};

@@ -1,24 +1,20 @@
 //! `orderly bench` end to end at tiny sizes: it writes the table, the JSON
 //! report with every documented field, and the chart, and its counts add up.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
 /// Runs `orderly bench` with `args`, writing into `out`; returns its console
 /// output and its report. Fails the test if the bench fails.
 fn bench(args: &[&str], out: &Path) -> (String, serde_json::Value) {
-    let run = Command::new(env!("CARGO_BIN_EXE_orderly"))
-        .arg("bench")
-        .args(args)
-        .arg("--out")
-        .arg(out)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
-    assert!(
-        run.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&run.stderr)
+    let stdout = common::output_ok(
+        Command::new(env!("CARGO_BIN_EXE_orderly"))
+            .arg("bench")
+            .args(args)
+            .arg("--out")
+            .arg(out),
     );
     let report = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
     (stdout, report)

@@ -359,3 +359,44 @@ fn tls_and_sasl_are_built_in_and_every_command_takes_config() {
         assert_eq!(&head[..2], &[0x16, 0x03], "{args:?}: not a TLS ClientHello");
     }
 }
+
+/// `orderly doctor` says how the source will prefetch the input topic's
+/// partitions: a queue each, with its share of the limits, or one queue
+/// shared when a share would not hold a record batch.
+#[test]
+fn doctor_says_how_the_source_prefetches() {
+    let topic = TestTopic::new(4);
+    let dir = tempfile::tempdir().unwrap();
+    let doctor = |kbytes: Option<&str>| {
+        let mut config = topic.config(&dir.path().join("data"));
+        if let Some(k) = kbytes {
+            config
+                .kafka
+                .consumer
+                .insert("queued.max.messages.kbytes".into(), k.into());
+        }
+        let path = dir.path().join("orderly.toml");
+        std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+        common::output_ok(
+            Command::new(env!("CARGO_BIN_EXE_orderly"))
+                .args(["doctor", "--timeout", "10", "--config"])
+                .arg(&path),
+        )
+    };
+    // librdkafka's defaults over four partitions.
+    let split = doctor(None);
+    assert!(
+        split.contains(&format!("topic {}: 4 partitions", topic.topic)),
+        "{split}"
+    );
+    assert!(
+        split.contains("source: a prefetch queue per partition, each up to 25000 messages (queued.min.messages) and 16384 KiB"),
+        "{split}"
+    );
+    // 2 MiB in all: half a MiB each would not hold a batch.
+    let shared = doctor(Some("2048"));
+    assert!(
+        shared.contains("source: one prefetch queue shared by all 4 partitions"),
+        "{shared}"
+    );
+}

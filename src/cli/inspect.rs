@@ -60,9 +60,11 @@ pub(super) fn doctor(a: DoctorArgs) -> anyhow::Result<()> {
         md.brokers().len()
     );
     let mut missing = Vec::new();
+    let mut partitions = 0;
     for topic in config.input_topics() {
         match md.topics().iter().find(|t| t.name() == topic) {
             Some(t) if t.error().is_none() => {
+                partitions += t.partitions().len();
                 println!("topic {topic}: {} partitions", t.partitions().len())
             }
             _ => missing.push(topic),
@@ -70,6 +72,17 @@ pub(super) fn doctor(a: DoctorArgs) -> anyhow::Result<()> {
     }
     if !missing.is_empty() {
         anyhow::bail!("input topics not found on the brokers: {missing:?}");
+    }
+    let source = crate::kafka::group_consumer(&config, partitions);
+    if source.queue_per_partition {
+        let get = |k| source.config.get(k).unwrap_or("?").to_owned();
+        println!(
+            "source: a prefetch queue per partition, each up to {} messages (queued.min.messages) and {} KiB (queued.max.messages.kbytes)",
+            get("queued.min.messages"),
+            get("queued.max.messages.kbytes")
+        );
+    } else {
+        println!("source: one prefetch queue shared by all {partitions} partitions, since a share of queued.max.messages.kbytes would not hold a 1 MiB record batch; under a backlog some partitions may go unfetched for minutes");
     }
     Ok(())
 }

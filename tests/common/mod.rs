@@ -429,6 +429,19 @@ pub fn state_dump(data_dir: &Path) -> Vec<serde_json::Value> {
 
 /// Polls `done` every 20 ms until it holds; fails the test after `timeout`.
 /// A port nothing listens on now.
+/// Runs `cmd` to its end and returns its standard output, failing with
+/// both outputs when it does not succeed.
+pub fn output_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("the command runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

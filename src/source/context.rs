@@ -50,7 +50,7 @@ pub struct SourceContext {
     /// The consumer itself, which splitting a partition's queue needs.
     pub(super) consumer: OnceLock<Weak<BaseConsumer<SourceContext>>>,
     /// A queue per assigned partition. Each holds the consumer: the source
-    /// empties this before it lets the consumer go ([`Source`]'s `Drop`).
+    /// empties this before it lets the consumer go ([`super::Source`]'s `Drop`).
     pub(super) queues: Mutex<BTreeMap<TopicPartition, PartitionQueue<SourceContext>>>,
     /// Whether partitions get a queue of their own
     /// ([`crate::kafka::group_consumer`]).

@@ -82,7 +82,7 @@ impl SledStore {
     /// sled locks the directory. A store of this process that was just
     /// dropped can hold the lock a little longer, until sled's background
     /// threads let go of it, so a locked directory is tried again for up to
-    /// [`LOCK_WAIT`] before [`StoreError::Locked`] is returned.
+    /// `LOCK_WAIT` (10 s) before [`StoreError::Locked`] is returned.
     pub fn open(dir: &Path, cache_mb: u64) -> Result<Self> {
         Self::open_waiting(dir, cache_mb, LOCK_WAIT)
     }

@@ -152,8 +152,11 @@ pub fn with_user(
 /// `queued.max.messages.kbytes`, to the queue a partition's messages go to.
 /// For the user they keep their documented meaning, a total. With a queue
 /// per partition ([`crate::source`]) each limit is divided by `partitions`,
-/// so that an instance holding every partition prefetches no more than the
-/// total; but a partition always fetches at least one record batch, up to
+/// so that an instance holding every partition prefetches about the total.
+/// librdkafka looks at a limit before it fetches, so each queue can pass
+/// its share by one fetch (up to `max.partition.fetch.bytes`, 1 MiB by
+/// default), as a shared queue passes its limit by one fetch response; and
+/// a partition always fetches at least one record batch, up to
 /// [`MAX_BATCH_BYTES`], whatever its share. So the queues are split only
 /// when each partition's share of the bytes holds such a batch; otherwise
 /// every partition shares one queue, as librdkafka does by default, whose
@@ -196,6 +199,23 @@ pub struct SourceClient {
     pub queue_per_partition: bool,
 }
 
+impl SourceClient {
+    /// How the source prefetches `partitions` partitions, in a sentence
+    /// (`orderly doctor` prints it, the source logs it at start).
+    pub fn describe(&self, partitions: usize) -> String {
+        if self.queue_per_partition {
+            let get = |k| self.config.get(k).unwrap_or("?");
+            format!(
+                "a prefetch queue for each of {partitions} partitions, each up to {} messages (queued.min.messages) and {} KiB (queued.max.messages.kbytes)",
+                get("queued.min.messages"),
+                get("queued.max.messages.kbytes")
+            )
+        } else {
+            format!("one prefetch queue shared by all {partitions} partitions, since a share of queued.max.messages.kbytes would not hold a 1 MiB record batch; under a backlog some partitions may go unfetched for minutes (raise queued.max.messages.kbytes to 1 MiB per partition for a queue each)")
+        }
+    }
+}
+
 /// A reader's client config (see [`Role::Reader`]).
 pub fn reader(config: &Config, purpose: &str) -> ClientConfig {
     client(config, Role::Reader(purpose))
@@ -208,6 +228,25 @@ pub fn producer(
     defaults: &[(&str, &str)],
 ) -> rdkafka::error::KafkaResult<FutureProducer> {
     client_with(config, Role::Producer, defaults).create()
+}
+
+/// How many partitions `topic` has, as the brokers' metadata says; 0 when
+/// it does not exist there or carries an error.
+pub fn partition_count<C, K>(
+    client: &K,
+    topic: &str,
+    timeout: std::time::Duration,
+) -> rdkafka::error::KafkaResult<usize>
+where
+    C: rdkafka::consumer::ConsumerContext + 'static,
+    K: rdkafka::consumer::Consumer<C>,
+{
+    let md = client.fetch_metadata(Some(topic), timeout)?;
+    Ok(md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+        .map_or(0, |t| t.partitions().len()))
 }
 
 /// A metadata-only client for `config`.

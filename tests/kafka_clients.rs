@@ -390,7 +390,7 @@ fn doctor_says_how_the_source_prefetches() {
         "{split}"
     );
     assert!(
-        split.contains("source: a prefetch queue per partition, each up to 25000 messages (queued.min.messages) and 16384 KiB"),
+        split.contains("source: a prefetch queue for each of 4 partitions, each up to 25000 messages (queued.min.messages) and 16384 KiB"),
         "{split}"
     );
     // 2 MiB in all: half a MiB each would not hold a batch.

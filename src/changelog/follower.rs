@@ -143,15 +143,12 @@ impl Follower {
         let restart = known.is_empty();
         let mut grew = false;
         for changelog in self.inputs.keys() {
-            let n = match self
-                .consumer
-                .fetch_metadata(Some(changelog), Duration::from_secs(5))
-            {
-                Ok(md) => md
-                    .topics()
-                    .iter()
-                    .find(|t| t.name() == changelog)
-                    .map_or(0, |t| t.partitions().len() as i32),
+            let n = match crate::kafka::partition_count(
+                &self.consumer,
+                changelog,
+                Duration::from_secs(5),
+            ) {
+                Ok(n) => n as i32,
                 Err(e) => {
                     tracing::warn!(topic = %changelog, error = %e, "cannot read the changelog's partitions; retrying in 10 s");
                     continue;

@@ -30,18 +30,11 @@ use std::time::Duration;
 /// Checks that each input topic has its changelog, with at least as many
 /// partitions: records go to the partition number of their input partition.
 pub fn check_topics(config: &Config, changelog: &ChangelogConfig) -> Result<(), String> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::consumer::BaseConsumer;
     let consumer: BaseConsumer = crate::kafka::admin(config).map_err(|e| e.to_string())?;
     let partitions = |topic: &str| -> Result<usize, String> {
-        let md = consumer
-            .fetch_metadata(Some(topic), Duration::from_secs(10))
-            .map_err(|e| format!("metadata of {topic}: {e}"))?;
-        Ok(md
-            .topics()
-            .iter()
-            .find(|t| t.name() == topic && t.error().is_none())
-            .map(|t| t.partitions().len())
-            .unwrap_or(0))
+        crate::kafka::partition_count(&consumer, topic, Duration::from_secs(10))
+            .map_err(|e| format!("metadata of {topic}: {e}"))
     };
     for input in config.input_topics() {
         let changelog = changelog.topic_of(&input);

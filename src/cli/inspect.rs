@@ -74,15 +74,6 @@ pub(super) fn doctor(a: DoctorArgs) -> anyhow::Result<()> {
         anyhow::bail!("input topics not found on the brokers: {missing:?}");
     }
     let source = crate::kafka::group_consumer(&config, partitions);
-    if source.queue_per_partition {
-        let get = |k| source.config.get(k).unwrap_or("?").to_owned();
-        println!(
-            "source: a prefetch queue per partition, each up to {} messages (queued.min.messages) and {} KiB (queued.max.messages.kbytes)",
-            get("queued.min.messages"),
-            get("queued.max.messages.kbytes")
-        );
-    } else {
-        println!("source: one prefetch queue shared by all {partitions} partitions, since a share of queued.max.messages.kbytes would not hold a 1 MiB record batch; under a backlog some partitions may go unfetched for minutes");
-    }
+    println!("source: {}", source.describe(partitions));
     Ok(())
 }

@@ -104,18 +104,10 @@ impl SourceContext {
     /// assignment follows every change of the count, so the layout is
     /// current whenever events of new partitions arrive.
     fn learn_partition_count(&self, consumer: &BaseConsumer<Self>, topic: &str) {
-        match consumer.fetch_metadata(Some(topic), Duration::from_secs(10)) {
-            Ok(md) => {
-                let Some(n) = md
-                    .topics()
-                    .iter()
-                    .find(|t| t.name() == topic)
-                    .map(|t| t.partitions().len() as i32)
-                    .filter(|n| *n > 0)
-                else {
-                    return;
-                };
-                if let Some(old) = self.layout.set_count(topic, n) {
+        match crate::kafka::partition_count(consumer, topic, Duration::from_secs(10)) {
+            Ok(0) => {}
+            Ok(n) => {
+                if let Some(old) = self.layout.set_count(topic, n as i32) {
                     tracing::warn!(%topic, from = old, to = n, partitioner = self.layout.partitioner.name(), "the topic's partition count changed: entities whose key now maps to another partition move there as their events arrive");
                 }
             }

@@ -128,10 +128,11 @@ impl Source {
         };
         let partitions = partitions_of(config, &parts.topics);
         let client = crate::kafka::group_consumer(config, partitions);
+        let prefetch = client.describe(partitions);
         if client.queue_per_partition {
-            tracing::info!(partitions, "each partition has a queue of its own, with its share of the prefetch limits");
+            tracing::info!("the source has {prefetch}");
         } else {
-            tracing::warn!(partitions, "the partitions share one prefetch queue: a share of queued.max.messages.kbytes would not hold a record batch. Under a backlog some partitions may go unfetched for minutes; raise queued.max.messages.kbytes to 1 MiB per partition to give each a queue of its own");
+            tracing::warn!("the source has {prefetch}");
         }
         let cc = client.config;
         let restorer = match (config.changelog(), parts.changelog) {
@@ -233,7 +234,7 @@ impl Source {
             }
             let in_flight = self.stats.source.in_flight.load(Relaxed);
             let bytes = self.stats.source.in_flight_bytes.load(Relaxed);
-            if !paused && self.above_high() {
+            if !paused && (in_flight >= self.high || bytes >= self.bytes_high) {
                 paused = true;
                 let partitions = lock(&self.consumer.context().assigned).len();
                 emit(PartitionsPaused { paused: partitions }, &self.stats);
@@ -519,10 +520,7 @@ impl Source {
 fn partitions_of(config: &Config, topics: &[String]) -> usize {
     let counted = crate::kafka::admin(config).ok().and_then(|admin| {
         topics.iter().try_fold(0, |sum, topic| {
-            let md = admin
-                .fetch_metadata(Some(topic), Duration::from_secs(5))
-                .ok()?;
-            let n = md.topics().iter().find(|t| t.name() == topic)?.partitions().len();
+            let n = crate::kafka::partition_count(&admin, topic, Duration::from_secs(5)).ok()?;
             (n > 0).then_some(sum + n)
         })
     });

@@ -584,12 +584,9 @@ pub(super) fn end_to_end(
                     rss_mib: rss,
                     active_actors: stats.entities.active_actors.load(Relaxed),
                     in_flight: stats.source.in_flight.load(Relaxed),
-                    partition_lag: stats
-                        .source
-                        .lag
-                        .lock()
-                        .ok()
-                        .and_then(|lag| PartitionLag::of(lag.values().copied())),
+                    partition_lag: PartitionLag::of(
+                        crate::lifecycle::lock(&stats.source.lag).values().copied(),
+                    ),
                 });
                 last_durable = durable;
                 last_t = Instant::now();

@@ -42,10 +42,10 @@ enum Command {
     /// content_type=auto (auto|json|proto), shards=0 (one per core),
     /// idle_timeout_ms=60000, retention_events=32, batch_max=4096,
     /// in_flight_high=50000, in_flight_low=25000, in_flight_mb_high=128,
-    /// in_flight_mb_low=64, max_actors=50000, actors_mb=256,
+    /// in_flight_mb_low=64, max_actors=10000, actors_mb=256,
     /// max_held_events=10000,
     /// drain_timeout_ms=30000,
-    /// shutdown_grace_ms=30000, store_cache_mb=256, default_reducer=set
+    /// shutdown_grace_ms=30000, store_cache_mb=384, default_reducer=set
     /// (set|inc|delete), [types."<event type>"] reducer=..., [kafka]
     /// librdkafka properties of every client, [kafka.consumer] and
     /// [kafka.producer] per role. `orderly config` prints the result and

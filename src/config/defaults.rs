@@ -4,10 +4,30 @@
 /// Default most live entity actors.
 ///
 /// An actor with its record took about 10 KB in the `max` benchmark (RSS
-/// over live actors); 50,000 keep a hot set that large in memory for about
-/// 500 MB, and a keyspace of millions bounded.
+/// over live actors), and the live actors are a cache of decoded records in
+/// front of sled's cache of leaves. In a keyspace of millions nearly every
+/// event is the first of its entity for a long while, so an actor is
+/// started, used once and passivated: 50,000 of them (the default until
+/// 2026-12-05) held about 500 MB that bought nothing, and freed each
+/// record long after it was last touched. 10,000 keep a hot set of that
+/// size decoded (Zipf 1.2 over 100,000 keys ran as fast as with 50,000),
+/// and leave the memory to sled's cache, which serves the writes of new
+/// keys as well as reads ([`default_store_cache_mb`]; BENCHMARKS.md, "The
+/// actors' memory to sled's cache").
 pub const fn default_max_actors() -> usize {
-    50_000
+    10_000
+}
+
+/// Default sled page cache, in MiB.
+///
+/// Past the cache, every write of a key new to the store pages its leaf in
+/// from sled's log (a read and a decode of up to 16 records), and so does
+/// every read of a record not cached: the cost that grows as the store
+/// grows. 384 MiB, with the memory [`default_max_actors`] no longer holds,
+/// drained `soak` faster within its 1.5 GiB; 512 MiB passed that bound
+/// (1,550 MiB) as the store grew.
+pub const fn default_store_cache_mb() -> u64 {
+    384
 }
 
 /// Default memory budget of live entity actors' records, in MiB.

@@ -308,7 +308,7 @@ impl Default for Config {
             in_flight_mb_low: default_in_flight_mb_high() / 2,
             drain_timeout_ms: 30_000,
             shutdown_grace_ms: 30_000,
-            store_cache_mb: 256,
+            store_cache_mb: default_store_cache_mb(),
             stats_interval_ms: default_stats_interval_ms(),
             max_actors: default_max_actors(),
             actors_mb: default_actors_mb(),

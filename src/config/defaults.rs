@@ -12,8 +12,8 @@
 /// record long after it was last touched. 10,000 keep a hot set of that
 /// size decoded (Zipf 1.2 over 100,000 keys ran as fast as with 50,000),
 /// and leave the memory to sled's cache, which serves the writes of new
-/// keys as well as reads ([`default_store_cache_mb`]; BENCHMARKS.md, "The
-/// actors' memory to sled's cache").
+/// keys as well as reads ([`default_store_cache_mb`]; BENCHMARKS.md, "Where
+/// the soak's CPU goes as it runs").
 pub const fn default_max_actors() -> usize {
     10_000
 }

@@ -8,12 +8,12 @@
 /// front of sled's cache of leaves. In a keyspace of millions nearly every
 /// event is the first of its entity for a long while, so an actor is
 /// started, used once and passivated: 50,000 of them (the default until
-/// 2026-12-05) held about 500 MB that bought nothing, and freed each
-/// record long after it was last touched. 10,000 keep a hot set of that
-/// size decoded (Zipf 1.2 over 100,000 keys ran as fast as with 50,000),
-/// and leave the memory to sled's cache, which serves the writes of new
-/// keys as well as reads ([`default_store_cache_mb`]; BENCHMARKS.md, "Where
-/// the soak's CPU goes as it runs").
+/// 2026-12-05) held about 250 MiB more than 5,000 in a 150 s `soak` (858
+/// against 605 MiB of RSS) that no later event used. 10,000 keep a hot set
+/// of that size decoded (Zipf 1.2 over 100,000 keys ran as fast with 5,000
+/// as with 50,000), and leave the memory to sled's cache, which serves the
+/// writes of new keys as well as reads ([`default_store_cache_mb`];
+/// BENCHMARKS.md, "Where the soak's CPU goes as it runs").
 pub const fn default_max_actors() -> usize {
     10_000
 }
@@ -24,8 +24,8 @@ pub const fn default_max_actors() -> usize {
 /// from sled's log (a read and a decode of up to 16 records), and so does
 /// every read of a record not cached: the cost that grows as the store
 /// grows. 384 MiB, with the memory [`default_max_actors`] no longer holds,
-/// drained `soak` faster within its 1.5 GiB; 512 MiB passed that bound
-/// (1,550 MiB) as the store grew.
+/// took 3% less CPU over a whole `soak` and stayed within its 1.5 GiB
+/// (1,419 MiB); 512 MiB passed that bound (1,550 MiB) as the store grew.
 pub const fn default_store_cache_mb() -> u64 {
     384
 }

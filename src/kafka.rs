@@ -211,7 +211,8 @@ impl SourceClient {
                 get("queued.max.messages.kbytes")
             )
         } else {
-            format!("one prefetch queue shared by all {partitions} partitions, since a share of queued.max.messages.kbytes would not hold a 1 MiB record batch; under a backlog some partitions may go unfetched for minutes (raise queued.max.messages.kbytes to 1 MiB per partition for a queue each)")
+            let batch_kib = MAX_BATCH_BYTES / 1024;
+            format!("one prefetch queue shared by all {partitions} partitions, since a share of queued.max.messages.kbytes would not hold a {batch_kib} KiB record batch; under a backlog some partitions may go unfetched for minutes (raise queued.max.messages.kbytes to {batch_kib} per partition for a queue each)")
         }
     }
 }

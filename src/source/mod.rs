@@ -234,7 +234,7 @@ impl Source {
             }
             let in_flight = self.stats.source.in_flight.load(Relaxed);
             let bytes = self.stats.source.in_flight_bytes.load(Relaxed);
-            if !paused && (in_flight >= self.high || bytes >= self.bytes_high) {
+            if !paused && self.over_high(in_flight, bytes) {
                 paused = true;
                 let partitions = lock(&self.consumer.context().assigned).len();
                 emit(PartitionsPaused { paused: partitions }, &self.stats);
@@ -299,8 +299,15 @@ impl Source {
 
     /// Whether the events or bytes in flight are at the high mark.
     fn above_high(&self) -> bool {
-        self.stats.source.in_flight.load(Relaxed) >= self.high
-            || self.stats.source.in_flight_bytes.load(Relaxed) >= self.bytes_high
+        self.over_high(
+            self.stats.source.in_flight.load(Relaxed),
+            self.stats.source.in_flight_bytes.load(Relaxed),
+        )
+    }
+
+    /// Whether `in_flight` events of `bytes` are at or past a high mark.
+    fn over_high(&self, in_flight: i64, bytes: i64) -> bool {
+        in_flight >= self.high || bytes >= self.bytes_high
     }
 
     /// Handles what a poll returned; true if it returned anything.

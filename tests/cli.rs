@@ -44,25 +44,20 @@ fn dev_broker_produce_run_and_state() {
         "--duplicate-ratio",
         "0.02",
     ];
-    let out = orderly()
-        .args([
-            "produce",
-            "--brokers",
-            &brokers,
-            "--topic",
-            "crm",
-            "--format",
-            "json",
-        ])
-        .args(spec)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let produced = common::output_ok(
+        orderly()
+            .args([
+                "produce",
+                "--brokers",
+                &brokers,
+                "--topic",
+                "crm",
+                "--format",
+                "json",
+            ])
+            .args(spec),
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("produced 3000 events"));
+    assert!(produced.contains("produced 3000 events"), "{produced}");
     let events: Vec<_> = Workload::new(WorkloadSpec {
         events: 3000,
         entities: 100,
@@ -157,21 +152,7 @@ fn dev_broker_produce_run_and_state() {
         .contains("SIGTERM: draining and checkpointing"));
 
     // state dump: one JSON line per entity, equal to the oracle.
-    let out = orderly()
-        .args(["state", "dump", "--data-dir"])
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("JSON line"))
-        .collect();
+    let lines = common::state_dump(&data);
     let oracle = Oracle::of(&events);
     assert_eq!(lines.len(), oracle.state.len());
     for l in &lines {

@@ -274,12 +274,9 @@ fn sasl_ssl_run_completes_a_tls_handshake() {
 /// `security.protocol=SSL` its first bytes are a TLS ClientHello.
 #[test]
 fn tls_and_sasl_are_built_in_and_every_command_takes_config() {
-    let out = Command::new(env!("CARGO_BIN_EXE_orderly"))
-        .args(["doctor", "--no-connect"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}");
+    let text = common::output_ok(
+        Command::new(env!("CARGO_BIN_EXE_orderly")).args(["doctor", "--no-connect"]),
+    );
     let features = text
         .lines()
         .find_map(|l| l.strip_prefix("builtin.features "))

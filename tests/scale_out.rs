@@ -174,16 +174,8 @@ fn three_instances_share_twelve_partitions_through_a_kill_and_a_restart() {
         "--topic".into(),
         t.topic.clone(),
     ]);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_orderly"))
-        .args(&args)
-        .output()
-        .unwrap();
-    let table = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{table}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let table =
+        common::output_ok(std::process::Command::new(env!("CARGO_BIN_EXE_orderly")).args(&args));
     let rows: Vec<&str> = table.lines().filter(|l| l.starts_with(&t.topic)).collect();
     assert_eq!(rows.len(), 12, "{table}");
     assert!(

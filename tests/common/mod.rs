@@ -411,24 +411,16 @@ pub fn metric(admin: &str, name: &str) -> f64 {
 /// `orderly state dump` of a stopped instance's data dir: one JSON value
 /// per entity.
 pub fn state_dump(data_dir: &Path) -> Vec<serde_json::Value> {
-    let out = Command::new(env!("CARGO_BIN_EXE_orderly"))
-        .args(["state", "dump", "--data-dir"])
-        .arg(data_dir)
-        .output()
-        .expect("orderly state dump");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON line"))
-        .collect()
+    output_ok(
+        Command::new(env!("CARGO_BIN_EXE_orderly"))
+            .args(["state", "dump", "--data-dir"])
+            .arg(data_dir),
+    )
+    .lines()
+    .map(|l| serde_json::from_str(l).expect("a JSON line"))
+    .collect()
 }
 
-/// Polls `done` every 20 ms until it holds; fails the test after `timeout`.
-/// A port nothing listens on now.
 /// Runs `cmd` to its end and returns its standard output, failing with
 /// both outputs when it does not succeed.
 pub fn output_ok(cmd: &mut Command) -> String {
@@ -442,6 +434,7 @@ pub fn output_ok(cmd: &mut Command) -> String {
     stdout
 }
 
+/// A port nothing listens on now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -450,6 +443,7 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Polls `done` every 20 ms until it holds; fails the test after `timeout`.
 pub fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !done() {

@@ -269,15 +269,17 @@ pub(super) fn bare_consumer(
 
 /// The store ceiling: the records orderly would write for these events,
 /// coalesced per batch of `batch_max` like the writer, each batch committed
-/// with a checkpoint and flushed. Only the commit and flush are timed.
+/// with a checkpoint and flushed, in a store with `cache_mb` of sled cache
+/// (orderly's in the same run). Only the commit and flush are timed.
 pub(super) fn store_ceiling(
     s: &Scenario,
     events: impl Iterator<Item = Event>,
     batch_max: usize,
+    cache_mb: u64,
     handlers: &Handlers,
 ) -> anyhow::Result<(f64, u64)> {
     let dir = tempfile::tempdir()?;
-    let store = SledStore::open(dir.path(), 256)?;
+    let store = SledStore::open(dir.path(), cache_mb)?;
     let settings = crate::settings::Settings::new(
         Config {
             types: Config::crm_types(),

@@ -579,7 +579,14 @@ pub fn run(
             ceilings.insert("bare_consumer_eps".into(), eps.into());
         }
         let h = handlers(s, &config);
-        let (eps, measured) = store_ceiling(s, s.events(events, rate)?, batch_max, &h)?;
+        // sled's cache as orderly's run had it.
+        let (eps, measured) = store_ceiling(
+            s,
+            s.events(events, rate)?,
+            batch_max,
+            config.store_cache_mb,
+            &h,
+        )?;
         println!("store ceiling: {eps:.0} events/s ({measured} events)");
         ceilings.insert("store_eps".into(), eps.into());
         ceilings.insert("store_events_measured".into(), measured.into());

@@ -201,3 +201,75 @@ fn the_producers_message_limit_comes_from_producer_then_common_then_the_default(
     k.producer.insert("message.max.bytes".into(), " 7000 ".into());
     assert_eq!(k.producer_message_max_bytes(), 7_000);
 }
+
+/// The README's configuration table and `orderly run --help`'s list of
+/// defaults say what `Config::default` holds: a default changed in code
+/// and not in the docs (or the other way round) fails here.
+#[test]
+fn the_documented_defaults_are_the_defaults() {
+    let defaults = toml::Table::try_from(Config::default()).unwrap();
+    let shown = |name: &str| -> Option<String> {
+        defaults.get(name).map(|v| match v {
+            toml::Value::String(s) if s.is_empty() => "\"\"".to_string(),
+            toml::Value::String(s) => s.clone(),
+            v => v.to_string(),
+        })
+    };
+    let ticked = |cell: &str| -> Vec<String> {
+        cell.split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect()
+    };
+
+    let readme = include_str!("../../README.md");
+    let table = readme
+        .lines()
+        .skip_while(|l| !l.starts_with("| `brokers` |"))
+        .take_while(|l| l.starts_with('|'));
+    let mut documented = Vec::new();
+    for row in table {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let (names, values) = (ticked(cells[1]), ticked(cells[2]));
+        if names.iter().any(|n| n.starts_with('[')) {
+            continue; // a table of its own, such as `[kafka]`
+        }
+        for (i, name) in names.iter().enumerate() {
+            assert!(
+                FIELDS.iter().any(|(f, _)| f == name) || defaults.contains_key(name),
+                "README documents `{name}`, which is not a configuration field"
+            );
+            match (cells[2], values.get(i)) {
+                ("unset", _) => assert_eq!(shown(name), None, "README: `{name}` unset"),
+                (_, Some(v)) => assert_eq!(shown(name).as_ref(), Some(v), "README: `{name}`"),
+                (_, None) => panic!("README gives no default for `{name}`: {row}"),
+            }
+            documented.push(name.clone());
+        }
+    }
+    for (field, _) in FIELDS {
+        assert!(
+            documented.iter().any(|d| d == field),
+            "`{field}` is missing from README's configuration table"
+        );
+    }
+
+    let help = include_str!("../cli/mod.rs");
+    let from = help.find("Knobs and").expect("the help's list of defaults");
+    let to = from + help[from..].find("orderly config").unwrap();
+    let text: String = help[from..to]
+        .lines()
+        .map(|l| l.trim_start().trim_start_matches("///"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut listed = 0;
+    for pair in text.split([',', ' ']).filter(|w| w.contains('=')) {
+        let (name, value) = pair.split_once('=').unwrap();
+        if let Some(default) = shown(name) {
+            assert_eq!(default, value, "orderly run --help: {name}");
+            listed += 1;
+        }
+    }
+    assert!(listed >= 20, "only {listed} defaults found in the help text");
+}

@@ -27,8 +27,8 @@ const LARGE_RSS_BOUND_MIB: u64 =
     LARGE_STORE_CACHE_MB + LARGE_ACTORS_MB + LARGE_IN_FLIGHT_MB + LARGE_PREFETCH_KB / 1024 + 300;
 
 /// 20,000 messages of 256 KB (5 GB) wait in the broker, and every handler
-/// takes 50 ms. Counting messages alone, 50,000 of them may be in flight:
-/// the whole backlog, gigabytes. The byte marks and the actors' byte budget
+/// takes 50 ms. The count mark is set to admit them all (the whole
+/// backlog, gigabytes). The byte marks and the actors' byte budget
 /// keep `orderly run` under [`LARGE_RSS_BOUND_MIB`], while it makes progress.
 ///
 /// librdkafka's mock broker keeps at most 5 MiB per partition (older
@@ -55,8 +55,10 @@ fn large_messages_and_a_slow_handler_keep_memory_under_the_byte_marks() {
         "queued.max.messages.kbytes".into(),
         LARGE_PREFETCH_KB.to_string(),
     );
-    // Defaults otherwise: in_flight_high 50,000 would admit the whole backlog.
-    assert!(config.in_flight_high >= MESSAGES);
+    // The count mark admits the whole backlog, so that the byte marks are
+    // what bounds it.
+    config.in_flight_high = MESSAGES;
+    config.in_flight_low = MESSAGES / 2;
     let path = dir.path().join("orderly.toml");
     std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
 

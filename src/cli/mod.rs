@@ -41,7 +41,7 @@ enum Command {
     /// derived_topic (unset: observers off),
     /// content_type=auto (auto|json|proto), shards=0 (one per core),
     /// idle_timeout_ms=60000, retention_events=32, batch_max=4096,
-    /// in_flight_high=50000, in_flight_low=25000, in_flight_mb_high=128,
+    /// in_flight_high=16384, in_flight_low=8192, in_flight_mb_high=128,
     /// in_flight_mb_low=64, max_actors=10000, actors_mb=256,
     /// max_held_events=10000,
     /// drain_timeout_ms=30000,

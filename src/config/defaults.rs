@@ -85,7 +85,10 @@ pub const fn default_batch_max() -> usize {
 /// and orderly drained as fast (18.5k and 18.8k events/s; 8,192: 18.5k),
 /// with its own p99 (received → durable) 1.1 s instead of 3.2 s. The
 /// engine alone (`max --engine-only`, a million keys) ran as fast with
-/// each (BENCHMARKS.md, "What an event in flight holds").
+/// each. A deeper mark also keeps more actors alive, so that an entity's
+/// next event may find its record decoded instead of reading it back from
+/// sled; [`default_max_actors`] is the knob for that (BENCHMARKS.md, "What
+/// an event in flight holds").
 pub const fn default_in_flight_high() -> usize {
     4 * default_batch_max()
 }

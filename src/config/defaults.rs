@@ -52,8 +52,9 @@ pub const fn default_max_held_events() -> usize {
 /// Default in-flight byte high mark, in MiB.
 ///
 /// [`default_in_flight_high`] events of about 400 B, each with a 1 KB
-/// record copy, take about 23 MiB: the count mark acts first for them. Messages of
-/// hundreds of KB are bounded by this one: about 128 events of 1 MiB.
+/// record copy, take about 23 MiB: the count mark acts first for them.
+/// Messages of hundreds of KB are bounded by this one: about 128 events of
+/// 1 MiB.
 pub const fn default_in_flight_mb_high() -> u64 {
     128
 }

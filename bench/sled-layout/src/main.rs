@@ -3,7 +3,8 @@
 // sequential appends (one record per key, or packed into 6 KB chunks, with
 // or without a get of the index key first: `read-chunked`) plus a small
 // random index, in sled 0.34.7:
-// batches of 4096, a flush after each, 500-byte values, 256 MiB of cache.
+// batches of 4096, a flush after each, 500-byte values (`VALUE_BYTES`),
+// 256 MiB of cache (`CACHE_MB`).
 use std::time::Instant;
 
 fn cpu() -> (f64, f64) {
@@ -54,12 +55,17 @@ fn main() {
         .unwrap();
     let t = db.open_tree("t").unwrap();
     let mut x = 0x9e3779b97f4a7c15u64;
-    let mut value = vec![0u8; 500];
+    let value_bytes: usize = std::env::var("VALUE_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500);
+    let mut value = vec![0u8; value_bytes];
     let (start, c0) = (Instant::now(), cpu());
     let mut seq = 0u64;
     let mut chunk: Vec<u8> = Vec::new();
     let mut i = 0;
     let mut last = Instant::now();
+    let mut last_i = 0;
     while i < n {
         let mut b = sled::Batch::default();
         for _ in 0..4096 {
@@ -131,10 +137,13 @@ fn main() {
         }
         if last.elapsed().as_secs() >= 5 {
             eprintln!(
-                "{mode}: {i} at {:.0}/s",
-                i as f64 / start.elapsed().as_secs_f64()
+                "{mode}: {i} at {:.0}/s, {:.0}/s in the last {:.1} s",
+                i as f64 / start.elapsed().as_secs_f64(),
+                (i - last_i) as f64 / last.elapsed().as_secs_f64(),
+                last.elapsed().as_secs_f64()
             );
             last = Instant::now();
+            last_i = i;
         }
     }
     let secs = start.elapsed().as_secs_f64();

@@ -211,3 +211,19 @@ fn dev_broker_produce_run_and_state() {
     let _ = broker.kill();
     let _ = broker.wait();
 }
+
+/// `orderly run --help` lists the knobs at the binary's own defaults.
+#[test]
+fn run_help_lists_the_defaults() {
+    let out = orderly().args(["run", "--help"]).output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    let defaults = orderly::config::Config::default();
+    for knob in [
+        format!("batch_max={}", defaults.batch_max),
+        format!("store_cache_mb={}", defaults.store_cache_mb),
+        format!("topic={}", defaults.topic),
+    ] {
+        assert!(help.contains(&knob), "`{knob}` is not in:\n{help}");
+    }
+}

@@ -15,7 +15,7 @@ use crate::config::{Config, Overrides};
 use crate::pipeline::Pipeline;
 use crate::tools::workload::Format;
 use anyhow::Context as _;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use data::*;
 use inspect::{config, doctor};
 use ops::*;
@@ -35,22 +35,13 @@ enum Command {
     ///
     /// Configuration is layered: defaults, then the TOML file (--config or
     /// ORDERLY_CONFIG), then ORDERLY_* variables (ORDERLY_BATCH_MAX=...,
-    /// ORDERLY_KAFKA__SESSION_TIMEOUT_MS=...), then these flags. Knobs and
-    /// defaults: brokers=localhost:9092, topic=orderly.events, group=orderly,
-    /// data_dir=orderly-data, dead_letter_topic=orderly.dead-letters,
-    /// derived_topic (unset: observers off),
-    /// content_type=auto (auto|json|proto), shards=0 (one per core),
-    /// idle_timeout_ms=60000, retention_events=32, batch_max=4096,
-    /// in_flight_high=16384, in_flight_low=8192, in_flight_mb_high=128,
-    /// in_flight_mb_low=64, max_actors=10000, actors_mb=256,
-    /// max_held_events=10000,
-    /// drain_timeout_ms=30000,
-    /// shutdown_grace_ms=30000, store_cache_mb=384, default_reducer=set
-    /// (set|inc|delete), [types."<event type>"] reducer=..., [kafka]
-    /// librdkafka properties of every client, [kafka.consumer] and
-    /// [kafka.producer] per role. `orderly config` prints the result and
-    /// where each value came from. Spans go to OTLP when
-    /// OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    /// ORDERLY_KAFKA__SESSION_TIMEOUT_MS=...), then these flags. Besides the
+    /// knobs below: content_type is auto|json|proto, shards=0 is one per
+    /// core, default_reducer is set|inc|delete, [types."<event type>"]
+    /// reducer=... sets a type's, [kafka] holds librdkafka properties of
+    /// every client and [kafka.consumer] and [kafka.producer] those of one
+    /// role. `orderly config` prints the result and where each value came
+    /// from. Spans go to OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set.
     Run(RunArgs),
     /// Run the whole pipeline on an embedded broker with a synthetic CRM workload.
     Demo(DemoArgs),
@@ -484,9 +475,45 @@ struct DevBrokerArgs {
     brokers: i32,
 }
 
+/// The command line, with every knob of `run` at its default appended to
+/// `run`'s long help, from [`Config::default`].
+fn command() -> clap::Command {
+    let knobs = wrap(&crate::config::defaults_listing(), 78);
+    Cli::command().mut_subcommand("run", |run| {
+        let about = run.get_long_about().map(ToString::to_string);
+        run.long_about(format!(
+            "{}\n\nKnobs and their defaults:\n{knobs}",
+            about.unwrap_or_default()
+        ))
+    })
+}
+
+/// `items` joined by ", " into lines of at most `width` columns (an item
+/// longer than that gets a line of its own).
+fn wrap(items: &[String], width: usize) -> String {
+    let mut lines = vec![String::new()];
+    for (i, item) in items.iter().enumerate() {
+        let piece = if i + 1 < items.len() {
+            format!("{item},")
+        } else {
+            item.clone()
+        };
+        let line = lines.last_mut().expect("one line at least");
+        if line.is_empty() {
+            line.push_str(&piece);
+        } else if line.len() + 1 + piece.len() <= width {
+            line.push(' ');
+            line.push_str(&piece);
+        } else {
+            lines.push(piece);
+        }
+    }
+    lines.join("\n")
+}
+
 /// Parses the arguments and runs the subcommand; exits 1 with the error on failure.
 pub fn main() {
-    let cli = Cli::parse();
+    let cli = Cli::from_arg_matches(&command().get_matches()).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
         Command::Run(a) => run(a),
         Command::Demo(a) => crate::telemetry::init("demo", "warn")
@@ -557,4 +584,40 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     });
     telemetry.shutdown();
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `orderly run --help` lists every knob at its default, made from
+    /// `Config::default`, one whole `name=value` per item.
+    #[test]
+    fn run_help_lists_every_knob_at_its_default() {
+        let mut cli = command();
+        let help = cli
+            .find_subcommand_mut("run")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        let listing = crate::config::defaults_listing();
+        assert_eq!(listing.len(), crate::config::FIELDS.len());
+        for item in &listing {
+            assert!(help.contains(item.as_str()), "`{item}` is not in:\n{help}");
+        }
+        assert!(help.contains(&format!("batch_max={}", Config::default().batch_max)));
+        let knobs = help.split("Knobs and their defaults:\n").nth(1).unwrap();
+        let knobs = knobs.split("\n\n").next().unwrap();
+        assert!(knobs.lines().all(|l| l.chars().count() <= 78), "{knobs}");
+    }
+
+    #[test]
+    fn wrap_keeps_items_whole_within_the_width() {
+        let items: Vec<String> = ["a=1", "bb=22", "ccc=333", "a_long_one=4444"]
+            .map(String::from)
+            .into();
+        assert_eq!(wrap(&items, 12), "a=1, bb=22,\nccc=333,\na_long_one=4444");
+        assert_eq!(wrap(&items, 80), "a=1, bb=22, ccc=333, a_long_one=4444");
+        assert_eq!(wrap(&[], 80), "");
+    }
 }

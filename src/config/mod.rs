@@ -729,6 +729,30 @@ pub fn field_kind(name: &str) -> Option<Kind> {
     FIELDS.iter().find(|(f, _)| *f == name).map(|(_, k)| *k)
 }
 
+/// Every field of [`FIELDS`] at its default, as `name=value` (`name
+/// (unset)` when it has none), for `orderly run --help`. Made from
+/// [`Config::default`], so the help cannot disagree with it.
+pub fn defaults_listing() -> Vec<String> {
+    let defaults = toml::Table::try_from(Config::default()).unwrap_or_default();
+    FIELDS
+        .iter()
+        .map(|(name, _)| match shown(&defaults, name) {
+            Some(value) => format!("{name}={value}"),
+            None => format!("{name} (unset)"),
+        })
+        .collect()
+}
+
+/// A field's value in a serialised configuration as the docs write it:
+/// strings bare, an empty string as `""`, `None` when it is unset.
+fn shown(config: &toml::Table, name: &str) -> Option<String> {
+    config.get(name).map(|v| match v {
+        toml::Value::String(s) if s.is_empty() => "\"\"".to_string(),
+        toml::Value::String(s) => s.clone(),
+        v => v.to_string(),
+    })
+}
+
 /// The machine's host name, if it has a usable one.
 fn host_name() -> Option<String> {
     let mut buf = [0u8; 256];

@@ -37,11 +37,12 @@ enum Command {
     /// ORDERLY_CONFIG), then ORDERLY_* variables (ORDERLY_BATCH_MAX=...,
     /// ORDERLY_KAFKA__SESSION_TIMEOUT_MS=...), then these flags. Besides the
     /// knobs below: content_type is auto|json|proto, shards=0 is one per
-    /// core, default_reducer is set|inc|delete, [types."<event type>"]
-    /// reducer=... sets a type's, [kafka] holds librdkafka properties of
-    /// every client and [kafka.consumer] and [kafka.producer] those of one
-    /// role. `orderly config` prints the result and where each value came
-    /// from. Spans go to OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    /// core, derived_topic unset turns the observers off, default_reducer
+    /// is set|inc|delete, [types."<event type>"] reducer=... sets a type's,
+    /// [kafka] holds librdkafka properties of every client and
+    /// [kafka.consumer] and [kafka.producer] those of one role. `orderly
+    /// config` prints the result and where each value came from. Spans go
+    /// to OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set.
     Run(RunArgs),
     /// Run the whole pipeline on an embedded broker with a synthetic CRM workload.
     Demo(DemoArgs),

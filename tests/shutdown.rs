@@ -1,7 +1,8 @@
 //! Graceful shutdown, as Kubernetes does it: SIGTERM during processing. The
 //! process drains what is in flight, leaves a checkpoint (in the store and
 //! in Kafka) that covers every event whose effects are durable, and exits
-//! within the configured grace period, even when a stage cannot finish.
+//! within the configured grace period, even when a stage cannot finish. A
+//! SIGTERM during start-up waits for the start.
 
 mod common;
 
@@ -170,4 +171,45 @@ fn shutdown_gives_up_after_the_grace_period_when_the_store_keeps_failing() {
     let store = orderly::store::SledStore::open(&data, 16).unwrap();
     let diff = Oracle::of(&events).diff(&store);
     assert!(diff.is_empty(), "{diff:?}");
+}
+
+/// A SIGTERM while the pipeline is still starting waits for the start to
+/// finish and then drains like any other, instead of killing the process
+/// with the signal's default action. A broker address nobody listens on
+/// holds the start for the five seconds the partition count's read waits;
+/// the settings are open before that, after the handlers are installed.
+#[test]
+fn sigterm_during_start_up_waits_for_the_start_and_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("orderly.log");
+    let data = dir.path().join("data");
+    let brokers = format!("127.0.0.1:{}", common::free_port());
+    let args = [
+        "run".as_ref(),
+        "--brokers".as_ref(),
+        brokers.as_ref(),
+        "--data-dir".as_ref(),
+        data.as_os_str(),
+    ];
+    let mut orderly = OrderlyProcess::spawn(&args, &log, &[("ORDERLY_ADMIN_ADDR", "127.0.0.1:0")]);
+    common::wait_until("the settings to be open", Duration::from_secs(30), || {
+        orderly.own_log().contains("tenant settings caught up")
+    });
+    assert!(
+        !orderly.own_log().contains("pipeline started"),
+        "SIGTERM must come while the pipeline starts; log:\n{}",
+        orderly.log_tail()
+    );
+    let status = orderly.terminate(Duration::from_secs(60));
+    assert!(
+        status.success(),
+        "orderly exited with {status}; log:\n{}",
+        orderly.log_tail()
+    );
+    let text = orderly.own_log();
+    let started = text.find("pipeline started").expect("the start finished");
+    let handled = text
+        .find("SIGTERM: draining and checkpointing")
+        .expect("the signal was handled");
+    assert!(started < handled, "{}", orderly.log_tail());
 }

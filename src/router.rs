@@ -308,6 +308,7 @@ impl Handler<Route> for Shard {
         if h.tp != d.tp {
             h.tp = d.tp.clone();
         }
+        h.status.queued.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         h.addr.do_send(Deliver(d));
     }
 }

@@ -18,17 +18,10 @@ fn one_shard(max_actors: usize) -> (EmbeddedBroker, tempfile::TempDir, Config) {
     let broker = EmbeddedBroker::start(1).expect("embedded broker");
     let dir = tempfile::tempdir().unwrap();
     let config = Config {
-        brokers: broker.bootstrap_servers(),
-        topic: "passivation".into(),
-        data_dir: dir.path().join("data"),
-        admin_addr: String::new(),
-        changes_topic: String::new(),
-        anomalies_topic: String::new(),
-        shards: 1,
         max_actors,
         // Only the cap passivates here, not the idle timeout.
         idle_timeout_ms: 600_000,
-        ..Config::default()
+        ..common::engine_config(&broker, dir.path(), "passivation")
     };
     (broker, dir, config)
 }
@@ -72,7 +65,7 @@ fn live_actors_come_down_to_max_actors_after_a_burst_of_new_keys() {
     let (_broker, _dir, config) = one_shard(100);
     let handlers = config.handlers();
     // 3,000 new keys, all of them in flight at once (the in-flight mark is
-    // 50,000): thirty times the cap in actors with writes not yet durable.
+    // 16,384): thirty times the cap in actors with writes not yet durable.
     let events: Vec<_> = (0..3_000)
         .map(|i| {
             common::event(

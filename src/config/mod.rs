@@ -184,7 +184,9 @@ pub struct Config {
     pub retry_initial_ms: u64,
     /// The longest delay between attempts, in ms.
     pub retry_max_ms: u64,
-    /// Most write intents in one store batch.
+    /// Most writer messages in one store batch: one event's write intent,
+    /// or a burst of up to 256 of one entity's, sent together when its
+    /// deliveries queue up (its record is then encoded once).
     pub batch_max: usize,
     /// Pause consumption when this many events are received but not durable.
     pub in_flight_high: usize,

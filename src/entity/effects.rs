@@ -145,39 +145,38 @@ impl EntityActor {
         fx
     }
 
-    /// Sends one write intent to the writer.
-    pub(super) fn send(&mut self, entity_changed: bool, fx: Effects, mut ack: Option<Ack>) {
-        let entity = entity_changed
-            .then(|| {
-                self.record.as_ref().map(|r| {
-                    let (bytes, body_len) = crate::store::encode_measured(r);
-                    self.body_len = Some(body_len);
-                    crate::writer::EntityWrite {
-                        id: self.id.clone(),
-                        bytes,
-                        parked: r.parking.parked.is_some(),
-                        home: r.placement.home.clone(),
-                        previous_home: self.stored_home.clone(),
-                    }
-                })
-            })
-            .flatten();
-        if let Some(w) = &entity {
-            self.stored_home = w.home.clone();
-            let size = self.body_len.unwrap_or(0) as u64;
-            let before = self.status.bytes.swap(size, Relaxed);
-            self.shard_bytes
-                .fetch_add(size as i64 - before as i64, Relaxed);
-            if let Some(ack) = &mut ack {
-                // The copy waits in the writer's queue and batch until the
-                // event is durable: memory the source must count.
-                let bytes = w.bytes.len() as u64;
-                ack.bytes += bytes;
-                emit(crate::internal_events::InFlightBytesAdded { bytes }, &self.shared.stats);
-            }
+    /// Sends one event's write intent to the writer, after the intents held
+    /// back before it. See [`Self::hold`] for the other way.
+    pub(super) fn send(&mut self, entity_changed: bool, fx: Effects, ack: Option<Ack>) {
+        self.dirty |= entity_changed;
+        let intent = self.intent(fx, ack);
+        self.dispatch(intent);
+    }
+
+    /// Holds one event's write intent back while more deliveries wait in
+    /// the actor's mailbox: the next event's intent goes with it, in one
+    /// message the writer puts in one batch, and the record is encoded once
+    /// for both, with the last ([`Self::dispatch`]).
+    pub(super) fn hold(&mut self, entity_changed: bool, fx: Effects, ack: Option<Ack>) {
+        if entity_changed {
+            self.dirty = true;
+            // The record grows unencoded: its size is measured afresh.
+            self.body_len = None;
         }
-        let intent = WriteIntent {
-            entity,
+        let intent = self.intent(fx, ack);
+        self.held.push(intent);
+    }
+
+    /// Sends the intents held back, if any (before a retry's wait).
+    pub(super) fn release_held(&mut self) {
+        if let Some(last) = self.held.pop() {
+            self.dispatch(last);
+        }
+    }
+
+    fn intent(&self, fx: Effects, ack: Option<Ack>) -> WriteIntent {
+        WriteIntent {
+            entity: None,
             dead_letter: fx.dead_letter,
             outbox: fx.outbox,
             anomalies: fx.anomalies,
@@ -185,14 +184,62 @@ impl EntityActor {
             ack,
             durable: Some(self.status.durable.clone()),
             resolve_dead_letter: fx.resolve_dead_letter,
+        }
+    }
+
+    /// Sends `last` with the intents held before it, the record encoded into
+    /// `last` if any of them changed it: the batch they all land in holds
+    /// the entity as of the last.
+    fn dispatch(&mut self, mut last: WriteIntent) {
+        if std::mem::take(&mut self.dirty) {
+            last.entity = self.record.as_ref().map(|r| {
+                let (bytes, body_len) = crate::store::encode_measured(r);
+                self.body_len = Some(body_len);
+                crate::writer::EntityWrite {
+                    id: self.id.clone(),
+                    bytes,
+                    parked: r.parking.parked.is_some(),
+                    home: r.placement.home.clone(),
+                    previous_home: self.stored_home.clone(),
+                }
+            });
+        }
+        if last.entity.is_some() && self.held.iter().any(|i| !i.history.is_empty()) {
+            // The writer files history entries under the record's entity:
+            // those of the held intents go with the record, in order.
+            let mut history: Vec<_> = self
+                .held
+                .iter_mut()
+                .flat_map(|i| i.history.drain(..))
+                .collect();
+            history.append(&mut last.history);
+            last.history = history;
+        }
+        if let Some(w) = &last.entity {
+            self.stored_home = w.home.clone();
+            let size = self.body_len.unwrap_or(0) as u64;
+            let before = self.status.bytes.swap(size, Relaxed);
+            self.shard_bytes
+                .fetch_add(size as i64 - before as i64, Relaxed);
+            if let Some(ack) = &mut last.ack {
+                // The copy waits in the writer's queue and batch until the
+                // event is durable: memory the source must count.
+                let bytes = w.bytes.len() as u64;
+                ack.bytes += bytes;
+                emit(crate::internal_events::InFlightBytesAdded { bytes }, &self.shared.stats);
+            }
+        }
+        let msg = if self.held.is_empty() {
+            self.status.writes_sent.fetch_add(1, Relaxed);
+            WriterMsg::Write(Box::new(last))
+        } else {
+            self.held.push(last);
+            self.status
+                .writes_sent
+                .fetch_add(self.held.len() as u64, Relaxed);
+            WriterMsg::Burst(std::mem::take(&mut self.held))
         };
-        self.status.writes_sent.fetch_add(1, Relaxed);
-        if self
-            .shared
-            .writer
-            .send(WriterMsg::Write(Box::new(intent)))
-            .is_err()
-        {
+        if self.shared.writer.send(msg).is_err() {
             self.shared
                 .fatal
                 .raise("the store writer has stopped".into());

@@ -9,6 +9,8 @@ use std::time::Duration;
 pub struct BatchCommitted {
     /// Entity records written, after coalescing.
     pub entity_writes: usize,
+    /// Entity records the batch's intents carried, before coalescing.
+    pub records_encoded: usize,
     /// Commit plus flush time.
     pub took: Duration,
     /// How long the commit kept the store's readers waiting
@@ -22,6 +24,10 @@ impl InternalEvent for BatchCommitted {
         stats
             .writer.entity_writes
             .fetch_add(self.entity_writes as u64, Relaxed);
+        stats
+            .writer.records_encoded
+            .fetch_add(self.records_encoded as u64, Relaxed);
+        ::metrics::counter!("orderly_entity_records_encoded_total").increment(self.records_encoded as u64);
         stats
             .writer.exclusive_us
             .fetch_add(self.exclusive.as_micros() as u64, Relaxed);

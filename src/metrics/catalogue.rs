@@ -154,6 +154,11 @@ pub const CATALOGUE: &[(&str, Kind, &str)] = &[
         "Entity records written per store batch, after coalescing.",
     ),
     (
+        "orderly_entity_records_encoded_total",
+        Kind::Counter,
+        "Entity records encoded by the actors: one per event, or one per burst of a hot entity's events.",
+    ),
+    (
         "orderly_store_flush_seconds",
         Kind::Histogram,
         "Time to commit and flush one store batch.",
@@ -305,6 +310,7 @@ pub fn register_catalogue() {
         "orderly_stalled_events_total",
         "orderly_passivations_total",
         "orderly_actor_starts_total",
+        "orderly_entity_records_encoded_total",
         "orderly_offset_gaps_total",
         "orderly_offsets_skipped_total",
         "orderly_settings_compiled_total",

@@ -116,6 +116,9 @@ pub struct WriterStats {
     pub batches: AtomicU64,
     /// Entity writes, after coalescing.
     pub entity_writes: AtomicU64,
+    /// Entity records the actors encoded into their intents, before the
+    /// writer's coalescing: one per event, or one per burst.
+    pub records_encoded: AtomicU64,
     /// Microseconds store batches held the store's lock exclusively
     /// ([`crate::store::Committed::exclusive`]).
     pub exclusive_us: AtomicU64,

@@ -117,6 +117,11 @@ pub enum DeadLetterRef {
 pub enum WriterMsg {
     /// Write and acknowledge.
     Write(Box<WriteIntent>),
+    /// Several intents of one entity, in order, written in one batch: only
+    /// the last carries the entity's record, and the burst's history
+    /// entries with it (`EntityActor` holds intents back while more of its
+    /// deliveries wait, and encodes the record once).
+    Burst(Vec<WriteIntent>),
     /// Reply once every intent sent before this one is durable.
     Barrier(std::sync::mpsc::Sender<()>),
     /// Write what came before, then stop.
@@ -136,7 +141,8 @@ pub struct Writer {
     pub stats: Arc<Stats>,
     /// Where dead letters are published.
     pub dead_letter_topic: String,
-    /// Most intents per batch.
+    /// Most messages per batch (a message is one intent, or a burst of one
+    /// entity's).
     pub batch_max: usize,
     /// Hands durable outbox bundles to the publisher, and wakes it.
     pub outbox: Arc<crate::sink::Handoff>,
@@ -198,7 +204,8 @@ impl Writer {
         let mut barriers = Vec::new();
         for msg in msgs.drain(..) {
             match msg {
-                WriterMsg::Write(i) => intents.push(i),
+                WriterMsg::Write(i) => intents.push(*i),
+                WriterMsg::Burst(b) => intents.extend(b),
                 WriterMsg::Barrier(b) => barriers.push(b),
                 WriterMsg::Stop => {}
                 WriterMsg::Reload => {
@@ -209,6 +216,7 @@ impl Writer {
                 }
             }
         }
+        let records_encoded = intents.iter().filter(|i| i.entity.is_some()).count();
         let mut builder = BatchBuilder::new(self, view, anomaly_seq);
         for intent in intents.iter_mut() {
             builder.add(intent)?;
@@ -301,6 +309,7 @@ impl Writer {
         emit(
             BatchCommitted {
                 entity_writes: batch.entities.len(),
+                records_encoded,
                 took,
                 exclusive: committed.exclusive,
             },
@@ -363,7 +372,7 @@ impl Writer {
         Ok(committed)
     }
 
-    fn acknowledge(&self, intents: &[Box<WriteIntent>], durable_at: SystemTime) {
+    fn acknowledge(&self, intents: &[WriteIntent], durable_at: SystemTime) {
         let now_us = durable_at
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_micros() as i64)

@@ -966,3 +966,23 @@ pub fn rss_mib(pid: &str) -> u64 {
         .map(|kb| kb / 1024)
         .unwrap_or(0)
 }
+
+/// A configuration for `Pipeline::start_engine` tests: one shard, the
+/// embedded `broker`, the store under `dir`, no admin server, no change
+/// records or anomalies published.
+pub fn engine_config(
+    broker: &orderly::tools::broker::EmbeddedBroker,
+    dir: &Path,
+    topic: &str,
+) -> orderly::config::Config {
+    orderly::config::Config {
+        brokers: broker.bootstrap_servers(),
+        topic: topic.into(),
+        data_dir: dir.join("data"),
+        admin_addr: String::new(),
+        changes_topic: String::new(),
+        anomalies_topic: String::new(),
+        shards: 1,
+        ..orderly::config::Config::default()
+    }
+}

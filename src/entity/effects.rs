@@ -145,31 +145,31 @@ impl EntityActor {
         fx
     }
 
-    /// Sends one event's write intent to the writer, after the intents held
-    /// back before it. See [`Self::hold`] for the other way.
+    /// Sends one event's write intent to the writer, after the intents
+    /// deferred before it. See [`Self::defer`] for the other way.
     pub(super) fn send(&mut self, entity_changed: bool, fx: Effects, ack: Option<Ack>) {
         self.dirty |= entity_changed;
         let intent = self.intent(fx, ack);
         self.dispatch(intent);
     }
 
-    /// Holds one event's write intent back while more deliveries wait in
+    /// Defers one event's write intent while more deliveries wait in
     /// the actor's mailbox: the next event's intent goes with it, in one
     /// message the writer puts in one batch, and the record is encoded once
     /// for both, with the last ([`Self::dispatch`]).
-    pub(super) fn hold(&mut self, entity_changed: bool, fx: Effects, ack: Option<Ack>) {
+    pub(super) fn defer(&mut self, entity_changed: bool, fx: Effects, ack: Option<Ack>) {
         if entity_changed {
             self.dirty = true;
             // The record grows unencoded: its size is measured afresh.
             self.body_len = None;
         }
         let intent = self.intent(fx, ack);
-        self.held.push(intent);
+        self.burst.push(intent);
     }
 
-    /// Sends the intents held back, if any (before a retry's wait).
-    pub(super) fn release_held(&mut self) {
-        if let Some(last) = self.held.pop() {
+    /// Sends the deferred intents, if any (before a retry's wait).
+    pub(super) fn flush_burst(&mut self) {
+        if let Some(last) = self.burst.pop() {
             self.dispatch(last);
         }
     }
@@ -187,7 +187,7 @@ impl EntityActor {
         }
     }
 
-    /// Sends `last` with the intents held before it, the record encoded into
+    /// Sends `last` with the intents deferred before it, the record encoded into
     /// `last` if any of them changed it: the batch they all land in holds
     /// the entity as of the last.
     fn dispatch(&mut self, mut last: WriteIntent) {
@@ -204,11 +204,11 @@ impl EntityActor {
                 }
             });
         }
-        if last.entity.is_some() && self.held.iter().any(|i| !i.history.is_empty()) {
+        if last.entity.is_some() && self.burst.iter().any(|i| !i.history.is_empty()) {
             // The writer files history entries under the record's entity:
-            // those of the held intents go with the record, in order.
+            // those of the deferred intents go with the record, in order.
             let mut history: Vec<_> = self
-                .held
+                .burst
                 .iter_mut()
                 .flat_map(|i| i.history.drain(..))
                 .collect();
@@ -229,15 +229,15 @@ impl EntityActor {
                 emit(crate::internal_events::InFlightBytesAdded { bytes }, &self.shared.stats);
             }
         }
-        let msg = if self.held.is_empty() {
+        let msg = if self.burst.is_empty() {
             self.status.writes_sent.fetch_add(1, Relaxed);
             WriterMsg::Write(Box::new(last))
         } else {
-            self.held.push(last);
+            self.burst.push(last);
             self.status
                 .writes_sent
-                .fetch_add(self.held.len() as u64, Relaxed);
-            WriterMsg::Burst(std::mem::take(&mut self.held))
+                .fetch_add(self.burst.len() as u64, Relaxed);
+            WriterMsg::Burst(std::mem::take(&mut self.burst))
         };
         if self.shared.writer.send(msg).is_err() {
             self.shared

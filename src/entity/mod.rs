@@ -99,8 +99,9 @@ pub struct EntityStatus {
     pub writes_sent: AtomicU64,
     /// Write intents made durable (incremented by the writer).
     pub durable: Arc<AtomicU64>,
-    /// Deliveries sent to the actor and not yet taken from its mailbox:
-    /// while there are any, it holds its write intents back.
+    /// Deliveries sent to the actor and not yet taken from its mailbox
+    /// (the shard's `Route` adds, the actor's `Deliver` takes away): while
+    /// there are any, it defers its write intents (`effects::defer`).
     pub queued: AtomicU64,
     /// The size of the actor's record when last encoded (the body before
     /// compression), for the shard's memory budget.
@@ -130,9 +131,9 @@ pub struct Deliver(pub Delivery);
 #[rtype(result = "()")]
 pub struct Merge(pub Box<EntityRecord>);
 
-/// Most write intents an actor sends as one burst (`effects::hold`): its
+/// Most write intents an actor sends as one burst (`effects::defer`): its
 /// record is encoded once for up to this many events.
-const HOLD_MAX: usize = 256;
+const BURST_MAX: usize = 256;
 
 /// The header naming where a forwarded event was first read:
 /// `topic/partition/offset`.
@@ -158,10 +159,10 @@ pub struct EntityActor {
     /// The shard's total of its actors' record sizes, which this actor
     /// keeps up to date with its own ([`EntityStatus::bytes`]).
     shard_bytes: Arc<std::sync::atomic::AtomicI64>,
-    /// Write intents held back while more deliveries wait, in order; the
-    /// next one sent takes them along (`effects::hold`).
-    held: Vec<WriteIntent>,
-    /// Whether an intent held back changed the record, which is then
+    /// Write intents deferred while more deliveries wait, in order; the
+    /// next one sent takes them along (`effects::defer`).
+    burst: Vec<WriteIntent>,
+    /// Whether a deferred intent changed the record, which is then
     /// encoded into the next one sent.
     dirty: bool,
 }
@@ -186,7 +187,7 @@ impl EntityActor {
             stored_home: None,
             body_len: None,
             shard_bytes,
-            held: Vec::new(),
+            burst: Vec::new(),
             dirty: false,
         }
     }
@@ -335,8 +336,8 @@ impl EntityActor {
                 let delay = shared.retries.backoff(attempt);
                 emit(RetryScheduled, &shared.stats);
                 tracing::info!(entity = %self.id, event = %d.event.event_id, attempt, ?delay, trace_id = crate::telemetry::trace_id_in(&d.headers).as_deref(), error = %rejected.error, "transient failure; retrying");
-                // What was held back goes now, not after the wait.
-                self.release_held();
+                // What was deferred goes now, not after the wait.
+                self.flush_burst();
                 self.retrying = Some((d, attempt));
                 ctx.run_later(delay, |actor, ctx| {
                     if let Some((d, n)) = actor.retrying.take() {
@@ -374,9 +375,9 @@ impl EntityActor {
         }
         let ack = ack_of(&d, read_start, outcome);
         self.status.handled.fetch_add(1, Relaxed);
-        if self.status.queued.load(Relaxed) > 0 && self.held.len() + 1 < HOLD_MAX {
+        if self.status.queued.load(Relaxed) > 0 && self.burst.len() + 1 < BURST_MAX {
             // The next delivery is in the mailbox: it takes this intent along.
-            self.hold(changed || handover, fx, Some(ack));
+            self.defer(changed || handover, fx, Some(ack));
         } else {
             self.send(changed || handover, fx, Some(ack));
         }

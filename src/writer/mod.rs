@@ -119,7 +119,7 @@ pub enum WriterMsg {
     Write(Box<WriteIntent>),
     /// Several intents of one entity, in order, written in one batch: only
     /// the last carries the entity's record, and the burst's history
-    /// entries with it (`EntityActor` holds intents back while more of its
+    /// entries with it (`EntityActor` defers intents while more of its
     /// deliveries wait, and encodes the record once).
     Burst(Vec<WriteIntent>),
     /// Reply once every intent sent before this one is durable.

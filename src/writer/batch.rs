@@ -23,6 +23,9 @@ pub(super) struct BatchBuilder<'w> {
     pub(super) homes: HashMap<String, (Option<Home>, Option<Home>)>,
     /// The partitions whose checkpoints this batch may move.
     pub(super) touched: HashSet<TopicPartition>,
+    /// Entity records the intents carried, before coalescing (one per
+    /// encoding on the actors' side).
+    pub(super) records: usize,
 }
 
 impl<'w> BatchBuilder<'w> {
@@ -40,19 +43,26 @@ impl<'w> BatchBuilder<'w> {
             index: HashMap::default(),
             homes: HashMap::default(),
             touched: HashSet::default(),
+            records: 0,
         }
     }
 
     /// Adds what one intent writes; its acknowledgement stays with it.
     pub(super) fn add(&mut self, intent: &mut WriteIntent) -> Result<(), WriterError> {
-        if !intent.history.is_empty() {
-            if let Some(w) = &intent.entity {
-                self.batch
-                    .history
-                    .extend(intent.history.drain(..).map(|h| (w.id.clone(), h)));
-            }
+        // History is filed under the record's entity: an entity's versions
+        // come with its record (a burst moves its deferred intents' entries
+        // onto the one that carries it).
+        debug_assert!(
+            intent.history.is_empty() || intent.entity.is_some(),
+            "history entries without the entity's record"
+        );
+        if let Some(w) = &intent.entity {
+            self.batch
+                .history
+                .extend(intent.history.drain(..).map(|h| (w.id.clone(), h)));
         }
         if let Some(write) = intent.entity.take() {
+            self.records += 1;
             self.add_entity(write);
         }
         if let Some(dl) = intent.dead_letter.take() {

@@ -216,7 +216,6 @@ impl Writer {
                 }
             }
         }
-        let records_encoded = intents.iter().filter(|i| i.entity.is_some()).count();
         let mut builder = BatchBuilder::new(self, view, anomaly_seq);
         for intent in intents.iter_mut() {
             builder.add(intent)?;
@@ -225,6 +224,7 @@ impl Writer {
             mut batch,
             homes,
             touched,
+            records: records_encoded,
             ..
         } = builder;
         batch.homes = BatchBuilder::home_changes(&homes);
